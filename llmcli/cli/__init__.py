@@ -1,0 +1,36 @@
+"""The Typer app. Commands only parse, call the library and render; torch is imported lazily."""
+
+from __future__ import annotations
+
+import os
+
+import click
+import typer
+from typer.core import TyperGroup
+
+from llmcli.cli import build as build_cmd
+from llmcli.cli import zoo as zoo_cmd
+from llmcli.errors import UserError
+
+
+class _Group(TyperGroup):
+    """Turns UserError into exit code 2 and a one-line message (a traceback with LLMCLI_DEBUG=1)."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except UserError as e:
+            if os.environ.get("LLMCLI_DEBUG") == "1":
+                raise
+            typer.echo(f"error: {e}", err=True)
+            raise click.exceptions.Exit(2) from None
+
+
+app = typer.Typer(cls=_Group, no_args_is_help=True, pretty_exceptions_show_locals=False,
+                  help="A model zoo and benchmarking lab for BERT, GPT and T5.")
+app.add_typer(zoo_cmd.app, name="zoo")
+app.command("build")(build_cmd.build)
+
+
+def main() -> None:
+    app(prog_name="llmcli")

@@ -1,0 +1,222 @@
+"""The model config dataclass, the zoo registry, and resolving NAME|TOML|DIR references.
+
+Nothing here imports torch: `llmcli zoo list --help` and friends stay instant.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from llmcli.errors import UserError
+
+FAMILIES = ("bert", "gpt", "t5")
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "swiglu", "geglu")
+NORMS = ("layernorm", "rmsnorm")
+NORM_POSITIONS = ("pre", "post")
+# relative = T5 bucketed bias; transformer_xl = Dai et al. 2019 relative attention (Gopher).
+POSITIONS = ("learned", "sinusoidal", "rope", "relative", "transformer_xl")
+TOKENIZERS = ("bpe", "wordpiece", "unigram")
+
+FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "gpt": dict(activation="gelu_tanh", norm="layernorm", norm_position="pre", position="learned",
+                bias=True, tie_embeddings=True, dropout=0.0, norm_eps=1e-5, tokenizer="bpe",
+                type_vocab_size=0, pooler=False),
+    "bert": dict(activation="gelu", norm="layernorm", norm_position="post", position="learned",
+                 bias=True, tie_embeddings=True, dropout=0.1, norm_eps=1e-12, tokenizer="wordpiece",
+                 type_vocab_size=2, pooler=True),
+    "t5": dict(activation="relu", norm="rmsnorm", norm_position="pre", position="relative",
+               bias=False, tie_embeddings=True, dropout=0.1, norm_eps=1e-6, tokenizer="unigram",
+               type_vocab_size=0, pooler=False),
+}
+
+
+@dataclass
+class ModelConfig:
+    """Every architectural choice of a model. `None` means "the family default"."""
+
+    name: str
+    family: str
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    d_ff: int
+    max_seq_len: int
+    n_kv_heads: int | None = None  # < n_heads: GQA; 1: MQA
+    n_decoder_layers: int | None = None  # t5 only
+    d_head: int | None = None  # defaults to d_model // n_heads
+    activation: str | None = None
+    norm: str | None = None
+    norm_position: str | None = None
+    position: str | None = None
+    bias: bool | None = None
+    tie_embeddings: bool | None = None
+    dropout: float | None = None
+    norm_eps: float | None = None
+    type_vocab_size: int | None = None  # bert segment embeddings
+    pooler: bool | None = None  # bert [CLS] pooler
+    relative_buckets: int = 32  # t5 relative attention
+    relative_max_distance: int = 128
+    rope_base: float = 10000.0
+    parallel_block: bool = False  # attention and MLP side by side (GPT-J, PaLM)
+    tokenizer: str | None = None
+    published_params: int | None = None
+    source: str | None = None
+
+    def __post_init__(self) -> None:
+        for key, value in FAMILY_DEFAULTS.get(self.family, {}).items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.d_head is None and self.n_heads and self.d_model % self.n_heads == 0:
+            self.d_head = self.d_model // self.n_heads
+        if self.family == "t5" and self.n_decoder_layers is None:
+            self.n_decoder_layers = self.n_layers
+
+    @property
+    def d_attn(self) -> int:
+        """Width of the concatenated attention heads."""
+        return self.n_heads * self.d_head
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_FIELD_TYPES = {
+    "int": int, "int | None": int, "float": float, "float | None": float,
+    "str": str, "str | None": str, "bool": bool, "bool | None": bool,
+}
+_CHOICES = {"family": FAMILIES, "activation": ACTIVATIONS, "norm": NORMS,
+            "norm_position": NORM_POSITIONS, "position": POSITIONS, "tokenizer": TOKENIZERS}
+REQUIRED = ("name", "family", "vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len")
+
+
+def config_from_dict(data: dict[str, Any], where: str) -> ModelConfig:
+    """Validate a raw mapping (TOML or config.json) and resolve family defaults.
+
+    `where` names the file in error messages.
+    """
+    known = {f.name: f for f in fields(ModelConfig)}
+    for key in data:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"did you mean '{close[0]}'?" if close else "remove it"
+            raise UserError(f"{where}: unknown key '{key}'; {hint}")
+    for key in REQUIRED:
+        if key not in data:
+            raise UserError(f"{where}: missing required key '{key}'; add it (required: {', '.join(REQUIRED)})")
+    for key, value in data.items():
+        want = _FIELD_TYPES[str(known[key].type)]
+        ok = isinstance(value, want) and not (want is int and isinstance(value, bool))
+        if want is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+            data[key] = value
+            ok = True
+        if not ok:
+            raise UserError(f"{where}: key '{key}' must be {want.__name__}, got {type(value).__name__} {value!r}")
+        if key in _CHOICES and value not in _CHOICES[key]:
+            raise UserError(f"{where}: key '{key}' = {value!r} is not one of {', '.join(_CHOICES[key])}")
+    cfg = ModelConfig(**data)
+    _check_sizes(cfg, where)
+    return cfg
+
+
+def _check_sizes(cfg: ModelConfig, where: str) -> None:
+    for key in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len", "n_kv_heads"):
+        if getattr(cfg, key) <= 0:
+            raise UserError(f"{where}: '{key}' must be positive, got {getattr(cfg, key)}")
+    if cfg.d_head is None:
+        raise UserError(f"{where}: d_model ({cfg.d_model}) is not divisible by n_heads ({cfg.n_heads}); "
+                        f"change one of them or set d_head explicitly")
+    if cfg.d_head <= 0:
+        raise UserError(f"{where}: 'd_head' must be positive, got {cfg.d_head}")
+    if cfg.n_heads % cfg.n_kv_heads:
+        raise UserError(f"{where}: n_heads ({cfg.n_heads}) is not divisible by n_kv_heads ({cfg.n_kv_heads}); "
+                        f"use a divisor of n_heads (1 = multi-query)")
+    if cfg.position == "rope" and cfg.d_head % 2:
+        raise UserError(f"{where}: rotary positions need an even d_head, got {cfg.d_head}")
+    if cfg.position == "sinusoidal" and cfg.d_model % 2:
+        raise UserError(f"{where}: sinusoidal positions need an even d_model, got {cfg.d_model}")
+    if not 0.0 <= cfg.dropout < 1.0:
+        raise UserError(f"{where}: 'dropout' must be in [0, 1), got {cfg.dropout}")
+    if cfg.family == "t5" and cfg.n_decoder_layers <= 0:
+        raise UserError(f"{where}: 'n_decoder_layers' must be positive, got {cfg.n_decoder_layers}")
+    if cfg.family != "t5" and cfg.n_decoder_layers is not None:
+        raise UserError(f"{where}: 'n_decoder_layers' is only for the t5 family; remove it")
+    if cfg.type_vocab_size < 0:
+        raise UserError(f"{where}: 'type_vocab_size' must be >= 0, got {cfg.type_vocab_size}")
+
+
+# ---------------------------------------------------------------- the zoo registry
+
+
+def zoo_dirs() -> list[Path]:
+    """The built-in zoo (inside the wheel, or the repo's zoo/ when run from source) plus LLMCLI_ZOO_PATH."""
+    here = Path(__file__).resolve().parent
+    dirs = [d for d in (here / "zoo", here.parent / "zoo") if d.is_dir()][:1]
+    for extra in os.environ.get("LLMCLI_ZOO_PATH", "").split(os.pathsep):
+        if extra:
+            dirs.append(Path(extra))
+    return dirs
+
+
+def zoo_entries() -> dict[str, Path]:
+    """Map of zoo name -> TOML path; a later folder overrides an earlier one."""
+    entries: dict[str, Path] = {}
+    for folder in zoo_dirs():
+        for path in sorted(folder.rglob("*.toml")):
+            entries[path.stem] = path
+    return entries
+
+
+def load_toml(path: Path) -> ModelConfig:
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{path}: malformed TOML ({e}); fix the syntax") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror})") from None
+    return config_from_dict(data, str(path))
+
+
+def load_config_json(directory: Path) -> ModelConfig:
+    path = directory / "config.json"
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{directory}: not a model directory (no config.json); "
+                        f"create one with `llmcli build NAME --out {directory}`") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: corrupt JSON ({e}); rebuild or re-convert the model") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a JSON object of config fields")
+    return config_from_dict(data, str(path))
+
+
+def resolve_config(ref: str | os.PathLike) -> tuple[ModelConfig, Path | None]:
+    """Resolve NAME, a TOML path or a model directory.
+
+    Returns the config and, for a model directory, its path (else None).
+    """
+    path = Path(ref)
+    if path.is_dir():
+        return load_config_json(path), path
+    if path.suffix == ".toml":
+        if not path.is_file():
+            raise UserError(f"{path}: no such file")
+        return load_toml(path), None
+    entries = zoo_entries()
+    if str(ref) in entries:
+        return load_toml(entries[str(ref)]), None
+    close = difflib.get_close_matches(str(ref), list(entries), n=3, cutoff=0.5)
+    hint = f"did you mean {', '.join(close)}?" if close else "see `llmcli zoo list`"
+    raise UserError(f"unknown model '{ref}': not a zoo name, TOML file or model directory; {hint}")

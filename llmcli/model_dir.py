@@ -1,0 +1,137 @@
+"""The model directory: config.json + model.safetensors (+ tokenizer.json). Written atomically.
+
+Weights are only ever read from safetensors; pickle files are refused, never opened.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Iterator
+
+from llmcli.config import ModelConfig, resolve_config
+from llmcli.errors import UserError
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+TOKENIZER_FILE = "tokenizer.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out: str | os.PathLike, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory beside `out`; on success it is renamed to `out`.
+
+    An existing non-empty `out` is refused unless `force`; with `force` it is replaced only
+    after the new directory is complete, so a failure never leaves the user with neither.
+    """
+    out = Path(out)
+    if out.exists() and not force and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"{out}: already exists and is not empty; choose another --out or pass --force to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
+    else:
+        tmp.rename(out)
+
+
+def write_json(path: Path, data: object) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def save_model(model, directory: Path) -> None:
+    """Write config.json and model.safetensors into an (already prepared) directory."""
+    from safetensors.torch import save_file
+
+    write_json(directory / CONFIG_FILE, model.config.to_dict())
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tmp = directory / (WEIGHTS_FILE + ".tmp")
+    save_file(state, str(tmp), metadata={"format": "pt", "llmcli_family": model.config.family})
+    tmp.replace(directory / WEIGHTS_FILE)
+
+
+def read_safetensors(path: Path) -> dict:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{path}: not a readable safetensors file ({e}); rebuild or re-convert the model") from None
+
+
+def load_model(ref: str | os.PathLike, device: str | None = None, dtype=None, seed: int | None = None):
+    """Load a model directory, or build a fresh one from a zoo name or TOML path. Returned in eval mode."""
+    from llmcli.models import build_model, build_on_meta
+
+    config, directory = resolve_config(ref)
+    if directory is None:
+        model = build_model(config, seed=seed)
+    else:
+        model = build_on_meta(config)
+        state = read_safetensors(_weights_path(directory))
+        _load_state(model, state, directory / WEIGHTS_FILE)
+    model.eval()
+    return model.to(device=device or "cpu", dtype=dtype)
+
+
+def _weights_path(directory: Path) -> Path:
+    path = directory / WEIGHTS_FILE
+    if path.is_file():
+        return path
+    pickles = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise UserError(f"{directory}: weights are only read from safetensors, and {pickles[0]} is a pickle file "
+                        f"(loading it could run arbitrary code); convert it to model.safetensors first")
+    raise UserError(f"{directory}: no {WEIGHTS_FILE}; create the model with `llmcli build` or `llmcli convert`")
+
+
+def _load_state(model, state: dict, where: Path) -> None:
+    expected = dict(model.state_dict())
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        detail = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
+        raise UserError(f"{where}: weights do not match config.json ({detail}); "
+                        f"the directory mixes files from different models")
+    for name, tensor in state.items():
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise UserError(f"{where}: tensor '{name}' has shape {tuple(tensor.shape)}, config.json implies "
+                            f"{tuple(expected[name].shape)}; the directory mixes files from different models")
+    model.load_state_dict(state, strict=True, assign=True)
+
+
+def load_tokenizer(ref: str | os.PathLike):
+    """The `tokenizers.Tokenizer` of a model directory."""
+    from tokenizers import Tokenizer
+
+    path = Path(ref) / TOKENIZER_FILE
+    if not path.is_file():
+        raise UserError(f"{ref}: no {TOKENIZER_FILE}; train one with `llmcli tokenizer train` or `llmcli train`")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
+        raise UserError(f"{path}: not a valid tokenizer ({e})") from None
+
+
+def build_model_dir(config: ModelConfig, out: Path, seed: int, force: bool = False) -> None:
+    from llmcli.models import build_model
+
+    with atomic_output_dir(out, force) as tmp:
+        save_model(build_model(config, seed=seed), tmp)

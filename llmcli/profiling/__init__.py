@@ -1,0 +1,1 @@
+"""Counting, estimating and measuring what a model costs."""
