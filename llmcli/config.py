@@ -102,8 +102,9 @@ REQUIRED = ("name", "family", "vocab_size", "d_model", "n_layers", "n_heads", "d
 def config_from_dict(data: dict[str, Any], where: str) -> ModelConfig:
     """Validate a raw mapping (TOML or config.json) and resolve family defaults.
 
-    `where` names the file in error messages.
+    `where` names the file in error messages. A None value (JSON null) means "the default".
     """
+    data = {key: value for key, value in data.items() if value is not None}
     known = {f.name: f for f in fields(ModelConfig)}
     for key in data:
         if key not in known:

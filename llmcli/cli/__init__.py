@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 
-import click
 import typer
 from typer.core import TyperGroup
 
@@ -16,14 +15,14 @@ from llmcli.errors import UserError
 class _Group(TyperGroup):
     """Turns UserError into exit code 2 and a one-line message (a traceback with LLMCLI_DEBUG=1)."""
 
-    def invoke(self, ctx: click.Context):
+    def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except UserError as e:
             if os.environ.get("LLMCLI_DEBUG") == "1":
                 raise
             typer.echo(f"error: {e}", err=True)
-            raise click.exceptions.Exit(2) from None
+            raise typer.Exit(2) from None
 
 
 app = typer.Typer(cls=_Group, no_args_is_help=True, pretty_exceptions_show_locals=False,
