@@ -17,8 +17,9 @@ def print_json(data: object) -> None:
     sys.stdout.flush()
 
 
-def log(message: str) -> None:
-    err_console.print(message, highlight=False)
+def log(message: str, markup: bool = False) -> None:
+    """A line on stderr. markup=False keeps user text such as "[MASK]" literal."""
+    err_console.print(message, highlight=False, markup=markup)
 
 
 def human(n: float, unit: str = "") -> str:
