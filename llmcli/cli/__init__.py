@@ -9,6 +9,7 @@ from typer.core import TyperGroup
 
 from llmcli.cli import build as build_cmd
 from llmcli.cli import convert as convert_cmd
+from llmcli.cli import tokenizer as tokenizer_cmd
 from llmcli.cli import train as train_cmd
 from llmcli.cli import zoo as zoo_cmd
 from llmcli.errors import UserError
@@ -31,6 +32,7 @@ app = typer.Typer(cls=_Group, no_args_is_help=True, pretty_exceptions_show_local
                   help="A model zoo and benchmarking lab for BERT, GPT and T5.")
 app.add_typer(zoo_cmd.app, name="zoo")
 app.add_typer(convert_cmd.app, name="convert")
+app.add_typer(tokenizer_cmd.app, name="tokenizer")
 app.command("build")(build_cmd.build)
 app.command("train")(train_cmd.train)
 app.command("eval")(train_cmd.evaluate)

@@ -16,7 +16,7 @@ def train(
     out: Optional[str] = typer.Option(None, help="Run directory (default runs/NAME)."),
     steps: Optional[int] = typer.Option(None, help="Optimizer steps [default: 600]."),
     batch_size: Optional[int] = typer.Option(None, help="Sequences per micro-batch [default: 16]."),
-    seq_len: Optional[int] = typer.Option(None, help="Tokens per sequence [default: 128]."),
+    seq_len: Optional[int] = typer.Option(None, help="Tokens per sequence [default: the context, at most 128]."),
     lr: Optional[float] = typer.Option(None, help="Peak learning rate [default: 2e-3]."),
     warmup: Optional[int] = typer.Option(None, help="Warm-up steps [default: 5% of steps]."),
     weight_decay: Optional[float] = typer.Option(None, help="AdamW weight decay on matrices [default: 0.1]."),

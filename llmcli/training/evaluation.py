@@ -12,7 +12,7 @@ OBJECTIVES = {"gpt": "next-token (CLM)", "bert": "masked LM (15%)", "t5": "span 
 
 def evaluate_model_dir(model_dir: str, data: str | None, seq_len: int | None, batches: int = 8,
                        device: str = "auto") -> dict:
-    from llmcli.data import PretrainingData, read_corpus, split_documents, tokens_from_documents
+    from llmcli.data import PretrainingData, document_stream, read_corpus, split_documents
     from llmcli.model_dir import load_model, load_tokenizer
     from llmcli.tokenizer import special_ids
     from llmcli.training.loop import evaluate, resolve_device
@@ -31,8 +31,8 @@ def evaluate_model_dir(model_dir: str, data: str | None, seq_len: int | None, ba
         raise UserError(f"--seq-len {seq_len} must be between 1 and max_seq_len ({config.max_seq_len})")
     _, val_docs = split_documents(read_corpus(data))
     special = special_ids(tokenizer)
-    val_tokens = tokens_from_documents(tokenizer, val_docs, special.eos)
-    dataset = PretrainingData(config.family, val_tokens, special, config.vocab_size, seq_len, 8, 0)
+    val_tokens = document_stream(tokenizer, val_docs)
+    dataset = PretrainingData(config.family, val_tokens, special, tokenizer.get_vocab_size(), seq_len, 8, 0)
     target = resolve_device(device)
     result = evaluate(model.to(target), dataset.eval_batches(val_tokens, batches), target)
     return {**result, "objective": OBJECTIVES[config.family], "seq_len": seq_len}

@@ -31,7 +31,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 class TrainArgs:
     steps: int = 600
     batch_size: int = 16
-    seq_len: int = 128
+    seq_len: int = 0  # 0: the model's context, at most 128
     lr: float = 2e-3
     warmup: int = 0  # 0: 5% of the steps
     weight_decay: float = 0.1
@@ -200,6 +200,8 @@ class Trainer:
         result = {"stopped_early": False}
         try:
             with _Progress(self.is_main, args.steps, self.step) as bar:
+                if self.step == 0:  # the untrained baseline, so the log shows what training bought
+                    self._evaluate({})
                 while self.step < args.steps:
                     loss = self.train_step()
                     window_steps += 1
@@ -210,10 +212,7 @@ class Trainer:
                         window_start, window_steps = time.perf_counter(), 0
                         self._log(record)
                     if self.step % eval_every == 0 or self.step == args.steps:
-                        metrics = evaluate(self.model, self.val_batches, self.device, self.precision)
-                        record.update(val_loss=metrics["loss"], val_perplexity=metrics["perplexity"])
-                        self._log({"step": self.step, "val_loss": metrics["loss"],
-                                   "val_perplexity": metrics["perplexity"]})
+                        self._evaluate(record)
                     bar.update(self.step, record)
                     if args.save_every and self.step % args.save_every == 0 and self.step < args.steps:
                         self.save()
@@ -228,6 +227,11 @@ class Trainer:
         result["checkpoint"] = self.save()
         result.update(step=self.step, steps_run=self.step - start_step)
         return result
+
+    def _evaluate(self, record: dict) -> None:
+        metrics = evaluate(self.model, self.val_batches, self.device, self.precision)
+        record.update(val_loss=metrics["loss"], val_perplexity=metrics["perplexity"])
+        self._log({"step": self.step, "val_loss": metrics["loss"], "val_perplexity": metrics["perplexity"]})
 
     def _request_stop(self, signum, frame) -> None:
         if self.stop_requested:  # a second Ctrl-C stops at once

@@ -77,7 +77,7 @@ def load_or_train_tokenizer(config: ModelConfig, directories: list[Path], train_
 def pretrain(model_ref: str, data: str | None, out: str | None, given: dict, resume: bool = False,
              force: bool = False, on_step=None, log=print) -> dict:
     """Pre-train (or continue pre-training) a model; returns a summary with the final validation metrics."""
-    from llmcli.data import PretrainingData, read_corpus, split_documents, tokens_from_documents
+    from llmcli.data import PretrainingData, document_stream, read_corpus, split_documents
     from llmcli.model_dir import load_model
     from llmcli.models import build_model
     from llmcli.tokenizer import save_tokenizer, special_ids
@@ -90,6 +90,7 @@ def pretrain(model_ref: str, data: str | None, out: str | None, given: dict, res
     if resume:
         config, _ = resolve_config(run_dir)  # config.json is written when a run starts
     args = merge_args(saved and saved.get("args"), given)
+    args.seq_len = args.seq_len or min(128, config.max_seq_len)
     check_args(args, config)
     if resume and saved.get("data") != data and data is not None:
         raise UserError(f"--data {data} differs from the resumed run's ({saved.get('data')}); resume with the same data")
@@ -98,9 +99,8 @@ def pretrain(model_ref: str, data: str | None, out: str | None, given: dict, res
     train_docs, val_docs = split_documents(read_corpus(data))
     tokenizer = load_or_train_tokenizer(config, [d for d in (run_dir, source_dir) if d is not None], train_docs)
     special = special_ids(tokenizer)
-    train_tokens = tokens_from_documents(tokenizer, train_docs, special.eos)
-    val_tokens = tokens_from_documents(tokenizer, val_docs, special.eos)
-    dataset = PretrainingData(config.family, train_tokens, special, config.vocab_size, args.seq_len,
+    train_tokens, val_tokens = (document_stream(tokenizer, docs) for docs in (train_docs, val_docs))
+    dataset = PretrainingData(config.family, train_tokens, special, tokenizer.get_vocab_size(), args.seq_len,
                               args.batch_size, args.seed)
     val_batches = dataset.eval_batches(val_tokens, args.eval_batches)
 
