@@ -7,6 +7,7 @@ import os
 import typer
 from typer.core import TyperGroup
 
+from llmcli.cli import bench as bench_cmd
 from llmcli.cli import build as build_cmd
 from llmcli.cli import convert as convert_cmd
 from llmcli.cli import tokenizer as tokenizer_cmd
@@ -36,6 +37,7 @@ app.add_typer(tokenizer_cmd.app, name="tokenizer")
 app.command("build")(build_cmd.build)
 app.command("train")(train_cmd.train)
 app.command("eval")(train_cmd.evaluate)
+app.command("bench")(bench_cmd.bench)
 
 
 def main() -> None:

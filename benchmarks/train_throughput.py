@@ -1,0 +1,90 @@
+"""Training tokens/s of llmcli vs Hugging Face transformers on the same GPT-2 config and weights.
+
+One step = forward, loss, backward, AdamW step. The two are interleaved repetition by
+repetition so that machine noise hits both alike. Usage:
+    python benchmarks/train_throughput.py [--model gpt2-small] [--batch-size 4] [--seq-len 256] [--reps 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import header, mean_std, record, timed  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="gpt2-small")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--steps-per-rep", type=int, default=2)
+    parser.add_argument("--no-record", action="store_true")
+    args = parser.parse_args()
+
+    import transformers
+
+    from llmcli import load_model
+    from llmcli.config import resolve_config
+    from llmcli.interop.hf import convert_to_hf
+    from llmcli.model_dir import build_model_dir
+    from llmcli.training.loop import family_loss
+    from llmcli.training.optim import make_optimizer
+
+    config, _ = resolve_config(args.model)
+    with tempfile.TemporaryDirectory() as tmp:
+        build_model_dir(config, Path(tmp) / "ours", seed=0)
+        convert_to_hf(Path(tmp) / "ours", Path(tmp) / "hf")
+        ours = load_model(Path(tmp) / "ours").train()
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(Path(tmp) / "hf").train()
+    ids = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len + 1),
+                        generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
+
+    def step_fn(model, optimizer, loss_fn):
+        def step():
+            optimizer.zero_grad(set_to_none=True)
+            loss_fn(model).backward()
+            optimizer.step()
+        return step
+
+    runners = {
+        "llmcli": step_fn(ours, make_optimizer(ours, 1e-4, 0.1), lambda m: family_loss(m, batch)),
+        # HF shifts labels itself, so it gets the unshifted window.
+        "transformers": step_fn(theirs, make_optimizer(theirs, 1e-4, 0.1),
+                                lambda m: m(input_ids=ids[:, :-1], labels=ids[:, :-1]).loss),
+    }
+    for run in runners.values():  # warm-up
+        run()
+    tokens = args.batch_size * args.seq_len
+    samples: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(args.reps):
+        for name, run in runners.items():
+            samples[name].append(tokens / timed(run, args.steps_per_rep))
+        print({k: round(v[-1]) for k, v in samples.items()}, file=sys.stderr)
+
+    (ours_mean, ours_std), (hf_mean, hf_std) = mean_std(samples["llmcli"]), mean_std(samples["transformers"])
+    table = "\n".join([
+        header(f"Training throughput: {args.model}, batch {args.batch_size}, seq {args.seq_len}, fp32, CPU"),
+        f"forward + backward + AdamW step, {args.reps} interleaved repetitions of {args.steps_per_rep} steps "
+        f"after a warm-up; `python benchmarks/train_throughput.py`\n",
+        "| implementation | tokens/s | ± std |",
+        "|---|---:|---:|",
+        f"| llmcli | {ours_mean:,.0f} | {ours_std:,.0f} |",
+        f"| transformers {transformers.__version__} | {hf_mean:,.0f} | {hf_std:,.0f} |",
+        f"| ratio llmcli / transformers | {ours_mean / hf_mean:.2f}× | |",
+    ])
+    if args.no_record:
+        print(table)
+    else:
+        record(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,361 @@
+"""`llmcli bench`: a llama-bench-style matrix of train / prefill / decode throughput.
+
+Every case runs warm-up steps, then timed repetitions; results keep every sample. With a peer
+(Hugging Face transformers) the same weights run through both, interleaved repetition by
+repetition, so that machine noise hits both alike.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import statistics
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from llmcli.errors import UserError
+
+MODES = ("train", "prefill", "decode")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DECODE_PROMPT = 8  # decode cases start from a prompt this long, then generate seq_len tokens
+# Dense bf16 peak of known accelerators, for MFU (vendor datasheets).
+GPU_PEAK_FLOPS = {"H200": 989.4e12, "H100": 989.4e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
+
+
+@dataclass
+class BenchResult:
+    implementation: str
+    mode: str
+    batch_size: int
+    seq_len: int
+    dtype: str
+    device: str
+    tokens_per_s: float
+    tokens_per_s_std: float
+    ms_per_step: float
+    peak_memory_bytes: int
+    samples_s: list[float]  # seconds per repetition
+    tokens_per_rep: int
+    flops_per_token: float
+    flops_utilization: float | None  # model FLOP/s over the measured matmul FLOP/s
+    mfu: float | None = None  # over the accelerator's datasheet peak (CUDA only)
+    bandwidth_bytes_per_s: float | None = None  # decode: bytes read per step x steps/s
+    peer: dict | None = field(default=None)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------- machine probe
+
+
+def machine_peaks(device: torch.device) -> dict:
+    """Measured matmul FLOP/s (fp32 on CPU, bf16 on CUDA) and copy bandwidth (bytes read + written per s)."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    n = 4096 if device.type == "cuda" else 1024
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    matmul = _best_time(lambda: a @ b, device)
+    src = torch.empty(64 * 2**20 if device.type == "cpu" else 512 * 2**20, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    copy = _best_time(lambda: dst.copy_(src), device)
+    return {"device": str(device), "matmul_dtype": str(dtype).replace("torch.", ""),
+            "matmul_flops": 2 * n**3 / matmul, "copy_bytes_per_s": 2 * src.numel() / copy}
+
+
+def _best_time(fn: Callable, device: torch.device, repeats: int = 5) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---------------------------------------------------------------- peak memory
+
+
+class PeakMemory:
+    """Peak memory of a block: CUDA's allocator peak, or on CPU the resident-set peak above the start.
+
+    On CPU a thread samples /proc/self/statm every millisecond; freed memory is handed back to the
+    OS first (malloc_trim) so that the baseline is honest.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.peak = 0
+
+    def __enter__(self):
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.start = torch.cuda.memory_allocated(self.device)
+            return self
+        _malloc_trim()
+        self.start = _rss()
+        self._high = self.start
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.001):
+            self._high = max(self._high, _rss())
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            self.peak = torch.cuda.max_memory_allocated(self.device) - self.start
+            return
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self._high, _rss()) - self.start
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+def _malloc_trim() -> None:
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+# ---------------------------------------------------------------- the two implementations
+
+
+class Runner:
+    """One implementation's train step, prefill and decode on random tokens."""
+
+    name = "llmcli"
+
+    def __init__(self, model, device: torch.device, dtype: str) -> None:
+        self.model, self.device, self.dtype = model, device, dtype
+        self.family = model.config.family if hasattr(model.config, "family") else None
+
+    def prepare(self, mode: str):
+        """Put the model in the right precision and state for `mode`; returns a context for each step."""
+        if mode == "train":
+            self.model.to(torch.float32).train()
+            self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-5, foreach=True)
+            if self.dtype == "fp32":
+                return contextlib.nullcontext
+            return lambda: torch.autocast(self.device.type, dtype=DTYPES[self.dtype])
+        self.model.to(DTYPES[self.dtype]).eval()
+        self.optimizer = None
+        return torch.inference_mode
+
+    def weight_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in [*self.model.parameters(), *self.model.buffers()])
+
+    def finish(self) -> None:
+        self.optimizer = None
+        self.model.zero_grad(set_to_none=True)
+
+    def step(self, mode: str, ids: torch.Tensor, new_tokens: int) -> None:
+        if mode == "train":
+            self.optimizer.zero_grad(set_to_none=True)
+            self.loss(ids).backward()
+            self.optimizer.step()
+        elif mode == "prefill":
+            self.prefill(ids)
+        else:
+            self.decode(ids, new_tokens)
+
+    def loss(self, ids: torch.Tensor) -> torch.Tensor:
+        from llmcli.training.loop import family_loss
+
+        batch = {"input_ids": ids, "labels": ids}
+        if self.family == "t5":
+            batch["decoder_input_ids"] = ids
+        return family_loss(self.model, batch)
+
+    def prefill(self, ids: torch.Tensor) -> None:
+        if self.family == "t5":
+            self.model(ids, decoder_input_ids=ids[:, :1])
+        else:
+            self.model(ids)
+
+    def decode(self, ids: torch.Tensor, new_tokens: int) -> None:
+        from llmcli.generation import generate_ids
+
+        generate_ids(self.model, ids, new_tokens, temperature=0)
+
+
+class HFRunner(Runner):
+    """The same steps through Hugging Face transformers."""
+
+    name = "transformers"
+
+    def loss(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=ids, labels=ids).loss  # HF shifts (GPT) or builds decoder inputs (T5)
+
+    def prefill(self, ids: torch.Tensor) -> None:
+        if self.family == "t5":
+            self.model(input_ids=ids, decoder_input_ids=ids[:, :1], use_cache=False)
+        else:
+            self.model(input_ids=ids, use_cache=False)
+
+    def decode(self, ids: torch.Tensor, new_tokens: int) -> None:
+        self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                            max_new_tokens=new_tokens, min_new_tokens=new_tokens, use_cache=True,
+                            pad_token_id=0)
+
+
+def load_peer(model_dir: Path, family: str, device: torch.device):
+    try:
+        import transformers
+    except ImportError:
+        raise UserError("--compare transformers needs the transformers package; pip install 'llmcli[bench]'") from None
+    classes = {"gpt": transformers.AutoModelForCausalLM, "bert": transformers.AutoModelForMaskedLM,
+               "t5": transformers.AutoModelForSeq2SeqLM}
+    model = classes[family].from_pretrained(model_dir, attn_implementation="sdpa").to(device)
+    model.config.family = family
+    return model
+
+
+# ---------------------------------------------------------------- the matrix
+
+
+def run_bench(model_ref: str, modes: list[str], batch_sizes: list[int], seq_lens: list[int], dtype: str = "fp32",
+              device: str = "auto", reps: int = 3, warmup: int = 1, compare: str | None = None,
+              on_result: Callable[[BenchResult], None] | None = None) -> tuple[list[BenchResult], dict]:
+    import tempfile
+
+    from llmcli.config import resolve_config
+    from llmcli.interop.hf import convert_to_hf
+    from llmcli.model_dir import build_model_dir, load_model
+    from llmcli.profiling.counts import count
+    from llmcli.training.loop import resolve_device
+
+    config, directory = resolve_config(model_ref)
+    target = resolve_device(device)
+    _check_matrix(config, modes, batch_sizes, seq_lens, dtype, target, reps, warmup, compare)
+    counts = count(config)
+    peaks = machine_peaks(target)
+    with tempfile.TemporaryDirectory() as tmp:
+        if directory is None:
+            directory = Path(tmp) / "model"
+            build_model_dir(config, directory, seed=0)
+        runners = [Runner(load_model(directory).to(target), target, dtype)]
+        if compare:
+            convert_to_hf(directory, Path(tmp) / "hf")
+            runners.append(HFRunner(load_peer(Path(tmp) / "hf", config.family, target), target, dtype))
+    results = []
+    for mode in modes:
+        if mode == "decode" and config.family == "bert":
+            continue  # an encoder does not generate
+        for batch_size in batch_sizes:
+            for seq_len in seq_lens:
+                found = _run_case(runners, mode, batch_size, seq_len, dtype, target, reps, warmup, config, counts,
+                                  peaks)
+                results.append(found)
+                if on_result:
+                    on_result(found)
+    return results, peaks
+
+
+def _check_matrix(config, modes, batch_sizes, seq_lens, dtype, device, reps, warmup, compare) -> None:
+    for mode in modes:
+        if mode not in MODES:
+            raise UserError(f"--mode {mode!r} is not one of {', '.join(MODES)}")
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)} (quantized models bench as they load)")
+    if dtype == "fp16" and device.type == "cpu":
+        raise UserError("--dtype fp16 is not supported on CPU; use fp32 or bf16")
+    if any(b <= 0 for b in batch_sizes) or any(s <= 0 for s in seq_lens) or reps <= 0 or warmup <= 0:
+        raise UserError("--batch-size, --seq-len, --reps and --warmup must be positive")
+    for seq_len in seq_lens:
+        longest = seq_len + (DECODE_PROMPT if "decode" in modes else 0)
+        if longest > config.max_seq_len:
+            raise UserError(f"--seq-len {seq_len} needs {longest} positions (decode adds a {DECODE_PROMPT}-token "
+                            f"prompt), above {config.name}'s max_seq_len ({config.max_seq_len})")
+    if compare not in (None, "transformers"):
+        raise UserError(f"--compare {compare!r}: the only peer is 'transformers'")
+
+
+def _run_case(runners, mode, batch_size, seq_len, dtype, device, reps, warmup, config, counts, peaks) -> BenchResult:
+    generator = torch.Generator().manual_seed(0)
+    length = DECODE_PROMPT if mode == "decode" else seq_len
+    ids = torch.randint(5, config.vocab_size, (batch_size, length), generator=generator).to(device)
+    tokens = batch_size * seq_len
+    samples: dict[str, list[float]] = {r.name: [] for r in runners}
+    memory: dict[str, int] = {}
+    contexts = {}
+    for runner in runners:  # memory: the weights, plus the peak above them over the warm-up steps
+        contexts[runner.name] = runner.prepare(mode)
+        with PeakMemory(device) as peak:
+            for _ in range(warmup):
+                with contexts[runner.name]():
+                    runner.step(mode, ids, seq_len)
+            _sync(device)
+        memory[runner.name] = runner.weight_bytes() + peak.peak
+    for _ in range(reps):  # interleaved: each repetition runs every implementation once
+        for runner in runners:
+            with contexts[runner.name]():
+                _sync(device)
+                start = time.perf_counter()
+                runner.step(mode, ids, seq_len)
+                _sync(device)
+            samples[runner.name].append(time.perf_counter() - start)
+    for runner in runners:
+        runner.finish()
+    results = [_summarise(r.name, mode, batch_size, seq_len, dtype, device, samples[r.name], tokens,
+                          memory[r.name], config, counts, peaks) for r in runners]
+    ours = results[0]
+    if len(results) > 1:
+        peer = results[1]
+        ours.peer = {k: getattr(peer, k) for k in ("implementation", "tokens_per_s", "tokens_per_s_std",
+                                                    "ms_per_step", "peak_memory_bytes", "samples_s")}
+        ours.peer["speedup"] = ours.tokens_per_s / peer.tokens_per_s
+    return ours
+
+
+def flops_per_token(config, counts, mode: str, seq_len: int) -> float:
+    """PaLM (Chowdhery et al. 2022, appendix B): 6N + 12·L·H·Q·T for training, 2N + 4·L·H·Q·T forward,
+    with N the parameters used in matmuls (non-embedding, plus a tied LM head)."""
+    n = counts.non_embedding_params + (config.d_model * config.vocab_size if config.tie_embeddings else 0)
+    layers = config.n_layers + 2 * (config.n_decoder_layers or 0)
+    attention = layers * config.n_heads * config.d_head * seq_len
+    return 6 * n + 12 * attention if mode == "train" else 2 * n + 4 * attention
+
+
+def _summarise(name, mode, batch_size, seq_len, dtype, device, samples, tokens, peak, config, counts,
+               peaks) -> BenchResult:
+    rates = [tokens / s for s in samples]
+    mean = statistics.mean(rates)
+    context = DECODE_PROMPT + seq_len // 2 if mode == "decode" else seq_len
+    flops = flops_per_token(config, counts, mode, context)
+    result = BenchResult(
+        implementation=name, mode=mode, batch_size=batch_size, seq_len=seq_len, dtype=dtype, device=str(device),
+        tokens_per_s=mean, tokens_per_s_std=statistics.stdev(rates) if len(rates) > 1 else 0.0,
+        ms_per_step=1000 * statistics.mean(samples) / (seq_len if mode == "decode" else 1),
+        peak_memory_bytes=peak, samples_s=samples, tokens_per_rep=tokens, flops_per_token=flops,
+        flops_utilization=flops * mean / peaks["matmul_flops"])
+    if device.type == "cuda":
+        name_ = torch.cuda.get_device_name(device)
+        peak_flops = next((v for k, v in GPU_PEAK_FLOPS.items() if k in name_), None)
+        result.mfu = flops * mean / peak_flops if peak_flops else None
+    if mode == "decode":
+        element = torch.finfo(DTYPES[dtype]).bits // 8
+        weights = (counts.non_embedding_params + config.d_model * config.vocab_size) * element
+        kv = 2 * (config.n_layers + (config.n_decoder_layers or 0)) * config.n_kv_heads * config.d_head * context
+        per_step = weights + kv * element * batch_size
+        result.bandwidth_bytes_per_s = per_step * mean / batch_size
+    return result

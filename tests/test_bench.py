@@ -1,0 +1,54 @@
+"""`llmcli bench`: the JSON contract, the FLOPs formula, and refusals."""
+
+import json
+
+import pytest
+
+from llmcli.config import resolve_config
+from llmcli.profiling.bench import flops_per_token
+from llmcli.profiling.counts import count
+
+
+def test_bench_json_carries_the_contract_keys(cli):
+    result = cli("bench", "gpt-nano", "--batch-size", "1,2", "--seq-len", "8", "--reps", "2", "--device", "cpu",
+                 "--json")
+    assert result.exit_code == 0, result.stderr
+    rows = json.loads(result.stdout)
+    assert [(r["mode"], r["batch_size"]) for r in rows] == [
+        ("train", 1), ("train", 2), ("prefill", 1), ("prefill", 2), ("decode", 1), ("decode", 2)]
+    for row in rows:
+        assert {"mode", "batch_size", "seq_len", "tokens_per_s", "tokens_per_s_std", "peak_memory_bytes",
+                "samples_s"} <= set(row)
+        assert len(row["samples_s"]) == 2 and row["tokens_per_s"] > 0 and row["peak_memory_bytes"] > 0
+    assert all(r["bandwidth_bytes_per_s"] > 0 for r in rows if r["mode"] == "decode")
+
+
+def test_compare_with_transformers_adds_the_peer(cli):
+    pytest.importorskip("transformers")
+    result = cli("bench", "t5-tiny", "--mode", "prefill,decode", "--batch-size", "1", "--seq-len", "8",
+                 "--reps", "1", "--device", "cpu", "--compare", "transformers", "--json")
+    assert result.exit_code == 0, result.stderr
+    for row in json.loads(result.stdout):
+        assert row["peer"]["implementation"] == "transformers"
+        assert row["peer"]["speedup"] == pytest.approx(row["tokens_per_s"] / row["peer"]["tokens_per_s"])
+
+
+def test_palm_training_flops_per_token():
+    """PaLM appendix B by hand for gpt2-small: 6N + 12·L·H·Q·T."""
+    config = resolve_config("gpt2-small")[0]
+    n = 124_439_808 - 1024 * 768  # all matmul weights: everything but the position table (wte is the head)
+    assert count(config).non_embedding_params + 50257 * 768 == n
+    assert flops_per_token(config, count(config), "train", 256) == 6 * n + 12 * 12 * 12 * 64 * 256
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--dtype", "fp8"], "--dtype 'fp8' is not one of"),
+    (["--batch-size", "0"], "must be positive"),
+    (["--seq-len", "300"], "above gpt-nano's max_seq_len (256)"),
+    (["--mode", "sample"], "--mode 'sample' is not one of"),
+    (["--batch-size", "1,x"], "expected comma-separated whole numbers"),
+])
+def test_bad_bench_input_exits_2(cli, args, message):
+    result = cli("bench", "gpt-nano", "--device", "cpu", *args)
+    assert result.exit_code == 2
+    assert message in result.stderr
