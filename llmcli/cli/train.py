@@ -14,7 +14,7 @@ def train(
     data: Optional[str] = typer.Option(None, help="A .txt file, a folder of them, or JSONL with a 'text' field. "
                                                   "Default: the embedded Python documentation corpus."),
     out: Optional[str] = typer.Option(None, help="Run directory (default runs/NAME)."),
-    steps: Optional[int] = typer.Option(None, help="Optimizer steps [default: 600]."),
+    steps: Optional[int] = typer.Option(None, help="Optimizer steps [default: 400]."),
     batch_size: Optional[int] = typer.Option(None, help="Sequences per micro-batch [default: 16]."),
     seq_len: Optional[int] = typer.Option(None, help="Tokens per sequence [default: the context, at most 128]."),
     lr: Optional[float] = typer.Option(None, help="Peak learning rate [default: 2e-3]."),

@@ -29,7 +29,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 @dataclass
 class TrainArgs:
-    steps: int = 600
+    steps: int = 400
     batch_size: int = 16
     seq_len: int = 0  # 0: the model's context, at most 128
     lr: float = 2e-3
