@@ -2,13 +2,19 @@
 
 Greedy (temperature 0), temperature, top-k and top-p sampling; a seeded generator makes
 sampling reproducible. GPT batches are left-padded: position ids skip the padding.
+`generate_text` is the text-in, text-out layer over `generate_ids` that `llmcli generate` calls.
 """
 
 from __future__ import annotations
 
+import os
+import time
+from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
+
+from llmcli.errors import UserError
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
@@ -60,23 +66,29 @@ def generate_ids(model, input_ids: torch.Tensor, max_new_tokens: int, attention_
 
 
 def _gpt_steps(model, input_ids, attention_mask, max_new_tokens, use_cache, pad_id):
-    """Yields next-token logits; receives each chosen token."""
-    mask = attention_mask
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    """Yields next-token logits; receives each chosen token.
+
+    Without padding the mask and position ids say nothing the model does not assume anyway:
+    leaving them out spares a bias tensor per step and lets SDPA run unmasked.
+    """
+    mask = None if bool(attention_mask.all()) else attention_mask
+    positions = None if mask is None else (mask.cumsum(-1) - 1).clamp(min=0)
     if use_cache:
         cache = model.new_cache(input_ids.shape[0], input_ids.shape[1] + max_new_tokens)
         logits = model(input_ids, attention_mask=mask, position_ids=positions, cache=cache).logits[:, -1]
         while True:
             token = yield logits
-            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-            positions = positions[:, -1:] + 1
+            if mask is not None:
+                mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+                positions = positions[:, -1:] + 1
             logits = model(token[:, None], attention_mask=mask, position_ids=positions, cache=cache).logits[:, -1]
     ids = input_ids
     while True:
         token = yield model(ids, attention_mask=mask, position_ids=positions).logits[:, -1]
         ids = torch.cat([ids, token[:, None]], dim=1)
-        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        if mask is not None:
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
 
 
 def _t5_steps(model, input_ids, attention_mask, max_new_tokens, use_cache, pad_id):
@@ -95,11 +107,188 @@ def _t5_steps(model, input_ids, attention_mask, max_new_tokens, use_cache, pad_i
 
 def complete(model, tokenizer, prompt: str, max_new_tokens: int = 64, **sampling) -> str:
     """Text in, completion text out (one prompt). GPT gets the prompt as context, T5 as encoder input."""
-    from llmcli.tokenizer import special_ids
+    return generate_text(model, tokenizer, [prompt], max_new_tokens, **sampling)[0].completion
 
+
+# ---------------------------------------------------------------- text in, text out
+
+
+def load_for_inference(ref: str | os.PathLike, device: str = "auto"):
+    """A model directory's model (eval mode, on `device`) and tokenizer, checked against each other."""
+    from llmcli.model_dir import load_model, load_tokenizer
+    from llmcli.training.loop import resolve_device
+
+    tokenizer = load_tokenizer(ref)  # first: a missing tokenizer.json fails before the weights are read
+    model = load_model(ref, device=str(resolve_device(device)))
+    if tokenizer.get_vocab_size() > model.config.vocab_size:
+        raise UserError(f"{ref}: tokenizer has {tokenizer.get_vocab_size()} tokens, the model only "
+                        f"{model.config.vocab_size}; the directory mixes files from different models")
+    return model, tokenizer
+
+
+def pad_batch(rows: list[list[int]], pad_id: int, left: bool,
+              device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> (ids, attention_mask), padded on the left (GPT generation) or the right."""
+    width = max(len(row) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        span = slice(width - len(row), width) if left else slice(0, len(row))
+        ids[i, span] = torch.tensor(row, dtype=torch.long)
+        mask[i, span] = 1
+    return ids.to(device), mask.to(device)
+
+
+def check_context(config, lengths: list[int], max_new_tokens: int, what: str = "prompt") -> None:
+    """Learned and sinusoidal positions end at max_seq_len; RoPE and relative positions have no hard end."""
+    if config.position not in ("learned", "sinusoidal"):
+        return
+    limit = config.max_seq_len
+    for i, n in enumerate(lengths, 1):
+        name = f"{what} {i}" if len(lengths) > 1 else what
+        if config.family == "gpt" and n + max_new_tokens > limit:
+            fix = (f"use --max-new-tokens {limit - n} or less, or a shorter {what}" if n < limit
+                   else f"the {what} alone fills the context: shorten it to fewer than {limit} tokens")
+            raise UserError(f"{name} is {n} tokens and --max-new-tokens is {max_new_tokens}: {n + max_new_tokens} "
+                            f"positions, more than {config.name}'s context (max_seq_len {limit}); {fix}")
+        if config.family != "gpt" and n > limit:
+            raise UserError(f"{name} is {n} tokens, more than {config.name}'s context (max_seq_len {limit}); "
+                            f"shorten it to {limit} tokens or fewer")
+    if config.family == "t5" and max_new_tokens > limit:
+        raise UserError(f"--max-new-tokens {max_new_tokens} is more than {config.name}'s decoder context "
+                        f"(max_seq_len {limit}); use --max-new-tokens {limit} or less")
+
+
+class TextStreamer:
+    """Turns token ids into text as they arrive, for printing while the model generates.
+
+    Decodes everything so far and emits what is new, because a byte-level BPE token may hold
+    part of a UTF-8 character: text that ends in U+FFFD waits for the rest of its bytes.
+    """
+
+    def __init__(self, tokenizer, emit: Callable[[str], None]) -> None:
+        self.tokenizer = tokenizer
+        self.emit = emit
+        self.ids: list[int] = []
+        self.printed = 0
+
+    def push(self, token_id: int) -> None:
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if not text.endswith("\ufffd"):
+            self._emit(text)
+
+    def flush(self) -> None:
+        self._emit(self.tokenizer.decode(self.ids, skip_special_tokens=True))
+
+    def _emit(self, text: str) -> None:
+        if len(text) > self.printed:
+            self.emit(text[self.printed:])
+            self.printed = len(text)
+
+
+@dataclass
+class Generation:
+    """One generated sequence: the JSON object of `llmcli generate --json`."""
+
+    prompt: str
+    sample: int  # 0 .. num_samples-1
+    text: str  # prompt and completion
+    completion: str
+    tokens: list[int]  # the generated ids, up to and including end-of-sequence
+    prompt_tokens: int
+    new_tokens: int
+    time: float  # seconds for the batch this sequence was generated in, prefill included
+    tokens_per_s: float  # new_tokens / time: the rate at which this sequence came out
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None,
+                   num_samples: int) -> None:
+    if max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens {max_new_tokens} must be at least 1")
+    if temperature < 0:
+        raise UserError(f"--temperature {temperature} must be 0 (greedy) or more")
+    if top_k is not None and top_k < 1:
+        raise UserError(f"--top-k {top_k} must be at least 1")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise UserError(f"--top-p {top_p} must be in (0, 1]")
+    if num_samples < 1:
+        raise UserError(f"--num-samples {num_samples} must be at least 1")
+
+
+def require_family(model, families: tuple[str, ...], command: str, hint: str) -> None:
+    family = model.config.family
+    if family not in families:
+        wanted = " or ".join(f.upper() for f in families)
+        raise UserError(f"{model.config.name} is a {family.upper()} model and {command} needs a {wanted} model; "
+                        f"{hint}")
+
+
+def generate_text(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, temperature: float = 1.0,
+                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                  num_samples: int = 1, use_cache: bool = True, on_text: Callable[[str], None] | None = None,
+                  on_step: Callable[[], None] | None = None) -> list[Generation]:
+    """Complete every prompt num_samples times in one batch (GPT left-padded, T5 right-padded).
+
+    Rows are prompt-major: prompt 1 samples 1..n, then prompt 2. on_text receives the `text` of the
+    result piece by piece, the prompt first, then the completion as it is generated (one sequence
+    only); on_step is called once per decoding step.
+    """
+    from llmcli.tokenizer import encode_texts, special_ids
+
+    require_family(model, ("gpt", "t5"), "generate", "use `llmcli fill-mask` or `llmcli embed` on BERT models")
+    check_sampling(max_new_tokens, temperature, top_k, top_p, num_samples)
+    if not prompts:
+        raise UserError("no prompt given; pass --prompt TEXT (once per prompt)")
+    for i, prompt in enumerate(prompts, 1):
+        if not prompt.strip():
+            name = f"prompt {i}" if len(prompts) > 1 else "the prompt"
+            raise UserError(f"{name} is empty; pass the text to continue, e.g. --prompt 'Once upon a time'")
+    family = model.config.family
     special = special_ids(tokenizer)
-    ids = tokenizer.encode(prompt, add_special_tokens=model.config.family == "t5").ids
+    encoded = encode_texts(tokenizer, prompts, add_special_tokens=family == "t5")  # T5 inputs end with </s>
+    check_context(model.config, [len(ids) for ids in encoded], max_new_tokens)
+    rows = [ids for ids in encoded for _ in range(num_samples)]
+    if on_text is not None and len(rows) != 1:
+        raise ValueError("streaming (on_text) needs exactly one prompt and one sample")
     device = next(model.parameters()).device
-    new = generate_ids(model, torch.tensor([ids], device=device), max_new_tokens, eos_id=special.eos,
-                       pad_id=special.pad, **sampling)
-    return tokenizer.decode(new[0].tolist(), skip_special_tokens=True)
+    input_ids, mask = pad_batch(rows, special.pad, left=family == "gpt", device=device)
+    separator = " " if family == "t5" else ""  # a T5 output is a new sequence, not a continuation
+    streamer = None
+    if on_text is not None:
+        on_text(prompts[0] + separator)
+        streamer = TextStreamer(tokenizer, on_text)
+
+    def on_token(token: torch.Tensor) -> None:
+        if streamer is not None:
+            streamer.push(int(token[0]))
+        if on_step is not None:
+            on_step()
+
+    start = time.perf_counter()
+    new = generate_ids(model, input_ids, max_new_tokens, attention_mask=mask, temperature=temperature,
+                       top_k=top_k, top_p=top_p, eos_id=special.eos, pad_id=special.pad, seed=seed,
+                       use_cache=use_cache, on_token=on_token).tolist()
+    elapsed = time.perf_counter() - start
+    if streamer is not None:
+        streamer.flush()
+
+    results = []
+    for row, generated in enumerate(new):
+        prompt = prompts[row // num_samples]
+        tokens = _until_eos(generated, special.eos)
+        completion = tokenizer.decode(tokens, skip_special_tokens=True)
+        results.append(Generation(prompt=prompt, sample=row % num_samples, text=prompt + separator + completion,
+                                  completion=completion, tokens=tokens, prompt_tokens=len(rows[row]),
+                                  new_tokens=len(tokens), time=elapsed, tokens_per_s=len(tokens) / elapsed))
+    return results
+
+
+def _until_eos(tokens: list[int], eos_id: int | None) -> list[int]:
+    """Drop the padding generate_ids puts after a row's end-of-sequence token (keeping that token)."""
+    if eos_id is not None and eos_id in tokens:
+        return tokens[:tokens.index(eos_id) + 1]
+    return tokens

@@ -62,7 +62,7 @@ def save_model(model, directory: Path) -> None:
     write_json(directory / CONFIG_FILE, model.config.to_dict())
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     tmp = directory / (WEIGHTS_FILE + ".tmp")
-    save_file(state, str(tmp), metadata={"format": "pt", "llmcli_family": model.config.family})
+    save_file(state, str(tmp), metadata={"format": "pt"})  # one key: safetensors orders metadata at random
     tmp.replace(directory / WEIGHTS_FILE)
 
 

@@ -218,12 +218,17 @@ def special_ids(tokenizer: Tokenizer) -> SpecialIds:
 
 def encode_plain(tokenizer: Tokenizer, texts: list[str]) -> list[list[int]]:
     """Ids without the post-processor's [CLS]/[SEP]/</s>: the objectives add their own."""
+    return encode_texts(tokenizer, texts, add_special_tokens=False)
+
+
+def encode_texts(tokenizer: Tokenizer, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
+    """Every token of every text, unpadded; add_special_tokens runs the post-processor ([CLS] ... [SEP], ... </s>)."""
     if tokenizer.truncation is not None or tokenizer.padding is not None:
         # A converted tokenizer may truncate to 512: that would silently drop most of each document.
         tokenizer = Tokenizer.from_str(tokenizer.to_str())
         tokenizer.no_truncation()
         tokenizer.no_padding()
-    return [encoding.ids for encoding in tokenizer.encode_batch(texts, add_special_tokens=False)]
+    return [encoding.ids for encoding in tokenizer.encode_batch(texts, add_special_tokens=add_special_tokens)]
 
 
 def save_tokenizer(tokenizer: Tokenizer, directory: Path) -> Path:

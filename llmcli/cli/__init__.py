@@ -10,6 +10,9 @@ from typer.core import TyperGroup
 from llmcli.cli import bench as bench_cmd
 from llmcli.cli import build as build_cmd
 from llmcli.cli import convert as convert_cmd
+from llmcli.cli import finetune as finetune_cmd
+from llmcli.cli import memory as memory_cmd
+from llmcli.cli import infer as infer_cmd
 from llmcli.cli import tokenizer as tokenizer_cmd
 from llmcli.cli import train as train_cmd
 from llmcli.cli import zoo as zoo_cmd
@@ -37,7 +40,14 @@ app.add_typer(tokenizer_cmd.app, name="tokenizer")
 app.command("build")(build_cmd.build)
 app.command("train")(train_cmd.train)
 app.command("eval")(train_cmd.evaluate)
+app.command("memory-estimate")(memory_cmd.memory_estimate)
+app.command("generate")(infer_cmd.generate)
+app.command("fill-mask")(infer_cmd.fill_mask)
+app.command("embed")(infer_cmd.embed)
+app.command("attention")(infer_cmd.attention)
 app.command("bench")(bench_cmd.bench)
+app.command("finetune")(finetune_cmd.finetune)
+app.command("merge")(finetune_cmd.merge)
 
 
 def main() -> None:

@@ -124,6 +124,7 @@ class Trainer:
     args: TrainArgs
     run_dir: Path
     loss_fn: Callable = family_loss
+    eval_fn: Callable = evaluate  # (model, val_batches, device, precision) -> {"loss", ...}; fine-tuning adds accuracy
     on_step: Callable | None = None  # called after every step with the trainer (tests, callbacks)
     rank: int = field(default_factory=lambda: int(os.environ.get("RANK", 0)))
     step: int = 0
@@ -229,9 +230,10 @@ class Trainer:
         return result
 
     def _evaluate(self, record: dict) -> None:
-        metrics = evaluate(self.model, self.val_batches, self.device, self.precision)
-        record.update(val_loss=metrics["loss"], val_perplexity=metrics["perplexity"])
-        self._log({"step": self.step, "val_loss": metrics["loss"], "val_perplexity": metrics["perplexity"]})
+        metrics = self.eval_fn(self.model, self.val_batches, self.device, self.precision)
+        values = {f"val_{name}": value for name, value in metrics.items() if name != "tokens"}
+        record.update(values)
+        self._log({"step": self.step, **values})
 
     def _request_stop(self, signum, frame) -> None:
         if self.stop_requested:  # a second Ctrl-C stops at once
@@ -296,6 +298,8 @@ class _Progress:
             parts.append(f"{self.info['tokens_per_s']:,.0f} tok/s")
         if "val_perplexity" in self.info:
             parts.append(f"val ppl {self.info['val_perplexity']:.1f}")
+        if "val_accuracy" in self.info:
+            parts.append(f"val acc {self.info['val_accuracy']:.3f}")
         self.progress.update(self.task, completed=step, info="  ".join(parts))
 
     def __exit__(self, *exc) -> None:

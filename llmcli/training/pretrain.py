@@ -92,6 +92,7 @@ def pretrain(model_ref: str, data: str | None, out: str | None, given: dict, res
     args = merge_args(saved and saved.get("args"), given)
     args.seq_len = args.seq_len or min(128, config.max_seq_len)
     check_args(args, config)
+    data = str(Path(data).resolve()) if data is not None else None  # a resume may start from elsewhere
     if resume and saved.get("data") != data and data is not None:
         raise UserError(f"--data {data} differs from the resumed run's ({saved.get('data')}); resume with the same data")
     data = data if data is not None else (saved or {}).get("data")
@@ -121,4 +122,5 @@ def pretrain(model_ref: str, data: str | None, out: str | None, given: dict, res
     final = next((r for r in reversed(trainer.history) if "val_loss" in r), {})
     return {"run_dir": str(run_dir), **result, "val_loss": final.get("val_loss"),
             "val_perplexity": final.get("val_perplexity"), "train_tokens": len(train_tokens),
-            "val_tokens": len(val_tokens), "device": str(trainer.device), "precision": trainer.precision, "family": config.family}
+            "val_tokens": len(val_tokens), "device": str(trainer.device), "precision": trainer.precision,
+            "family": config.family}

@@ -1,0 +1,222 @@
+"""`llmcli generate`, `llmcli fill-mask`, `llmcli embed` and `llmcli attention`."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich import box
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+from rich.text import Text
+
+from llmcli.cli.output import console, err_console, log, print_json
+
+DEVICE_HELP = "cpu, cuda, cuda:N, or auto: cuda if available."
+
+
+def generate(
+    model_dir: str = typer.Argument(..., help="GPT or T5 model directory (with tokenizer.json)."),
+    prompt: list[str] = typer.Option(..., "--prompt", help="Text to continue (GPT) or transform (T5); "
+                                                           "repeat for several prompts, generated as one batch."),
+    max_new_tokens: int = typer.Option(64, help="Tokens to generate per sequence, at most."),
+    temperature: float = typer.Option(1.0, help="Sampling temperature; 0 is greedy decoding."),
+    top_k: Optional[int] = typer.Option(None, help="Sample from the k most probable tokens only."),
+    top_p: Optional[float] = typer.Option(None, help="Sample from the smallest set of tokens whose probability "
+                                                     "reaches p (nucleus sampling)."),
+    seed: Optional[int] = typer.Option(None, help="Seed for sampling: the same seed gives the same text."),
+    num_samples: int = typer.Option(1, help="Sequences per prompt."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Recompute the whole context at every step "
+                                                            "instead of using the KV cache (for comparison)."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON on stdout: text, completion, tokens, "
+                                                        "tokens_per_s (a list for several sequences)."),
+) -> None:
+    """Generate text with a GPT or T5 model; a single sequence is printed as it is generated."""
+    from llmcli.generation import generate_text, load_for_inference
+
+    model, tokenizer = load_for_inference(model_dir, device)
+    options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                   num_samples=num_samples, use_cache=not no_cache)
+    if not json_out and len(prompt) * num_samples == 1:
+        results = generate_text(model, tokenizer, prompt, on_text=_write, **options)
+        _write("\n")
+    else:
+        with _progress() as progress:
+            task = progress.add_task("generating", total=max_new_tokens)
+            results = generate_text(model, tokenizer, prompt, on_step=lambda: progress.advance(task), **options)
+        if json_out:
+            rows = [r.to_dict() for r in results]
+            print_json(rows[0] if len(rows) == 1 else rows)
+        else:
+            for row, r in enumerate(results):
+                label = f"prompt {row // num_samples + 1}" + (f", sample {r.sample + 1}" if num_samples > 1 else "")
+                console.print(f"── {label} ──", style="dim", highlight=False, markup=False)
+                console.print(r.text, highlight=False, markup=False)
+    new_tokens = sum(r.new_tokens for r in results)
+    seconds = results[0].time
+    log(f"{new_tokens} new tokens in {seconds:.2f} s: {new_tokens / seconds:.1f} tokens/s "
+        f"({len(results)} sequence{'s' if len(results) > 1 else ''}, KV cache {'off' if no_cache else 'on'})")
+
+
+def _write(text: str) -> None:
+    """Exactly the text, no markup or wrapping: what is streamed equals the JSON `text`."""
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def _progress() -> Progress:
+    """Decoding steps on stderr, on a terminal only: --json output and piped logs stay clean."""
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("steps"),
+                    TimeRemainingColumn(), console=err_console, transient=True, disable=not err_console.is_terminal)
+
+
+def fill_mask(
+    model_dir: str = typer.Argument(..., help="BERT model directory (with tokenizer.json)."),
+    text: str = typer.Argument(..., help="Text with one or more [MASK] tokens."),
+    top_k: int = typer.Option(5, help="Fillers to show per mask."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON on stdout: position and candidates "
+                                                        "(token, id, probability); a list for several masks."),
+) -> None:
+    """The most probable fillers of each [MASK], with their probabilities (BERT)."""
+    from llmcli.generation import load_for_inference
+    from llmcli.inspection import fill_mask as predict
+
+    model, tokenizer = load_for_inference(model_dir, device)
+    predictions = predict(model, tokenizer, text, top_k)
+    if json_out:
+        rows = [p.to_dict() for p in predictions]
+        print_json(rows[0] if len(rows) == 1 else rows)
+        return
+    for n, prediction in enumerate(predictions, 1):
+        title = f"mask {n} of {len(predictions)} (token {prediction.position})" if len(predictions) > 1 else None
+        table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False)
+        for column, justify in (("#", "right"), ("token", "left"), ("probability", "right"), ("", "left")):
+            table.add_column(column, justify=justify, no_wrap=True)
+        for rank, c in enumerate(prediction.candidates, 1):
+            table.add_row(str(rank), Text(c.token), f"{c.probability:.4f}", "█" * round(20 * c.probability))
+        console.print(table)
+
+
+def embed(
+    model_dir: str = typer.Argument(..., help="Model directory (with tokenizer.json): BERT, or the final hidden "
+                                              "states of GPT and the T5 encoder."),
+    texts: list[str] = typer.Argument(..., help="Texts to embed."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON on stdout: texts, dim, embeddings, similarity."),
+) -> None:
+    """Mean-pooled, L2-normalised sentence embeddings and their cosine similarities."""
+    from llmcli.generation import load_for_inference
+    from llmcli.inspection import cosine_similarity, embed as embed_texts
+
+    model, tokenizer = load_for_inference(model_dir, device)
+    embeddings = embed_texts(model, tokenizer, texts).cpu()
+    similarity = cosine_similarity(embeddings)
+    if json_out:
+        print_json({"texts": texts, "dim": embeddings.shape[1], "embeddings": embeddings.tolist(),
+                    "similarity": similarity.tolist()})
+        return
+    shown = 6
+    vectors = Table(title=f"embeddings (dim {embeddings.shape[1]}, first {shown} values)", box=box.SIMPLE_HEAD,
+                    pad_edge=False)
+    vectors.add_column("#", justify="right")
+    vectors.add_column("text", overflow="ellipsis", no_wrap=True, max_width=40)
+    vectors.add_column("embedding", no_wrap=True)
+    for i, (text, row) in enumerate(zip(texts, embeddings.tolist()), 1):
+        values = " ".join(f"{v:+.3f}" for v in row[:shown])
+        vectors.add_row(str(i), Text(text), values + (" …" if len(row) > shown else ""))
+    console.print(vectors)
+    matrix = Table(title="cosine similarity", box=box.SIMPLE_HEAD, pad_edge=False)
+    matrix.add_column("")
+    for i in range(len(texts)):
+        matrix.add_column(str(i + 1), justify="right")
+    for i, row in enumerate(similarity.tolist()):
+        matrix.add_row(str(i + 1), *(Text(f"{v:.3f}", style=_similarity_style(v)) for v in row))
+    console.print(matrix)
+
+
+def _similarity_style(value: float) -> str:
+    return "bold green" if value >= 0.8 else "green" if value >= 0.5 else "yellow" if value >= 0.2 else "dim"
+
+
+def attention(
+    model_dir: str = typer.Argument(..., help="Model directory (with tokenizer.json)."),
+    text: str = typer.Option(..., "--text", help="The text whose attention is drawn (T5: the encoder input)."),
+    layer: Optional[int] = typer.Option(None, help="Layer, from 0 (default: the last)."),
+    head: Optional[int] = typer.Option(None, help="Head, from 0 (default: the mean over heads)."),
+    kind: str = typer.Option("self", help="self (BERT, GPT, the T5 encoder), decoder-self or cross (T5)."),
+    target: Optional[str] = typer.Option(None, help="T5 decoder text for decoder-self and cross "
+                                                    "(default: the model's greedy output)."),
+    png: Optional[Path] = typer.Option(None, help="Also draw the map into this PNG file (needs matplotlib: "
+                                                  "the 'plot' extra of llmcli)."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
+) -> None:
+    """Attention probabilities of one layer as a heatmap: rows attend to columns."""
+    from llmcli.generation import load_for_inference
+    from llmcli.inspection import attention_map, save_attention_png
+
+    model, tokenizer = load_for_inference(model_dir, device)
+    amap = attention_map(model, tokenizer, text, layer=layer, head=head, kind=kind, target=target)
+    title = f"{model.config.name}: {amap.describe()}"
+    if png is not None:
+        save_attention_png(amap, png, title)
+    console.print(Text(title, style="bold"))
+    console.print(heatmap(amap.weights.tolist(), amap.queries, amap.keys, color=console.color_system is not None),
+                  soft_wrap=True)
+    if png is not None:
+        log(f"wrote {png}")
+
+
+# Viridis (matplotlib's default colormap) at 0, 1/4, 1/2, 3/4 and 1: dark blue to yellow, readable in print.
+VIRIDIS = ((68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37))
+SHADES = " ░▒▓█"  # for terminals without colour
+ROW_LABEL = 12  # characters of a query label
+COLUMN_LABEL = 6  # characters of a key label, written top to bottom
+
+
+def _viridis(x: float) -> str:
+    x = min(max(x, 0.0), 1.0) * (len(VIRIDIS) - 1)
+    i = min(int(x), len(VIRIDIS) - 2)
+    f = x - i
+    r, g, b = (round(a + (b - a) * f) for a, b in zip(VIRIDIS[i], VIRIDIS[i + 1]))
+    return f"rgb({r},{g},{b})"
+
+
+def _cell(value: float, color: bool) -> Text:
+    if color:
+        return Text("██", style=_viridis(value))
+    return Text(SHADES[round(value * (len(SHADES) - 1))] * 2)
+
+
+def _short(label: str, width: int) -> str:
+    label = label.replace("\n", "\\n").replace("\t", "\\t")
+    return label if len(label) <= width else label[:width - 1] + "…"
+
+
+def heatmap(weights: list[list[float]], queries: list[str], keys: list[str], color: bool) -> Text:
+    """Rows are queries, columns keys, two characters a cell.
+
+    Each row is scaled to its own largest weight: a query over 30 keys spreads thinner than the
+    first query of a causal decoder (which can only attend to itself), and should still show where it looks.
+    """
+    rows = [_short(q, ROW_LABEL) for q in queries]
+    cols = [_short(k, COLUMN_LABEL) for k in keys]
+    indent = max(len(r) for r in rows) + 1
+    out = Text()
+    for line in range(max(len(c) for c in cols)):
+        out.append(" " * indent + "".join((c[line] if line < len(c) else " ") + " " for c in cols) + "\n",
+                   style="cyan")
+    for label, row in zip(rows, weights):
+        out.append(label.rjust(indent - 1) + " ", style="cyan")
+        top = max(row) or 1.0
+        for value in row:
+            out.append_text(_cell(value / top, color))
+        out.append("\n")
+    out.append(" " * indent + "0 ")
+    for step in range(8):
+        out.append_text(_cell(step / 7, color))
+    out.append(" the row's largest weight (each row sums to 1)")
+    return out

@@ -1,0 +1,158 @@
+"""`llmcli finetune`: attach a method and a task to a trained model and run the shared training loop.
+
+The run directory (OUT) follows `llmcli train`: training.json, metrics.jsonl, checkpoints/ and resume
+come from llmcli.training. At the start OUT receives the base (config.json, tokenizer.json and
+model.safetensors, hard-linked where the filesystem allows, else copied); at the end the adapter
+(adapter/), the tuned weights for --method full, and for LoRA a PEFT export (peft/).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from llmcli.config import resolve_config
+from llmcli.errors import UserError
+from llmcli.finetune.lora import parse_targets
+from llmcli.finetune.methods import METHODS, FinetuneSpec, attach, parameter_counts
+from llmcli.finetune.saving import read_adapter_config, save_adapter
+from llmcli.finetune.tasks import TASKS
+from llmcli.model_dir import (CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, load_model, load_tokenizer, save_model,
+                              write_json)
+from llmcli.training.loop import Trainer
+from llmcli.training.pretrain import TRAINING_FILE, check_args, merge_args, prepare_run_dir
+
+
+DATA_HINTS = {"lm": "a .txt file, a folder of .txt files, or JSONL with a 'text' field",
+              "instruct": "JSONL with 'instruction', 'output' and optionally 'input' fields",
+              "classify": "JSONL with 'text' and 'label' fields"}
+
+
+def _check_base(base: Path) -> None:
+    _, directory = resolve_config(base)
+    if directory is None:
+        raise UserError(f"{base}: fine-tuning starts from a trained model directory (config.json, model.safetensors, "
+                        f"tokenizer.json); build and train one with `llmcli train`, or convert one with "
+                        f"`llmcli convert from-hf`")
+    if not (base / TOKENIZER_FILE).is_file():
+        raise UserError(f"{base}: no {TOKENIZER_FILE}; fine-tuning needs the tokenizer the model was trained with")
+    adapter = read_adapter_config(base)
+    if adapter is not None and adapter["method"] != "full":  # after full fine-tuning, adapter/ holds only a head
+        raise UserError(f"{base}: holds a {adapter['method']} adapter, which fine-tuning would ignore; fine-tune "
+                        f"its base instead, or fold a LoRA in first with `llmcli merge {base} --out DIR`")
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """The base weights, without a second copy on disk where a hard link is possible (files are never
+    written in place, so the link cannot change the original)."""
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(source, tmp)
+    except OSError:
+        shutil.copyfile(source, tmp)
+    tmp.replace(target)
+
+
+def _resolve_spec(saved: dict | None, given: FinetuneSpec | dict) -> FinetuneSpec:
+    """A new run's settings, or a resumed run's (flags given again must agree with them)."""
+    if isinstance(given, FinetuneSpec):
+        given = given.to_dict()
+    given = {k: (parse_targets(v) if k == "lora_targets" else v) for k, v in given.items() if v is not None}
+    if saved is None:
+        for name in ("method", "task"):
+            if name not in given:
+                raise UserError(f"--{name} is required (one of {', '.join(METHODS if name == 'method' else TASKS)})")
+        return FinetuneSpec(**given)
+    spec = FinetuneSpec.from_dict(saved["finetune"])
+    stored = spec.to_dict()
+    for key, value in given.items():
+        if key in stored and stored[key] != value:
+            raise UserError(f"--{key.replace('_', '-')} {value} differs from the resumed run's ({stored[key]}); "
+                            f"resume with the same settings, or start a new run")
+    return spec
+
+
+def finetune(base: str | Path | None, data: str | None, out: str, given: dict, settings: FinetuneSpec | dict,
+             resume: bool = False, force: bool = False, on_step=None, log=print) -> dict:
+    """Fine-tune `base` into `out`; returns a summary with the final validation metrics.
+
+    given: TrainArgs flags (None = default); settings: a FinetuneSpec, or its fields (None = default;
+    on resume only the ones given, which must match the run's).
+    """
+    from llmcli.finetune.peft_export import PEFT_DIR, export_peft, peft_blocker
+    from llmcli.finetune.tasks import build_task
+    from llmcli.tokenizer import save_tokenizer, special_ids
+
+    run_dir = Path(out)
+    data = str(Path(data).resolve()) if data is not None else None  # a resume may start from elsewhere
+    if resume:
+        saved = prepare_run_dir(run_dir, resume=True, force=False)  # only reads training.json
+        spec = _resolve_spec(saved, settings)
+        if data is not None and data != saved.get("data"):
+            raise UserError(f"--data {data} differs from the resumed run's ({saved.get('data')}); "
+                            f"resume with the same data")
+        data, base, source = saved["data"], Path(saved["base"]), run_dir
+    else:
+        if base is None:
+            raise UserError("finetune needs the model directory to start from")
+        saved, base = None, Path(base)
+        _check_base(base)
+        if base.resolve() == run_dir.resolve():
+            raise UserError(f"{run_dir}: --out is the base model directory itself; choose a new --out")
+        spec = _resolve_spec(None, settings)
+        if data is None:
+            raise UserError(f"--data is required: {DATA_HINTS[spec.task]}")
+        source = base
+    config, _ = resolve_config(source)
+    spec.check_family(config.family)
+    args = merge_args(saved and saved.get("args"), given)
+    args.seq_len = args.seq_len or min(128, config.max_seq_len)
+    check_args(args, config)
+    if spec.method == "prompt" and args.seq_len + spec.prompt_tokens > config.max_seq_len:
+        raise UserError(f"--seq-len {args.seq_len} plus --prompt-tokens {spec.prompt_tokens} exceeds "
+                        f"{config.name}'s max_seq_len ({config.max_seq_len}); lower one of them")
+    tokenizer = load_tokenizer(source)
+    # Bad data or settings fail here, before anything is written.
+    task = build_task(spec.task, config.family, tokenizer, special_ids(tokenizer), data, args.seq_len,
+                      args.batch_size, args.seed, args.eval_batches)
+    torch.manual_seed(args.seed)  # the new modules' init
+    model = attach(load_model(source), spec, len(task.labels) if task.labels else None)
+    if not resume:
+        prepare_run_dir(run_dir, resume=False, force=force)
+        _link_or_copy(base / WEIGHTS_FILE, run_dir / WEIGHTS_FILE)
+        write_json(run_dir / CONFIG_FILE, config.to_dict())
+        save_tokenizer(tokenizer, run_dir)
+    write_json(run_dir / TRAINING_FILE, {"model": str(base), "base": str(Path(base).resolve()), "data": data,
+                                         "args": args.to_dict(), "finetune": spec.to_dict()})
+    trainer = Trainer(model, task.train, task.val_batches, args, run_dir, loss_fn=task.loss_fn,
+                      eval_fn=task.eval_fn, on_step=on_step)
+    if resume:
+        log(f"resuming {run_dir} from step {trainer.resume()}")
+    trainable, total = parameter_counts(model)
+    counts = ", ".join(f"{v:,} {k.replace('_', ' ')}" for k, v in task.counts.items())
+    log(f"fine-tuning {config.name} ({spec.method}, {spec.task}): {trainable:,} of {total:,} parameters trainable "
+        f"({trainable / total:.2%}); {counts}; {trainer.device}, {trainer.precision}")
+    result = trainer.fit()
+
+    from llmcli.finetune.heads import language_model
+
+    if spec.method == "full":
+        save_model(language_model(model), run_dir)
+    if spec.method != "full" or spec.task == "classify":
+        save_adapter(model, spec, task.labels, config, base, run_dir)
+    peft_note = None
+    if spec.method == "lora":
+        peft_note = peft_blocker(model, spec.task)
+        if peft_note is None:
+            export_peft(model, base, run_dir / PEFT_DIR)
+    final = next((r for r in reversed(trainer.history) if "val_loss" in r), {})
+    result["checkpoint"] = result["checkpoint"] and str(result["checkpoint"])
+    return {"run_dir": str(run_dir), **result, "method": spec.method, "task": spec.task, "family": config.family,
+            "trainable_params": trainable, "total_params": total, "trainable_share": trainable / total,
+            **{k: v for k, v in final.items() if k.startswith("val_")}, "labels": task.labels, **task.counts,
+            "peft": None if peft_note else (str(run_dir / PEFT_DIR) if spec.method == "lora" else None),
+            "peft_skipped": peft_note, "device": str(trainer.device), "precision": trainer.precision}

@@ -1,0 +1,285 @@
+"""Measure what the estimate predicts: the peak memory of the real step, in a child process.
+
+Train: one step of llmcli's own Trainer.train_step (forward, loss, backward, clipping, optimizer step) with
+the chosen precision and checkpointing, after the optimizer states exist (one step on zero gradients
+creates them), as in a running loop. Infer: prefill plus `new_tokens` decode steps of generate_ids with the
+KV cache (GPT, T5), or one forward (BERT).
+
+What "measured" counts, so that it counts what the estimate counts:
+- CUDA: torch.cuda.max_memory_allocated() above the allocation before the model is built: live tensors,
+  not the caching allocator's reserve nor the CUDA context.
+- CPU: the child's peak resident memory (VmHWM) above its baseline, anonymous memory only (file-backed
+  pages, i.e. the code of torch's libraries, are subtracted). The baseline is taken after a warm-up run of a
+  one-layer miniature of the same architecture, so lazy imports, kernels' code, thread pools and malloc
+  arenas are already resident; then the model is built, and the peak is reset before the measured step.
+  The child runs with glibc's MALLOC_MMAP_THRESHOLD_ fixed at 128 KiB, so freed tensors go back to the OS
+  at once and RSS follows live tensors as max_memory_allocated does on CUDA (the default dynamic threshold
+  keeps freed blocks of up to 32 MiB in the heap, which added about 10% to gpt2-small's peak).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from llmcli.config import ModelConfig
+from llmcli.errors import UserError
+from llmcli.profiling.memory import MemoryEstimate
+
+MMAP_THRESHOLD = 128 * 1024
+
+
+def machine_memory(device: str) -> int:
+    """Bytes the device has: physical RAM (or a smaller cgroup limit) for CPU, total memory for CUDA."""
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_properties(torch.device(device).index or 0).total_memory
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        if limit.isdigit():
+            total = min(total, int(limit))
+    except OSError:
+        pass
+    return total
+
+
+def check_measurable(estimate: MemoryEstimate, device: str) -> None:
+    """Refuse, before anything is allocated, what cannot be measured here or would not fit."""
+    from llmcli.training.loop import resolve_device, resolve_precision
+
+    inputs = estimate.inputs
+    unsupported = [(inputs["dtype"] in ("int8", "int4"), f"--dtype {inputs['dtype']} (no quantized kernels yet)"),
+                   (inputs["lora_rank"] > 0, "--lora-rank (the estimate assumes a base stored in --dtype; "
+                                             "llmcli finetune keeps it in fp32)"),
+                   (inputs["gpus"] > 1, "--gpus above 1 (the measurement runs on one device)"),
+                   (inputs["optimizer"] == "adamw8bit", "--optimizer adamw8bit (needs bitsandbytes)")]
+    for refused, what in unsupported:
+        if refused:
+            raise UserError(f"--measure cannot run {what}; drop --measure to get the estimate alone")
+    torch_device = resolve_device(device)
+    if inputs["mode"] == "train":
+        resolve_precision(inputs["dtype"], torch_device)
+    have = machine_memory(str(torch_device))
+    if estimate.total_bytes > have:
+        raise UserError(f"{inputs['model']}: the estimate ({estimate.total_bytes / 1e9:.3g} GB) exceeds this "
+                        f"{torch_device.type} device's memory ({have / 1e9:.3g} GB); not measuring. Lower "
+                        f"--batch-size or --seq-len, or try --grad-checkpointing")
+
+
+def measure_memory(config: ModelConfig, estimate: MemoryEstimate, device: str) -> dict:
+    """Run the step the estimate describes in a child process; returns measured_bytes and seconds."""
+    check_measurable(estimate, device)
+    spec = {"config": config.to_dict(), "inputs": estimate.inputs, "device": device}
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD))
+    proc = subprocess.run([sys.executable, "-m", "llmcli.profiling.memory_measure"], input=json.dumps(spec),
+                          capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        lines = proc.stderr.strip().splitlines() or ["(no output)"]
+        if proc.returncode == 2:
+            raise UserError(lines[-1].removeprefix("error: "))
+        raise RuntimeError(f"the measuring process failed (exit {proc.returncode}): {lines[-1]}")
+    return json.loads(proc.stdout)
+
+
+# ---------------------------------------------------------------- the child
+
+
+def _status() -> dict[str, int]:
+    fields = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmHWM", "RssAnon", "RssFile", "RssShmem"):
+                fields[key] = int(value.split()[0]) * 1024
+    return fields
+
+
+def _reset_peak(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+    except OSError:
+        pass  # the peak then also covers model building, which allocates no more than the step
+
+
+def _usage(device) -> int:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device)
+    return _status()["RssAnon"]
+
+
+def _peak(device) -> int:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device)
+    status = _status()
+    return status["VmHWM"] - status["RssFile"] - status.get("RssShmem", 0)
+
+
+def _miniature(config: ModelConfig) -> ModelConfig:
+    """One layer of the same architecture at toy width: the warm-up runs the same code paths."""
+    return dataclasses.replace(config, vocab_size=128, d_model=32, n_heads=2, d_head=16, d_ff=64, n_layers=1,
+                               n_kv_heads=2 if config.n_kv_heads == config.n_heads else 1,
+                               n_decoder_layers=1 if config.family == "t5" else None, relative_buckets=8,
+                               relative_max_distance=16, max_seq_len=32, name=f"{config.name}-warmup")
+
+
+class _RandomBatches:
+    """Random tokens shaped like the family's training batches (data.py): GPT, BERT with a mask, T5."""
+
+    def __init__(self, config: ModelConfig, batch: int, seq_len: int, target_len: int | None) -> None:
+        self.config, self.shape, self.target_len = config, (batch, seq_len), target_len or seq_len
+        self.tokens_per_batch = batch * seq_len
+
+    def batch(self, index: int) -> dict:
+        import torch
+
+        generator = torch.Generator().manual_seed(index)
+        ids = lambda *shape: torch.randint(self.config.vocab_size, shape, generator=generator)  # noqa: E731
+        batch, seq_len = self.shape
+        if self.config.family == "t5":
+            return {"input_ids": ids(batch, seq_len), "labels": ids(batch, self.target_len),
+                    "decoder_input_ids": ids(batch, self.target_len)}
+        data = {"input_ids": ids(batch, seq_len), "labels": ids(batch, seq_len)}
+        if self.config.family == "bert":
+            data["attention_mask"] = torch.ones(batch, seq_len, dtype=torch.long)
+        return data
+
+
+def _optimizer(name: str, model, lr: float = 1e-4, weight_decay: float = 0.1):
+    import torch
+
+    from llmcli.training.loop import make_optimizer
+
+    if name == "adamw":
+        return make_optimizer(model, lr, weight_decay)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if name == "sgd":  # the same decay groups as make_optimizer
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        return torch.optim.SGD(groups, lr=lr, momentum=0.9, foreach=True)
+    return torch.optim.Adafactor(params, lr=lr)
+
+
+def _trainer(config: ModelConfig, inputs: dict, device: str, run_dir: str):
+    """llmcli's Trainer on random batches, with the optimizer's states created by a step on zero gradients."""
+    import torch
+
+    from llmcli.models import build_model
+    from llmcli.training.loop import Trainer, TrainArgs
+
+    args = TrainArgs(steps=1, batch_size=inputs["batch_size"], seq_len=inputs["seq_len"], precision=inputs["dtype"],
+                     grad_checkpointing=inputs["grad_checkpointing"], device=device, grad_clip=1.0)
+    data = _RandomBatches(config, inputs["batch_size"], inputs["seq_len"], inputs.get("target_len"))
+    trainer = Trainer(build_model(config, seed=0), data, [], args, run_dir=Path(run_dir))
+    if inputs["optimizer"] != "adamw":
+        trainer.optimizer = _optimizer(inputs["optimizer"], trainer.model)
+    _set_attention(trainer.model, inputs["attention"])
+    for p in trainer.model.parameters():
+        p.grad = torch.zeros_like(p)
+    trainer.optimizer.step()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    return trainer
+
+
+def _generator(config: ModelConfig, inputs: dict, device):
+    """A model in the inference dtype (built directly in it, no fp32 copy) and the generation to run."""
+    import torch
+
+    from llmcli.generation import generate_ids
+    from llmcli.models import build_model
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[inputs["dtype"]]
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = build_model(config, seed=0).eval()
+    finally:
+        torch.set_default_dtype(previous)
+    _set_attention(model, inputs["attention"])
+    batch, seq_len, new = inputs["batch_size"], inputs["seq_len"], inputs["new_tokens"]
+    ids = lambda n: torch.randint(config.vocab_size, (batch, n), device=device)  # noqa: E731
+
+    def run() -> None:
+        if config.family == "bert":
+            with torch.no_grad():
+                model(ids(seq_len), attention_mask=torch.ones(batch, seq_len, dtype=torch.long, device=device))
+        elif config.family == "t5":
+            generate_ids(model, ids(seq_len), new, temperature=0)
+        else:
+            generate_ids(model, ids(seq_len - new), new, temperature=0)
+
+    return run
+
+
+def _set_attention(model, attention: str) -> None:
+    for module in model.modules():
+        if hasattr(module, "record_weights"):
+            module.record_weights = attention == "eager"
+
+
+def _run(spec: dict) -> dict:
+    import torch
+
+    from llmcli.config import config_from_dict
+    from llmcli.training.loop import resolve_device
+
+    config = config_from_dict(spec["config"], "<measure>")
+    inputs = spec["inputs"]
+    device = resolve_device(spec["device"])
+    with tempfile.TemporaryDirectory() as run_dir:  # the Trainer wants one; nothing is written
+        if inputs["mode"] == "train":
+            warm_inputs = dict(inputs, batch_size=1, seq_len=8, target_len=8)
+            _trainer(_miniature(config), warm_inputs, spec["device"], run_dir).train_step()
+        else:
+            warm_new = min(inputs["new_tokens"], 2)
+            _generator(_miniature(config), dict(inputs, batch_size=1, seq_len=warm_new + 4, new_tokens=warm_new),
+                       device)()
+        gc.collect()
+        baseline = _usage(device)
+        if inputs["mode"] == "train":
+            step = _trainer(config, inputs, spec["device"], run_dir).train_step
+        else:
+            step = _generator(config, inputs, device)
+        gc.collect()
+        _reset_peak(device)
+        start = time.perf_counter()
+        step()
+        seconds = time.perf_counter() - start
+        peak = _peak(device)
+    return {"measured_bytes": peak - baseline, "baseline_bytes": baseline, "seconds": round(seconds, 2),
+            "device": str(device), "torch": torch.__version__}
+
+
+def main() -> None:
+    try:
+        result = _run(json.loads(sys.stdin.read()))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
