@@ -48,7 +48,7 @@ def train(
         from llmcli.generation import complete
         from llmcli.model_dir import load_model, load_tokenizer
 
-        prompt = "The "
+        prompt = "The"
         text = complete(load_model(summary["run_dir"]), load_tokenizer(summary["run_dir"]), prompt,
                         max_new_tokens=60, temperature=0.8, top_k=40, seed=0)
         log("[bold]sample[/bold] (temperature 0.8, top-k 40):", markup=True)

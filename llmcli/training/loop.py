@@ -225,6 +225,8 @@ class Trainer:
         finally:
             if previous is not None:
                 signal.signal(signal.SIGINT, previous)
+        if not result["stopped_early"] and not any(r["step"] == self.step and "val_loss" in r for r in self.history):
+            self._evaluate({})  # e.g. resuming a run that had already finished
         result["checkpoint"] = self.save()
         result.update(step=self.step, steps_run=self.step - start_step)
         return result
