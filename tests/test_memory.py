@@ -300,3 +300,16 @@ def test_measure_on_gpt_nano_is_close_to_the_estimate(cli):
     assert abs(data["relative_error"]) < 0.25
     assert data["relative_error"] == pytest.approx((data["total_bytes"] - data["measured_bytes"])
                                                    / data["measured_bytes"], abs=1e-4)
+
+
+def test_measured_lora_training_uses_less_memory_than_full(cli):
+    """Issue 7's acceptance: LoRA below full fine-tuning, in the estimate and in the measured peak."""
+    figures = {}
+    for name, extra in (("full", []), ("lora", ["--lora-rank", "8"])):
+        result = cli("memory-estimate", "gpt-mini", "--batch-size", "4", "--seq-len", "128", "--device", "cpu",
+                     "--measure", "--json", *extra)
+        assert result.exit_code == 0, result.stderr
+        figures[name] = json.loads(result.stdout)
+    assert figures["lora"]["total_bytes"] < figures["full"]["total_bytes"]
+    assert figures["lora"]["measured_bytes"] < figures["full"]["measured_bytes"]
+    assert abs(figures["lora"]["relative_error"]) < 0.25

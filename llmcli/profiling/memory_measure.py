@@ -59,8 +59,9 @@ def check_measurable(estimate: MemoryEstimate, device: str) -> None:
 
     inputs = estimate.inputs
     unsupported = [(inputs["dtype"] in ("int8", "int4"), f"--dtype {inputs['dtype']} (no quantized kernels yet)"),
-                   (inputs["lora_rank"] > 0, "--lora-rank (the estimate assumes a base stored in --dtype; "
-                                             "llmcli finetune keeps it in fp32)"),
+                   (inputs["lora_rank"] > 0 and inputs["dtype"] != "fp32",
+                    f"--lora-rank with --dtype {inputs['dtype']} (the estimate assumes a base stored in --dtype; "
+                    f"llmcli finetune keeps it in fp32): measure LoRA with --dtype fp32"),
                    (inputs["gpus"] > 1, "--gpus above 1 (the measurement runs on one device)"),
                    (inputs["optimizer"] == "adamw8bit", "--optimizer adamw8bit (needs bitsandbytes)")]
     for refused, what in unsupported:
@@ -191,12 +192,20 @@ def _trainer(config: ModelConfig, inputs: dict, device: str, run_dir: str):
     args = TrainArgs(steps=1, batch_size=inputs["batch_size"], seq_len=inputs["seq_len"], precision=inputs["dtype"],
                      grad_checkpointing=inputs["grad_checkpointing"], device=device, grad_clip=1.0)
     data = _RandomBatches(config, inputs["batch_size"], inputs["seq_len"], inputs.get("target_len"))
-    trainer = Trainer(build_model(config, seed=0), data, [], args, run_dir=Path(run_dir))
+    model = build_model(config, seed=0)
+    if inputs["lora_rank"]:  # the frozen base with LoRA A/B on the targets, as `llmcli finetune --method lora`
+        from llmcli.finetune.lora import TARGETS, add_lora
+
+        model.requires_grad_(False)
+        short = {full: short for short, full in TARGETS.items()}
+        add_lora(model, inputs["lora_rank"], 16.0, 0.0, [short[name] for name in inputs["lora_targets"]])
+    trainer = Trainer(model, data, [], args, run_dir=Path(run_dir))
     if inputs["optimizer"] != "adamw":
         trainer.optimizer = _optimizer(inputs["optimizer"], trainer.model)
     _set_attention(trainer.model, inputs["attention"])
     for p in trainer.model.parameters():
-        p.grad = torch.zeros_like(p)
+        if p.requires_grad:
+            p.grad = torch.zeros_like(p)
     trainer.optimizer.step()
     trainer.optimizer.zero_grad(set_to_none=True)
     return trainer
