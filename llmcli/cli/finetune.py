@@ -6,6 +6,7 @@ from typing import Optional
 
 import typer
 
+from llmcli.cli import training_flags as flags
 from llmcli.cli.output import log, print_json
 
 
@@ -18,38 +19,34 @@ def finetune(
                                                   "instruction, input, output) or classify (JSONL: text, label)."),
     data: Optional[str] = typer.Option(None, help="Training data; every 10th example is held out for validation."),
     out: str = typer.Option(..., help="Run directory: the adapter, checkpoints and metrics go here."),
-    lora_rank: Optional[int] = typer.Option(None, help="LoRA rank r [default: 8]."),
-    lora_alpha: Optional[float] = typer.Option(None, help="LoRA alpha; updates are scaled by alpha / r [default: 16]."),
-    lora_dropout: Optional[float] = typer.Option(None, help="Dropout on the LoRA input [default: 0]."),
+    lora_rank: Optional[int] = typer.Option(None, help="LoRA rank r (default: 8)."),
+    lora_alpha: Optional[float] = typer.Option(None, help="LoRA alpha; updates are scaled by alpha / r (default: 16)."),
+    lora_dropout: Optional[float] = typer.Option(None, help="Dropout on the LoRA input (default: 0)."),
     lora_targets: Optional[str] = typer.Option(None, help="Projections to adapt, comma-separated, of q,k,v,o,up,gate,"
-                                                          "down [default: q,v]."),
-    adapter_size: Optional[int] = typer.Option(None, help="Adapter bottleneck width [default: 64]."),
-    prompt_tokens: Optional[int] = typer.Option(None, help="Virtual tokens learned by prompt tuning [default: 20]."),
-    steps: Optional[int] = typer.Option(None, help="Optimizer steps [default: 400]."),
-    batch_size: Optional[int] = typer.Option(None, help="Examples per micro-batch [default: 16]."),
-    seq_len: Optional[int] = typer.Option(None, help="Tokens per example, longer ones truncated [default: the "
-                                                     "context, at most 128]."),
-    lr: Optional[float] = typer.Option(None, help="Peak learning rate [default: 2e-3]."),
-    warmup: Optional[int] = typer.Option(None, help="Warm-up steps [default: 5% of steps]."),
-    weight_decay: Optional[float] = typer.Option(None, help="AdamW weight decay on matrices [default: 0.1]."),
-    precision: Optional[str] = typer.Option(None, help="fp32, bf16 or fp16 [default: bf16 on CUDA, else fp32]."),
-    grad_checkpointing: Optional[bool] = typer.Option(None, "--grad-checkpointing/--no-grad-checkpointing",
-                                                      help="Recompute activations in the backward pass."),
-    grad_accum: Optional[int] = typer.Option(None, help="Micro-batches per optimizer step [default: 1]."),
-    seed: Optional[int] = typer.Option(None, help="Seed for new weights, data order and dropout [default: 0]."),
-    save_every: Optional[int] = typer.Option(None, help="Checkpoint every N steps [default: only at the end]."),
-    eval_every: Optional[int] = typer.Option(None, help="Validate every N steps [default: 5 times per run]."),
-    device: Optional[str] = typer.Option(None, help="cpu, cuda or cuda:N [default: cuda if available]."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
-    force: bool = typer.Option(False, "--force", help="Start over in an --out that holds a run."),
+                                                          "down (default: q,v)."),
+    adapter_size: Optional[int] = typer.Option(None, help="Adapter bottleneck width (default: 64)."),
+    prompt_tokens: Optional[int] = typer.Option(None, help="Virtual tokens learned by prompt tuning (default: 20)."),
+    steps: flags.Steps = None,
+    batch_size: flags.BatchSize = None,
+    seq_len: flags.SeqLen = None,
+    lr: flags.Lr = None,
+    warmup: flags.Warmup = None,
+    weight_decay: flags.WeightDecay = None,
+    precision: flags.Precision = None,
+    grad_checkpointing: flags.GradCheckpointing = None,
+    grad_accum: flags.GradAccum = None,
+    seed: flags.Seed = None,
+    save_every: flags.SaveEvery = None,
+    eval_every: flags.EvalEvery = None,
+    device: flags.Device = None,
+    resume: flags.Resume = False,
+    force: flags.Force = False,
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
 ) -> None:
     """Fine-tune a model: full, LoRA, adapters or prompt tuning, on text, instructions or labelled texts."""
     from llmcli.finetune import finetune as run
 
-    given = dict(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, warmup=warmup,
-                 weight_decay=weight_decay, precision=precision, grad_checkpointing=grad_checkpointing,
-                 grad_accum=grad_accum, seed=seed, save_every=save_every, eval_every=eval_every, device=device)
+    given = flags.given(locals())
     settings = dict(method=method, task=task, lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                     lora_targets=lora_targets, adapter_size=adapter_size, prompt_tokens=prompt_tokens)
     summary = run(model, data, out, given, settings, resume=resume, force=force, log=log)
@@ -73,7 +70,7 @@ def finetune(
 def merge(
     model: str = typer.Argument(..., help="A `llmcli finetune --method lora` output."),
     out: str = typer.Option(..., help="Model directory to write."),
-    base: Optional[str] = typer.Option(None, help="The base model directory [default: the one in MODEL]."),
+    base: Optional[str] = typer.Option(None, help="The base model directory (default: the one in MODEL)."),
     force: bool = typer.Option(False, "--force", help="Replace --out if it exists."),
 ) -> None:
     """Fold a LoRA adapter into the weights (W + alpha/r · B A): a plain model directory."""

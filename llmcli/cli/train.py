@@ -6,6 +6,7 @@ from typing import Optional
 
 import typer
 
+from llmcli.cli import training_flags as flags
 from llmcli.cli.output import console, log, print_json
 
 
@@ -14,29 +15,26 @@ def train(
     data: Optional[str] = typer.Option(None, help="A .txt file, a folder of them, or JSONL with a 'text' field. "
                                                   "Default: the embedded Python documentation corpus."),
     out: Optional[str] = typer.Option(None, help="Run directory (default runs/NAME)."),
-    steps: Optional[int] = typer.Option(None, help="Optimizer steps [default: 400]."),
-    batch_size: Optional[int] = typer.Option(None, help="Sequences per micro-batch [default: 16]."),
-    seq_len: Optional[int] = typer.Option(None, help="Tokens per sequence [default: the context, at most 128]."),
-    lr: Optional[float] = typer.Option(None, help="Peak learning rate [default: 2e-3]."),
-    warmup: Optional[int] = typer.Option(None, help="Warm-up steps [default: 5% of steps]."),
-    weight_decay: Optional[float] = typer.Option(None, help="AdamW weight decay on matrices [default: 0.1]."),
-    precision: Optional[str] = typer.Option(None, help="fp32, bf16 or fp16 [default: bf16 on CUDA, else fp32]."),
-    grad_checkpointing: Optional[bool] = typer.Option(None, "--grad-checkpointing/--no-grad-checkpointing",
-                                                      help="Recompute activations in the backward pass."),
-    grad_accum: Optional[int] = typer.Option(None, help="Micro-batches per optimizer step [default: 1]."),
-    seed: Optional[int] = typer.Option(None, help="Seed for weights, data order and dropout [default: 0]."),
-    save_every: Optional[int] = typer.Option(None, help="Checkpoint every N steps [default: only at the end]."),
-    eval_every: Optional[int] = typer.Option(None, help="Validate every N steps [default: 5 times per run]."),
-    device: Optional[str] = typer.Option(None, help="cpu, cuda or cuda:N [default: cuda if available]."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
-    force: bool = typer.Option(False, "--force", help="Start over in an --out that holds a run."),
+    steps: flags.Steps = None,
+    batch_size: flags.BatchSize = None,
+    seq_len: flags.SeqLen = None,
+    lr: flags.Lr = None,
+    warmup: flags.Warmup = None,
+    weight_decay: flags.WeightDecay = None,
+    precision: flags.Precision = None,
+    grad_checkpointing: flags.GradCheckpointing = None,
+    grad_accum: flags.GradAccum = None,
+    seed: flags.Seed = None,
+    save_every: flags.SaveEvery = None,
+    eval_every: flags.EvalEvery = None,
+    device: flags.Device = None,
+    resume: flags.Resume = False,
+    force: flags.Force = False,
 ) -> None:
     """Pre-train a model (GPT: next token, BERT: masked LM, T5: span corruption) and sample from it."""
     from llmcli.training.pretrain import pretrain
 
-    given = dict(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, warmup=warmup,
-                 weight_decay=weight_decay, precision=precision, grad_checkpointing=grad_checkpointing,
-                 grad_accum=grad_accum, seed=seed, save_every=save_every, eval_every=eval_every, device=device)
+    given = flags.given(locals())
     summary = pretrain(model, data, out, given, resume=resume, force=force, log=log)
     if summary["stopped_early"]:
         log(f"stopped at step {summary['step']}; checkpoint {summary['checkpoint']}; "
@@ -57,8 +55,8 @@ def train(
 
 def evaluate(
     model_dir: str = typer.Argument(..., help="Model directory (with tokenizer.json)."),
-    data: Optional[str] = typer.Option(None, help="Corpus whose held-out split is scored [default: embedded]."),
-    seq_len: Optional[int] = typer.Option(None, help="Tokens per sequence [default: the training run's]."),
+    data: Optional[str] = typer.Option(None, help="Corpus whose held-out split is scored (default: embedded)."),
+    seq_len: Optional[int] = typer.Option(None, help="Tokens per sequence (default: the training run's)."),
     batches: int = typer.Option(8, help="Number of validation batches."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
 ) -> None:
