@@ -91,6 +91,17 @@ def saved_activation_bytes(model, batch, precision: str) -> int:
 LLAMA = dict(norm="rmsnorm", activation="swiglu", position="rope", n_kv_heads=2, bias=False, tie_embeddings=False)
 
 
+def random_batch(config, b: int, t: int) -> dict:
+    """Random tokens shaped like the family's training batch."""
+    batch = {"input_ids": torch.randint(0, config.vocab_size, (b, t)),
+             "labels": torch.randint(0, config.vocab_size, (b, t))}
+    if config.family == "t5":
+        batch["decoder_input_ids"] = torch.randint(0, config.vocab_size, (b, t))
+    if config.family == "bert":
+        batch["attention_mask"] = torch.ones(b, t, dtype=torch.long)
+    return batch
+
+
 @pytest.mark.parametrize("family, precision, attention, overrides", [
     ("gpt", "fp32", "sdpa", dict(dropout=0.1)),  # pre-norm, CPU dropout -> SDPA's math kernel
     ("gpt", "bf16", "sdpa", {}),  # flash kernel, autocast copies
@@ -109,12 +120,7 @@ def test_activation_ledger_matches_what_autograd_saves(family, precision, attent
         if hasattr(module, "record_weights"):
             module.record_weights = attention == "eager"
     b, t = 3, 20
-    batch = {"input_ids": torch.randint(0, config.vocab_size, (b, t)),
-             "labels": torch.randint(0, config.vocab_size, (b, t))}
-    if family == "t5":
-        batch["decoder_input_ids"] = torch.randint(0, config.vocab_size, (b, t))
-    if family == "bert":
-        batch["attention_mask"] = torch.ones(b, t, dtype=torch.long)
+    batch = random_batch(config, b, t)
     estimate = estimate_memory(config, "train", b, t, precision, attention=attention, device="cpu")
     assert estimate.breakdown["activations"] == saved_activation_bytes(model, batch, precision)
 
@@ -126,12 +132,7 @@ def test_lora_activation_ledger_matches_what_autograd_saves(family, overrides):
     model = build_model(config, seed=0).train().requires_grad_(False)
     add_lora(model, rank=4, alpha=8.0, dropout=0.0, targets=["q", "v"])
     b, t = 3, 20
-    batch = {"input_ids": torch.randint(0, config.vocab_size, (b, t)),
-             "labels": torch.randint(0, config.vocab_size, (b, t))}
-    if family == "t5":
-        batch["decoder_input_ids"] = torch.randint(0, config.vocab_size, (b, t))
-    if family == "bert":
-        batch["attention_mask"] = torch.ones(b, t, dtype=torch.long)
+    batch = random_batch(config, b, t)
     estimate = estimate_memory(config, "train", b, t, "fp32", lora_rank=4, device="cpu")
     assert estimate.trainable_params == sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert estimate.breakdown["activations"] == saved_activation_bytes(model, batch, "fp32")
