@@ -40,8 +40,10 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def record(section: str) -> None:
-    """Append a section to RESULTS.md and print it."""
+def record(section: str, dry_run: bool = False) -> None:
+    """Print a section and, unless dry_run (--no-record), append it to RESULTS.md."""
     print(section)
+    if dry_run:
+        return
     with open(RESULTS, "a") as f:
         f.write("\n" + section.rstrip() + "\n")

@@ -158,10 +158,7 @@ def main() -> None:
         f"{per_token * cached / copy_mean:.0%} of it",
         f"- llmcli and transformers chose the same {n} greedy tokens: {'yes' if same_tokens else 'no'}",
     ])
-    if args.no_record:
-        print(section)
-    else:
-        record(section)
+    record(section, dry_run=args.no_record)
 
 
 if __name__ == "__main__":

@@ -59,10 +59,7 @@ def main() -> None:
             f"{args.model}, batch {args.batch_size}, seq {args.seq_len} (inference: prompt {args.seq_len - args.new_tokens}"
             f" + {args.new_tokens} new tokens), AdamW, `--device cpu`. Measured: peak anonymous RSS of a child process"
             f" above its baseline after a warm-up (llmcli/profiling/memory_measure.py). Goal: within ±20%.\n\n{table}\n")
-    if args.no_record:
-        print(text)
-    else:
-        record(text)
+    record(text, dry_run=args.no_record)
 
 
 if __name__ == "__main__":

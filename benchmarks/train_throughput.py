@@ -80,10 +80,7 @@ def main() -> None:
         f"| transformers {transformers.__version__} | {hf_mean:,.0f} | {hf_std:,.0f} |",
         f"| ratio llmcli / transformers | {ours_mean / hf_mean:.2f}× | |",
     ])
-    if args.no_record:
-        print(table)
-    else:
-        record(table)
+    record(table, dry_run=args.no_record)
 
 
 if __name__ == "__main__":
