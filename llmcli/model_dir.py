@@ -18,6 +18,7 @@ from llmcli.errors import UserError
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_FILE = "tokenizer.json"
+QUANTIZATION_FILE = "quantization.json"  # only in quantized model directories
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 

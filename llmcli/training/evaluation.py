@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from llmcli.errors import UserError
@@ -10,29 +11,50 @@ from llmcli.errors import UserError
 OBJECTIVES = {"gpt": "next-token (CLM)", "bert": "masked LM (15%)", "t5": "span corruption (15%, mean span 3)"}
 
 
+@dataclass
+class CorpusBatches:
+    """A model directory's corpus as batches: `train` draws training batches, `val` is the fixed held-out set."""
+
+    train: object  # PretrainingData
+    val: list[dict]
+    seq_len: int
+
+
+def default_seq_len(directory: Path, config) -> int:
+    """The training run's --seq-len if the directory is a run, else min(128, max_seq_len)."""
+    training = directory / "training.json"
+    if training.is_file():
+        return json.loads(training.read_text())["args"]["seq_len"]
+    return min(128, config.max_seq_len)
+
+
+def corpus_batches(directory: Path, config, tokenizer, data: str | None, seq_len: int | None,
+                   val_batches: int = 8, batch_size: int = 8, seed: int = 0) -> CorpusBatches:
+    """Tokenize a corpus (default: the embedded one) with the directory's tokenizer, split as training does."""
+    from llmcli.data import PretrainingData, document_stream, read_corpus, split_documents
+    from llmcli.tokenizer import special_ids
+
+    if tokenizer.get_vocab_size() > config.vocab_size:
+        raise UserError(f"{directory}: tokenizer has {tokenizer.get_vocab_size()} tokens, the model only "
+                        f"{config.vocab_size}; the directory mixes files from different models")
+    seq_len = seq_len or default_seq_len(directory, config)
+    if seq_len > config.max_seq_len or seq_len <= 0:
+        raise UserError(f"--seq-len {seq_len} must be between 1 and max_seq_len ({config.max_seq_len})")
+    train_docs, val_docs = split_documents(read_corpus(data))
+    train_tokens, val_tokens = (document_stream(tokenizer, docs) for docs in (train_docs, val_docs))
+    dataset = PretrainingData(config.family, train_tokens, special_ids(tokenizer), tokenizer.get_vocab_size(),
+                              seq_len, batch_size, seed)
+    return CorpusBatches(dataset, dataset.eval_batches(val_tokens, val_batches), seq_len)
+
+
 def evaluate_model_dir(model_dir: str, data: str | None, seq_len: int | None, batches: int = 8,
                        device: str = "auto") -> dict:
-    from llmcli.data import PretrainingData, document_stream, read_corpus, split_documents
     from llmcli.model_dir import load_model, load_tokenizer
-    from llmcli.tokenizer import special_ids
     from llmcli.training.loop import evaluate, resolve_device
 
     directory = Path(model_dir)
     model = load_model(directory)
-    config = model.config
-    tokenizer = load_tokenizer(directory)
-    if tokenizer.get_vocab_size() > config.vocab_size:
-        raise UserError(f"{directory}: tokenizer has {tokenizer.get_vocab_size()} tokens, the model only "
-                        f"{config.vocab_size}; the directory mixes files from different models")
-    training = directory / "training.json"
-    if seq_len is None:
-        seq_len = json.loads(training.read_text())["args"]["seq_len"] if training.is_file() else min(128, config.max_seq_len)
-    if seq_len > config.max_seq_len or seq_len <= 0:
-        raise UserError(f"--seq-len {seq_len} must be between 1 and max_seq_len ({config.max_seq_len})")
-    _, val_docs = split_documents(read_corpus(data))
-    special = special_ids(tokenizer)
-    val_tokens = document_stream(tokenizer, val_docs)
-    dataset = PretrainingData(config.family, val_tokens, special, tokenizer.get_vocab_size(), seq_len, 8, 0)
+    corpus = corpus_batches(directory, model.config, load_tokenizer(directory), data, seq_len, batches)
     target = resolve_device(device)
-    result = evaluate(model.to(target), dataset.eval_batches(val_tokens, batches), target)
-    return {**result, "objective": OBJECTIVES[config.family], "seq_len": seq_len}
+    result = evaluate(model.to(target), corpus.val, target)
+    return {**result, "objective": OBJECTIVES[model.config.family], "seq_len": corpus.seq_len}

@@ -1,0 +1,1 @@
+"""Model compression: quantize, prune and distill, each reported before and after."""
