@@ -4,6 +4,16 @@ from typer.testing import CliRunner
 from llmcli.config import ModelConfig, config_from_dict
 
 
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """About 60 kB of the embedded corpus as a .txt file: enough text, quick to tokenize."""
+    from pydoc_data.topics import topics
+
+    path = tmp_path_factory.mktemp("data") / "corpus.txt"
+    path.write_text("\n\n".join(topics[k] for k in sorted(topics)[:12]))
+    return str(path)
+
+
 @pytest.fixture
 def cli():
     """Run the CLI in-process; returns click's Result (exit_code, stdout, stderr)."""

@@ -26,16 +26,6 @@ TINY = {
 FAST = dict(steps=6, batch_size=4, seq_len=32, log_every=1, eval_batches=2)
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """About 60 kB of the embedded corpus as a .txt file: enough text, quick to tokenize."""
-    from pydoc_data.topics import topics
-
-    path = tmp_path_factory.mktemp("data") / "corpus.txt"
-    path.write_text("\n\n".join(topics[k] for k in sorted(topics)[:12]))
-    return str(path)
-
-
 def model_toml(tmp_path, family="gpt"):
     path = tmp_path / f"tiny-{family}.toml"
     path.write_text(f'name = "tiny-{family}"\n' + TINY[family])

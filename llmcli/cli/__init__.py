@@ -10,6 +10,7 @@ from typer.core import TyperGroup
 from llmcli.cli import bench as bench_cmd
 from llmcli.cli import build as build_cmd
 from llmcli.cli import convert as convert_cmd
+from llmcli.cli import distill as distill_cmd
 from llmcli.cli import finetune as finetune_cmd
 from llmcli.cli import memory as memory_cmd
 from llmcli.cli import infer as infer_cmd
@@ -48,6 +49,7 @@ app.command("attention")(infer_cmd.attention)
 app.command("bench")(bench_cmd.bench)
 app.command("finetune")(finetune_cmd.finetune)
 app.command("merge")(finetune_cmd.merge)
+app.command("distill")(distill_cmd.distill)
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""The training flags shared by `train`, `finetune` (and later `distill`), declared once.
+"""The training flags shared by `train`, `finetune` and `distill`, declared once.
 
 Each defaults to None so that a resumed run keeps its saved value unless the flag is given.
 """

@@ -75,14 +75,20 @@ def load_or_train_tokenizer(config: ModelConfig, directories: list[Path], train_
 
 
 def pretrain(model_ref: str, data: str | None, out: str | None, given: dict, resume: bool = False,
-             force: bool = False, on_step=None, log=print) -> dict:
-    """Pre-train (or continue pre-training) a model; returns a summary with the final validation metrics."""
+             force: bool = False, on_step=None, log=print, *, config: ModelConfig | None = None,
+             tokenizer_dir: Path | None = None, loss_fn=None, prepare_model=None, record: dict | None = None) -> dict:
+    """Pre-train (or continue pre-training) a model; returns a summary with the final validation metrics.
+
+    Distillation reuses this loop: `config` replaces resolving model_ref, `tokenizer_dir` supplies the
+    tokenizer, `loss_fn` replaces the family loss, `prepare_model` edits a fresh model (e.g. copies
+    teacher layers), and `record` is saved in training.json.
+    """
     from llmcli.data import PretrainingData, document_stream, read_corpus, split_documents
     from llmcli.model_dir import load_model
     from llmcli.models import build_model
     from llmcli.tokenizer import save_tokenizer, special_ids
 
-    config, source_dir = resolve_config(model_ref)
+    config, source_dir = (config, None) if config is not None else resolve_config(model_ref)
     run_dir = Path(out) if out else Path("runs") / config.name
     if source_dir is not None and source_dir.resolve() == run_dir.resolve() and not resume:
         raise UserError(f"{run_dir}: --out is the model directory itself; choose a new --out, or --resume")
@@ -98,7 +104,8 @@ def pretrain(model_ref: str, data: str | None, out: str | None, given: dict, res
     data = data if data is not None else (saved or {}).get("data")
 
     train_docs, val_docs = split_documents(read_corpus(data))
-    tokenizer = load_or_train_tokenizer(config, [d for d in (run_dir, source_dir) if d is not None], train_docs)
+    tokenizer = load_or_train_tokenizer(config, [d for d in (tokenizer_dir, run_dir, source_dir) if d is not None],
+                                        train_docs)
     special = special_ids(tokenizer)
     train_tokens, val_tokens = (document_stream(tokenizer, docs) for docs in (train_docs, val_docs))
     dataset = PretrainingData(config.family, train_tokens, special, tokenizer.get_vocab_size(), args.seq_len,
@@ -107,12 +114,18 @@ def pretrain(model_ref: str, data: str | None, out: str | None, given: dict, res
 
     if resume:
         model = build_model(config)  # the weights come from the checkpoint
+    elif source_dir is None:
+        model = build_model(config, seed=args.seed)
     else:
-        model = load_model(source_dir if source_dir is not None else model_ref, seed=args.seed)
+        model = load_model(source_dir, seed=args.seed)
+    if prepare_model is not None and not resume:
+        prepare_model(model)
     write_json(run_dir / "config.json", config.to_dict())
     save_tokenizer(tokenizer, run_dir)
-    write_json(run_dir / TRAINING_FILE, {"model": str(model_ref), "data": data, "args": args.to_dict()})
-    trainer = Trainer(model, dataset, val_batches, args, run_dir, on_step=on_step)
+    write_json(run_dir / TRAINING_FILE, {"model": str(model_ref), "data": data, "args": args.to_dict(),
+                                         **(record or {})})
+    trainer = Trainer(model, dataset, val_batches, args, run_dir, on_step=on_step,
+                      **({"loss_fn": loss_fn} if loss_fn is not None else {}))
     if resume:
         log(f"resuming {run_dir} from step {trainer.resume()}")
     log(f"training {config.name} ({model.num_parameters():,} parameters) on {len(train_tokens):,} tokens "
