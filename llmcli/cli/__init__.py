@@ -14,6 +14,7 @@ from llmcli.cli import distill as distill_cmd
 from llmcli.cli import finetune as finetune_cmd
 from llmcli.cli import memory as memory_cmd
 from llmcli.cli import infer as infer_cmd
+from llmcli.cli import prune as prune_cmd
 from llmcli.cli import tokenizer as tokenizer_cmd
 from llmcli.cli import train as train_cmd
 from llmcli.cli import zoo as zoo_cmd
@@ -49,6 +50,7 @@ app.command("attention")(infer_cmd.attention)
 app.command("bench")(bench_cmd.bench)
 app.command("finetune")(finetune_cmd.finetune)
 app.command("merge")(finetune_cmd.merge)
+app.command("prune")(prune_cmd.prune)
 app.command("distill")(distill_cmd.distill)
 
 

@@ -1,0 +1,75 @@
+"""`llmcli prune`."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from llmcli.cli import training_flags as flags
+from llmcli.cli.output import console, log, print_json
+
+
+def prune(
+    model: str = typer.Argument(..., help="Trained model directory (with tokenizer.json)."),
+    method: Optional[str] = typer.Option(None, help="magnitude (smallest |W|), wanda (|W|·input norm, per row) "
+                                                    "or heads (remove whole attention heads)."),
+    sparsity: Optional[float] = typer.Option(None, help="Fraction of weights zeroed, or of heads removed per "
+                                                        "layer, in [0, 1) (default: 0.5)."),
+    pattern: Optional[str] = typer.Option(None, help="N:M semi-structured sparsity, e.g. 2:4: keep N of every M "
+                                                     "consecutive input weights (magnitude or wanda)."),
+    scope: str = typer.Option("layer", help="magnitude: rank weights per layer, or over all layers (global)."),
+    calibration_batches: int = typer.Option(8, help="Training batches whose activations wanda and heads score with."),
+    data: Optional[str] = typer.Option(None, help="Corpus for calibration, evaluation and recovery "
+                                                  "(default: the embedded one)."),
+    seq_len: Optional[int] = typer.Option(None, help="Tokens per sequence (default: the training run's)."),
+    batch_size: int = typer.Option(8, help="Sequences per calibration, evaluation and recovery batch."),
+    recover_steps: int = typer.Option(0, help="Fine-tune this many steps after pruning, pruned weights kept at 0."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate of the recovery (default: 2e-4)."),
+    seed: flags.Seed = None,
+    device: flags.Device = None,
+    out: str = typer.Option(..., help="Model directory to write (with compression.json, the report)."),
+    force: bool = typer.Option(False, "--force", help="Replace --out if it exists."),
+    no_speed: bool = typer.Option(False, "--no-speed", help="Skip the speed measurement in the report."),
+    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
+) -> None:
+    """Prune a model: unstructured (magnitude, Wanda), N:M (--pattern 2:4) or whole attention heads."""
+    from llmcli.cli.compression_report import render_comparison
+    from llmcli.compression.prune import prune as run
+    from llmcli.compression.prune import resolve_spec
+
+    spec = resolve_spec(method, sparsity, pattern, scope, calibration_batches)
+    report = run(model, out, spec, data=data, seq_len=seq_len, batch_size=batch_size, recover_steps=recover_steps,
+                 lr=lr, seed=seed or 0, device=device or "auto", speed=not no_speed, force=force, log=log)
+    if json_out:
+        print_json(report)
+        return
+    how = report["pattern"] or f"{report['sparsity']:g}"
+    render_comparison(report, f"prune {report['method']} {how}: {report['source']} -> {report['out']}")
+    if report["recovery"]:
+        recovery = report["recovery"]
+        console.print(f"perplexity {report['pruned']['perplexity']:.2f} after pruning, "
+                      f"{recovery['val_perplexity']:.2f} after {recovery['steps']} recovery steps", highlight=False)
+    console.print(_heads_table(report) if report["method"] == "heads" else _sparsity_table(report))
+
+
+def _sparsity_table(report: dict) -> Table:
+    table = Table(title=f"sparsity per layer (overall {report['overall_sparsity']:.2%})", title_justify="left")
+    for column in ("layer", "shape", "zeros", "sparsity"):
+        table.add_column(column, justify="left" if column == "layer" else "right")
+    for layer in report["layers"]:
+        table.add_row(layer["name"], "×".join(map(str, layer["shape"])), f"{layer['zeros']:,}",
+                      f"{layer['sparsity']:.2%}")
+    return table
+
+
+def _heads_table(report: dict) -> Table:
+    n_heads = report["n_heads"]
+    table = Table(title=f"heads per attention layer: {n_heads['before']} -> {n_heads['after']}", title_justify="left")
+    for column in ("layer", "heads", "removed"):
+        table.add_column(column, justify="left" if column == "layer" else "right")
+    for layer in report["heads"]:
+        table.add_row(layer["name"], f"{layer['heads_before']} -> {layer['heads_after']}",
+                      ", ".join(map(str, layer["removed_heads"])) or "-")
+    return table

@@ -1,0 +1,520 @@
+"""Pruning: unstructured (magnitude, Wanda), N:M semi-structured, and attention-head removal.
+
+Only the linear layers inside transformer blocks are pruned (attention q/k/v/o, feed-forward
+up/gate/down); embeddings, position tables and the LM head stay dense.
+
+- magnitude: zero the round(S·n) smallest |W| of each layer (Han et al. 2015), or of all layers
+  together with scope "global".
+- wanda: score |W_ij|·||X_j||₂, X the layer's inputs on calibration batches, and zero the round(S·n)
+  lowest scores of each output row (Sun et al. 2023, "A Simple and Effective Pruning Approach for
+  LLMs"). As in the paper's code, blocks are pruned in order and each block is calibrated on the
+  outputs of the already pruned blocks before it.
+- pattern N:M: in every group of M consecutive input weights of a row keep the N best scores
+  (magnitude or Wanda), the layout sparse tensor cores run (Mishra et al. 2021: 2:4).
+- heads: remove whole heads, so q/k/v/o really shrink. A head's importance is the mean L2 norm, over
+  calibration tokens, of what it adds to the attention output (W_o[:, head] · z_head): exactly the
+  change of that layer's output if the head alone were removed.
+
+Unstructured zeros are stored densely: they save no memory and no time until a sparse kernel runs them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from llmcli.errors import UserError
+from llmcli.models.blocks import Attention, Block, FeedForward, TransformerStack
+
+METHODS = ("magnitude", "wanda", "heads")
+SCOPES = ("layer", "global")
+DEFAULT_SPARSITY = 0.5
+ATTENTION_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
+FEED_FORWARD_LINEARS = ("up", "gate", "down")
+RECOVERY_LR = 2e-4  # a tenth of pre-training's default peak: recovery nudges, it does not re-train
+
+
+# ---------------------------------------------------------------- settings
+
+
+@dataclass
+class PruneSpec:
+    method: str
+    sparsity: float = DEFAULT_SPARSITY  # fraction of weights zeroed, or of heads removed per layer
+    pattern: tuple[int, int] | None = None  # (N, M): keep N of every M consecutive input weights
+    scope: str = "layer"  # magnitude only: "global" ranks all layers' weights together
+    calibration_batches: int = 8
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["pattern"] = f"{self.pattern[0]}:{self.pattern[1]}" if self.pattern else None
+        return data
+
+
+def parse_pattern(text: str) -> tuple[int, int]:
+    try:
+        n, m = (int(part) for part in text.split(":"))
+    except ValueError:
+        raise UserError(f"--pattern {text!r} is not N:M; write it like 2:4 (keep 2 of every 4 weights)") from None
+    if not 0 < n < m:
+        raise UserError(f"--pattern {text}: need 0 < N < M (N weights kept of every M); use e.g. 2:4")
+    return n, m
+
+
+def resolve_spec(method: str | None, sparsity: float | None = None, pattern: str | None = None,
+                 scope: str = "layer", calibration_batches: int = 8) -> PruneSpec:
+    """Check the settings before any model is loaded; None sparsity = 0.5, or what the pattern implies."""
+    if method not in METHODS:
+        raise UserError(f"--method {method!r} is not one of {', '.join(METHODS)}")
+    if sparsity is not None and not 0.0 <= sparsity < 1.0:
+        raise UserError(f"--sparsity {sparsity} must be in [0, 1) (the fraction pruned); e.g. --sparsity 0.5")
+    if scope not in SCOPES:
+        raise UserError(f"--scope {scope!r} is not one of {', '.join(SCOPES)}")
+    if scope == "global" and method != "magnitude":
+        raise UserError(f"--scope global is for --method magnitude ({method} ranks weights within each "
+                        f"{'output row' if method == 'wanda' else 'layer'}); drop --scope")
+    if calibration_batches <= 0:
+        raise UserError(f"--calibration-batches must be positive, got {calibration_batches}")
+    parsed = None
+    if pattern is not None:
+        if method == "heads":
+            raise UserError("--pattern is for --method magnitude or wanda, not heads; drop --pattern")
+        if scope == "global":
+            raise UserError("--pattern works within each row, not with --scope global; drop one of them")
+        parsed = parse_pattern(pattern)
+        implied = 1 - parsed[0] / parsed[1]
+        if sparsity is not None and not math.isclose(sparsity, implied):
+            raise UserError(f"--pattern {pattern} means sparsity {implied:g}, not {sparsity:g}; drop --sparsity")
+        sparsity = implied
+    return PruneSpec(method, DEFAULT_SPARSITY if sparsity is None else sparsity, parsed, scope, calibration_batches)
+
+
+def prune_count(sparsity: float, n: int) -> int:
+    """How many of n are pruned: round(S·n), halves rounded up (0.5 of 5 weights prunes 3)."""
+    return math.floor(sparsity * n + 0.5)
+
+
+# ---------------------------------------------------------------- which layers
+
+
+def prunable_linears(model: nn.Module, prefix: str = "") -> dict[str, nn.Linear]:
+    """The linear layers of the transformer blocks, by name, in forward order."""
+    found = {}
+    for name, module in model.named_modules():
+        attrs = ATTENTION_LINEARS if isinstance(module, Attention) else (
+            FEED_FORWARD_LINEARS if isinstance(module, FeedForward) else ())
+        for attr in attrs:
+            if getattr(module, attr) is not None:
+                found[f"{prefix}{name}.{attr}"] = getattr(module, attr)
+    return found
+
+
+def blocks_in_order(model: nn.Module) -> list[tuple[str, Block]]:
+    """Every transformer block, encoder before decoder: the order activations flow through them."""
+    return [(name, module) for name, module in model.named_modules() if isinstance(module, Block)]
+
+
+def layer_sparsity(linears: dict[str, nn.Linear]) -> tuple[list[dict], float]:
+    """Zeros per layer as stored, and over all layers together."""
+    rows, zeros, total = [], 0, 0
+    for name, linear in linears.items():
+        n_zero, n = int((linear.weight == 0).sum()), linear.weight.numel()
+        rows.append({"name": name, "shape": list(linear.weight.shape), "zeros": n_zero, "sparsity": n_zero / n})
+        zeros, total = zeros + n_zero, total + n
+    return rows, zeros / total if total else 0.0
+
+
+def check_pattern_fits(linears: dict[str, nn.Linear], pattern: tuple[int, int]) -> None:
+    for name, linear in linears.items():
+        if linear.in_features % pattern[1]:
+            raise UserError(f"--pattern {pattern[0]}:{pattern[1]}: {name} has {linear.in_features} inputs, not a "
+                            f"multiple of {pattern[1]}; choose an M that divides every layer's input width")
+
+
+# ---------------------------------------------------------------- scores and masks
+
+
+def wanda_scores(weight: torch.Tensor, input_norm: torch.Tensor) -> torch.Tensor:
+    """Sun et al. 2023, eq. 1: S_ij = |W_ij| · ||X_j||₂ (weight: out x in, input_norm: in)."""
+    return weight.abs().float() * input_norm[None, :].float()
+
+
+def keep_mask(scores: torch.Tensor, sparsity: float, per_row: bool) -> torch.Tensor:
+    """True where a weight stays: exactly round(S·n) lowest scores dropped per row, or per layer."""
+    keep = torch.ones_like(scores, dtype=torch.bool)
+    if per_row:
+        k = prune_count(sparsity, scores.shape[1])
+        if k:
+            keep.scatter_(1, scores.topk(k, dim=1, largest=False).indices, False)
+    else:
+        k = prune_count(sparsity, scores.numel())
+        if k:
+            keep.view(-1)[scores.flatten().topk(k, largest=False).indices] = False
+    return keep
+
+
+def n_m_keep_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """True for the N best scores of every group of M consecutive inputs in each row."""
+    rows, cols = scores.shape
+    groups = scores.reshape(rows, cols // m, m)
+    keep = torch.ones_like(groups, dtype=torch.bool)
+    keep.scatter_(2, groups.topk(m - n, dim=2, largest=False).indices, False)
+    return keep.reshape(rows, cols)
+
+
+def global_keep_masks(scores: dict[str, torch.Tensor], sparsity: float) -> dict[str, torch.Tensor]:
+    """One ranking over all layers: exactly round(S·total) weights dropped overall, unevenly per layer."""
+    flat = torch.cat([s.flatten() for s in scores.values()])
+    keep = torch.ones_like(flat, dtype=torch.bool)
+    k = prune_count(sparsity, flat.numel())
+    if k:
+        keep[flat.topk(k, largest=False).indices] = False
+    parts = keep.split([s.numel() for s in scores.values()])
+    return {name: part.view_as(s) for (name, s), part in zip(scores.items(), parts)}
+
+
+def spec_keep_mask(scores: torch.Tensor, spec: PruneSpec) -> torch.Tensor:
+    if spec.pattern:
+        return n_m_keep_mask(scores, *spec.pattern)
+    return keep_mask(scores, spec.sparsity, per_row=spec.method == "wanda")
+
+
+@torch.no_grad()
+def apply_masks(linears: dict[str, nn.Linear], masks: dict[str, torch.Tensor]) -> None:
+    for name, keep in masks.items():
+        linears[name].weight.mul_(keep.to(linears[name].weight.dtype))
+
+
+# ---------------------------------------------------------------- calibration
+
+
+class _StopForward(Exception):
+    """Raised by a hook once the layers being calibrated have run: the rest of the model is not needed."""
+
+
+def _stop_forward(module, args, output):
+    raise _StopForward
+
+
+def _run_batches(model: nn.Module, batches: list[dict], device: torch.device, advance: Callable) -> None:
+    from llmcli.training.loop import model_outputs
+
+    for batch in batches:
+        with contextlib.suppress(_StopForward):
+            model_outputs(model, {k: v.to(device) for k, v in batch.items()})
+        advance()
+
+
+@torch.no_grad()
+def input_norms(model: nn.Module, batches: list[dict], linears: dict[str, nn.Linear], device: torch.device,
+                stop_after: nn.Module | None = None, advance: Callable = lambda: None) -> dict[str, torch.Tensor]:
+    """||X_j||₂ of every input feature j of each linear, over all calibration tokens."""
+    squares = {name: torch.zeros(linear.in_features, device=device) for name, linear in linears.items()}
+
+    def record(name):
+        def hook(module, args):
+            x = args[0].detach().float()
+            squares[name] += x.pow(2).reshape(-1, x.shape[-1]).sum(0)
+        return hook
+
+    handles = [linear.register_forward_pre_hook(record(name)) for name, linear in linears.items()]
+    if stop_after is not None:
+        handles.append(stop_after.register_forward_hook(_stop_forward))
+    try:
+        model.eval()
+        _run_batches(model, batches, device, advance)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: s.sqrt() for name, s in squares.items()}
+
+
+@torch.no_grad()
+def head_importance(model: nn.Module, batches: list[dict], device: torch.device,
+                    advance: Callable = lambda: None) -> dict[str, torch.Tensor]:
+    """Per attention layer, one score per kv group (a head, or with GQA a kv head and its query heads):
+    the mean over tokens of ||W_o[:, group] · z_group||₂, the group's own contribution to the layer output."""
+    attentions = {name: m for name, m in model.named_modules() if isinstance(m, Attention)}
+    totals = {name: torch.zeros(m.n_kv_heads, device=device) for name, m in attentions.items()}
+    tokens = dict.fromkeys(attentions, 0)
+
+    def record(name, attn):
+        group_size = attn.n_heads // attn.n_kv_heads
+
+        def hook(module, args):
+            z = args[0].detach().float().reshape(-1, attn.n_kv_heads, group_size, attn.d_head)
+            w = module.weight.float().reshape(-1, attn.n_kv_heads, group_size, attn.d_head)
+            contribution = torch.einsum("ngrd,mgrd->ngm", z, w)  # (tokens, groups, d_model)
+            totals[name] += contribution.norm(dim=-1).sum(0)
+            tokens[name] += z.shape[0]
+        return hook
+
+    handles = [attn.o_proj.register_forward_pre_hook(record(name, attn)) for name, attn in attentions.items()]
+    try:
+        model.eval()
+        _run_batches(model, batches, device, advance)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: totals[name] / max(tokens[name], 1) for name in attentions}
+
+
+# ---------------------------------------------------------------- unstructured and N:M pruning
+
+
+def prune_weights(model: nn.Module, spec: PruneSpec, batches: list[dict], device: torch.device,
+                  progress: bool = True) -> dict[str, torch.Tensor]:
+    """Zero weights in place by magnitude or Wanda; returns the keep-masks (for recovery)."""
+    linears = prunable_linears(model)
+    if spec.pattern:
+        check_pattern_fits(linears, spec.pattern)
+    if spec.method == "magnitude":
+        scores = {name: linear.weight.detach().abs().float() for name, linear in linears.items()}
+        if spec.scope == "global":
+            masks = global_keep_masks(scores, spec.sparsity)
+        else:
+            masks = {name: spec_keep_mask(s, spec) for name, s in scores.items()}
+        apply_masks(linears, masks)
+        return masks
+    masks = {}
+    blocks = blocks_in_order(model)
+    with progress_bar("wanda", len(blocks) * len(batches), progress) as advance:
+        for block_name, block in blocks:  # in order: later blocks see the pruned earlier ones
+            block_linears = prunable_linears(block, prefix=f"{block_name}.")
+            norms = input_norms(model, batches, block_linears, device, stop_after=block, advance=advance)
+            block_masks = {name: spec_keep_mask(wanda_scores(linear.weight, norms[name]), spec)
+                           for name, linear in block_linears.items()}
+            apply_masks(block_linears, block_masks)
+            masks.update(block_masks)
+    return masks
+
+
+# ---------------------------------------------------------------- head pruning
+
+
+def heads_to_remove(model: nn.Module, sparsity: float) -> int:
+    """How many kv groups (heads, without GQA) each attention layer loses; refuses to remove them all."""
+    config = model.config
+    groups = config.n_kv_heads
+    remove = prune_count(sparsity, groups)
+    if remove >= groups:
+        unit = "heads" if groups == config.n_heads else f"kv groups (GQA: {config.n_heads // groups} heads each)"
+        most = (groups - 0.5) / groups
+        raise UserError(f"--sparsity {sparsity:g} would remove all {groups} {unit} of every attention layer "
+                        f"(round({sparsity:g}·{groups}) = {remove}); use --sparsity below {most:g}")
+    return remove
+
+
+def choose_heads(model: nn.Module, importance: dict[str, torch.Tensor], remove: int) -> dict[str, list[int]]:
+    """The kv groups to remove per attention layer: the least important ones.
+
+    A stack with a T5 relative position bias shares one bias table (a column per head) between its
+    self-attention layers, so there the same heads go in every layer, ranked by importance summed over
+    the stack. Cross-attention (T5 decoder) loses the same number of heads, chosen per layer, because
+    the config has one n_heads for every attention.
+    """
+    rankings: dict[str, list[str]] = {}
+    for stack_name, stack in model.named_modules():
+        if not isinstance(stack, TransformerStack):
+            continue
+        for i, block in enumerate(stack.blocks):
+            for attr in ("attn", "cross_attn"):
+                if getattr(block, attr) is None:
+                    continue
+                name = f"{stack_name}.blocks.{i}.{attr}"
+                shared = attr == "attn" and stack.rel_bias is not None
+                rankings.setdefault(f"{stack_name}.self-attention" if shared else name, []).append(name)
+    chosen = {}
+    for names in rankings.values():
+        total = sum(importance[name] for name in names)
+        drop = sorted(total.topk(remove, largest=False).indices.tolist())
+        chosen.update(dict.fromkeys(names, drop))
+    return chosen
+
+
+def _head_dims(heads: list[int], d_head: int, device: torch.device) -> torch.Tensor:
+    """Row (or column) indices of the given heads in a (heads · d_head) projection."""
+    return (torch.tensor(heads, device=device)[:, None] * d_head + torch.arange(d_head, device=device)).flatten()
+
+
+def _keep_rows(linear: nn.Linear, index: torch.Tensor) -> None:
+    linear.weight = nn.Parameter(linear.weight.detach()[index].clone())
+    if linear.bias is not None:
+        linear.bias = nn.Parameter(linear.bias.detach()[index].clone())
+    linear.out_features = len(index)
+
+
+def _keep_columns(linear: nn.Linear, index: torch.Tensor) -> None:
+    linear.weight = nn.Parameter(linear.weight.detach()[:, index].clone())
+    linear.in_features = len(index)
+
+
+@torch.no_grad()
+def remove_head_groups(attn: Attention, drop: list[int]) -> list[int]:
+    """Cut kv groups (a kv head and its n_heads/n_kv_heads query heads) out of one layer; returns the kept query heads."""
+    group_size = attn.n_heads // attn.n_kv_heads
+    kept_groups = [g for g in range(attn.n_kv_heads) if g not in drop]
+    kept_heads = [g * group_size + j for g in kept_groups for j in range(group_size)]
+    device = attn.q_proj.weight.device
+    q_index = _head_dims(kept_heads, attn.d_head, device)
+    kv_index = _head_dims(kept_groups, attn.d_head, device)
+    _keep_rows(attn.q_proj, q_index)
+    _keep_rows(attn.k_proj, kv_index)
+    _keep_rows(attn.v_proj, kv_index)
+    _keep_columns(attn.o_proj, q_index)
+    if attn.xl is not None:  # Transformer-XL positions: per-head projection rows and u, v
+        _keep_rows(attn.xl.r_proj, q_index)
+        attn.xl.u = nn.Parameter(attn.xl.u.detach()[kept_heads].clone())
+        attn.xl.v = nn.Parameter(attn.xl.v.detach()[kept_heads].clone())
+        attn.xl.n_heads = len(kept_heads)
+    attn.n_heads, attn.n_kv_heads = len(kept_heads), len(kept_groups)
+    return kept_heads
+
+
+@torch.no_grad()
+def prune_heads(model: nn.Module, drop: dict[str, list[int]]) -> list[dict]:
+    """Remove the chosen kv groups from every attention layer and shrink the config to match.
+
+    d_head stays; n_heads and n_kv_heads fall (d_attn = n_heads · d_head, so d_model no longer has to
+    be a multiple of n_heads: config.json keeps d_head explicitly).
+    """
+    if len({len(groups) for groups in drop.values()}) > 1:
+        raise ValueError("every attention layer must lose the same number of heads: the config has one n_heads")
+    config = model.config
+    modules = dict(model.named_modules())
+    layers, kept_by_layer = [], {}
+    for name, groups in drop.items():
+        attn = modules[name]
+        before = attn.n_heads
+        kept_by_layer[name] = remove_head_groups(attn, groups)
+        layers.append({"name": name, "heads_before": before, "heads_after": attn.n_heads,
+                       "removed_heads": [h for h in range(before) if h not in kept_by_layer[name]]})
+    for stack_name, stack in model.named_modules():
+        if isinstance(stack, TransformerStack) and stack.rel_bias is not None:  # one bias column per head
+            kept = kept_by_layer[f"{stack_name}.blocks.0.attn"]  # the same in every layer of the stack
+            table = stack.rel_bias.embedding
+            table.weight = nn.Parameter(table.weight.detach()[:, kept].clone())
+            table.embedding_dim = len(kept)
+    if layers:
+        some = modules[layers[0]["name"]]
+        config.n_heads, config.n_kv_heads = some.n_heads, some.n_kv_heads
+    return layers
+
+
+# ---------------------------------------------------------------- recovery
+
+
+def recover(model: nn.Module, masks: dict[str, torch.Tensor], corpus, steps: int, lr: float, seed: int,
+            device: torch.device) -> dict:
+    """A short training run with the family's objective that keeps the pruned weights at zero.
+
+    Gradients of pruned weights are masked, so AdamW never moves them (zero moments, and decoupled
+    decay of a zero is zero); the zeros are also re-applied after every step as a guard.
+    """
+    from llmcli.training.loop import Trainer, TrainArgs
+
+    linears = prunable_linears(model)
+    handles = [linears[name].weight.register_hook(lambda grad, keep=keep: grad * keep.to(grad.dtype))
+               for name, keep in masks.items()]
+    args = TrainArgs(steps=steps, lr=lr, batch_size=corpus.train.batch_size, seq_len=corpus.seq_len, seed=seed,
+                     device=str(device), eval_batches=len(corpus.val), log_every=max(1, steps // 10))
+    try:
+        with tempfile.TemporaryDirectory() as run_dir:  # checkpoints of a few steps are not worth keeping
+            trainer = Trainer(model, corpus.train, corpus.val, args, Path(run_dir),
+                              on_step=lambda t: apply_masks(linears, masks))
+            trainer.fit()
+    finally:
+        for handle in handles:
+            handle.remove()
+    model.eval()
+    final = next(r for r in reversed(trainer.history) if "val_loss" in r)
+    return {"steps": steps, "lr": lr, "val_loss": final["val_loss"], "val_perplexity": final["val_perplexity"]}
+
+
+# ---------------------------------------------------------------- the command
+
+
+@contextlib.contextmanager
+def progress_bar(label: str, total: int, enabled: bool = True):
+    """A rich bar on stderr (rate and ETA); yields the function that advances it by one."""
+    if not enabled:
+        yield lambda: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+                  TimeRemainingColumn(), console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(label, total=total, rate="")
+        start = time.perf_counter()
+
+        def advance():
+            done = bar.tasks[0].completed + 1
+            bar.update(task, completed=done, rate=f"{done / (time.perf_counter() - start):.1f} batches/s")
+
+        yield advance
+
+
+def prune(model_dir: str | Path, out: str | Path, spec: PruneSpec, data: str | None = None,
+          seq_len: int | None = None, batch_size: int = 8, recover_steps: int = 0, lr: float | None = None,
+          seed: int = 0, device: str = "auto", speed: bool = True, force: bool = False, progress: bool = True,
+          log: Callable = print) -> dict:
+    """Prune a model directory into `out`; returns the report (also written there as compression.json)."""
+    from llmcli.compression.report import compare, open_source, snapshot, write_compressed
+
+    source, out = Path(model_dir), Path(out)
+    if recover_steps < 0:
+        raise UserError(f"--recover-steps must be >= 0, got {recover_steps}")
+    if batch_size <= 0:
+        raise UserError(f"--batch-size must be positive, got {batch_size}")
+    if out.exists() and out.resolve() == source.resolve():
+        raise UserError(f"{out}: --out is the model directory itself; choose a new --out")
+    if out.exists() and not force and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"{out}: already exists and is not empty; choose another --out or pass --force to replace it")
+    model, corpus, target = open_source(source, data, seq_len, device, batch_size=batch_size, seed=seed)
+    if spec.method == "heads":  # refuse before the slow part
+        removed = heads_to_remove(model, spec.sparsity)
+    elif spec.pattern:
+        check_pattern_fits(prunable_linears(model), spec.pattern)
+    before = snapshot(model, corpus.val, target, speed)
+    uses_data = spec.method != "magnitude"
+    batches = [corpus.train.batch(i) for i in range(spec.calibration_batches)] if uses_data else []
+    report = {"method": spec.method, **{k: v for k, v in spec.to_dict().items() if k != "method"},
+              "calibration_batches": spec.calibration_batches if uses_data else 0, "source": str(source)}
+    masks: dict[str, torch.Tensor] = {}
+    if spec.method == "heads":
+        config = model.config
+        group_size = config.n_heads // config.n_kv_heads
+        log(f"removing {removed * group_size} of {config.n_heads} heads in each attention layer "
+            f"(round({spec.sparsity:g}·{config.n_kv_heads}) = {removed}"
+            f"{f' kv groups of {group_size}' if group_size > 1 else ''})")
+        with progress_bar("head importance", len(batches), progress) as advance:
+            importance = head_importance(model, batches, target, advance)
+        heads_before = (config.n_heads, config.n_kv_heads)
+        report["heads"] = prune_heads(model, choose_heads(model, importance, removed))
+        report.update(n_heads={"before": heads_before[0], "after": config.n_heads},
+                      n_kv_heads={"before": heads_before[1], "after": config.n_kv_heads},
+                      heads_removed_per_layer=heads_before[0] - config.n_heads)
+    else:
+        masks = prune_weights(model, spec, batches, target, progress)
+        log("zeros are stored densely: the file stays the same size and dense kernels run no faster")
+        report["layers"], report["overall_sparsity"] = layer_sparsity(prunable_linears(model))
+    report["recovery"] = None
+    if recover_steps:
+        report["pruned"] = {k: v for k, v in snapshot(model, corpus.val, target, speed=False).items()
+                            if k in ("loss", "perplexity")}
+        report["recovery"] = recover(model, masks, corpus, recover_steps, lr or RECOVERY_LR, seed, target)
+        if masks:
+            report["layers"], report["overall_sparsity"] = layer_sparsity(prunable_linears(model))
+    after = snapshot(model, corpus.val, target, speed)
+    report.update(before=before, after=after, change=compare(before, after), out=str(out))
+    write_compressed(model, source, out, report, force)
+    return report
