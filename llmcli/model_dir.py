@@ -86,10 +86,29 @@ def load_model(ref: str | os.PathLike, device: str | None = None, dtype=None, se
         model = build_model(config, seed=seed)
     else:
         model = build_on_meta(config)
+        spec = read_quantization_spec(directory)
+        if spec is not None:  # integer weights are assigned into a quantized layout, never expanded to fp32
+            from llmcli.compression.quantize import apply_quantized_layout
+
+            apply_quantized_layout(model, spec, str(directory / QUANTIZATION_FILE))
         state = read_safetensors(_weights_path(directory))
         _load_state(model, state, directory / WEIGHTS_FILE)
     model.eval()
-    return model.to(device=device or "cpu", dtype=dtype)
+    return model.to(device=device or "cpu", dtype=dtype)  # casts floating tensors only: integer weights stay
+
+
+def read_quantization_spec(directory: Path) -> dict | None:
+    """quantization.json of a quantized model directory, or None."""
+    path = directory / QUANTIZATION_FILE
+    if not path.is_file():
+        return None
+    try:
+        spec = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: not readable JSON ({e}); re-run `llmcli quantize`") from None
+    if not isinstance(spec, dict):
+        raise UserError(f"{path}: expected a JSON object; re-run `llmcli quantize`")
+    return spec
 
 
 def _weights_path(directory: Path) -> Path:
@@ -115,6 +134,10 @@ def _load_state(model, state: dict, where: Path) -> None:
         if tuple(tensor.shape) != tuple(expected[name].shape):
             raise UserError(f"{where}: tensor '{name}' has shape {tuple(tensor.shape)}, config.json implies "
                             f"{tuple(expected[name].shape)}; the directory mixes files from different models")
+        both_float = tensor.is_floating_point() and expected[name].is_floating_point()
+        if tensor.dtype != expected[name].dtype and not both_float:  # quantized weights are integers
+            raise UserError(f"{where}: tensor '{name}' is {tensor.dtype}, expected {expected[name].dtype}; "
+                            f"the directory mixes files from different models")
     model.load_state_dict(state, strict=True, assign=True)
 
 
