@@ -15,6 +15,7 @@ from llmcli.cli import finetune as finetune_cmd
 from llmcli.cli import memory as memory_cmd
 from llmcli.cli import infer as infer_cmd
 from llmcli.cli import prune as prune_cmd
+from llmcli.cli import scaling as scaling_cmd
 from llmcli.cli import tokenizer as tokenizer_cmd
 from llmcli.cli import train as train_cmd
 from llmcli.cli import zoo as zoo_cmd
@@ -39,6 +40,7 @@ app = typer.Typer(cls=_Group, no_args_is_help=True, pretty_exceptions_show_local
 app.add_typer(zoo_cmd.app, name="zoo")
 app.add_typer(convert_cmd.app, name="convert")
 app.add_typer(tokenizer_cmd.app, name="tokenizer")
+app.add_typer(scaling_cmd.app, name="scaling")
 app.command("build")(build_cmd.build)
 app.command("train")(train_cmd.train)
 app.command("eval")(train_cmd.evaluate)
