@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import json
-from pathlib import Path
 from unittest import mock
 
 import pytest
@@ -232,18 +231,27 @@ def test_gptq_has_lower_output_error_than_round_to_nearest(bits, group_size, act
     assert gptq_error < 0.85 * rtn_error
 
 
-def test_gptq_on_a_model_beats_round_to_nearest_on_its_calibration_data():
-    model = build_model(tiny_config("gpt", d_model=64, d_ff=128), seed=0).eval()
-    batches = [{"input_ids": torch.randint(0, 97, (4, 32), generator=torch.Generator().manual_seed(i))}
-               for i in range(3)]
+@pytest.mark.parametrize("family", ["gpt", "bert", "t5"])
+def test_gptq_on_a_model_beats_round_to_nearest_on_its_calibration_data(family):
+    """Block by block, with the encoder's output feeding T5's cross-attention, heads included."""
+    model = build_model(tiny_config(family, d_model=64, d_ff=128), seed=0).eval()
+    batches = []
+    for i in range(3):
+        ids = torch.randint(0, 97, (4, 32), generator=torch.Generator().manual_seed(i))
+        batches.append({"input_ids": ids, **({"decoder_input_ids": ids} if family == "t5" else {})})
+
+    def logits(m, batch):
+        return m(batch["input_ids"], **{k: v for k, v in batch.items() if k != "input_ids"}).logits
+
     with torch.no_grad():
-        reference = [model(b["input_ids"]).logits for b in batches]
+        reference = [logits(model, b) for b in batches]
         errors = {}
         for method in ("rtn", "gptq"):
             quantized = copy.deepcopy(model)
-            spec, layer_errors = quantize_model(quantized, "int4", 32, method, calibration=batches)
-            errors[method] = sum((quantized(b["input_ids"]).logits - r).norm() for b, r in zip(batches, reference))
-    assert spec["method"] == "gptq" and all("output_rel_error" in e for e in layer_errors.values())
+            spec, layer_errors = quantize_model(quantized, "int4", 32, method, include_head=True, calibration=batches)
+            errors[method] = sum((logits(quantized, b) - r).norm() for b, r in zip(batches, reference))
+    assert spec["method"] == "gptq" and set(layer_errors) == set(spec["layers"]) and "lm_head" in spec["layers"]
+    assert all("output_rel_error" in e for e in layer_errors.values())
     assert errors["gptq"] < errors["rtn"]
 
 
@@ -326,6 +334,8 @@ def test_cli_human_report_and_include_head(trained_dir, cli_app, tmp_path):
     (["--scheme", "int4", "--group-size", "128"], "64 input features are not a multiple of --group-size 128; "
                                                   "use --group-size 32 or 64"),
     (["--scheme", "int8", "--method", "awq"], "--method 'awq' is unknown"),
+    (["--scheme", "int8", "--group-size", "64"], "--group-size is for int4 only"),
+    (["--scheme", "int4"], "64 input features are not a multiple of --group-size 128"),  # the default
     (["--scheme", "int4", "--group-size", "32", "--calibration-data", "/nonexistent/calib.txt"], "no such file"),
     (["--scheme", "int4", "--group-size", "32", "--method", "rtn", "--calibration-data", "x.txt"],
      "only used by --method gptq"),

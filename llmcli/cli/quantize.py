@@ -14,7 +14,8 @@ def quantize(
     scheme: str = typer.Option(..., help="int8 (per output channel), int4 (groups of --group-size) or int8-dynamic "
                                          "(int8 weights, activations quantized on the fly)."),
     out: str = typer.Option(..., help="Model directory to write."),
-    group_size: int = typer.Option(128, help="int4: input features per scale, 32, 64 or 128."),
+    group_size: Optional[int] = typer.Option(None, help="int4: input features per scale, 32, 64 or 128 "
+                                                        "(default: 128)."),
     method: Optional[str] = typer.Option(None, help="rtn (round to nearest) or gptq (calibrated; default when "
                                                     "--calibration-data is given)."),
     calibration_data: Optional[str] = typer.Option(None, help="GPTQ calibration corpus; its training split is used "

@@ -8,13 +8,18 @@ A quantized model directory stores `qweight`, `scales` (and `bias`) per linear l
 the layout in quantization.json; `apply_quantized_layout` rebuilds that layout on a meta-device model so that
 `load_model` assigns the stored integers straight into place, never expanding the model to fp32.
 
-Which compute path runs (measured on an AVX2 CPU with torch 2.13; see QuantizedLinear.forward):
-- int8, int4 on CPU with bf16 activations: ATen's `_weight_int8pack_mm` / `_weight_int4pack_mm_for_cpu`. Their x86
-  vector code is bf16-only; with fp32 activations they run scalar code, 2-20x slower than dequantizing.
-- int8, int4 otherwise (fp32 on CPU, CUDA): the layer's weight is dequantized in forward, one layer at a time.
+Which compute path runs (chosen in QuantizedLinear.forward; timings: one 768x3072 layer, one thread, AVX2 CPU,
+torch 2.13, on a shared machine so ±50%):
+- int8, int4 on CPU with bf16 activations: ATen's `_weight_int8pack_mm` / `_weight_int4pack_mm_for_cpu`
+  (decode: about 0.2 ms int8, 0.5 ms int4, fp32 dense 0.2-0.8 ms). Their x86 vector code is bf16-only: with fp32
+  activations they run scalar code, slower than dequantizing, so fp32 never takes them.
+- int8, int4 otherwise (fp32 on CPU, CUDA): the integers become floats in forward, one layer at a time (int8:
+  x·qᵀ then the per-channel scales, about 1 ms; int4: the dequantized weight, about 5 ms). The price of storing
+  4-8x less: on CPU in fp32 this is slower than the fp32 model.
 - int8-dynamic on CPU: fbgemm's `quantized.linear_dynamic` (activations quantized per call to 7 bits), prepacked
-  once per layer from the stored int8 weights; 2-2.4x faster than fp32 for 768x3072 layers. Elsewhere
-  activations are quantized per token to int8 and multiplied with `torch._int_mm` on CUDA, or emulated.
+  once per layer from the stored int8 weights: about 0.14 ms decode, 10 ms for 128 tokens (fp32 dense: 0.2-0.8 ms,
+  12-19 ms). Elsewhere activations are quantized per token to int8 and multiplied with `torch._int_mm` on CUDA,
+  or emulated in floats.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from llmcli.errors import UserError
 
 SCHEMES = ("int8", "int4", "int8-dynamic")
 GROUP_SIZES = (32, 64, 128)
+DEFAULT_GROUP_SIZE = 128
 METHODS = ("rtn", "gptq")
 FORMAT_VERSION = 1
 
@@ -124,7 +130,12 @@ class QuantizedLinear(nn.Module):
         return unpack_int4(self.qweight) if self.bits == 4 else self.qweight
 
     def dequantized_weight(self, dtype=torch.float32) -> torch.Tensor:
-        return dequantize(self.int_weight(), self.scales, self.group_size, dtype)
+        if self.bits == 8:
+            return dequantize(self.qweight, self.scales, self.group_size, dtype)
+        # unpack_int4 straight into floats, in place: a third fewer passes over the weight
+        nibbles = torch.stack((self.qweight & 0x0F, self.qweight >> 4), dim=-1)
+        grouped = nibbles.reshape(self.out_features, -1, self.group_size).to(dtype).sub_(8)
+        return grouped.mul_(self.scales[..., None].to(dtype)).reshape(self.out_features, self.in_features)
 
     def stored_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.state_dict().values())
@@ -141,7 +152,9 @@ class QuantizedLinear(nn.Module):
             out = fast(rows).to(x.dtype)
         elif self.scheme == "int8-dynamic":
             out = self._dynamic_reference(rows)
-        else:  # weight-only reference: dequantize this one layer's weight, then a float matmul
+        elif self.bits == 8:  # one scale per output channel: scale the outputs, not the weight (2x faster)
+            out = F.linear(rows, self.qweight.to(x.dtype)) * self.scales[:, 0].to(x.dtype)
+        else:  # dequantize this one layer's weight, then a float matmul
             out = F.linear(rows, self.dequantized_weight(x.dtype))
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)
@@ -180,8 +193,8 @@ class QuantizedLinear(nn.Module):
             if self.scheme == "int8-dynamic":
                 fn = _fbgemm_dynamic(self.qweight, self.scales[:, 0])
             elif self.bits == 8:
-                scales = self.scales[:, 0].to(dtype).contiguous()
-                fn = lambda x: torch.ops.aten._weight_int8pack_mm(x.contiguous(), self.qweight, scales)  # noqa: E731
+                qweight, scales = self.qweight, self.scales[:, 0].to(dtype).contiguous()
+                fn = lambda x: torch.ops.aten._weight_int8pack_mm(x.contiguous(), qweight, scales)  # noqa: E731
             else:
                 fn = _int4_cpu_kernel(self.int_weight(), self.scales, self.group_size, dtype)
             probe = torch.randn(2, self.in_features, generator=torch.Generator().manual_seed(0)).to(dtype)
@@ -378,7 +391,7 @@ def apply_quantized_layout(model: nn.Module, spec: dict, where: str = "quantizat
 # ---------------------------------------------------------------- the command
 
 
-def quantize_model_dir(model_dir: str, out: str, scheme: str, group_size: int = 128, method: str | None = None,
+def quantize_model_dir(model_dir: str, out: str, scheme: str, group_size: int | None = None, method: str | None = None,
                        calibration_data: str | None = None, calibration_batches: int = 8, act_order: bool = False,
                        include_head: bool = False, data: str | None = None, seq_len: int | None = None,
                        device: str = "auto", speed: bool = True, force: bool = False, progress: bool = False) -> dict:
@@ -392,6 +405,9 @@ def quantize_model_dir(model_dir: str, out: str, scheme: str, group_size: int = 
         raise UserError(f"--scheme {scheme!r} is unknown; use one of {', '.join(SCHEMES)}")
     if method not in METHODS:
         raise UserError(f"--method {method!r} is unknown; use rtn (round to nearest) or gptq (calibrated)")
+    if scheme_bits(scheme) == 8 and group_size is not None:
+        raise UserError(f"--scheme {scheme} keeps one scale per output channel; --group-size is for int4 only")
+    group_size = group_size or DEFAULT_GROUP_SIZE
     if scheme_bits(scheme) == 4 and group_size not in GROUP_SIZES:
         raise UserError(f"--group-size {group_size} is not supported; use one of {', '.join(map(str, GROUP_SIZES))}")
     if calibration_data and method != "gptq":
