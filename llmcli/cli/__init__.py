@@ -15,6 +15,7 @@ from llmcli.cli import finetune as finetune_cmd
 from llmcli.cli import memory as memory_cmd
 from llmcli.cli import infer as infer_cmd
 from llmcli.cli import prune as prune_cmd
+from llmcli.cli import quantize as quantize_cmd
 from llmcli.cli import scaling as scaling_cmd
 from llmcli.cli import tokenizer as tokenizer_cmd
 from llmcli.cli import train as train_cmd
@@ -53,6 +54,7 @@ app.command("bench")(bench_cmd.bench)
 app.command("finetune")(finetune_cmd.finetune)
 app.command("merge")(finetune_cmd.merge)
 app.command("prune")(prune_cmd.prune)
+app.command("quantize")(quantize_cmd.quantize)
 app.command("distill")(distill_cmd.distill)
 
 

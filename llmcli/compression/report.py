@@ -28,10 +28,21 @@ def linear_weight_bytes(model: torch.nn.Module) -> int:
     """Bytes held by the transformer's linear layers (quantized ones included), embeddings and heads excluded."""
     total = 0
     for name, module in model.named_modules():
+        if name.endswith("lm_head"):
+            continue
         if hasattr(module, "stored_bytes"):
             total += module.stored_bytes()
-        elif isinstance(module, torch.nn.Linear) and not name.endswith("lm_head"):
+        elif isinstance(module, torch.nn.Linear):
             total += sum(t.numel() * t.element_size() for t in module.state_dict().values())
+    return total
+
+
+def logical_parameters(model: torch.nn.Module) -> int:
+    """Weights the model computes with: a quantized layer counts its in × out weights, not its packed bytes."""
+    total = sum(p.numel() for p in model.parameters())
+    for module in model.modules():
+        if hasattr(module, "stored_bytes"):
+            total += module.in_features * module.out_features
     return total
 
 
@@ -69,7 +80,7 @@ def snapshot(model: torch.nn.Module, val_batches: list[dict], device: torch.devi
 
     model.eval()
     quality = evaluate(model, val_batches, device)
-    result = {"params": sum(p.numel() for p in model.parameters()), "state_bytes": state_bytes(model),
+    result = {"params": logical_parameters(model), "state_bytes": state_bytes(model),
               "linear_bytes": linear_weight_bytes(model), "loss": quality["loss"],
               "perplexity": quality["perplexity"], "eval_tokens": quality["tokens"]}
     if speed:

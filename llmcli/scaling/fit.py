@@ -8,7 +8,6 @@ of the runs (percentiles 2.5 and 97.5).
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import random
@@ -123,12 +122,11 @@ def _fit_once(log_n: torch.Tensor, log_d: torch.Tensor | None, log_loss: torch.T
     return best, best_value
 
 
-def _starts(joint: bool) -> list[tuple[float, ...]]:
-    a_grid, alpha_grid, e_grid = (0.0, 5.0, 10.0), (0.1, 0.3, 0.6), (-1.0, 0.5, 1.5)
-    if not joint:
-        return list(itertools.product(a_grid, alpha_grid, e_grid))
-    return [s + (b, beta) for s in itertools.product(a_grid, alpha_grid, e_grid)
-            for b, beta in ((5.0, 0.3), (10.0, 0.6))]
+def _starts(joint: bool, min_loss: float) -> list[tuple[float, ...]]:
+    """A small grid of starting points; E starts below the lowest observed loss."""
+    e = math.log(0.5 * min_loss)
+    grid = [(a, alpha, e) for a in (0.0, 5.0, 10.0) for alpha in (0.2, 0.5)]
+    return grid if not joint else [s + (b, beta) for s in grid for b, beta in ((5.0, 0.2), (5.0, 0.5))]
 
 
 def _to_params(theta: list[float], joint: bool) -> dict[str, float]:
@@ -160,7 +158,7 @@ def fit_runs(runs: list[Run], form: str = "auto", bootstrap: int = 200, seed: in
         log_loss = torch.tensor([math.log(r.loss) for r in sample], dtype=torch.float64)
         return _fit_once(log_n, log_d, log_loss, starts)
 
-    theta, _ = solve(runs, _starts(joint))
+    theta, _ = solve(runs, _starts(joint, min(r.loss for r in runs)))
     result = Fit(form=form, params=_to_params(theta, joint), runs=len(runs))
     predicted = result.predict([r.n for r in runs], [r.d for r in runs])
     observed = torch.tensor([r.loss for r in runs], dtype=torch.float64)
