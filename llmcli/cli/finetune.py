@@ -11,6 +11,7 @@ from llmcli.cli.output import log, print_json
 
 
 def finetune(
+    ctx: typer.Context,
     model: Optional[str] = typer.Argument(None, help="Trained model directory to start from (with tokenizer.json); "
                                                      "not needed with --resume."),
     method: Optional[str] = typer.Option(None, help="full, lora, adapter (Houlsby bottlenecks) or prompt "
@@ -41,15 +42,25 @@ def finetune(
     device: flags.Device = None,
     resume: flags.Resume = False,
     force: flags.Force = False,
+    nproc: flags.Nproc = None,
+    strategy: flags.Strategy = None,
+    tp: flags.Tp = None,
+    cpu_offload: flags.CpuOffload = False,
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
 ) -> None:
     """Fine-tune a model: full, LoRA, adapters or prompt tuning, on text, instructions or labelled texts."""
+    if nproc is not None:
+        flags.launch(ctx, nproc, locals(), model if model is not None and not resume else out, out)
     from llmcli.finetune import finetune as run
+    from llmcli.training.distributed import is_main_process, rank_errors
 
     given = flags.given(locals())
     settings = dict(method=method, task=task, lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                     lora_targets=lora_targets, adapter_size=adapter_size, prompt_tokens=prompt_tokens)
-    summary = run(model, data, out, given, settings, resume=resume, force=force, log=log)
+    with rank_errors():
+        summary = run(model, data, out, given, settings, resume=resume, force=force, log=log)
+    if not is_main_process():
+        return
     if json_out:
         print_json(summary)
     if summary["stopped_early"]:

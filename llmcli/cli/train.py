@@ -11,6 +11,7 @@ from llmcli.cli.output import console, log, print_json
 
 
 def train(
+    ctx: typer.Context,
     model: str = typer.Argument(..., help="Zoo name, TOML file or model directory to train."),
     data: Optional[str] = typer.Option(None, help="A .txt file, a folder of them, or JSONL with a 'text' field. "
                                                   "Default: the embedded Python documentation corpus."),
@@ -30,12 +31,22 @@ def train(
     device: flags.Device = None,
     resume: flags.Resume = False,
     force: flags.Force = False,
+    nproc: flags.Nproc = None,
+    strategy: flags.Strategy = None,
+    tp: flags.Tp = None,
+    cpu_offload: flags.CpuOffload = False,
 ) -> None:
     """Pre-train a model (GPT: next token, BERT: masked LM, T5: span corruption) and sample from it."""
+    if nproc is not None:
+        flags.launch(ctx, nproc, locals(), model, out)
+    from llmcli.training.distributed import is_main_process, rank_errors
     from llmcli.training.pretrain import pretrain
 
     given = flags.given(locals())
-    summary = pretrain(model, data, out, given, resume=resume, force=force, log=log)
+    with rank_errors():
+        summary = pretrain(model, data, out, given, resume=resume, force=force, log=log)
+    if not is_main_process():
+        return
     if summary["stopped_early"]:
         log(f"stopped at step {summary['step']}; checkpoint {summary['checkpoint']}; "
             f"continue with `llmcli train {model} --out {summary['run_dir']} --resume`")

@@ -1,13 +1,17 @@
 """The training flags shared by `train`, `finetune` and `distill`, declared once.
 
-Each defaults to None so that a resumed run keeps its saved value unless the flag is given.
+Each defaults to None so that a resumed run keeps its saved value unless the flag is given. The
+parallel flags (--nproc, --strategy, --tp, --cpu-offload) describe one launch and are not saved.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+
+from llmcli.cli.output import log
 
 Steps = Annotated[Optional[int], typer.Option(help="Optimizer steps (default: 400).")]
 BatchSize = Annotated[Optional[int], typer.Option(help="Sequences per micro-batch (default: 16).")]
@@ -26,11 +30,53 @@ EvalEvery = Annotated[Optional[int], typer.Option(help="Validate every N steps (
 Device = Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N (default: cuda if available).")]
 Resume = Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint.")]
 Force = Annotated[bool, typer.Option("--force", help="Start over in an --out that holds a run.")]
+Nproc = Annotated[Optional[int], typer.Option(help="Run N processes on this machine under torchrun (one per GPU, "
+                                                   "or CPU processes with gloo); --batch-size is per process.")]
+Strategy = Annotated[Optional[str], typer.Option(help="With several processes: ddp (a replica per process) or "
+                                                      "fsdp (weights, gradients and optimizer states sharded) "
+                                                      "(default: ddp).")]
+Tp = Annotated[Optional[int], typer.Option("--tp", help="Tensor-parallel degree: split attention heads and "
+                                                        "feed-forward units over N processes (default: 1).")]
+CpuOffload = Annotated[bool, typer.Option("--cpu-offload", help="With --strategy fsdp on CUDA: keep the shards "
+                                                                "and optimizer states in CPU memory.")]
 
 NAMES = ("steps", "batch_size", "seq_len", "lr", "warmup", "weight_decay", "precision", "grad_checkpointing",
          "grad_accum", "seed", "save_every", "eval_every", "device")
+PARALLEL_NAMES = ("strategy", "tp", "cpu_offload")  # given to the library, not saved with the run
 
 
 def given(values: dict) -> dict:
-    """The TrainArgs flags out of a command's arguments (None = not given)."""
-    return {name: values[name] for name in NAMES}
+    """The TrainArgs flags, and the parallel ones a command has, out of its arguments (None = not given)."""
+    return {**{name: values[name] for name in NAMES},
+            **{name: values[name] for name in PARALLEL_NAMES if name in values}}
+
+
+def launch(ctx: typer.Context, nproc: int, values: dict, model_ref: str, run_dir: str | None) -> None:
+    """--nproc N: run this same command, without --nproc, as N processes under torchrun; exit with its code.
+
+    The command line is rebuilt from the parsed parameters, so it is the same however llmcli was called.
+    """
+    from llmcli.config import resolve_config
+    from llmcli.training.distributed import launch as run
+
+    config, _ = resolve_config(model_ref)
+    code = run(nproc, [ctx.info_name, *_command_line(ctx, skip=("nproc",))], given(values), config,
+               Path(run_dir or Path("runs") / config.name), log=log)
+    raise typer.Exit(code)
+
+
+def _command_line(ctx, skip: tuple[str, ...]) -> list[str]:
+    arguments, options = [], []
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if param.name in skip or value is None:
+            continue
+        if param.param_type_name == "argument":
+            arguments.append(str(value))
+        elif getattr(param, "is_flag", False):
+            name = param.opts[0] if value else next(iter(param.secondary_opts), None)
+            if name and value != param.default:
+                options.append(name)
+        else:
+            options += [param.opts[0], str(value)]
+    return arguments + options

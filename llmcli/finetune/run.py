@@ -3,7 +3,8 @@
 The run directory (OUT) follows `llmcli train`: training.json, metrics.jsonl, checkpoints/ and resume
 come from llmcli.training. At the start OUT receives the base (config.json, tokenizer.json and
 model.safetensors, hard-linked where the filesystem allows, else copied); at the end the adapter
-(adapter/), the tuned weights for --method full, and for LoRA a PEFT export (peft/).
+(adapter/), the tuned weights for --method full, and for LoRA a PEFT export (peft/). Under torchrun
+rank 0 alone writes OUT, and the exports are made from the full weights gathered to it.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from llmcli.finetune.saving import read_adapter_config, save_adapter
 from llmcli.finetune.tasks import TASKS
 from llmcli.model_dir import (CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, load_model, load_tokenizer, save_model,
                               write_json)
+from llmcli.training import distributed
 from llmcli.training.loop import Trainer
 from llmcli.training.pretrain import TRAINING_FILE, check_args, merge_args, prepare_run_dir
 
@@ -80,13 +82,22 @@ def finetune(base: str | Path | None, data: str | None, out: str, given: dict, s
              resume: bool = False, force: bool = False, on_step=None, log=print) -> dict:
     """Fine-tune `base` into `out`; returns a summary with the final validation metrics.
 
-    given: TrainArgs flags (None = default); settings: a FinetuneSpec, or its fields (None = default;
-    on resume only the ones given, which must match the run's).
+    given: TrainArgs flags (None = default), and under torchrun strategy, tp and cpu_offload; settings: a
+    FinetuneSpec, or its fields (None = default; on resume only the ones given, which must match the run's).
     """
+    parallel = distributed.start(given)
+    summary = _finetune(base, data, out, given, settings, resume, force, on_step, log, parallel)
+    distributed.stop(parallel)
+    return summary
+
+
+def _finetune(base, data, out, given, settings, resume, force, on_step, log, parallel) -> dict:
     from llmcli.finetune.peft_export import PEFT_DIR, export_peft, peft_blocker
     from llmcli.finetune.tasks import build_task
     from llmcli.tokenizer import save_tokenizer, special_ids
 
+    main = parallel is None or parallel.is_main
+    log = log if main else (lambda *a, **k: None)
     run_dir = Path(out)
     data = str(Path(data).resolve()) if data is not None else None  # a resume may start from elsewhere
     if resume:
@@ -112,31 +123,52 @@ def finetune(base: str | Path | None, data: str | None, out: str, given: dict, s
     args = merge_args(saved and saved.get("args"), given)
     args.seq_len = args.seq_len or min(128, config.max_seq_len)
     check_args(args, config)
+    if parallel:
+        distributed.check_model(config, parallel.tp)
+        if parallel.tp > 1 and spec.method != "full":
+            raise UserError(f"--tp splits the model's own projections; --method {spec.method} wraps them: "
+                            f"use --tp with --method full, or data parallelism alone")
     if spec.method == "prompt" and args.seq_len + spec.prompt_tokens > config.max_seq_len:
         raise UserError(f"--seq-len {args.seq_len} plus --prompt-tokens {spec.prompt_tokens} exceeds "
                         f"{config.name}'s max_seq_len ({config.max_seq_len}); lower one of them")
     tokenizer = load_tokenizer(source)
     # Bad data or settings fail here, before anything is written.
+    global_batch = args.batch_size * (parallel.dp if parallel else 1)  # each rank takes its rows
     task = build_task(spec.task, config.family, tokenizer, special_ids(tokenizer), data, args.seq_len,
-                      args.batch_size, args.seed, args.eval_batches)
+                      global_batch, args.seed, args.eval_batches)
+    num_labels = len(task.labels) if task.labels else None
     torch.manual_seed(args.seed)  # the new modules' init
-    model = attach(load_model(source), spec, len(task.labels) if task.labels else None)
-    if not resume:
-        prepare_run_dir(run_dir, resume=False, force=force)
-        _link_or_copy(base / WEIGHTS_FILE, run_dir / WEIGHTS_FILE)
-        write_json(run_dir / CONFIG_FILE, config.to_dict())
-        save_tokenizer(tokenizer, run_dir)
-    write_json(run_dir / TRAINING_FILE, {"model": str(base), "base": str(Path(base).resolve()), "data": data,
-                                         "args": args.to_dict(), "finetune": spec.to_dict()})
+    model = attach(load_model(source), spec, num_labels)
+
+    def start_run_dir() -> None:
+        if not resume:
+            prepare_run_dir(run_dir, resume=False, force=force)
+            _link_or_copy(base / WEIGHTS_FILE, run_dir / WEIGHTS_FILE)
+            write_json(run_dir / CONFIG_FILE, config.to_dict())
+            save_tokenizer(tokenizer, run_dir)
+        write_json(run_dir / TRAINING_FILE, {"model": str(base), "base": str(Path(base).resolve()), "data": data,
+                                             "args": args.to_dict(), "finetune": spec.to_dict()})
+
+    distributed.on_main(parallel, start_run_dir)
+    trainable, total = parameter_counts(model)
     trainer = Trainer(model, task.train, task.val_batches, args, run_dir, loss_fn=task.loss_fn,
-                      eval_fn=task.eval_fn, on_step=on_step)
+                      eval_fn=task.eval_fn, on_step=on_step, parallel=parallel)
     if resume:
         log(f"resuming {run_dir} from step {trainer.resume()}")
-    trainable, total = parameter_counts(model)
     counts = ", ".join(f"{v:,} {k.replace('_', ' ')}" for k, v in task.counts.items())
     log(f"fine-tuning {config.name} ({spec.method}, {spec.task}): {trainable:,} of {total:,} parameters trainable "
         f"({trainable / total:.2%}); {counts}; {trainer.device}, {trainer.precision}")
     result = trainer.fit()
+    final = next((r for r in reversed(trainer.history) if "val_loss" in r), {})
+    result["checkpoint"] = result["checkpoint"] and str(result["checkpoint"])
+    summary = {"run_dir": str(run_dir), **result, "method": spec.method, "task": spec.task, "family": config.family,
+               "trainable_params": trainable, "total_params": total, "trainable_share": trainable / total,
+               **{k: v for k, v in final.items() if k.startswith("val_")}, "labels": task.labels, **task.counts,
+               "peft": None, "peft_skipped": None, "device": str(trainer.device), "precision": trainer.precision}
+    if parallel:  # the exports below read whole modules: gather the full weights into a plain copy on rank 0
+        model = parallel.gather_model(trainer.model, lambda: attach(load_model(source), spec, num_labels))
+        if not main:
+            return summary
 
     from llmcli.finetune.heads import language_model
 
@@ -149,10 +181,6 @@ def finetune(base: str | Path | None, data: str | None, out: str, given: dict, s
         peft_note = peft_blocker(model, spec.task)
         if peft_note is None:
             export_peft(model, base, run_dir / PEFT_DIR)
-    final = next((r for r in reversed(trainer.history) if "val_loss" in r), {})
-    result["checkpoint"] = result["checkpoint"] and str(result["checkpoint"])
-    return {"run_dir": str(run_dir), **result, "method": spec.method, "task": spec.task, "family": config.family,
-            "trainable_params": trainable, "total_params": total, "trainable_share": trainable / total,
-            **{k: v for k, v in final.items() if k.startswith("val_")}, "labels": task.labels, **task.counts,
-            "peft": None if peft_note else (str(run_dir / PEFT_DIR) if spec.method == "lora" else None),
-            "peft_skipped": peft_note, "device": str(trainer.device), "precision": trainer.precision}
+    summary.update(peft=None if peft_note else (str(run_dir / PEFT_DIR) if spec.method == "lora" else None),
+                   peft_skipped=peft_note)
+    return summary

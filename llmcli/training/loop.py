@@ -1,8 +1,10 @@
 """The training loop shared by pre-training, fine-tuning and distillation.
 
 One optimizer step = grad_accum micro-batches; batches are a pure function of (seed, step),
-so the data position is the step number and resume is exact. Only rank 0 logs and saves,
-so a DDP/FSDP wrapper can run the same loop.
+so the data position is the step number and resume is exact. Only rank 0 logs, draws the progress
+bar and writes metrics. With `parallel` (under torchrun, see distributed.py) the model is wrapped for
+DDP/FSDP/TP, each rank takes its rows of every batch, the logged loss is the mean over ranks, every rank
+runs validation on the whole held-out set, and checkpoints are sharded.
 """
 
 from __future__ import annotations
@@ -126,19 +128,30 @@ class Trainer:
     loss_fn: Callable = family_loss
     eval_fn: Callable = evaluate  # (model, val_batches, device, precision) -> {"loss", ...}; fine-tuning adds accuracy
     on_step: Callable | None = None  # called after every step with the trainer (tests, callbacks)
+    parallel: object = None  # a distributed.Parallel under torchrun; None for one process
     rank: int = field(default_factory=lambda: int(os.environ.get("RANK", 0)))
     step: int = 0
     stop_requested: bool = False
     history: list[dict] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.device = resolve_device(self.args.device)
+        parallel = self.parallel
+        self.device = parallel.use_device(self.args.device) if parallel else resolve_device(self.args.device)
         self.precision = resolve_precision(self.args.precision, self.device)
         self.model.to(self.device).train()
         for module in self.model.modules():
             if hasattr(module, "gradient_checkpointing"):
                 module.gradient_checkpointing = self.args.grad_checkpointing
-        self.optimizer = make_optimizer(self.model, self.args.lr, self.args.weight_decay)
+        self.autocast = self.precision
+        if parallel:
+            from llmcli.training.distributed import ShardedData
+
+            self.model = parallel.wrap(self.model, self.precision)
+            self.autocast = "fp32" if parallel.mixed_precision else self.precision  # FSDP casts by itself
+            self.data = ShardedData(self.data, parallel.dp_rank, parallel.dp)
+            self.rank = parallel.rank
+        self.optimizer = make_optimizer(self.model, self.args.lr, self.args.weight_decay,
+                                        foreach=not (parallel and parallel.tp > 1))
         warmup = self.args.warmup or max(1, self.args.steps // 20)
         self.scheduler = make_scheduler(self.optimizer, warmup, self.args.steps)
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
@@ -151,12 +164,31 @@ class Trainer:
         checkpoints = complete_checkpoints(self.run_dir)
         if not checkpoints:
             raise UserError(f"{self.run_dir}: no checkpoint to resume from; drop --resume to start a new run")
-        state = load_checkpoint(checkpoints[-1], self.model, self.optimizer, self.scheduler, self.scaler)
+        from llmcli.training import distributed
+
+        if distributed.is_sharded_checkpoint(checkpoints[-1]):
+            state = distributed.load_checkpoint(checkpoints[-1], self.model, self.optimizer, self.scheduler,
+                                                self.scaler, self.parallel)
+            ranks = self.parallel.dp if self.parallel else 1
+            if state["global_batch"] != self.args.batch_size * ranks:
+                raise UserError(f"{checkpoints[-1]} was trained on a global batch of {state['global_batch']} rows; "
+                                f"keep --batch-size x data-parallel processes equal to it (now {self.args.batch_size}"
+                                f" x {ranks}) so that resumed steps see the same batches")
+        elif self.parallel:
+            raise UserError(f"{checkpoints[-1]} was written by a single process; resume it without torchrun "
+                            f"or --nproc")
+        else:
+            state = load_checkpoint(checkpoints[-1], self.model, self.optimizer, self.scheduler, self.scaler)
         self.step = state["step"]
         self._truncate_metrics()
         return self.step
 
     def save(self) -> Path | None:
+        if self.parallel:  # every rank writes its shard
+            from llmcli.training.distributed import save_checkpoint as save_sharded
+
+            return save_sharded(self.parallel, self.run_dir, self.step, self.model, self.optimizer, self.scheduler,
+                                self.scaler, extra={"train_args": self.args.to_dict()})
         if not self.is_main:
             return None
         return save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self.scheduler, self.scaler,
@@ -170,10 +202,14 @@ class Trainer:
         for micro in range(self.args.grad_accum):
             batch = self.data.batch(self.step * self.args.grad_accum + micro)
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-            with autocast(self.device, self.precision):
-                loss = self.loss_fn(self.model, batch) / self.args.grad_accum
-            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            final_micro = micro == self.args.grad_accum - 1
+            with self.parallel.no_sync(self.model, final_micro) if self.parallel else contextlib.nullcontext():
+                with autocast(self.device, self.autocast):
+                    loss = self.loss_fn(self.model, batch) / self.args.grad_accum
+                (self.scaler.scale(loss) if self.scaler else loss).backward()
             total += loss.item()
+        if self.parallel:  # every rank logs, and stops on, the same figure
+            total = self.parallel.mean(total)
         if not math.isfinite(total):
             last = complete_checkpoints(self.run_dir)
             keep = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written yet"
@@ -181,7 +217,8 @@ class Trainer:
                                    f"lower --lr, or use --precision fp32")
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.args.grad_clip)
+        clip = self.parallel.clip_grad_norm_ if self.parallel else torch.nn.utils.clip_grad_norm_
+        clip(self.model.parameters(), self.args.grad_clip)
         if self.scaler:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -219,6 +256,8 @@ class Trainer:
                         self.save()
                     if self.on_step:
                         self.on_step(self)
+                    if self.parallel:  # all ranks stop at the same step
+                        self.stop_requested = self.parallel.any(self.stop_requested)
                     if self.stop_requested:
                         result["stopped_early"] = True
                         break
@@ -232,7 +271,7 @@ class Trainer:
         return result
 
     def _evaluate(self, record: dict) -> None:
-        metrics = self.eval_fn(self.model, self.val_batches, self.device, self.precision)
+        metrics = self.eval_fn(self.model, self.val_batches, self.device, self.autocast)
         values = {f"val_{name}": value for name, value in metrics.items() if name != "tokens"}
         record.update(values)
         self._log({"step": self.step, **values})
