@@ -1,0 +1,132 @@
+"""Where a training step's time goes: torch.profiler over llmcli and transformers on the same GPT-2 weights.
+
+One step = forward, loss, backward, AdamW step (the same make_optimizer for both). Operators are
+grouped (matmuls, attention, elementwise, norms, loss, optimizer, other) by self CPU time, so
+the two implementations can be compared category by category, and the matmul share gives
+what a faster implementation could still win. Usage:
+    python benchmarks/profile_train_step.py [--model gpt2-small] [--batch-size 4] [--seq-len 256] [--steps 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import header, record  # noqa: E402
+
+CATEGORIES = [  # first match wins; names are aten operator names
+    ("matmul (linear layers, LM head)", ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear")),
+    ("attention (SDPA kernels)", ("scaled_dot_product", "_flash_attention", "_efficient_attention",
+                                  "aten::_softmax", "aten::_softmax_backward")),
+    ("optimizer (AdamW)", ("_foreach", "aten::_fused_adamw", "aten::lerp", "aten::addcdiv", "aten::addcmul")),
+    ("loss (log-softmax, NLL)", ("log_softmax", "nll_loss", "cross_entropy")),
+    ("norms (LayerNorm)", ("layer_norm",)),
+    ("activation (GELU)", ("gelu", "aten::tanh", "aten::pow")),
+    ("copies, views, adds", ("aten::copy_", "aten::add", "aten::clone", "aten::contiguous", "aten::cat",
+                             "aten::fill_", "aten::zero_", "aten::mul", "aten::sum", "aten::embedding", "aten::index")),
+]
+
+
+def categorise(name: str) -> str:
+    for category, keys in CATEGORIES:
+        if any(key in name for key in keys):
+            return category
+    return "other"
+
+
+def profile(step, steps: int) -> tuple[dict[str, float], float]:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    step()  # warm-up
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    totals: dict[str, float] = {}
+    for event in prof.key_averages():
+        totals[categorise(event.key)] = totals.get(categorise(event.key), 0.0) + event.self_cpu_time_total
+    return {k: v / steps / 1e3 for k, v in totals.items()}, sum(totals.values()) / steps / 1e3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="gpt2-small")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--no-record", action="store_true")
+    args = parser.parse_args()
+
+    import transformers
+
+    from llmcli import load_model
+    from llmcli.config import resolve_config
+    from llmcli.interop.hf import convert_to_hf
+    from llmcli.model_dir import build_model_dir
+    from llmcli.profiling.bench import machine_peaks
+    from llmcli.profiling.counts import count
+    from llmcli.training.loop import family_loss
+    from llmcli.training.optim import make_optimizer
+
+    config, _ = resolve_config(args.model)
+    with tempfile.TemporaryDirectory() as tmp:
+        build_model_dir(config, Path(tmp) / "ours", seed=0)
+        convert_to_hf(Path(tmp) / "ours", Path(tmp) / "hf")
+        ours = load_model(Path(tmp) / "ours").train()
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(Path(tmp) / "hf").train()
+    ids = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len + 1),
+                        generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
+
+    def step_fn(model, loss_fn):
+        optimizer = make_optimizer(model, 1e-4, 0.1)
+
+        def step():
+            optimizer.zero_grad(set_to_none=True)
+            loss_fn(model).backward()
+            optimizer.step()
+        return step
+
+    results = {
+        "llmcli": profile(step_fn(ours, lambda m: family_loss(m, batch)), args.steps),
+        "transformers": profile(step_fn(theirs, lambda m: m(input_ids=ids, labels=ids).loss), args.steps),
+    }
+    peak = machine_peaks(torch.device("cpu"))["matmul_flops"]
+    tokens = args.batch_size * args.seq_len
+    counts = count(config)
+    model_flops = tokens * (6 * counts.params_with_heads - 6 * config.max_seq_len * config.d_model  # PaLM: 6N
+                            + 12 * config.n_layers * config.d_attn * args.seq_len)  # + 12·L·H·Q·T
+    # the matmul category: every linear layer and the tied LM head, forward (2) + backward (4) FLOPs per weight
+    linear_flops = 6 * tokens * (counts.non_embedding_params + config.vocab_size * config.d_model)
+    categories = [c for c, _ in CATEGORIES] + ["other"]
+    lines = [header(f"Training step profile: {args.model}, batch {args.batch_size}, seq {args.seq_len}, fp32, CPU"),
+             f"torch.profiler self CPU time per step (mean of {args.steps} steps after a warm-up), forward + "
+             f"backward + AdamW; transformers {transformers.__version__}. Measured matmul peak "
+             f"{peak / 1e9:.0f} GFLOP/s (1024² fp32).\n",
+             "| category | llmcli ms | share | transformers ms | share |", "|---|---:|---:|---:|---:|"]
+    for category in categories:
+        cells = []
+        for name in ("llmcli", "transformers"):
+            parts, total = results[name]
+            cells += [f"{parts.get(category, 0.0):.0f}", f"{parts.get(category, 0.0) / total:.0%}"]
+        lines.append(f"| {category} | {' | '.join(cells)} |")
+    lines.append(f"| **total** | {results['llmcli'][1]:.0f} | | {results['transformers'][1]:.0f} | |")
+    for name in ("llmcli", "transformers"):
+        parts, total = results[name]
+        matmul = parts.get(CATEGORIES[0][0], 0.0)
+        lines.append(f"\n- {name}: model FLOPs {model_flops / (total / 1e3) / 1e9:.0f} GFLOP/s over the whole step "
+                     f"({model_flops / (total / 1e3) / peak:.0%} of the matmul peak); the linear layers' "
+                     f"{linear_flops / 1e9:.0f} GFLOP ran at {linear_flops / (matmul / 1e3) / 1e9:.0f} GFLOP/s "
+                     f"({linear_flops / (matmul / 1e3) / peak:.0%} of the peak)")
+    lines.append(f"\n`python benchmarks/profile_train_step.py --model {args.model} --batch-size {args.batch_size} "
+                 f"--seq-len {args.seq_len}`")
+    record("\n".join(lines), args.no_record)
+
+
+if __name__ == "__main__":
+    main()
