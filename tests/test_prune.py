@@ -137,10 +137,28 @@ def test_input_norms_are_the_l2_norms_of_what_each_linear_reads():
 @pytest.mark.parametrize("family", ["gpt", "t5"])
 def test_wanda_prunes_exactly_s_of_every_row(family):
     model = build_model(tiny_config(family), seed=0)
+    assert resolve_spec("wanda").scope == "row"
     prune_weights(model, resolve_spec("wanda", 0.5), random_batches(family), CPU, progress=False)
     for name, linear in prunable_linears(model).items():
         zeros_per_row = (linear.weight == 0).sum(1)
         assert (zeros_per_row == prune_count(0.5, linear.in_features)).all(), name
+
+
+def test_wanda_per_layer_drops_the_lowest_scores_of_each_layer():
+    model = build_model(tiny_config("gpt"), seed=0)
+    batches = random_batches("gpt")
+    block = model.decoder.blocks[0]
+    linears = prunable_linears(block)
+    norms = input_norms(model, batches, linears, CPU, stop_after=block)  # block 0 sees the dense model only
+    scores = {name: wanda_scores(linear.weight, norms[name]) for name, linear in linears.items()}
+    prune_weights(model, resolve_spec("wanda", 0.3, scope="layer"), batches, CPU, progress=False)
+    rows_differ = False
+    for name, linear in linears.items():
+        zero = linear.weight == 0
+        assert int(zero.sum()) == prune_count(0.3, zero.numel()), name
+        assert scores[name][zero].max() <= scores[name][~zero].min(), name
+        rows_differ |= len(set(zero.sum(1).tolist())) > 1
+    assert rows_differ  # not the same count in every row: the layer is one comparison group
 
 
 @pytest.mark.parametrize("method", ["magnitude", "wanda"])
@@ -288,6 +306,8 @@ BAD_INPUT = [
     (["--method", "heads", "--pattern", "2:4"], "--pattern is for --method magnitude or wanda"),
     (["--method", "heads", "--sparsity", "0.9"], "would remove all 4 heads"),
     (["--method", "wanda", "--scope", "global"], "--scope global is for --method magnitude"),
+    (["--method", "heads", "--scope", "layer"], "--scope is for --method magnitude or wanda"),
+    (["--method", "wanda", "--pattern", "2:4", "--scope", "row"], "--pattern sets its own groups"),
     (["--method", "magnitude", "--scope", "model"], "--scope 'model' is not one of"),
     (["--method", "wanda", "--calibration-batches", "0"], "--calibration-batches must be positive"),
     (["--method", "magnitude", "--recover-steps", "-1"], "--recover-steps must be >= 0"),

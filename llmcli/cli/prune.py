@@ -19,7 +19,9 @@ def prune(
                                                         "layer, in [0, 1) (default: 0.5)."),
     pattern: Optional[str] = typer.Option(None, help="N:M semi-structured sparsity, e.g. 2:4: keep N of every M "
                                                      "consecutive input weights (magnitude or wanda)."),
-    scope: str = typer.Option("layer", help="magnitude: rank weights per layer, or over all layers (global)."),
+    scope: Optional[str] = typer.Option(None, help="Where the lowest scores are dropped: each output row, each "
+                                                   "layer, or all layers together (global, magnitude only) "
+                                                   "(default: row for wanda, layer for magnitude)."),
     calibration_batches: int = typer.Option(8, help="Training batches whose activations wanda and heads score with."),
     data: Optional[str] = typer.Option(None, help="Corpus for calibration, evaluation and recovery "
                                                   "(default: the embedded one)."),
@@ -45,7 +47,7 @@ def prune(
     if json_out:
         print_json(report)
         return
-    how = report["pattern"] or f"{report['sparsity']:g}"
+    how = report["pattern"] or f"{report['sparsity']:g}" + (f" per {report['scope']}" if report["scope"] else "")
     render_comparison(report, f"prune {report['method']} {how}: {report['source']} -> {report['out']}")
     if report["recovery"]:
         recovery = report["recovery"]
