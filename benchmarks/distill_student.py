@@ -23,7 +23,7 @@ def main() -> None:
     parser.add_argument("--teacher", help="a finished `llmcli train` run to use as the teacher")
     parser.add_argument("--steps", type=int, default=None, help="student steps (default: train's default)")
     parser.add_argument("--alpha", type=float, default=0.5)
-    parser.add_argument("--temperature", type=float, default=2.0)
+    parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--work", default="runs/bench-distill")
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args()

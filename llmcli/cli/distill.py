@@ -19,7 +19,7 @@ def distill(
                                            help="Start the student from the teacher's embeddings, heads and "
                                                 "evenly spaced layers (every other one at half depth)."),
     alpha: float = typer.Option(0.5, help="Weight of the soft-target loss; 1 - alpha goes to the family's own loss."),
-    temperature: float = typer.Option(2.0, help="Softmax temperature of the soft targets (loss scaled by T²)."),
+    temperature: float = typer.Option(1.0, help="Softmax temperature of the soft targets (loss scaled by T²)."),
     baseline: bool = typer.Option(False, "--baseline", help="Also train the same student without the teacher "
                                                             "(into OUT/baseline) and report both."),
     data: Optional[str] = typer.Option(None, help="Corpus (default: the embedded one); every 10th document held out."),

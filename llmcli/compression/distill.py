@@ -118,7 +118,7 @@ def check_pair(teacher_config: ModelConfig, student_config: ModelConfig, teacher
 
 
 def distill(teacher_ref: str, student_ref: str | None, data: str | None, out: str, given: dict,
-            alpha: float = 0.5, temperature: float = 2.0, student_layers: int | None = None,
+            alpha: float = 0.5, temperature: float = 1.0, student_layers: int | None = None,
             init_from_teacher: bool = False, baseline: bool = False, resume: bool = False, force: bool = False,
             speed: bool = True, log=print) -> dict:
     """Distil `teacher_ref` (a model directory) into a student; returns a before/after report.
