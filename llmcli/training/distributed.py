@@ -166,8 +166,9 @@ class Parallel:
         if self.dp > 1 or self.tp == 1:
             from torch.nn.parallel import DistributedDataParallel
 
+            # gradients as views into the all-reduce buckets: no second copy of every gradient
             return DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda"
-                                           else None)
+                                           else None, gradient_as_bucket_view=True)
         return model
 
     def no_sync(self, model, last: bool):
