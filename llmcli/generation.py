@@ -115,11 +115,17 @@ def complete(model, tokenizer, prompt: str, max_new_tokens: int = 64, **sampling
 
 def load_for_inference(ref: str | os.PathLike, device: str = "auto"):
     """A model directory's model (eval mode, on `device`) and tokenizer, checked against each other."""
-    from llmcli.model_dir import load_model, load_tokenizer
+    from llmcli.finetune.saving import load_finetuned
+    from llmcli.model_dir import load_tokenizer
+    from llmcli.models.base import LanguageModel
     from llmcli.training.loop import resolve_device
 
     tokenizer = load_tokenizer(ref)  # first: a missing tokenizer.json fails before the weights are read
-    model = load_model(ref, device=str(resolve_device(device)))
+    model = load_finetuned(ref, device=str(resolve_device(device)))  # a fine-tuning run: base + its adapter
+    if not isinstance(model, LanguageModel):
+        raise UserError(f"{ref}: a prompt-tuned or classification run has no plain language-model output to "
+                        f"generate from; use `llmcli finetune` with --method lora, adapter or full and --task "
+                        f"lm or instruct")
     if tokenizer.get_vocab_size() > model.config.vocab_size:
         raise UserError(f"{ref}: tokenizer has {tokenizer.get_vocab_size()} tokens, the model only "
                         f"{model.config.vocab_size}; the directory mixes files from different models")

@@ -312,3 +312,20 @@ def test_bad_inputs_exit_2_with_a_message(tmp_path, cli, gpt_base, cls_data, lor
     assert not (tmp_path / "out").exists() and not (tmp_path / "b").exists()  # refused before writing anything
     with pytest.raises(Exception, match="d_model 64 there, 32 here"):
         load_finetuned(lora_out, base=other)
+
+
+def test_generate_on_a_lora_run_uses_its_adapter(tmp_path, gpt_base, cls_data, cli, lora_run):
+    out = tmp_path / "lm"
+    finetune(gpt_base, cls_data, str(out), {**FAST, "steps": 10, "lr": 1e-2}, {"method": "lora", "task": "lm"},
+             log=quiet)
+    assert cli("merge", out, "--out", tmp_path / "merged").exit_code == 0
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        base, merged = (load_model(d)(ids).logits for d in (gpt_base, tmp_path / "merged"))
+    assert (base - merged).abs().max() > 1e-3  # the adapter changes the outputs
+    args = ("--prompt", "apple", "--max-new-tokens", 6, "--temperature", 0, "--json")
+    run, folded = (cli("generate", d, *args) for d in (out, tmp_path / "merged"))
+    assert run.exit_code == 0 and folded.exit_code == 0, run.output
+    assert json.loads(run.stdout)["tokens"] == json.loads(folded.stdout)["tokens"]
+    refused = cli("generate", lora_run[1], "--prompt", "apple")  # a classifier has no LM output
+    assert refused.exit_code == 2 and "classification run" in refused.stderr
