@@ -27,6 +27,17 @@ def cli():
     return run
 
 
+def one_thread():
+    """Tiny models gain nothing from threads, and on a shared CPU every thread barrier can stall for
+    milliseconds. Test modules use it as `yield from one_thread()` in a module-scoped autouse fixture."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_config(family: str = "gpt", **overrides) -> ModelConfig:
     """A few-thousand-parameter config of any family; overrides change any field."""
     data = dict(name=f"tiny-{family}", family=family, vocab_size=97, d_model=32, n_layers=2, n_heads=4,

@@ -9,7 +9,7 @@ import torch
 from llmcli.compression.distill import copy_from_teacher, half_depth, kd_loss, teacher_layer_map
 from llmcli.models import build_model
 from llmcli.training.pretrain import pretrain
-from tests.conftest import tiny_config
+from tests.conftest import one_thread, tiny_config
 
 FAST = dict(steps=4, batch_size=4, seq_len=32, log_every=1, eval_batches=2)
 TEACHER = 'name = "tiny-teacher"\nfamily = "gpt"\nvocab_size = 320\nd_model = 32\nn_layers = 4\nn_heads = 2\n' \
@@ -18,10 +18,7 @@ TEACHER = 'name = "tiny-teacher"\nfamily = "gpt"\nvocab_size = 320\nd_model = 32
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    yield from one_thread()
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ from llmcli.finetune.tasks import build_task, collate, instruction_prompt
 from llmcli.model_dir import load_model, load_tokenizer, save_model
 from llmcli.models import build_model
 from llmcli.tokenizer import encode_plain, save_tokenizer, special_ids, train_tokenizer
+from tests.conftest import one_thread
 
 FRUIT = ["apple", "pear", "plum", "grape", "melon"]
 TOOLS = ["hammer", "drill", "saw", "wrench", "chisel"]
@@ -33,11 +34,7 @@ def quiet(*args, **kwargs):
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():
-    """Tiny models gain nothing from threads; on a shared CPU every thread barrier can stall."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    yield from one_thread()
 
 
 def classification_rows(n: int = 400, seed: int = 0) -> list[dict]:

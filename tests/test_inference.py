@@ -15,18 +15,14 @@ from llmcli.generation import generate_ids, generate_text, load_for_inference
 from llmcli.inspection import attention_map, cosine_similarity, embed, fill_mask
 from llmcli.model_dir import build_model_dir, load_model
 from llmcli.tokenizer import save_tokenizer, train_tokenizer
+from tests.conftest import one_thread
 
 TOKENIZERS = {"gpt": ("bpe", 300), "bert": ("wordpiece", 400), "t5": ("unigram", 300)}
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():
-    """Models of a few thousand parameters gain nothing from threads, and on a shared CPU every
-    thread barrier can wait milliseconds for a descheduled thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    yield from one_thread()
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ from llmcli.errors import UserError
 from llmcli.model_dir import build_model_dir, load_model
 from llmcli.models import build_model
 from llmcli.tokenizer import save_tokenizer, train_tokenizer
+from tests.conftest import one_thread
 
 CPU = torch.device("cpu")
 TOKENIZERS = {"gpt": ("bpe", 300), "bert": ("wordpiece", 400), "t5": ("unigram", 300)}
@@ -25,11 +26,7 @@ TOKENIZERS = {"gpt": ("bpe", 300), "bert": ("wordpiece", 400), "t5": ("unigram",
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():
-    """Tiny models gain nothing from threads; on a shared CPU every thread barrier can stall."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    yield from one_thread()
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from llmcli.compression.quantize import (QuantizedLinear, apply_quantized_layout
 from llmcli.errors import UserError
 from llmcli.model_dir import QUANTIZATION_FILE, load_model, save_model, write_json
 from llmcli.models import build_model, build_on_meta
-from tests.conftest import tiny_config
+from tests.conftest import one_thread, tiny_config
 
 SCHEMES = ("int8", "int4", "int8-dynamic")
 TINY_TOML = ('name = "tiny-gpt"\nfamily = "gpt"\nvocab_size = 320\nd_model = 64\nn_layers = 2\nn_heads = 2\n'
@@ -29,11 +29,7 @@ TINY_TOML = ('name = "tiny-gpt"\nfamily = "gpt"\nvocab_size = 320\nd_model = 64\
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():
-    """Tiny models gain nothing from threads; on a shared CPU every thread barrier can stall."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    yield from one_thread()
 
 
 def gaussian(*shape, seed=0, std=1.0):

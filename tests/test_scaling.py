@@ -5,11 +5,11 @@ import math
 import random
 
 import pytest
-import torch
 
 from llmcli.scaling.chart import text_chart
 from llmcli.scaling.fit import Run, fit_runs
 from llmcli.scaling.plan import allocation, chinchilla, from_fit, kaplan
+from tests.conftest import one_thread
 
 TINY = 'family = "gpt"\nvocab_size = 320\nd_model = {d}\nn_layers = 2\nn_heads = 2\nd_ff = {ff}\nmax_seq_len = 64\n' \
        'dropout = 0.0\n'
@@ -17,10 +17,7 @@ TINY = 'family = "gpt"\nvocab_size = 320\nd_model = {d}\nn_layers = 2\nn_heads =
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    yield from one_thread()
 
 
 def synthetic_runs(joint: bool, seed: int = 0, noise: float = 0.01) -> list[Run]:
