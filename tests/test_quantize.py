@@ -9,6 +9,7 @@ from unittest import mock
 
 import pytest
 import torch
+from safetensors.torch import load_file
 import torch.nn as nn
 import torch.nn.functional as F
 import typer
@@ -311,6 +312,10 @@ def test_cli_writes_a_quantized_directory_that_eval_and_generate_use(trained_dir
     generated = cli("generate", out, "--prompt", "The", "--max-new-tokens", "5", "--temperature", "0", "--json")
     assert generated.exit_code == 0, generated.output
     assert len(json.loads(generated.stdout)["tokens"]) == 5
+    estimate = cli("memory-estimate", out, "--mode", "infer", "--json")  # the weights as stored, not as fp32
+    assert estimate.exit_code == 0, estimate.output
+    stored = sum(t.numel() * t.element_size() for t in load_file(out / "model.safetensors").values())
+    assert json.loads(estimate.stdout)["breakdown"]["weights"] == stored
 
 
 def test_cli_human_report_and_include_head(trained_dir, cli_app, tmp_path):

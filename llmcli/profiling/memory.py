@@ -310,12 +310,14 @@ def estimate_memory(config: ModelConfig, mode: str = "train", batch_size: int = 
                     dtype: str = "fp32", optimizer: str = "adamw", grad_checkpointing: bool = False,
                     lora_rank: int = 0, lora_targets: tuple[str, ...] = LORA_TARGETS, zero_stage: int = 0,
                     gpus: int = 1, attention: str = "sdpa", device: str = "cuda", new_tokens: int = 16,
-                    target_len: int | None = None, group_size: int = GROUP_SIZE) -> MemoryEstimate:
+                    target_len: int | None = None, group_size: int = GROUP_SIZE,
+                    stored_weight_bytes: int | None = None) -> MemoryEstimate:
     """Estimate the peak memory of one training step or of generation (prefill plus new_tokens decode steps).
 
     seq_len defaults to the model's context. In infer mode seq_len is the whole context the KV cache holds
     (prompt plus generated tokens) for GPT, the encoder input for T5; T5 targets default to seq_len.
-    batch_size is per device.
+    batch_size is per device. stored_weight_bytes (infer): the weights as a quantized directory stores them,
+    counted instead of the dtype's convention.
     """
     seq_len = config.max_seq_len if seq_len is None else seq_len
     target_len = seq_len if target_len is None else target_len
@@ -331,7 +333,7 @@ def estimate_memory(config: ModelConfig, mode: str = "train", batch_size: int = 
                   target_len=target_len if config.family == "t5" else None)
     if mode == "infer":
         return _infer(config, stats, params, batch_size, seq_len, dtype, attention, device, new_tokens,
-                      group_size, inputs)
+                      group_size, inputs, stored_weight_bytes)
     return _train(config, stats, params, batch_size, seq_len, target_len, dtype, optimizer, grad_checkpointing,
                   lora_rank, tuple(lora_targets), zero_stage, gpus, attention, device, group_size, inputs)
 
@@ -443,11 +445,14 @@ def _train(config, stats, params, batch, seq_len, target_len, dtype, optimizer, 
 
 
 def _infer(config, stats, params, batch, seq_len, dtype, attention, device, new_tokens, group_size,
-           inputs) -> MemoryEstimate:
+           inputs, stored_weight_bytes=None) -> MemoryEstimate:
     """Generation: weights, the preallocated KV cache, the prefill's logits and one layer's working tensors."""
     notes = []
     compute = 4 if dtype == "fp32" else 2
-    if dtype in ("int8", "int4"):
+    if stored_weight_bytes is not None:
+        weights = stored_weight_bytes
+        notes.append(f"weights as the quantized directory stores them; {dtype} compute and KV cache")
+    elif dtype in ("int8", "int4"):
         weights = _quantized_weight_bytes(stats, dtype, group_size)
         notes.append(f"{dtype}: block linear weights quantized (fp16 scale per {group_size}); embeddings, "
                      f"norms, biases and heads kept in 16-bit; 16-bit compute and KV cache")
