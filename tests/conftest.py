@@ -14,6 +14,24 @@ def corpus(tmp_path_factory):
     return str(path)
 
 
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory) -> dict[str, str]:
+    """A tiny model directory per family, with a tokenizer trained on a few built-in documents."""
+    from llmcli.data import default_corpus
+    from llmcli.model_dir import build_model_dir
+    from llmcli.tokenizer import save_tokenizer, train_tokenizer
+
+    docs = default_corpus()[:8]
+    dirs = {}
+    for family, (kind, vocab) in {"gpt": ("bpe", 300), "bert": ("wordpiece", 400), "t5": ("unigram", 300)}.items():
+        tokenizer = train_tokenizer(docs, kind, vocab)
+        out = tmp_path_factory.mktemp(family) / "model"
+        build_model_dir(tiny_config(family, vocab_size=tokenizer.get_vocab_size()), out, seed=0)
+        save_tokenizer(tokenizer, out)
+        dirs[family] = str(out)
+    return dirs
+
+
 @pytest.fixture
 def cli():
     """Run the CLI in-process; returns click's Result (exit_code, stdout, stderr)."""

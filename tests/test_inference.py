@@ -10,33 +10,16 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from llmcli.data import default_corpus
 from llmcli.generation import generate_ids, generate_text, load_for_inference
 from llmcli.inspection import attention_map, cosine_similarity, embed, fill_mask
 from llmcli.model_dir import build_model_dir, load_model
-from llmcli.tokenizer import save_tokenizer, train_tokenizer
 from tests.conftest import one_thread
 
-TOKENIZERS = {"gpt": ("bpe", 300), "bert": ("wordpiece", 400), "t5": ("unigram", 300)}
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():
     yield from one_thread()
-
-
-@pytest.fixture(scope="module")
-def model_dirs(tmp_path_factory) -> dict[str, str]:
-    """A tiny model directory per family, with a tokenizer trained on a few built-in documents."""
-    docs = default_corpus()[:8]
-    dirs = {}
-    for family, (kind, vocab) in TOKENIZERS.items():
-        tokenizer = train_tokenizer(docs, kind, vocab)
-        out = tmp_path_factory.mktemp(family) / "model"
-        build_model_dir(tiny_config(family, vocab_size=tokenizer.get_vocab_size()), out, seed=0)
-        save_tokenizer(tokenizer, out)
-        dirs[family] = str(out)
-    return dirs
 
 
 def _randomise(model: torch.nn.Module, std: float, seed: int = 1) -> None:

@@ -15,13 +15,11 @@ from llmcli.compression.prune import (choose_heads, head_importance, heads_to_re
                                       wanda_scores)
 from llmcli.data import default_corpus
 from llmcli.errors import UserError
-from llmcli.model_dir import build_model_dir, load_model
+from llmcli.model_dir import load_model
 from llmcli.models import build_model
-from llmcli.tokenizer import save_tokenizer, train_tokenizer
 from tests.conftest import one_thread
 
 CPU = torch.device("cpu")
-TOKENIZERS = {"gpt": ("bpe", 300), "bert": ("wordpiece", 400), "t5": ("unigram", 300)}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -34,20 +32,6 @@ def corpus_file(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("data") / "corpus.txt"
     path.write_text("\n\n".join(default_corpus()[:40]))
     return str(path)
-
-
-@pytest.fixture(scope="module")
-def model_dirs(tmp_path_factory) -> dict[str, str]:
-    """A tiny model directory per family with a tokenizer trained on a few built-in documents."""
-    docs = default_corpus()[:8]
-    dirs = {}
-    for family, (kind, vocab) in TOKENIZERS.items():
-        tokenizer = train_tokenizer(docs, kind, vocab)
-        out = tmp_path_factory.mktemp(family) / "model"
-        build_model_dir(tiny_config(family, vocab_size=tokenizer.get_vocab_size()), out, seed=0)
-        save_tokenizer(tokenizer, out)
-        dirs[family] = str(out)
-    return dirs
 
 
 def random_batches(family: str, n: int = 2, seed: int = 0) -> list[dict]:

@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from llmcli.compression.calibration import run_calibration
 from llmcli.compression.quantize import block_of, qrange, symmetric_scales
 
 DAMP = 0.01  # λ = 1% of the mean diagonal of H (paper, sec. 4 "Step 3")
@@ -86,15 +87,9 @@ def _inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
 # ---------------------------------------------------------------- the model, block by block
 
 
-class _StopForward(Exception):
-    """Raised after the block being calibrated: the layers after it are not needed yet."""
-
-
 def collect_hessians(model: nn.Module, names: list[str], batches: list[dict],
                      stop_after: nn.Module | None = None) -> dict[str, torch.Tensor]:
     """H = 2 XᵀX / n per linear layer, X its inputs (n rows) over the calibration batches, from forward hooks."""
-    from llmcli.training.loop import model_outputs
-
     device = next(model.parameters()).device
     sums: dict[str, torch.Tensor] = {}
     counts = dict.fromkeys(names, 0)
@@ -106,21 +101,8 @@ def collect_hessians(model: nn.Module, names: list[str], batches: list[dict],
             counts[name] += x.shape[0]
         return hook
 
-    def stop(module, inputs, output):
-        raise _StopForward
-
     handles = [model.get_submodule(name).register_forward_hook(record(name)) for name in names]
-    if stop_after is not None:
-        handles.append(stop_after.register_forward_hook(stop))
-    try:
-        for batch in batches:
-            try:
-                model_outputs(model, {key: value.to(device) for key, value in batch.items()})
-            except _StopForward:
-                pass
-    finally:
-        for handle in handles:
-            handle.remove()
+    run_calibration(model, batches, device, handles, stop_after)
     missing = [name for name in names if counts[name] == 0]
     if missing:
         raise RuntimeError(f"GPTQ: layer {missing[0]} saw no calibration input")

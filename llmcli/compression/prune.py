@@ -32,6 +32,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from llmcli.compression.calibration import run_calibration
 from llmcli.errors import UserError
 from llmcli.models.blocks import Attention, Block, FeedForward, TransformerStack
 
@@ -206,23 +207,6 @@ def apply_masks(linears: dict[str, nn.Linear], masks: dict[str, torch.Tensor]) -
 # ---------------------------------------------------------------- calibration
 
 
-class _StopForward(Exception):
-    """Raised by a hook once the layers being calibrated have run: the rest of the model is not needed."""
-
-
-def _stop_forward(module, args, output):
-    raise _StopForward
-
-
-def _run_batches(model: nn.Module, batches: list[dict], device: torch.device, advance: Callable) -> None:
-    from llmcli.training.loop import model_outputs
-
-    for batch in batches:
-        with contextlib.suppress(_StopForward):
-            model_outputs(model, {k: v.to(device) for k, v in batch.items()})
-        advance()
-
-
 @torch.no_grad()
 def input_norms(model: nn.Module, batches: list[dict], linears: dict[str, nn.Linear], device: torch.device,
                 stop_after: nn.Module | None = None, advance: Callable = lambda: None) -> dict[str, torch.Tensor]:
@@ -236,14 +220,7 @@ def input_norms(model: nn.Module, batches: list[dict], linears: dict[str, nn.Lin
         return hook
 
     handles = [linear.register_forward_pre_hook(record(name)) for name, linear in linears.items()]
-    if stop_after is not None:
-        handles.append(stop_after.register_forward_hook(_stop_forward))
-    try:
-        model.eval()
-        _run_batches(model, batches, device, advance)
-    finally:
-        for handle in handles:
-            handle.remove()
+    run_calibration(model, batches, device, handles, stop_after, advance)
     return {name: s.sqrt() for name, s in squares.items()}
 
 
@@ -268,12 +245,7 @@ def head_importance(model: nn.Module, batches: list[dict], device: torch.device,
         return hook
 
     handles = [attn.o_proj.register_forward_pre_hook(record(name, attn)) for name, attn in attentions.items()]
-    try:
-        model.eval()
-        _run_batches(model, batches, device, advance)
-    finally:
-        for handle in handles:
-            handle.remove()
+    run_calibration(model, batches, device, handles, advance=advance)
     return {name: totals[name] / max(tokens[name], 1) for name in attentions}
 
 
