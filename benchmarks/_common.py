@@ -47,3 +47,43 @@ def record(section: str, dry_run: bool = False) -> None:
         return
     with open(RESULTS, "a") as f:
         f.write("\n" + section.rstrip() + "\n")
+
+
+def training_steps(model: str, batch_size: int, seq_len: int):
+    """(config, {"llmcli": step, "transformers": step}): one forward + loss + backward + AdamW step each, on the
+    same GPT-2-shaped weights and the same random window (the same make_optimizer for both)."""
+    import tempfile
+
+    import torch
+    import transformers
+
+    from llmcli import load_model
+    from llmcli.config import resolve_config
+    from llmcli.interop.hf import convert_to_hf
+    from llmcli.model_dir import build_model_dir
+    from llmcli.training.loop import family_loss
+    from llmcli.training.optim import make_optimizer
+
+    config, _ = resolve_config(model)
+    with tempfile.TemporaryDirectory() as tmp:
+        build_model_dir(config, Path(tmp) / "ours", seed=0)
+        convert_to_hf(Path(tmp) / "ours", Path(tmp) / "hf")
+        ours = load_model(Path(tmp) / "ours").train()
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(Path(tmp) / "hf").train()
+    ids = torch.randint(0, config.vocab_size, (batch_size, seq_len + 1), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
+
+    def step_fn(model, loss_fn):
+        optimizer = make_optimizer(model, 1e-4, 0.1)
+
+        def step():
+            optimizer.zero_grad(set_to_none=True)
+            loss_fn(model).backward()
+            optimizer.step()
+        return step
+
+    return config, {
+        "llmcli": step_fn(ours, lambda m: family_loss(m, batch)),
+        # HF shifts labels itself, so it gets the unshifted window.
+        "transformers": step_fn(theirs, lambda m: m(input_ids=ids[:, :-1], labels=ids[:, :-1]).loss),
+    }

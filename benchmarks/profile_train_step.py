@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import header, record  # noqa: E402
+from _common import header, record, training_steps  # noqa: E402
 
 CATEGORIES = [  # first match wins; names are aten operator names
     ("matmul (linear layers, LM head)", ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear")),
@@ -64,38 +63,11 @@ def main() -> None:
 
     import transformers
 
-    from llmcli import load_model
-    from llmcli.config import resolve_config
-    from llmcli.interop.hf import convert_to_hf
-    from llmcli.model_dir import build_model_dir
     from llmcli.profiling.bench import machine_peaks
     from llmcli.profiling.counts import count
-    from llmcli.training.loop import family_loss
-    from llmcli.training.optim import make_optimizer
 
-    config, _ = resolve_config(args.model)
-    with tempfile.TemporaryDirectory() as tmp:
-        build_model_dir(config, Path(tmp) / "ours", seed=0)
-        convert_to_hf(Path(tmp) / "ours", Path(tmp) / "hf")
-        ours = load_model(Path(tmp) / "ours").train()
-        theirs = transformers.AutoModelForCausalLM.from_pretrained(Path(tmp) / "hf").train()
-    ids = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len + 1),
-                        generator=torch.Generator().manual_seed(0))
-    batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
-
-    def step_fn(model, loss_fn):
-        optimizer = make_optimizer(model, 1e-4, 0.1)
-
-        def step():
-            optimizer.zero_grad(set_to_none=True)
-            loss_fn(model).backward()
-            optimizer.step()
-        return step
-
-    results = {
-        "llmcli": profile(step_fn(ours, lambda m: family_loss(m, batch)), args.steps),
-        "transformers": profile(step_fn(theirs, lambda m: m(input_ids=ids, labels=ids).loss), args.steps),
-    }
+    config, steps = training_steps(args.model, args.batch_size, args.seq_len)
+    results = {name: profile(step, args.steps) for name, step in steps.items()}
     peak = machine_peaks(torch.device("cpu"))["matmul_flops"]
     tokens = args.batch_size * args.seq_len
     counts = count(config)

@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from pathlib import Path
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import header, mean_std, record, timed  # noqa: E402
+from _common import header, mean_std, record, timed, training_steps  # noqa: E402
 
 
 def main() -> None:
@@ -30,36 +28,7 @@ def main() -> None:
 
     import transformers
 
-    from llmcli import load_model
-    from llmcli.config import resolve_config
-    from llmcli.interop.hf import convert_to_hf
-    from llmcli.model_dir import build_model_dir
-    from llmcli.training.loop import family_loss
-    from llmcli.training.optim import make_optimizer
-
-    config, _ = resolve_config(args.model)
-    with tempfile.TemporaryDirectory() as tmp:
-        build_model_dir(config, Path(tmp) / "ours", seed=0)
-        convert_to_hf(Path(tmp) / "ours", Path(tmp) / "hf")
-        ours = load_model(Path(tmp) / "ours").train()
-        theirs = transformers.AutoModelForCausalLM.from_pretrained(Path(tmp) / "hf").train()
-    ids = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len + 1),
-                        generator=torch.Generator().manual_seed(0))
-    batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
-
-    def step_fn(model, optimizer, loss_fn):
-        def step():
-            optimizer.zero_grad(set_to_none=True)
-            loss_fn(model).backward()
-            optimizer.step()
-        return step
-
-    runners = {
-        "llmcli": step_fn(ours, make_optimizer(ours, 1e-4, 0.1), lambda m: family_loss(m, batch)),
-        # HF shifts labels itself, so it gets the unshifted window.
-        "transformers": step_fn(theirs, make_optimizer(theirs, 1e-4, 0.1),
-                                lambda m: m(input_ids=ids[:, :-1], labels=ids[:, :-1]).loss),
-    }
+    _, runners = training_steps(args.model, args.batch_size, args.seq_len)
     for run in runners.values():  # warm-up
         run()
     tokens = args.batch_size * args.seq_len

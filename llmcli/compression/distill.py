@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from llmcli.config import ModelConfig, resolve_config
 from llmcli.errors import UserError
 
-DISTILL_KEYS = ("teacher", "alpha", "temperature", "init_from_teacher")
 LAYER_KEY = re.compile(r"^(?P<stack>(?:encoder|decoder)\.blocks)\.(?P<index>\d+)\.(?P<rest>.+)$")
 
 
@@ -78,17 +77,9 @@ def copy_from_teacher(student: torch.nn.Module, teacher: torch.nn.Module) -> int
     tensors were copied.
     """
     teacher_state = teacher.state_dict()
-    depth = {}
-    for key in teacher_state:
-        match = LAYER_KEY.match(key)
-        if match:
-            depth[match["stack"]] = max(depth.get(match["stack"], 0), int(match["index"]) + 1)
-    student_depth = {}
-    for key in student.state_dict():
-        match = LAYER_KEY.match(key)
-        if match:
-            student_depth[match["stack"]] = max(student_depth.get(match["stack"], 0), int(match["index"]) + 1)
-    maps = {stack: teacher_layer_map(depth[stack], n) for stack, n in student_depth.items() if stack in depth}
+    depth = _stack_depths(teacher_state)
+    maps = {stack: teacher_layer_map(depth[stack], n) for stack, n in _stack_depths(student.state_dict()).items()
+            if stack in depth}
     copied = {}
     for key, value in student.state_dict().items():
         match = LAYER_KEY.match(key)
@@ -99,6 +90,16 @@ def copy_from_teacher(student: torch.nn.Module, teacher: torch.nn.Module) -> int
         copied[key] = teacher_state[source]
     student.load_state_dict(copied)
     return len(copied)
+
+
+def _stack_depths(state: dict) -> dict[str, int]:
+    """Blocks per stack ('decoder.blocks': 12, ...) from state-dict keys."""
+    depths: dict[str, int] = {}
+    for key in state:
+        match = LAYER_KEY.match(key)
+        if match:
+            depths[match["stack"]] = max(depths.get(match["stack"], 0), int(match["index"]) + 1)
+    return depths
 
 
 def check_pair(teacher_config: ModelConfig, student_config: ModelConfig, teacher_dir: Path,
