@@ -127,8 +127,8 @@ def distill(teacher_ref: str, student_ref: str | None, data: str | None, out: st
     With `baseline`, the same student (same init, data and steps) is also trained without the teacher
     into OUT/baseline, so the report shows what the teacher bought.
     """
-    from llmcli.compression.report import REPORT_FILE, compare, snapshot
-    from llmcli.model_dir import QUANTIZATION_FILE, load_model, load_tokenizer, write_json
+    from llmcli.compression.report import REPORT_FILE, compare, full_precision_dir, snapshot
+    from llmcli.model_dir import load_model, load_tokenizer, write_json
     from llmcli.training.evaluation import corpus_batches
     from llmcli.training.loop import resolve_device
     from llmcli.training.pretrain import TRAINING_FILE, pretrain
@@ -147,11 +147,7 @@ def distill(teacher_ref: str, student_ref: str | None, data: str | None, out: st
         alpha, temperature = settings["alpha"], settings["temperature"]
     if not teacher_ref:
         raise UserError("--teacher is required: the trained model directory to distil")
-    teacher_dir = Path(teacher_ref)
-    if not teacher_dir.is_dir():
-        raise UserError(f"--teacher {teacher_ref}: not a model directory; train one first with `llmcli train`")
-    if (teacher_dir / QUANTIZATION_FILE).is_file():
-        raise UserError(f"--teacher {teacher_dir}: is quantized; distil from the full-precision model")
+    teacher_dir = full_precision_dir(teacher_ref, "--teacher")
     tokenizer = load_tokenizer(teacher_dir)
     teacher = load_model(teacher_dir)
     teacher.requires_grad_(False)

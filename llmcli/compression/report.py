@@ -112,19 +112,27 @@ def write_compressed(model: torch.nn.Module, source: Path, out: str | Path, repo
     return out
 
 
+def full_precision_dir(ref: str | Path, flag: str = "") -> Path:
+    """A model directory to compress or distil from: it must exist and not be quantized already."""
+    from llmcli.errors import UserError
+    from llmcli.model_dir import QUANTIZATION_FILE
+
+    directory, where = Path(ref), f"{flag} {ref}".strip()
+    if not directory.is_dir():
+        raise UserError(f"{where}: not a model directory; train one with `llmcli train` or convert one")
+    if (directory / QUANTIZATION_FILE).is_file():
+        raise UserError(f"{where}: already quantized ({QUANTIZATION_FILE}); start from the full-precision model")
+    return directory
+
+
 def open_source(model_dir: str | Path, data: str | None, seq_len: int | None, device: str = "auto",
                 val_batches: int = 8, batch_size: int = 8, seed: int = 0):
     """A compression command's input: (model, corpus batches, device). Refuses an already quantized model."""
-    from llmcli.errors import UserError
-    from llmcli.model_dir import QUANTIZATION_FILE, load_model, load_tokenizer
+    from llmcli.model_dir import load_model, load_tokenizer
     from llmcli.training.evaluation import corpus_batches
     from llmcli.training.loop import resolve_device
 
-    directory = Path(model_dir)
-    if not directory.is_dir():
-        raise UserError(f"{model_dir}: not a model directory; train one with `llmcli train` or convert one")
-    if (directory / QUANTIZATION_FILE).is_file():
-        raise UserError(f"{directory}: already quantized ({QUANTIZATION_FILE}); start from the full-precision model")
+    directory = full_precision_dir(model_dir)
     target = resolve_device(device)
     model = load_model(directory, device=str(target))
     corpus = corpus_batches(directory, model.config, load_tokenizer(directory), data, seq_len, val_batches,
