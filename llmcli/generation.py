@@ -15,6 +15,11 @@ from typing import Callable
 import torch
 
 from llmcli.errors import UserError
+from llmcli.finetune.saving import load_finetuned
+from llmcli.model_dir import load_tokenizer
+from llmcli.models.base import LanguageModel
+from llmcli.runtime import resolve_device
+from llmcli.tokenizer import encode_texts, special_ids
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
@@ -115,11 +120,6 @@ def complete(model, tokenizer, prompt: str, max_new_tokens: int = 64, **sampling
 
 def load_for_inference(ref: str | os.PathLike, device: str = "auto"):
     """A model directory's model (eval mode, on `device`) and tokenizer, checked against each other."""
-    from llmcli.finetune.saving import load_finetuned
-    from llmcli.model_dir import load_tokenizer
-    from llmcli.models.base import LanguageModel
-    from llmcli.training.loop import resolve_device
-
     tokenizer = load_tokenizer(ref)  # first: a missing tokenizer.json fails before the weights are read
     model = load_finetuned(ref, device=str(resolve_device(device)))  # a fine-tuning run: base + its adapter
     if not isinstance(model, LanguageModel):
@@ -243,8 +243,6 @@ def generate_text(model, tokenizer, prompts: list[str], max_new_tokens: int = 64
     result piece by piece, the prompt first, then the completion as it is generated (one sequence
     only); on_step is called once per decoding step.
     """
-    from llmcli.tokenizer import encode_texts, special_ids
-
     require_family(model, ("gpt", "t5"), "generate", "use `llmcli fill-mask` or `llmcli embed` on BERT models")
     check_sampling(max_new_tokens, temperature, top_k, top_p, num_samples)
     if not prompts:

@@ -12,8 +12,18 @@ import shutil
 from pathlib import Path
 from typing import Iterator
 
-from llmcli.config import ModelConfig, resolve_config
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer
+
+from llmcli.config import ModelConfig, load_config_json, resolve_config
+from llmcli.data import read_corpus
 from llmcli.errors import UserError
+from llmcli.models import build_model, build_on_meta
+from llmcli.models.quantized import apply_quantized_layout
+from llmcli.profiling.counts import count
+from llmcli.runtime import machine_memory
+from llmcli.tokenizer import KINDS, encode_plain, save_tokenizer, train_tokenizer
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -58,8 +68,6 @@ def write_json(path: Path, data: object) -> None:
 
 def save_model(model, directory: Path) -> None:
     """Write config.json and model.safetensors into an (already prepared) directory."""
-    from safetensors.torch import save_file
-
     write_json(directory / CONFIG_FILE, model.config.to_dict())
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     tmp = directory / (WEIGHTS_FILE + ".tmp")
@@ -68,9 +76,6 @@ def save_model(model, directory: Path) -> None:
 
 
 def read_safetensors(path: Path) -> dict:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
@@ -79,8 +84,6 @@ def read_safetensors(path: Path) -> dict:
 
 def load_model(ref: str | os.PathLike, device: str | None = None, dtype=None, seed: int | None = None):
     """Load a model directory, or build a fresh one from a zoo name or TOML path. Returned in eval mode."""
-    from llmcli.models import build_model, build_on_meta
-
     config, directory = resolve_config(ref)
     if directory is None:
         model = build_model(config, seed=seed)
@@ -88,8 +91,6 @@ def load_model(ref: str | os.PathLike, device: str | None = None, dtype=None, se
         model = build_on_meta(config)
         spec = read_quantization_spec(directory)
         if spec is not None:  # integer weights are assigned into a quantized layout, never expanded to fp32
-            from llmcli.compression.quantize import apply_quantized_layout
-
             apply_quantized_layout(model, spec, str(directory / QUANTIZATION_FILE))
         state = read_safetensors(_weights_path(directory))
         _load_state(model, state, directory / WEIGHTS_FILE)
@@ -143,8 +144,6 @@ def _load_state(model, state: dict, where: Path) -> None:
 
 def load_tokenizer(ref: str | os.PathLike):
     """The `tokenizers.Tokenizer` of a model directory."""
-    from tokenizers import Tokenizer
-
     path = Path(ref) / TOKENIZER_FILE
     if not path.is_file():
         raise UserError(f"{ref}: no {TOKENIZER_FILE}; train one with `llmcli tokenizer train` or `llmcli train`")
@@ -154,8 +153,50 @@ def load_tokenizer(ref: str | os.PathLike):
         raise UserError(f"{path}: not a valid tokenizer ({e})") from None
 
 
-def build_model_dir(config: ModelConfig, out: Path, seed: int, force: bool = False) -> None:
-    from llmcli.models import build_model
+def stored_tensor_bytes(directory: Path) -> int:
+    """Bytes of the tensors in model.safetensors, from its header alone (file size minus header)."""
+    path = _weights_path(directory)
+    with open(path, "rb") as f:
+        header = int.from_bytes(f.read(8), "little")
+    return path.stat().st_size - 8 - header
 
+
+def build_model_dir(config: ModelConfig, out: Path, seed: int, force: bool = False) -> int:
+    """Write a freshly initialised model directory; returns its parameter count. Refuses a model whose fp32
+    weights (and the copy safetensors writes) would not fit in this machine's memory."""
+    params = count(config).params_with_heads
+    need, have = 2 * 4 * params, machine_memory("cpu")
+    if need > have:
+        raise UserError(f"{config.name}: building needs about {need / 1e9:,.1f} GB of memory, this machine has "
+                        f"{have / 1e9:,.1f} GB; try `llmcli memory-estimate {config.name}` or a smaller model")
     with atomic_output_dir(out, force) as tmp:
         save_model(build_model(config, seed=seed), tmp)
+    return params
+
+
+def train_tokenizer_dir(data: str | os.PathLike | None, vocab_size: int, kind: str, out: Path,
+                        force: bool = False) -> dict:
+    """`llmcli tokenizer train`: a tokenizer trained on a corpus, written as OUT/tokenizer.json beside the model
+    files of a model directory (which stay untouched) or into a new directory; returns its figures."""
+    out = Path(out)
+    if kind not in KINDS:
+        raise UserError(f"--kind {kind!r} is not one of {', '.join(KINDS)}")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a directory; choose another --out")
+    if (out / TOKENIZER_FILE).exists() and not force:
+        raise UserError(f"{out / TOKENIZER_FILE}: already exists; pass --force to replace it")
+    if (out / CONFIG_FILE).is_file():
+        model_vocab = load_config_json(out).vocab_size
+        if vocab_size > model_vocab:
+            raise UserError(f"{out}: the model's vocab_size is {model_vocab}, smaller than --vocab-size {vocab_size}; "
+                            f"use --vocab-size {model_vocab} or less")
+    docs = read_corpus(data)
+    tokenizer = train_tokenizer(docs, kind, vocab_size)
+    tokens = sum(map(len, encode_plain(tokenizer, docs)))
+    if out.is_dir():
+        save_tokenizer(tokenizer, out)
+    else:
+        with atomic_output_dir(out) as tmp:
+            save_tokenizer(tokenizer, tmp)
+    return {"path": str(out / TOKENIZER_FILE), "kind": kind, "vocab_size": tokenizer.get_vocab_size(),
+            "documents": len(docs), "tokens": tokens, "chars": sum(map(len, docs))}

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from llmcli.config import resolve_config
-from llmcli.profiling.bench import flops_per_token
+from llmcli.profiling.counts import flops_per_token
 from llmcli.profiling.counts import count
 
 

@@ -6,10 +6,12 @@ import math
 import pytest
 import torch
 
-from llmcli.compression.distill import copy_from_teacher, half_depth, kd_loss, teacher_layer_map
+from llmcli.compression.distill import half_depth
+from llmcli.training.distillation import copy_from_teacher, kd_loss, teacher_layer_map
 from llmcli.models import build_model
 from llmcli.training.pretrain import pretrain
-from tests.conftest import one_thread, tiny_config
+from llmcli.training.run import TrainFlags
+from conftest import one_thread, tiny_config
 
 FAST = dict(steps=4, batch_size=4, seq_len=32, log_every=1, eval_batches=2)
 TEACHER = 'name = "tiny-teacher"\nfamily = "gpt"\nvocab_size = 320\nd_model = 32\nn_layers = 4\nn_heads = 2\n' \
@@ -25,7 +27,7 @@ def _one_thread():
 def teacher(tmp_path_factory, corpus) -> str:
     directory = tmp_path_factory.mktemp("teacher")
     (directory / "tiny-teacher.toml").write_text(TEACHER)
-    pretrain(str(directory / "tiny-teacher.toml"), corpus, str(directory / "run"), {**FAST, "steps": 8},
+    pretrain(str(directory / "tiny-teacher.toml"), corpus, str(directory / "run"), TrainFlags(**{**FAST, "steps": 8}),
              log=lambda *a, **k: None)
     return str(directory / "run")
 
@@ -127,6 +129,6 @@ def test_a_student_with_another_tokenizer_is_refused(tmp_path, teacher, corpus, 
 
     text = tmp_path / "other.txt"
     text.write_text("\n\n".join(topics[k] for k in sorted(topics)[12:24]))  # another corpus, another vocabulary
-    pretrain(str(tmp_path / "t.toml"), str(text), str(other), {**FAST, "steps": 1}, log=lambda *a, **k: None)
+    pretrain(str(tmp_path / "t.toml"), str(text), str(other), TrainFlags(**{**FAST, "steps": 1}), log=lambda *a, **k: None)
     result = cli("distill", "--teacher", teacher, "--student", other, "--data", corpus, "--out", tmp_path / "x")
     assert result.exit_code == 2 and "tokenizer differs" in result.stderr

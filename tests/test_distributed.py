@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from llmcli.training.pretrain import pretrain
+from llmcli.training.run import TrainFlags
 
 TOML = ('name = "tiny-gpt"\nfamily = "gpt"\nvocab_size = 320\nd_model = 32\nn_layers = 2\nn_heads = 2\nd_ff = 64\n'
         'max_seq_len = 64\ndropout = 0.0\n')
@@ -55,7 +56,7 @@ def setup(tmp_path_factory, corpus):
     toml = root / "tiny-gpt.toml"
     toml.write_text(TOML)
     args = dict(steps=STEPS, batch_size=BATCH, grad_accum=ACCUM, seq_len=32, save_every=2)
-    pretrain(str(toml), corpus, str(root / "single"), args, log=quiet)
+    pretrain(str(toml), corpus, str(root / "single"), TrainFlags(**args), log=quiet)
     return {"root": root, "toml": toml, "corpus": corpus, "single": root / "single"}
 
 
@@ -155,7 +156,7 @@ def test_fsdp_rank_failure_then_resume_and_export_equals_one_process(setup, tmp_
 
     from llmcli import load_model
     from llmcli.errors import UserError
-    from llmcli.training.state import complete_checkpoints
+    from llmcli.training.checkpoint import complete_checkpoints
 
     (tmp_path / "sitecustomize.py").write_text(textwrap.dedent(FAIL_RANK_1))
     run = setup["root"] / "fsdp"
@@ -172,8 +173,8 @@ def test_fsdp_rank_failure_then_resume_and_export_equals_one_process(setup, tmp_
     alone = tmp_path / "alone"
     shutil.copytree(run, alone)
     with pytest.raises(UserError, match="global batch of 4 rows"):
-        pretrain(str(setup["toml"]), None, str(alone), {}, resume=True, log=quiet)
-    result = pretrain(str(setup["toml"]), None, str(alone), {"batch_size": 4}, resume=True, log=quiet)
+        pretrain(str(setup["toml"]), None, str(alone), TrainFlags(resume=True), log=quiet)
+    result = pretrain(str(setup["toml"]), None, str(alone), TrainFlags(batch_size=4, resume=True), log=quiet)
     assert result["steps_run"] == 2
     assert max_difference(weights(alone), weights(setup["single"])) < TOLERANCE
 
@@ -204,11 +205,11 @@ def test_lora_fine_tuning_on_fsdp_equals_one_process(tmp_path):
     from safetensors.torch import load_file
     from test_finetune import classification_rows, make_base, write_jsonl
 
-    from llmcli.finetune import finetune
+    from llmcli.training.finetune import finetune
 
     base = make_base(tmp_path / "base", "gpt")
     data = write_jsonl(tmp_path / "cls.jsonl", classification_rows())
-    finetune(base, data, str(tmp_path / "single"), {"steps": 3, "batch_size": 4}, {"method": "lora", "task": "classify"},
+    finetune(base, data, str(tmp_path / "single"), TrainFlags(steps=3, batch_size=4), {"method": "lora", "task": "classify"},
              log=quiet)
     proc = llmcli("finetune", base, "--method", "lora", "--task", "classify", "--data", data, "--out",
                   tmp_path / "fsdp", "--steps", 3, "--batch-size", 2, "--nproc", 2, "--strategy", "fsdp", "--json")

@@ -12,14 +12,16 @@ from safetensors.torch import load_file
 
 from llmcli.config import config_from_dict
 from llmcli.data import IGNORE_INDEX
-from llmcli.finetune import finetune, load_finetuned, merge
+from llmcli.finetune import load_finetuned, merge
 from llmcli.finetune.heads import language_model
 from llmcli.finetune.lora import LoRALinear, add_lora
 from llmcli.finetune.tasks import build_task, collate, instruction_prompt
+from llmcli.training.finetune import finetune
+from llmcli.training.run import TrainFlags
 from llmcli.model_dir import load_model, load_tokenizer, save_model
 from llmcli.models import build_model
 from llmcli.tokenizer import encode_plain, save_tokenizer, special_ids, train_tokenizer
-from tests.conftest import one_thread
+from conftest import one_thread
 
 FRUIT = ["apple", "pear", "plum", "grape", "melon"]
 TOOLS = ["hammer", "drill", "saw", "wrench", "chisel"]
@@ -106,14 +108,14 @@ def lora_run(tmp_path_factory, gpt_base, cls_data, probe):
             final["logits"] = outputs(trainer.model, probe)
             trainer.model.train()
 
-    summary = finetune(gpt_base, cls_data, str(out), {**FAST, "steps": 60, "lr": 5e-3},
+    summary = finetune(gpt_base, cls_data, str(out), TrainFlags(**{**FAST, "steps": 60, "lr": 5e-3}),
                        {"method": "lora", "task": "classify", "lora_rank": 4, "lora_alpha": 8},
                        on_step=keep_outputs, log=quiet)
     return summary, out, final["logits"]
 
 
 def test_full_fine_tuning_learns_the_classification_task(tmp_path, gpt_base, cls_data):
-    summary = finetune(gpt_base, cls_data, str(tmp_path / "full"), {**FAST, "steps": 60, "lr": 2e-3},
+    summary = finetune(gpt_base, cls_data, str(tmp_path / "full"), TrainFlags(**{**FAST, "steps": 60, "lr": 2e-3}),
                        {"method": "full", "task": "classify"}, log=quiet)
     assert summary["val_examples"] == 40 and summary["trainable_share"] == 1.0
     assert summary["val_accuracy"] >= 0.8, summary  # chance: 0.5
@@ -178,7 +180,7 @@ def test_instruction_tuning_scores_only_the_response(tmp_path, gpt_base):
     assert t5["input_ids"] == prompt + [t5_special.eos]  # the prompt goes to the encoder, unscored
     assert t5["labels"] == response and t5["decoder_input_ids"] == [t5_special.pad] + response[:-1]
 
-    summary = finetune(gpt_base, data, str(tmp_path / "run"), {**FAST, "seq_len": 256, "steps": 2},
+    summary = finetune(gpt_base, data, str(tmp_path / "run"), TrainFlags(**{**FAST, "seq_len": 256, "steps": 2}),
                        {"method": "lora", "task": "instruct"}, log=quiet)
     assert summary["val_perplexity"] > 1 and (tmp_path / "run" / "peft" / "adapter_model.safetensors").is_file()
 
@@ -193,7 +195,7 @@ def test_adapters_and_prompt_tuning_train_with_the_base_frozen(tmp_path, cls_dat
         trained["model"] = trainer.model
 
     # The family objective on the texts: a random base barely lets a prompt or adapter move a class head.
-    summary = finetune(base, cls_data, str(tmp_path / "out"), {**FAST, "steps": 30, "lr": 1e-2},
+    summary = finetune(base, cls_data, str(tmp_path / "out"), TrainFlags(**{**FAST, "steps": 30, "lr": 1e-2}),
                        {"method": method, "task": "lm", "adapter_size": 8, "prompt_tokens": 4},
                        on_step=keep_model, log=quiet)
     records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
@@ -313,7 +315,7 @@ def test_bad_inputs_exit_2_with_a_message(tmp_path, cli, gpt_base, cls_data, lor
 
 def test_generate_on_a_lora_run_uses_its_adapter(tmp_path, gpt_base, cls_data, cli, lora_run):
     out = tmp_path / "lm"
-    finetune(gpt_base, cls_data, str(out), {**FAST, "steps": 10, "lr": 1e-2}, {"method": "lora", "task": "lm"},
+    finetune(gpt_base, cls_data, str(out), TrainFlags(**{**FAST, "steps": 10, "lr": 1e-2}), {"method": "lora", "task": "lm"},
              log=quiet)
     assert cli("merge", out, "--out", tmp_path / "merged").exit_code == 0
     ids = torch.tensor([[5, 6, 7, 8]])

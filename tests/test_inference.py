@@ -9,11 +9,10 @@ import sys
 import pytest
 import torch
 
-from conftest import tiny_config
+from conftest import one_thread, tiny_config
 from llmcli.generation import generate_ids, generate_text, load_for_inference
 from llmcli.inspection import attention_map, cosine_similarity, embed, fill_mask
 from llmcli.model_dir import build_model_dir, load_model
-from tests.conftest import one_thread
 
 
 

@@ -13,7 +13,7 @@ from llmcli.finetune.lora import add_lora
 from llmcli.models import build_model
 from llmcli.profiling.counts import count
 from llmcli.profiling.memory import COMPONENTS, attention_kernel, estimate_memory
-from llmcli.training.loop import autocast, family_loss
+from llmcli.runtime import autocast, family_loss
 
 
 def zoo(name):

@@ -9,15 +9,15 @@ import json
 import pytest
 import torch
 
-from conftest import tiny_config
+from conftest import one_thread, tiny_config
 from llmcli.compression.prune import (choose_heads, head_importance, heads_to_remove, input_norms, keep_mask,
-                                      prunable_linears, prune, prune_count, prune_heads, prune_weights, resolve_spec,
-                                      wanda_scores)
+                                      prune_count, prune_heads, prune_weights, resolve_spec, wanda_scores)
+from llmcli.compression.prune_dir import prune
+from llmcli.models.layout import block_linears
 from llmcli.data import default_corpus
 from llmcli.errors import UserError
 from llmcli.model_dir import load_model
 from llmcli.models import build_model
-from tests.conftest import one_thread
 
 CPU = torch.device("cpu")
 
@@ -60,7 +60,7 @@ def test_magnitude_zeros_exactly_round_s_n_smallest_weights_of_each_layer(sparsi
     model = build_model(tiny_config("gpt", activation="swiglu"), seed=0)
     original = copy.deepcopy(model)
     prune_weights(model, resolve_spec("magnitude", sparsity), [], CPU)
-    linears, before = prunable_linears(model), prunable_linears(original)
+    linears, before = block_linears(model), block_linears(original)
     assert len(linears) == 2 * 7  # q, k, v, o, up, gate, down in each of 2 blocks
     for name, linear in linears.items():
         zero = linear.weight == 0
@@ -73,9 +73,9 @@ def test_magnitude_zeros_exactly_round_s_n_smallest_weights_of_each_layer(sparsi
 
 def test_global_magnitude_prunes_exactly_s_of_all_weights_unevenly():
     model = build_model(tiny_config("gpt"), seed=0)
-    original = prunable_linears(copy.deepcopy(model))
+    original = block_linears(copy.deepcopy(model))
     prune_weights(model, resolve_spec("magnitude", 0.6, scope="global"), [], CPU)
-    linears = prunable_linears(model)
+    linears = block_linears(model)
     weights = torch.cat([linear.weight.flatten() for linear in linears.values()])
     assert int((weights == 0).sum()) == prune_count(0.6, weights.numel())
     per_layer = {round(float((linear.weight == 0).float().mean()), 3) for linear in linears.values()}
@@ -119,8 +119,8 @@ def test_input_norms_are_the_l2_norms_of_what_each_linear_reads():
 def test_wanda_prunes_exactly_s_of_every_row(family):
     model = build_model(tiny_config(family), seed=0)
     assert resolve_spec("wanda").scope == "row"
-    prune_weights(model, resolve_spec("wanda", 0.5), random_batches(family), CPU, progress=False)
-    for name, linear in prunable_linears(model).items():
+    prune_weights(model, resolve_spec("wanda", 0.5), random_batches(family), CPU)
+    for name, linear in block_linears(model).items():
         zeros_per_row = (linear.weight == 0).sum(1)
         assert (zeros_per_row == prune_count(0.5, linear.in_features)).all(), name
 
@@ -129,10 +129,10 @@ def test_wanda_per_layer_drops_the_lowest_scores_of_each_layer():
     model = build_model(tiny_config("gpt"), seed=0)
     batches = random_batches("gpt")
     block = model.decoder.blocks[0]
-    linears = prunable_linears(block)
+    linears = block_linears(block)
     norms = input_norms(model, batches, linears, CPU, stop_after=block)  # block 0 sees the dense model only
     scores = {name: wanda_scores(linear.weight, norms[name]) for name, linear in linears.items()}
-    prune_weights(model, resolve_spec("wanda", 0.3, scope="layer"), batches, CPU, progress=False)
+    prune_weights(model, resolve_spec("wanda", 0.3, scope="layer"), batches, CPU)
     rows_differ = False
     for name, linear in linears.items():
         zero = linear.weight == 0
@@ -145,11 +145,11 @@ def test_wanda_per_layer_drops_the_lowest_scores_of_each_layer():
 @pytest.mark.parametrize("method", ["magnitude", "wanda"])
 def test_2_4_pattern_keeps_exactly_2_of_every_4_inputs(method):
     model = build_model(tiny_config("gpt"), seed=0)
-    original = prunable_linears(copy.deepcopy(model))
+    original = block_linears(copy.deepcopy(model))
     spec = resolve_spec(method, pattern="2:4")
     assert spec.sparsity == 0.5
-    prune_weights(model, spec, random_batches("gpt"), CPU, progress=False)
-    for name, linear in prunable_linears(model).items():
+    prune_weights(model, spec, random_batches("gpt"), CPU)
+    for name, linear in block_linears(model).items():
         groups = linear.weight.reshape(linear.out_features, -1, 4)
         assert ((groups == 0).sum(-1) == 2).all(), name
         if method == "magnitude":  # the two kept are the two largest of the group
@@ -171,7 +171,7 @@ HEAD_CASES = [("gpt", {}, 2), ("bert", {}, 1), ("t5", {}, 2), ("gpt", {"n_kv_hea
 def test_removing_heads_equals_masking_them_and_shrinks_the_projections(family, overrides, remove):
     model = build_model(tiny_config(family, **overrides), seed=0)
     with torch.no_grad():  # a fresh init's heads are near-identical; spread them so the choice matters
-        for linear in prunable_linears(model).values():
+        for linear in block_linears(model).values():
             linear.weight.mul_(torch.rand(linear.weight.shape, generator=torch.Generator().manual_seed(1)) * 4)
     batches = random_batches(family)
     drop = choose_heads(model, head_importance(model, batches, CPU), remove)
@@ -204,7 +204,7 @@ def test_t5_self_attention_loses_the_same_heads_in_every_layer_of_a_stack():
     """The relative position bias is one table per stack with a column per head."""
     model = build_model(tiny_config("t5", n_layers=3), seed=0)
     with torch.no_grad():
-        for linear in prunable_linears(model).values():
+        for linear in block_linears(model).values():
             linear.weight.mul_(torch.rand(linear.weight.shape, generator=torch.Generator().manual_seed(2)) * 4)
     drop = choose_heads(model, head_importance(model, random_batches("t5"), CPU), 2)
     for stack in ("encoder", "decoder"):
@@ -245,13 +245,13 @@ def test_head_pruned_directory_loads_with_the_smaller_config_and_generates(cli, 
 
 
 def test_recovery_trains_and_keeps_the_zeros(model_dirs, corpus_file, tmp_path):
-    common = dict(data=corpus_file, seq_len=16, speed=False, progress=False, log=lambda *a: None)
+    common = dict(data=corpus_file, seq_len=16, speed=False, log=lambda *a: None)
     spec = resolve_spec("wanda", 0.5, calibration_batches=2)
     plain = prune(model_dirs["gpt"], tmp_path / "plain", spec, **common)
     recovered = prune(model_dirs["gpt"], tmp_path / "recovered", spec, recover_steps=5, lr=1e-2, **common)
     assert recovered["recovery"]["steps"] == 5
     assert recovered["after"]["loss"] < recovered["pruned"]["loss"] == pytest.approx(plain["after"]["loss"])
-    before, after = (prunable_linears(load_model(tmp_path / name)) for name in ("plain", "recovered"))
+    before, after = (block_linears(load_model(tmp_path / name)) for name in ("plain", "recovered"))
     for name, linear in after.items():
         assert torch.equal(linear.weight == 0, before[name].weight == 0), name  # the same zeros, no more, no less
         assert not torch.equal(linear.weight, before[name].weight), name  # and the rest trained

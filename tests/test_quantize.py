@@ -16,12 +16,14 @@ import typer
 from typer.testing import CliRunner
 
 from llmcli.compression.gptq import gptq_quantize
-from llmcli.compression.quantize import (QuantizedLinear, apply_quantized_layout, dequantize, pack_int4,
-                                         quantize_model, quantize_rtn, unpack_int4, _fbgemm_available)
+from llmcli.compression.quantize import quantize_model, quantize_rtn
+from llmcli.models.quantized import (QuantizedLinear, _fbgemm_available, apply_quantized_layout, dequantize, pack_int4,
+                                    unpack_int4)
 from llmcli.errors import UserError
+from llmcli.training.run import TrainFlags
 from llmcli.model_dir import QUANTIZATION_FILE, load_model, save_model, write_json
 from llmcli.models import build_model, build_on_meta
-from tests.conftest import one_thread, tiny_config
+from conftest import one_thread, tiny_config
 
 SCHEMES = ("int8", "int4", "int8-dynamic")
 TINY_TOML = ('name = "tiny-gpt"\nfamily = "gpt"\nvocab_size = 320\nd_model = 64\nn_layers = 2\nn_heads = 2\n'
@@ -120,7 +122,7 @@ def test_t5_head_untied_keeps_its_logits():
     model = build_model(tiny_config("t5"), seed=0).eval()
     ids, extra = family_inputs("t5")
     reference = model(ids, **extra).logits.detach()
-    from llmcli.compression.quantize import untie_head
+    from llmcli.models.quantized import untie_head
 
     untie_head(model)
     assert not model.config.tie_embeddings
@@ -269,7 +271,7 @@ def trained_dir(tmp_path_factory) -> str:
     (root / "tiny-gpt.toml").write_text(TINY_TOML)
     run = root / "run"
     pretrain(str(root / "tiny-gpt.toml"), None, str(run),
-             dict(steps=40, batch_size=8, seq_len=32, log_every=20, eval_batches=2), log=lambda *a, **k: None)
+             TrainFlags(steps=40, batch_size=8, seq_len=32, log_every=20, eval_batches=2), log=lambda *a, **k: None)
     return str(run)
 
 

@@ -9,7 +9,7 @@ import pytest
 from llmcli.scaling.chart import text_chart
 from llmcli.scaling.fit import Run, fit_runs
 from llmcli.scaling.plan import allocation, chinchilla, from_fit, kaplan
-from tests.conftest import one_thread
+from conftest import one_thread
 
 TINY = 'family = "gpt"\nvocab_size = 320\nd_model = {d}\nn_layers = 2\nn_heads = 2\nd_ff = {ff}\nmax_seq_len = 64\n' \
        'dropout = 0.0\n'

@@ -14,6 +14,7 @@ import torch
 from llmcli.errors import UserError
 from llmcli.training.optim import lr_factor, make_optimizer
 from llmcli.training.pretrain import pretrain
+from llmcli.training.run import TrainFlags
 
 TINY = {
     "gpt": 'family = "gpt"\nvocab_size = 320\nd_model = 32\nn_layers = 2\nn_heads = 2\nd_ff = 64\nmax_seq_len = 64\n'
@@ -46,7 +47,7 @@ def test_same_seed_gives_bit_identical_weights_and_another_seed_does_not(tmp_pat
     toml = model_toml(tmp_path)
     runs = {}
     for name, seed in (("a", 1), ("b", 1), ("c", 2)):
-        pretrain(toml, corpus, str(tmp_path / name), {**FAST, "seed": seed}, log=quiet)
+        pretrain(toml, corpus, str(tmp_path / name), TrainFlags(**FAST, seed=seed), log=quiet)
         runs[name] = weights(tmp_path / name)
     assert all(torch.equal(runs["a"][k], runs["b"][k]) for k in runs["a"])
     assert not all(torch.equal(runs["a"][k], runs["c"][k]) for k in runs["a"])
@@ -55,16 +56,16 @@ def test_same_seed_gives_bit_identical_weights_and_another_seed_does_not(tmp_pat
 def test_stop_and_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, corpus):
     toml = model_toml(tmp_path)
     args = {**FAST, "grad_accum": 2}
-    pretrain(toml, corpus, str(tmp_path / "straight"), args, log=quiet)
+    pretrain(toml, corpus, str(tmp_path / "straight"), TrainFlags(**args), log=quiet)
 
     def stop_at_3(trainer):
         if trainer.step == 3:
             trainer.stop_requested = True  # what the first Ctrl-C does
 
-    stopped = pretrain(toml, corpus, str(tmp_path / "resumed"), args, on_step=stop_at_3, log=quiet)
+    stopped = pretrain(toml, corpus, str(tmp_path / "resumed"), TrainFlags(**args), on_step=stop_at_3, log=quiet)
     assert stopped["stopped_early"] and stopped["step"] == 3
     assert (tmp_path / "resumed" / "checkpoints" / "step-3").is_dir()
-    resumed = pretrain(toml, None, str(tmp_path / "resumed"), {}, resume=True, log=quiet)
+    resumed = pretrain(toml, None, str(tmp_path / "resumed"), TrainFlags(resume=True), log=quiet)
     assert resumed["step"] == 6 and resumed["steps_run"] == 3
     a, b = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -80,8 +81,9 @@ def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, cor
     marker = tmp_path / "writing"
     script = textwrap.dedent(f"""
         import pathlib, time
-        import llmcli.training.state as state
+        import llmcli.training.checkpoint as state
         from llmcli.training.pretrain import pretrain
+        from llmcli.training.run import TrainFlags
         real_save = state.save_model
         def slow_save(model, directory):
             if "step-4" in str(directory):
@@ -90,7 +92,7 @@ def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, cor
                 time.sleep(60)
             real_save(model, directory)
         state.save_model = slow_save
-        pretrain({toml!r}, {corpus!r}, {str(run)!r}, dict(steps=6, batch_size=2, seq_len=16, save_every=2),
+        pretrain({toml!r}, {corpus!r}, {str(run)!r}, TrainFlags(steps=6, batch_size=2, seq_len=16, save_every=2),
                  log=lambda *a: None)
     """)
     child = subprocess.Popen([sys.executable, "-c", script])
@@ -106,12 +108,12 @@ def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, cor
     finally:
         if child.poll() is None:
             child.kill()
-    from llmcli.training.state import complete_checkpoints
+    from llmcli.training.checkpoint import complete_checkpoints
     from llmcli import load_model
 
     assert [p.name for p in complete_checkpoints(run)] == ["step-2"]
     assert load_model(run / "checkpoints" / "step-2").num_parameters() > 0
-    resumed = pretrain(toml, None, str(run), {}, resume=True, log=quiet)
+    resumed = pretrain(toml, None, str(run), TrainFlags(resume=True), log=quiet)
     assert resumed["step"] == 6 and resumed["steps_run"] == 4
 
 
@@ -124,7 +126,7 @@ def test_a_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp
                 p.data.fill_(float("nan"))
 
     with pytest.raises(TrainingDiverged, match=r"loss became nan at step 3.*step-2"):
-        pretrain(model_toml(tmp_path), corpus, str(tmp_path / "run"), {**FAST, "save_every": 2}, on_step=poison,
+        pretrain(model_toml(tmp_path), corpus, str(tmp_path / "run"), TrainFlags(**FAST, save_every=2), on_step=poison,
                  log=quiet)
     from llmcli import load_model
 
@@ -135,7 +137,7 @@ def test_a_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp
 @pytest.mark.parametrize("family", ["gpt", "bert", "t5"])
 def test_each_objective_lowers_validation_loss_on_the_default_corpus(tmp_path, family):
     result = pretrain(model_toml(tmp_path, family), None, str(tmp_path / "run"),
-                      dict(steps=60, batch_size=8, seq_len=64, lr=3e-3, eval_every=20, eval_batches=4), log=quiet)
+                      TrainFlags(steps=60, batch_size=8, seq_len=64, lr=3e-3, eval_every=20, eval_batches=4), log=quiet)
     history = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     val = [r["val_loss"] for r in history if "val_loss" in r]
     assert len(val) == 4  # steps 0 (untrained), 20, 40, 60
@@ -164,7 +166,7 @@ def test_weight_decay_only_on_matrices():
 
 
 def test_eval_cli_reports_loss_and_perplexity(tmp_path, corpus, cli):
-    pretrain(model_toml(tmp_path), corpus, str(tmp_path / "run"), FAST, log=quiet)
+    pretrain(model_toml(tmp_path), corpus, str(tmp_path / "run"), TrainFlags(**FAST), log=quiet)
     result = cli("eval", tmp_path / "run", "--data", corpus, "--json")
     assert result.exit_code == 0, result.stderr
     data = json.loads(result.stdout)
@@ -195,7 +197,7 @@ def test_empty_corpus_and_vocab_mismatch_exit_2(tmp_path, cli, corpus):
     from llmcli.config import load_toml
     from llmcli.model_dir import build_model_dir
 
-    pretrain(model_toml(tmp_path), corpus, str(tmp_path / "small"), FAST, log=quiet)
+    pretrain(model_toml(tmp_path), corpus, str(tmp_path / "small"), TrainFlags(**FAST), log=quiet)
     toml = tmp_path / "smaller.toml"
     toml.write_text('name = "smaller"\n' + TINY["gpt"].replace("vocab_size = 320", "vocab_size = 100"))
     build_model_dir(load_toml(toml), tmp_path / "mismatch", seed=0)
@@ -205,7 +207,7 @@ def test_empty_corpus_and_vocab_mismatch_exit_2(tmp_path, cli, corpus):
 
 
 def test_existing_run_needs_resume_or_force(tmp_path, corpus, cli):
-    pretrain(model_toml(tmp_path), corpus, str(tmp_path / "run"), FAST, log=quiet)
+    pretrain(model_toml(tmp_path), corpus, str(tmp_path / "run"), TrainFlags(**FAST), log=quiet)
     result = cli("train", model_toml(tmp_path), "--data", corpus, "--out", tmp_path / "run")
     assert result.exit_code == 2 and "--resume" in result.stderr
 

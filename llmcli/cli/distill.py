@@ -7,10 +7,11 @@ from typing import Optional
 import typer
 
 from llmcli.cli import training_flags as flags
-from llmcli.cli.output import console, log, print_json
+from llmcli.cli.output import BarProgress, console, log, print_json
 
 
 def distill(
+    ctx: typer.Context,
     teacher: Optional[str] = typer.Option(None, help="Trained teacher model directory (with tokenizer.json)."),
     student: Optional[str] = typer.Option(None, help="Student: zoo name, TOML file or model directory of the same "
                                                      "family and tokenizer (default: the teacher at half depth)."),
@@ -45,10 +46,11 @@ def distill(
     """Distil a teacher into a smaller student: α·T²·KL(teacher‖student) + (1-α)·the family's loss."""
     from llmcli.cli.compression_report import render_comparison
     from llmcli.compression.distill import distill as run
+    from llmcli.training.run import TrainFlags
 
-    report = run(teacher, student, data, out, flags.given(locals()), alpha=alpha, temperature=temperature,
-                 student_layers=student_layers, init_from_teacher=init_from_teacher, baseline=baseline,
-                 resume=resume, force=force, speed=not no_speed, log=log)
+    report = run(teacher, student, data, out, TrainFlags.from_params(ctx.params), alpha=alpha,
+                 temperature=temperature, student_layers=student_layers, init_from_teacher=init_from_teacher,
+                 baseline=baseline, speed=not no_speed, log=log, progress=BarProgress())
     if "summary" in report:
         log(f"stopped at step {report['summary']['step']}; continue with `llmcli distill --out {out} --resume`")
         return

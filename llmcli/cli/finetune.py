@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 
 from llmcli.cli import training_flags as flags
-from llmcli.cli.output import log, print_json
+from llmcli.cli.output import BarProgress, log, print_json
 
 
 def finetune(
@@ -50,15 +50,16 @@ def finetune(
 ) -> None:
     """Fine-tune a model: full, LoRA, adapters or prompt tuning, on text, instructions or labelled texts."""
     if nproc is not None:
-        flags.launch(ctx, nproc, locals(), model if model is not None and not resume else out, out)
-    from llmcli.finetune import finetune as run
+        flags.launch(ctx, nproc, model if model is not None and not resume else out, out)
     from llmcli.training.distributed import is_main_process, rank_errors
+    from llmcli.training.finetune import finetune as run
+    from llmcli.training.run import TrainFlags
 
-    given = flags.given(locals())
     settings = dict(method=method, task=task, lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                     lora_targets=lora_targets, adapter_size=adapter_size, prompt_tokens=prompt_tokens)
     with rank_errors():
-        summary = run(model, data, out, given, settings, resume=resume, force=force, log=log)
+        summary = run(model, data, out, TrainFlags.from_params(ctx.params), settings, log=log,
+                      progress=BarProgress())
     if not is_main_process():
         return
     if json_out:

@@ -48,19 +48,12 @@ def memory_estimate(
     measure: bool = typer.Option(False, "--measure", help="Also run the real step and report its measured peak."),
 ) -> None:
     """Estimate memory from the config alone: weights, gradients, optimizer, activations, logits, KV cache."""
-    from llmcli.config import resolve_config
-    from llmcli.profiling.memory import estimate_memory
+    from llmcli.profiling.memory import estimate_memory_of
 
-    config, directory = resolve_config(model)
-    stored = _quantized_weight_bytes(directory) if mode == "infer" else None
-    if device == "auto":
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    estimate = estimate_memory(config, mode=mode, batch_size=batch_size, seq_len=seq_len, dtype=dtype,
-                               optimizer=optimizer, grad_checkpointing=grad_checkpointing, lora_rank=lora_rank,
-                               zero_stage=zero_stage, gpus=gpus, attention=attention, device=device,
-                               new_tokens=new_tokens, stored_weight_bytes=stored)
+    config, estimate, device = estimate_memory_of(
+        model, mode, device, batch_size=batch_size, seq_len=seq_len, dtype=dtype, optimizer=optimizer,
+        grad_checkpointing=grad_checkpointing, lora_rank=lora_rank, zero_stage=zero_stage, gpus=gpus,
+        attention=attention, new_tokens=new_tokens)
     result = estimate.to_dict()
     if measure:
         result.update(_measure(config, estimate, device))
@@ -133,15 +126,3 @@ def _convention(name: str, r: dict) -> str:
     if name == "logits" and r["breakdown"]["logits"]:
         return "12/logit" if r["inputs"]["mode"] == "train" else ""
     return ""
-
-
-def _quantized_weight_bytes(directory) -> int | None:
-    """A quantized directory's tensor bytes, from the safetensors header alone (file size minus header)."""
-    from llmcli.model_dir import QUANTIZATION_FILE, WEIGHTS_FILE
-
-    if directory is None or not (directory / QUANTIZATION_FILE).is_file():
-        return None
-    path = directory / WEIGHTS_FILE
-    with open(path, "rb") as f:
-        header = int.from_bytes(f.read(8), "little")
-    return path.stat().st_size - 8 - header

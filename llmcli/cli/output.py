@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 
 from rich.console import Console
 
@@ -28,3 +29,46 @@ def human(n: float, unit: str = "") -> str:
         if abs(n) >= threshold:
             return f"{n / threshold:.3g}{suffix}{unit}" if unit else f"{n / threshold:.4g}{suffix}"
     return f"{n:.0f}{unit}" if unit else f"{n:.0f}"
+
+
+# figure name -> how the bar shows it (the training loop reports these; other work reports none)
+_FIGURES = {"loss": "loss {:.3f}", "lr": "lr {:.1e}", "tokens_per_s": "{:,.0f} tok/s",
+            "val_perplexity": "val ppl {:.1f}", "val_accuracy": "val acc {:.3f}"}
+
+
+class BarProgress:
+    """Renders the library's progress reports (llmcli.progress) as a rich bar on stderr: count, the latest
+    figures, rate and ETA. Figures stay shown until a newer value comes."""
+
+    def task(self, label: str, total: int | None, completed: int = 0, unit: str = "steps") -> _BarTask:
+        return _BarTask(label, total, completed, unit)
+
+
+class _BarTask:
+    def __init__(self, label: str, total: int | None, completed: int, unit: str) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.bar = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                            TimeRemainingColumn(), console=err_console, transient=label != "train")
+        self.unit, self.figures, self.completed = unit, {}, completed
+        self.start, self.started_at = completed, time.perf_counter()
+        self.task_id = self.bar.add_task(label, total=total, completed=completed, info="")
+        self.bar.start()
+
+    def __enter__(self) -> _BarTask:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def update(self, completed: int | None = None, **figures) -> None:
+        self.completed = self.completed + 1 if completed is None else completed
+        self.figures.update({k: v for k, v in figures.items() if k in _FIGURES})
+        parts = [_FIGURES[k].format(v) for k, v in self.figures.items()]
+        if "tokens_per_s" not in self.figures:
+            elapsed = time.perf_counter() - self.started_at
+            parts.append(f"{(self.completed - self.start) / max(elapsed, 1e-9):.1f} {self.unit}/s")
+        self.bar.update(self.task_id, completed=self.completed, info="  ".join(parts))
+
+    def close(self) -> None:
+        self.bar.stop()

@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from llmcli.cli import training_flags as flags
-from llmcli.cli.output import console, log, print_json
+from llmcli.cli.output import BarProgress, console, log, print_json
 
 
 def prune(
@@ -38,12 +38,13 @@ def prune(
 ) -> None:
     """Prune a model: unstructured (magnitude, Wanda), N:M (--pattern 2:4) or whole attention heads."""
     from llmcli.cli.compression_report import render_comparison
-    from llmcli.compression.prune import prune as run
     from llmcli.compression.prune import resolve_spec
+    from llmcli.compression.prune_dir import prune as run
 
     spec = resolve_spec(method, sparsity, pattern, scope, calibration_batches)
     report = run(model, out, spec, data=data, seq_len=seq_len, batch_size=batch_size, recover_steps=recover_steps,
-                 lr=lr, seed=seed or 0, device=device or "auto", speed=not no_speed, force=force, log=log)
+                 lr=lr, seed=seed or 0, device=device or "auto", speed=not no_speed, force=force,
+                 progress=BarProgress(), log=log)
     if json_out:
         print_json(report)
         return

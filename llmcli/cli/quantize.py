@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from llmcli.cli.output import log, print_json
+from llmcli.cli.output import BarProgress, log, print_json
 
 
 def quantize(
@@ -34,11 +34,11 @@ def quantize(
 ) -> None:
     """Quantize the linear layers to int8 or int4 (round to nearest or GPTQ) and report size, perplexity, speed."""
     from llmcli.cli.compression_report import render_comparison
-    from llmcli.compression.quantize import quantize_model_dir
+    from llmcli.compression.quantize_dir import quantize_model_dir
 
     report = quantize_model_dir(model_dir, out, scheme, group_size, method, calibration_data, calibration_batches,
                                 act_order, include_head, data, seq_len, device, speed=not no_speed, force=force,
-                                progress=True)
+                                progress=BarProgress())
     if json_out:
         print_json(report)
         return

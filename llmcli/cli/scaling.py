@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from llmcli.cli import training_flags as flags
-from llmcli.cli.output import console, human, log, print_json
+from llmcli.cli.output import BarProgress, console, human, log, print_json
 from llmcli.errors import UserError
 
 app = typer.Typer(no_args_is_help=True, help="Scaling laws: sweep model sizes, fit L(N) or L(N, D), plan a budget.")
@@ -35,9 +35,11 @@ def sweep(
 ) -> None:
     """Train each model on the same data with the same token or FLOP budget; record N, D, C, time and loss."""
     from llmcli.scaling.sweep import sweep as run
+    from llmcli.training.run import TrainFlags
 
-    given = dict(batch_size=batch_size, seq_len=seq_len, lr=lr, seed=seed, device=device, precision=precision)
-    rows = run([m.strip() for m in models.split(",") if m.strip()], out, tokens, compute, data, given, force, log)
+    flags = TrainFlags(batch_size=batch_size, seq_len=seq_len, lr=lr, seed=seed, device=device, precision=precision)
+    rows = run([m.strip() for m in models.split(",") if m.strip()], out, tokens, compute, data, flags, force, log,
+               BarProgress())
     if json_out:
         print_json(rows)
         return

@@ -20,33 +20,10 @@ def train(data: Path = typer.Option(None, "--data", help="A .txt file, a folder 
                                                       "or a new one)."),
           force: bool = typer.Option(False, "--force", help="Replace an existing tokenizer.json.")) -> None:
     """Train a tokenizer and write DIR/tokenizer.json."""
-    from llmcli.config import load_config_json
-    from llmcli.data import read_corpus
-    from llmcli.errors import UserError
-    from llmcli.model_dir import CONFIG_FILE, TOKENIZER_FILE, atomic_output_dir
-    from llmcli.tokenizer import KINDS, encode_plain, save_tokenizer, train_tokenizer
+    from llmcli.model_dir import train_tokenizer_dir
 
-    if kind not in KINDS:
-        raise UserError(f"--kind {kind!r} is not one of {', '.join(KINDS)}")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out}: exists and is not a directory; choose another --out")
-    if (out / TOKENIZER_FILE).exists() and not force:
-        raise UserError(f"{out / TOKENIZER_FILE}: already exists; pass --force to replace it")
-    if (out / CONFIG_FILE).is_file():
-        model_vocab = load_config_json(out).vocab_size
-        if vocab_size > model_vocab:
-            raise UserError(f"{out}: the model's vocab_size is {model_vocab}, smaller than --vocab-size {vocab_size}; "
-                            f"use --vocab-size {model_vocab} or less")
-    docs = read_corpus(data)
-    with err_console.status(f"training a {vocab_size}-entry {kind} tokenizer on {len(docs)} documents"):
-        tokenizer = train_tokenizer(docs, kind, vocab_size)
-        n_tokens = sum(map(len, encode_plain(tokenizer, docs)))
-    if out.is_dir():
-        save_tokenizer(tokenizer, out)  # beside the model files, which stay untouched
-    else:
-        with atomic_output_dir(out) as tmp:
-            save_tokenizer(tokenizer, tmp)
-    n_chars = sum(map(len, docs))
-    summary = (f"trained {kind} tokenizer: vocab {tokenizer.get_vocab_size()}, {n_tokens:,} tokens in the corpus, "
-               f"{n_chars / max(n_tokens, 1):.2f} chars/token -> {out / TOKENIZER_FILE}")
+    with err_console.status(f"training a {vocab_size}-entry {kind} tokenizer"):
+        r = train_tokenizer_dir(data, vocab_size, kind, out, force)
+    summary = (f"trained {r['kind']} tokenizer: vocab {r['vocab_size']}, {r['tokens']:,} tokens in the corpus "
+               f"({r['documents']} documents), {r['chars'] / max(r['tokens'], 1):.2f} chars/token -> {r['path']}")
     err_console.print(summary, highlight=False, soft_wrap=True)  # one line, however narrow the terminal

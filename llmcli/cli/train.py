@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 
 from llmcli.cli import training_flags as flags
-from llmcli.cli.output import console, log, print_json
+from llmcli.cli.output import BarProgress, console, log, print_json
 
 
 def train(
@@ -38,13 +38,13 @@ def train(
 ) -> None:
     """Pre-train a model (GPT: next token, BERT: masked LM, T5: span corruption) and sample from it."""
     if nproc is not None:
-        flags.launch(ctx, nproc, locals(), model, out)
+        flags.launch(ctx, nproc, model, out)
     from llmcli.training.distributed import is_main_process, rank_errors
     from llmcli.training.pretrain import pretrain
+    from llmcli.training.run import TrainFlags
 
-    given = flags.given(locals())
     with rank_errors():
-        summary = pretrain(model, data, out, given, resume=resume, force=force, log=log)
+        summary = pretrain(model, data, out, TrainFlags.from_params(ctx.params), log=log, progress=BarProgress())
     if not is_main_process():
         return
     if summary["stopped_early"]:

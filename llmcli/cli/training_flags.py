@@ -40,18 +40,7 @@ Tp = Annotated[Optional[int], typer.Option("--tp", help="Tensor-parallel degree:
 CpuOffload = Annotated[bool, typer.Option("--cpu-offload", help="With --strategy fsdp on CUDA: keep the shards "
                                                                 "and optimizer states in CPU memory.")]
 
-NAMES = ("steps", "batch_size", "seq_len", "lr", "warmup", "weight_decay", "precision", "grad_checkpointing",
-         "grad_accum", "seed", "save_every", "eval_every", "device")
-PARALLEL_NAMES = ("strategy", "tp", "cpu_offload")  # given to the library, not saved with the run
-
-
-def given(values: dict) -> dict:
-    """The TrainArgs flags, and the parallel ones a command has, out of its arguments (None = not given)."""
-    return {**{name: values[name] for name in NAMES},
-            **{name: values[name] for name in PARALLEL_NAMES if name in values}}
-
-
-def launch(ctx: typer.Context, nproc: int, values: dict, model_ref: str, run_dir: str | None) -> None:
+def launch(ctx: typer.Context, nproc: int, model_ref: str, run_dir: str | None) -> None:
     """--nproc N: run this same command, without --nproc, as N processes under torchrun; exit with its code.
 
     The command line is rebuilt from the parsed parameters, so it is the same however llmcli was called.
@@ -60,8 +49,10 @@ def launch(ctx: typer.Context, nproc: int, values: dict, model_ref: str, run_dir
     from llmcli.training.distributed import launch as run
 
     config, _ = resolve_config(model_ref)
-    code = run(nproc, [ctx.info_name, *_command_line(ctx, skip=("nproc",))], given(values), config,
-               Path(run_dir or Path("runs") / config.name), log=log)
+    params = ctx.params
+    code = run(nproc, [ctx.info_name, *_command_line(ctx, skip=("nproc",))], params.get("strategy"),
+               params.get("tp"), params.get("cpu_offload"), config, Path(run_dir or Path("runs") / config.name),
+               log=log)
     raise typer.Exit(code)
 
 

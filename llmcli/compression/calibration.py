@@ -12,6 +12,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from llmcli.runtime import model_outputs
+
 
 class _StopForward(Exception):
     """Raised by the hook on `stop_after`: the rest of the model is not needed."""
@@ -25,8 +27,6 @@ def _stop_forward(module, args, output):
 def run_calibration(model: nn.Module, batches: list[dict], device: torch.device, hooks: list,
                     stop_after: nn.Module | None = None, advance: Callable[[], None] = lambda: None) -> None:
     """Run `batches` through the model in eval mode with `hooks` (handles) attached; removes them after."""
-    from llmcli.training.loop import model_outputs
-
     if stop_after is not None:
         hooks = [*hooks, stop_after.register_forward_hook(_stop_forward)]
     try:

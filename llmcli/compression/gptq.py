@@ -18,7 +18,8 @@ import torch
 import torch.nn as nn
 
 from llmcli.compression.calibration import run_calibration
-from llmcli.compression.quantize import block_of, qrange, symmetric_scales
+from llmcli.models.layout import block_of
+from llmcli.models.quantized import qrange, symmetric_scales
 
 DAMP = 0.01  # λ = 1% of the mean diagonal of H (paper, sec. 4 "Step 3")
 BLOCK_SIZE = 128  # columns per lazy batch update (paper, sec. 4 "Step 2": B = 128)

@@ -21,12 +21,8 @@ Unstructured zeros are stored densely: they save no memory and no time until a s
 
 from __future__ import annotations
 
-import contextlib
 import math
-import tempfile
-import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -34,14 +30,13 @@ import torch.nn as nn
 
 from llmcli.compression.calibration import run_calibration
 from llmcli.errors import UserError
-from llmcli.models.blocks import Attention, Block, FeedForward, TransformerStack
+from llmcli.models.blocks import Attention, TransformerStack
+from llmcli.models.layout import block_linears, blocks
+from llmcli.progress import SILENT, Progress
 
 METHODS = ("magnitude", "wanda", "heads")
 SCOPES = ("row", "layer", "global")  # the comparison group whose lowest scores go
 DEFAULT_SPARSITY = 0.5
-ATTENTION_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
-FEED_FORWARD_LINEARS = ("up", "gate", "down")
-RECOVERY_LR = 2e-4  # a tenth of pre-training's default peak: recovery nudges, it does not re-train
 
 
 # ---------------------------------------------------------------- settings
@@ -114,23 +109,6 @@ def prune_count(sparsity: float, n: int) -> int:
 
 
 # ---------------------------------------------------------------- which layers
-
-
-def prunable_linears(model: nn.Module, prefix: str = "") -> dict[str, nn.Linear]:
-    """The linear layers of the transformer blocks, by name, in forward order."""
-    found = {}
-    for name, module in model.named_modules():
-        attrs = ATTENTION_LINEARS if isinstance(module, Attention) else (
-            FEED_FORWARD_LINEARS if isinstance(module, FeedForward) else ())
-        for attr in attrs:
-            if getattr(module, attr) is not None:
-                found[f"{prefix}{name}.{attr}"] = getattr(module, attr)
-    return found
-
-
-def blocks_in_order(model: nn.Module) -> list[tuple[str, Block]]:
-    """Every transformer block, encoder before decoder: the order activations flow through them."""
-    return [(name, module) for name, module in model.named_modules() if isinstance(module, Block)]
 
 
 def layer_sparsity(linears: dict[str, nn.Linear]) -> tuple[list[dict], float]:
@@ -253,9 +231,9 @@ def head_importance(model: nn.Module, batches: list[dict], device: torch.device,
 
 
 def prune_weights(model: nn.Module, spec: PruneSpec, batches: list[dict], device: torch.device,
-                  progress: bool = True) -> dict[str, torch.Tensor]:
+                  progress: Progress = SILENT) -> dict[str, torch.Tensor]:
     """Zero weights in place by magnitude or Wanda; returns the keep-masks (for recovery)."""
-    linears = prunable_linears(model)
+    linears = block_linears(model)
     if spec.pattern:
         check_pattern_fits(linears, spec.pattern)
     if spec.method == "magnitude":
@@ -267,14 +245,14 @@ def prune_weights(model: nn.Module, spec: PruneSpec, batches: list[dict], device
         apply_masks(linears, masks)
         return masks
     masks = {}
-    blocks = blocks_in_order(model)
-    with progress_bar("wanda", len(blocks) * len(batches), progress) as advance:
-        for block_name, block in blocks:  # in order: later blocks see the pruned earlier ones
-            block_linears = prunable_linears(block, prefix=f"{block_name}.")
-            norms = input_norms(model, batches, block_linears, device, stop_after=block, advance=advance)
+    in_order = blocks(model)
+    with progress.task("wanda", len(in_order) * len(batches), unit="batches") as task:
+        for block_name, block in in_order.items():  # in order: later blocks see the pruned earlier ones
+            layers = {f"{block_name}.{name}": layer for name, layer in block_linears(block).items()}
+            norms = input_norms(model, batches, layers, device, stop_after=block, advance=task.update)
             block_masks = {name: spec_keep_mask(wanda_scores(linear.weight, norms[name]), spec)
-                           for name, linear in block_linears.items()}
-            apply_masks(block_linears, block_masks)
+                           for name, linear in layers.items()}
+            apply_masks(layers, block_masks)
             masks.update(block_masks)
     return masks
 
@@ -389,114 +367,3 @@ def prune_heads(model: nn.Module, drop: dict[str, list[int]]) -> list[dict]:
         some = modules[layers[0]["name"]]
         config.n_heads, config.n_kv_heads = some.n_heads, some.n_kv_heads
     return layers
-
-
-# ---------------------------------------------------------------- recovery
-
-
-def recover(model: nn.Module, masks: dict[str, torch.Tensor], corpus, steps: int, lr: float, seed: int,
-            device: torch.device) -> dict:
-    """A short training run with the family's objective that keeps the pruned weights at zero.
-
-    Gradients of pruned weights are masked, so AdamW never moves them (zero moments, and decoupled
-    decay of a zero is zero); the zeros are also re-applied after every step as a guard.
-    """
-    from llmcli.training.loop import Trainer, TrainArgs
-
-    linears = prunable_linears(model)
-    handles = [linears[name].weight.register_hook(lambda grad, keep=keep: grad * keep.to(grad.dtype))
-               for name, keep in masks.items()]
-    args = TrainArgs(steps=steps, lr=lr, batch_size=corpus.train.batch_size, seq_len=corpus.seq_len, seed=seed,
-                     device=str(device), eval_batches=len(corpus.val), log_every=max(1, steps // 10))
-    try:
-        with tempfile.TemporaryDirectory() as run_dir:  # checkpoints of a few steps are not worth keeping
-            trainer = Trainer(model, corpus.train, corpus.val, args, Path(run_dir),
-                              on_step=lambda t: apply_masks(linears, masks))
-            trainer.fit()
-    finally:
-        for handle in handles:
-            handle.remove()
-    model.eval()
-    final = next(r for r in reversed(trainer.history) if "val_loss" in r)
-    return {"steps": steps, "lr": lr, "val_loss": final["val_loss"], "val_perplexity": final["val_perplexity"]}
-
-
-# ---------------------------------------------------------------- the command
-
-
-@contextlib.contextmanager
-def progress_bar(label: str, total: int, enabled: bool = True):
-    """A rich bar on stderr (rate and ETA); yields the function that advances it by one."""
-    if not enabled:
-        yield lambda: None
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    with Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
-                  TimeRemainingColumn(), console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task(label, total=total, rate="")
-        start = time.perf_counter()
-
-        def advance():
-            done = bar.tasks[0].completed + 1
-            bar.update(task, completed=done, rate=f"{done / (time.perf_counter() - start):.1f} batches/s")
-
-        yield advance
-
-
-def prune(model_dir: str | Path, out: str | Path, spec: PruneSpec, data: str | None = None,
-          seq_len: int | None = None, batch_size: int = 8, recover_steps: int = 0, lr: float | None = None,
-          seed: int = 0, device: str = "auto", speed: bool = True, force: bool = False, progress: bool = True,
-          log: Callable = print) -> dict:
-    """Prune a model directory into `out`; returns the report (also written there as compression.json)."""
-    from llmcli.compression.report import compare, open_source, snapshot, write_compressed
-
-    source, out = Path(model_dir), Path(out)
-    if recover_steps < 0:
-        raise UserError(f"--recover-steps must be >= 0, got {recover_steps}")
-    if batch_size <= 0:
-        raise UserError(f"--batch-size must be positive, got {batch_size}")
-    if out.exists() and out.resolve() == source.resolve():
-        raise UserError(f"{out}: --out is the model directory itself; choose a new --out")
-    if out.exists() and not force and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"{out}: already exists and is not empty; choose another --out or pass --force to replace it")
-    model, corpus, target = open_source(source, data, seq_len, device, batch_size=batch_size, seed=seed)
-    if spec.method == "heads":  # refuse before the slow part
-        removed = heads_to_remove(model, spec.sparsity)
-    elif spec.pattern:
-        check_pattern_fits(prunable_linears(model), spec.pattern)
-    before = snapshot(model, corpus.val, target, speed)
-    uses_data = spec.method != "magnitude"
-    batches = [corpus.train.batch(i) for i in range(spec.calibration_batches)] if uses_data else []
-    report = {"method": spec.method, **{k: v for k, v in spec.to_dict().items() if k != "method"},
-              "calibration_batches": spec.calibration_batches if uses_data else 0, "source": str(source)}
-    masks: dict[str, torch.Tensor] = {}
-    if spec.method == "heads":
-        config = model.config
-        group_size = config.n_heads // config.n_kv_heads
-        log(f"removing {removed * group_size} of {config.n_heads} heads in each attention layer "
-            f"(round({spec.sparsity:g}·{config.n_kv_heads}) = {removed}"
-            f"{f' kv groups of {group_size}' if group_size > 1 else ''})")
-        with progress_bar("head importance", len(batches), progress) as advance:
-            importance = head_importance(model, batches, target, advance)
-        heads_before = (config.n_heads, config.n_kv_heads)
-        report["heads"] = prune_heads(model, choose_heads(model, importance, removed))
-        report.update(n_heads={"before": heads_before[0], "after": config.n_heads},
-                      n_kv_heads={"before": heads_before[1], "after": config.n_kv_heads},
-                      heads_removed_per_layer=heads_before[0] - config.n_heads)
-    else:
-        masks = prune_weights(model, spec, batches, target, progress)
-        log("zeros are stored densely: the file stays the same size and dense kernels run no faster")
-        report["layers"], report["overall_sparsity"] = layer_sparsity(prunable_linears(model))
-    report["recovery"] = None
-    if recover_steps:
-        report["pruned"] = {k: v for k, v in snapshot(model, corpus.val, target, speed=False).items()
-                            if k in ("loss", "perplexity")}
-        report["recovery"] = recover(model, masks, corpus, recover_steps, lr or RECOVERY_LR, seed, target)
-        if masks:
-            report["layers"], report["overall_sparsity"] = layer_sparsity(prunable_linears(model))
-    after = snapshot(model, corpus.val, target, speed)
-    report.update(before=before, after=after, change=compare(before, after), out=str(out))
-    write_compressed(model, source, out, report, force)
-    return report

@@ -1,63 +1,34 @@
-"""Weight quantization: int8 per output channel, int4 in groups, and int8 with dynamic activations.
+"""Weight quantization: choosing the integers. int8 per output channel, int4 in groups, int8 with dynamic
+activations; round to nearest (RTN) or GPTQ (gptq.py).
 
-All schemes are symmetric: w ≈ q · scale with q in [-2^(b-1), 2^(b-1) - 1] and scale = absmax / (2^(b-1) - 1),
-so round-to-nearest is off by at most scale / 2. int8 keeps one scale per output channel; int4 one per group of
-`group_size` input features, two 4-bit values packed per byte (low nibble = even column).
-
-A quantized model directory stores `qweight`, `scales` (and `bias`) per linear layer in model.safetensors and
-the layout in quantization.json; `apply_quantized_layout` rebuilds that layout on a meta-device model so that
-`load_model` assigns the stored integers straight into place, never expanding the model to fp32.
-
-Which compute path runs (chosen in QuantizedLinear.forward; timings: one 768x3072 layer, one thread, AVX2 CPU,
-torch 2.13, on a shared machine so ±50%):
-- int8, int4 on CPU with bf16 activations: ATen's `_weight_int8pack_mm` / `_weight_int4pack_mm_for_cpu`
-  (decode: about 0.2 ms int8, 0.5 ms int4, fp32 dense 0.2-0.8 ms). Their x86 vector code is bf16-only: with fp32
-  activations they run scalar code, slower than dequantizing, so fp32 never takes them.
-- int8, int4 otherwise (fp32 on CPU, CUDA): the integers become floats in forward, one layer at a time (int8:
-  x·qᵀ then the per-channel scales, about 1 ms; int4: the dequantized weight, about 5 ms). The price of storing
-  4-8x less: on CPU in fp32 this is slower than the fp32 model.
-- int8-dynamic on CPU: fbgemm's `quantized.linear_dynamic` (activations quantized per call to 7 bits), prepacked
-  once per layer from the stored int8 weights: about 0.14 ms decode, 10 ms for 128 tokens (fp32 dense: 0.2-0.8 ms,
-  12-19 ms). Elsewhere activations are quantized per token to int8 and multiplied with `torch._int_mm` on CUDA,
-  or emulated in floats.
+Symmetric: scale = absmax / (2^(b-1) - 1) per channel or group, so round-to-nearest is off by at most
+scale / 2. The layer that holds the result, and its layout on disk, is llmcli.models.quantized; the
+`llmcli quantize` command around this is quantize_dir.py.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import re
-import warnings
-from typing import Callable
-
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from llmcli.compression.gptq import gptq_model
 from llmcli.errors import UserError
+from llmcli.models.layout import set_submodule
+from llmcli.models.quantized import (FORMAT_VERSION, GROUP_SIZES, SCHEMES, QuantizedLinear, qrange,
+                                     quantizable_layers, scheme_bits, symmetric_scales, untie_head)
+from llmcli.progress import SILENT, Progress
 
-SCHEMES = ("int8", "int4", "int8-dynamic")
-GROUP_SIZES = (32, 64, 128)
-DEFAULT_GROUP_SIZE = 128
 METHODS = ("rtn", "gptq")
-FORMAT_VERSION = 1
 
 
-def scheme_bits(scheme: str) -> int:
-    return 4 if scheme == "int4" else 8
-
-
-def qrange(bits: int) -> tuple[int, int]:
-    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+def check_scheme(scheme: str, method: str) -> None:
+    if scheme not in SCHEMES:
+        raise UserError(f"--scheme {scheme!r} is unknown; use one of {', '.join(SCHEMES)}")
+    if method not in METHODS:
+        raise UserError(f"--method {method!r} is unknown; use rtn (round to nearest) or gptq (calibrated)")
 
 
 # ---------------------------------------------------------------- the numbers
-
-
-def symmetric_scales(weight: torch.Tensor, group_size: int, bits: int) -> torch.Tensor:
-    """(N, K) -> (N, K / group_size): absmax / qmax per group; 1 for all-zero groups (they quantize to 0)."""
-    rows, cols = weight.shape
-    absmax = weight.detach().float().abs().reshape(rows, cols // group_size, group_size).amax(-1)
-    return torch.where(absmax > 0, absmax / qrange(bits)[1], torch.ones_like(absmax))
 
 
 def quantize_with_scales(weight: torch.Tensor, scales: torch.Tensor, group_size: int, bits: int) -> torch.Tensor:
@@ -68,190 +39,13 @@ def quantize_with_scales(weight: torch.Tensor, scales: torch.Tensor, group_size:
     return grouped.round().clamp(lo, hi).to(torch.int8).reshape(rows, cols)
 
 
-def dequantize(q: torch.Tensor, scales: torch.Tensor, group_size: int, dtype=torch.float32) -> torch.Tensor:
-    rows, cols = q.shape
-    grouped = q.reshape(rows, cols // group_size, group_size).to(dtype) * scales[..., None].to(dtype)
-    return grouped.reshape(rows, cols)
-
-
 def quantize_rtn(weight: torch.Tensor, group_size: int, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Round to nearest: (q int8 (N, K), scales float32 (N, K / group_size))."""
     scales = symmetric_scales(weight, group_size, bits)
     return quantize_with_scales(weight, scales, group_size, bits), scales
 
 
-def pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """(N, K) int8 in [-8, 7] -> (N, K / 2) uint8: column 2j in the low nibble, 2j + 1 in the high one."""
-    unsigned = (q.to(torch.int16) + 8).to(torch.uint8)
-    return unsigned[:, 0::2] | (unsigned[:, 1::2] << 4)
-
-
-def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    low, high = packed & 0x0F, packed >> 4
-    return torch.stack((low, high), dim=-1).reshape(packed.shape[0], -1).to(torch.int8) - 8
-
-
-# ---------------------------------------------------------------- the layer
-
-
-class QuantizedLinear(nn.Module):
-    """A linear layer holding integer weights and scales (buffers `qweight`, `scales`) and a float bias."""
-
-    def __init__(self, in_features: int, out_features: int, bias: bool, scheme: str, group_size: int | None,
-                 device=None) -> None:
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.scheme = scheme
-        self.bits = scheme_bits(scheme)
-        self.group_size = group_size if self.bits == 4 else in_features  # int8: one scale per output channel
-        if self.bits == 4:
-            qweight = torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device)
-        else:
-            qweight = torch.empty(out_features, in_features, dtype=torch.int8, device=device)
-        self.register_buffer("qweight", qweight)
-        self.register_buffer("scales", torch.empty(out_features, in_features // self.group_size, device=device))
-        self.bias = nn.Parameter(torch.empty(out_features, device=device)) if bias else None
-        self._kernel: tuple | None = None  # (key, fn or None): the prepared fast path, see forward
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, scheme: str, group_size: int | None, q: torch.Tensor,
-                    scales: torch.Tensor) -> QuantizedLinear:
-        """Wrap integers `q` ((N, K) int8) and `scales` computed from `linear`'s weight."""
-        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, scheme, group_size,
-                    device=linear.weight.device)
-        layer.qweight = pack_int4(q) if layer.bits == 4 else q.to(torch.int8)
-        layer.scales = scales.float().contiguous()
-        if linear.bias is not None:
-            layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
-        return layer
-
-    def int_weight(self) -> torch.Tensor:
-        """The integer weight, (N, K) int8."""
-        return unpack_int4(self.qweight) if self.bits == 4 else self.qweight
-
-    def dequantized_weight(self, dtype=torch.float32) -> torch.Tensor:
-        if self.bits == 8:
-            return dequantize(self.qweight, self.scales, self.group_size, dtype)
-        # unpack_int4 straight into floats, in place: a third fewer passes over the weight
-        nibbles = torch.stack((self.qweight & 0x0F, self.qweight >> 4), dim=-1)
-        grouped = nibbles.reshape(self.out_features, -1, self.group_size).to(dtype).sub_(8)
-        return grouped.mul_(self.scales[..., None].to(dtype)).reshape(self.out_features, self.in_features)
-
-    def stored_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.state_dict().values())
-
-    def extra_repr(self) -> str:
-        group = f", group_size={self.group_size}" if self.bits == 4 else ""
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, scheme={self.scheme}{group}")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features)
-        fast = self._fast_path(rows)
-        if fast is not None:
-            out = fast(rows).to(x.dtype)
-        elif self.scheme == "int8-dynamic":
-            out = self._dynamic_reference(rows)
-        elif self.bits == 8:  # one scale per output channel: scale the outputs, not the weight (2x faster)
-            out = F.linear(rows, self.qweight.to(x.dtype)) * self.scales[:, 0].to(x.dtype)
-        else:  # dequantize this one layer's weight, then a float matmul
-            out = F.linear(rows, self.dequantized_weight(x.dtype))
-        if self.bias is not None:
-            out = out + self.bias.to(out.dtype)
-        return out.reshape(*x.shape[:-1], self.out_features)
-
-    def _dynamic_reference(self, rows: torch.Tensor) -> torch.Tensor:
-        """Activations quantized per token (symmetric int8), an integer matmul, then both scales."""
-        absmax = rows.detach().float().abs().amax(-1, keepdim=True)
-        x_scale = torch.where(absmax > 0, absmax / 127, torch.ones_like(absmax))
-        xq = (rows.float() / x_scale).round().clamp(-127, 127).to(torch.int8)
-        m, k, n = rows.shape[0], self.in_features, self.out_features
-        if rows.is_cuda and m > 16 and k % 8 == 0 and n % 8 == 0:  # torch._int_mm's CUDA shape rules
-            acc = torch._int_mm(xq, self.qweight.t()).float()
-        else:  # exact while K * 127 * 128 < 2^24 (K < 1032), then fp32 rounding
-            acc = xq.float() @ self.qweight.float().t()
-        return (acc * x_scale * self.scales[:, 0].float()).to(rows.dtype)
-
-    def _fast_path(self, rows: torch.Tensor) -> Callable | None:
-        """The prepared CPU kernel for these activations, or None for the reference path. Prepared once per
-        (device, dtype, weights) and kept only if it agrees with the reference on a probe input."""
-        if rows.device.type != "cpu":
-            return None
-        if self.scheme == "int8-dynamic":
-            wanted = rows.dtype in (torch.float32, torch.bfloat16) and _fbgemm_available()
-        else:
-            wanted = rows.dtype == torch.bfloat16
-        if not wanted:
-            return None
-        key = (rows.device, rows.dtype, self.qweight.data_ptr(), self.scales.data_ptr())
-        if self._kernel is None or self._kernel[0] != key:
-            self._kernel = (key, self._prepare_kernel(rows.dtype))
-        return self._kernel[1]
-
-    def _prepare_kernel(self, dtype: torch.dtype) -> Callable | None:
-        try:
-            if self.scheme == "int8-dynamic":
-                fn = _fbgemm_dynamic(self.qweight, self.scales[:, 0])
-            elif self.bits == 8:
-                qweight, scales = self.qweight, self.scales[:, 0].to(dtype).contiguous()
-                fn = lambda x: torch.ops.aten._weight_int8pack_mm(x.contiguous(), qweight, scales)  # noqa: E731
-            else:
-                fn = _int4_cpu_kernel(self.int_weight(), self.scales, self.group_size, dtype)
-            probe = torch.randn(2, self.in_features, generator=torch.Generator().manual_seed(0)).to(dtype)
-            with torch.no_grad():
-                got = fn(probe).float()
-                want = F.linear(probe.float(), self.dequantized_weight())
-        except (RuntimeError, NotImplementedError, AttributeError):
-            return None
-        # bf16 activations, or 8-bit ones for int8-dynamic, leave about 1% error; a layout bug leaves ~100%
-        ok = (got - want).norm() <= 0.05 * want.norm() + 1e-6
-        return fn if ok else None
-
-
-def _fbgemm_available() -> bool:
-    return hasattr(torch.ops.quantized, "linear_dynamic") and torch.backends.quantized.engine in ("x86", "fbgemm")
-
-
-def _fbgemm_dynamic(qweight: torch.Tensor, scales: torch.Tensor) -> Callable:
-    """fbgemm's dynamic int8 linear from our int8 weights (its quantized-tensor API is deprecated in 2.x)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        zero_points = torch.zeros(qweight.shape[0], dtype=torch.long)
-        weight = torch._make_per_channel_quantized_tensor(qweight, scales.double(), zero_points, 0)
-        packed = torch.ops.quantized.linear_prepack(weight, None)
-    # reduce_range: 7-bit activations, or fbgemm's u8·s8 pair sums saturate int16 (measured: 10% error, not 2%)
-    return lambda x: torch.ops.quantized.linear_dynamic(x.float().contiguous(), packed, True)
-
-
-def _int4_cpu_kernel(q: torch.Tensor, scales: torch.Tensor, group_size: int, dtype: torch.dtype) -> Callable:
-    """ATen's CPU int4 kernel computes x · ((u - 8) · scale + zero) with u in [0, 15], in its own packed layout."""
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32) + 8, 2)  # inner_k_tiles = 2
-    scales_and_zeros = torch.stack((scales.t(), torch.zeros_like(scales.t())), dim=-1).to(dtype).contiguous()
-    return lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), packed, group_size, scales_and_zeros)
-
-
-# ---------------------------------------------------------------- which layers
-
-
-def quantizable_layers(model: nn.Module, include_head: bool = False) -> list[str]:
-    """The transformer blocks' linear layers; with include_head also the heads (LM head, pooler, MLM dense)."""
-    return [name for name, module in model.named_modules()
-            if isinstance(module, nn.Linear) and (".blocks." in name or include_head)]
-
-
-def untie_head(model: nn.Module) -> None:
-    """Give a tied model its own LM head (a copy of the embedding) so that the head can be quantized while the
-    embedding stays in full precision."""
-    config = model.config
-    if not config.tie_embeddings:
-        return
-    weight = model.tok_emb.weight.detach().clone()
-    if config.family == "t5":  # T5 scales hidden states by d_model^-0.5 before a tied head only
-        weight = weight * config.d_model ** -0.5
-    head = nn.Linear(config.d_model, config.vocab_size, bias=False, device=weight.device, dtype=weight.dtype)
-    head.weight = nn.Parameter(weight, requires_grad=False)
-    model.lm_head = head
-    model.config = dataclasses.replace(config, tie_embeddings=False)
+# ---------------------------------------------------------------- the model
 
 
 def check_group_size(model: nn.Module, names: list[str], scheme: str, group_size: int) -> None:
@@ -269,25 +63,14 @@ def check_group_size(model: nn.Module, names: list[str], scheme: str, group_size
                             f"{group_size}; {fix}")
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
-
-
-# ---------------------------------------------------------------- the model
-
-
 def quantize_model(model: nn.Module, scheme: str, group_size: int = 128, method: str = "rtn",
                    include_head: bool = False, calibration: list[dict] | None = None, act_order: bool = False,
-                   progress: bool = False) -> tuple[dict, dict]:
+                   progress: Progress = SILENT) -> tuple[dict, dict]:
     """Quantize `model`'s linear layers in place. Returns (quantization.json spec, per-layer errors).
 
     `calibration` (batches as the trainer's) is required by GPTQ; RTN needs no data.
     """
-    if scheme not in SCHEMES:
-        raise UserError(f"--scheme {scheme!r} is unknown; use one of {', '.join(SCHEMES)}")
-    if method not in METHODS:
-        raise UserError(f"--method {method!r} is unknown; use rtn (round to nearest) or gptq (calibrated)")
+    check_scheme(scheme, method)
     if method == "gptq" and not calibration:
         raise UserError("--method gptq needs calibration batches; give --calibration-data PATH or a corpus")
     if include_head:
@@ -304,20 +87,18 @@ def quantize_model(model: nn.Module, scheme: str, group_size: int = 128, method:
         linear = model.get_submodule(name)
         layer = QuantizedLinear.from_linear(linear, scheme, stored_group, q, scales)
         errors[name] = layer_error(linear.weight.detach(), layer.dequantized_weight(), hessian)
-        _set_module(model, name, layer)
+        set_submodule(model, name, layer)
 
-    with torch.no_grad(), _layer_progress(len(names), f"{method} {scheme}", progress) as advance:
+    with torch.no_grad(), progress.task(f"quantize ({method} {scheme})", len(names), unit="layers") as task:
         if method == "gptq":
-            from llmcli.compression.gptq import gptq_model
-
             gptq_model(model, names, calibration, bits, group_size if bits == 4 else None, act_order, replace,
-                       advance)
+                       task.update)
         else:
             for name in names:
                 weight = model.get_submodule(name).weight
                 q, scales = quantize_rtn(weight, group_size if bits == 4 else weight.shape[1], bits)
                 replace(name, q, scales, None)
-                advance()
+                task.update()
     spec = {"format_version": FORMAT_VERSION, "scheme": scheme, "bits": bits, "group_size": stored_group,
             "symmetric": True, "method": method, "act_order": act_order if method == "gptq" else None,
             "include_head": include_head, "layers": names}
@@ -335,132 +116,3 @@ def layer_error(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tenso
         out_ref = ((weight @ hessian) * weight).sum().clamp(min=1e-12)
         result["output_rel_error"] = (out_err / out_ref).clamp(min=0).sqrt().item()
     return result
-
-
-class _layer_progress:
-    """A transient rich progress bar over layers on stderr; `advance()` ticks one layer."""
-
-    def __init__(self, total: int, what: str, enabled: bool) -> None:
-        self.progress = None
-        if enabled:
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
-                TimeRemainingColumn
-
-            self.progress = Progress(TextColumn(f"quantize ({what}) layers"), BarColumn(), MofNCompleteColumn(),
-                                     TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True),
-                                     transient=True)
-            self.task = self.progress.add_task("quantize", total=total)
-
-    def __enter__(self) -> Callable[[], None]:
-        if self.progress is None:
-            return lambda: None
-        self.progress.start()
-        return lambda: self.progress.advance(self.task)
-
-    def __exit__(self, *exc) -> None:
-        if self.progress is not None:
-            self.progress.stop()
-
-
-# ---------------------------------------------------------------- loading
-
-
-def apply_quantized_layout(model: nn.Module, spec: dict, where: str = "quantization.json") -> None:
-    """Swap the spec's nn.Linear layers for empty QuantizedLinear of the same shapes (on the same device,
-    typically meta), so that loading a quantized state dict assigns the stored integers in place."""
-    scheme, group_size, layers = spec.get("scheme"), spec.get("group_size"), spec.get("layers")
-    if scheme not in SCHEMES or not isinstance(layers, list):
-        raise UserError(f"{where}: needs a scheme ({', '.join(SCHEMES)}) and a list of layers; "
-                        f"re-run `llmcli quantize`")
-    if scheme_bits(scheme) == 4 and group_size not in GROUP_SIZES:
-        raise UserError(f"{where}: group_size {group_size!r} is not one of {GROUP_SIZES}; re-run `llmcli quantize`")
-    for name in layers:
-        try:
-            linear = model.get_submodule(name)
-        except AttributeError:
-            linear = None
-        if not isinstance(linear, nn.Linear):
-            raise UserError(f"{where}: layer {name!r} is not a linear layer of this model; "
-                            f"the directory mixes files from different models")
-        layer = QuantizedLinear(linear.in_features, linear.out_features, linear.bias is not None, scheme,
-                                group_size, device=linear.weight.device)
-        _set_module(model, name, layer)
-
-
-# ---------------------------------------------------------------- the command
-
-
-def quantize_model_dir(model_dir: str, out: str, scheme: str, group_size: int | None = None, method: str | None = None,
-                       calibration_data: str | None = None, calibration_batches: int = 8, act_order: bool = False,
-                       include_head: bool = False, data: str | None = None, seq_len: int | None = None,
-                       device: str = "auto", speed: bool = True, force: bool = False, progress: bool = False) -> dict:
-    """`llmcli quantize`: load, measure, quantize, measure again, write the directory. Returns the report."""
-    from pathlib import Path
-
-    from llmcli.compression.report import compare, open_source, snapshot, write_compressed
-
-    method = method or ("gptq" if calibration_data else "rtn")
-    if scheme not in SCHEMES:
-        raise UserError(f"--scheme {scheme!r} is unknown; use one of {', '.join(SCHEMES)}")
-    if method not in METHODS:
-        raise UserError(f"--method {method!r} is unknown; use rtn (round to nearest) or gptq (calibrated)")
-    if scheme_bits(scheme) == 8 and group_size is not None:
-        raise UserError(f"--scheme {scheme} keeps one scale per output channel; --group-size is for int4 only")
-    group_size = group_size or DEFAULT_GROUP_SIZE
-    if scheme_bits(scheme) == 4 and group_size not in GROUP_SIZES:
-        raise UserError(f"--group-size {group_size} is not supported; use one of {', '.join(map(str, GROUP_SIZES))}")
-    if calibration_data and method != "gptq":
-        raise UserError("--calibration-data is only used by --method gptq; drop it or use --method gptq")
-    if calibration_batches < 1:
-        raise UserError(f"--calibration-batches {calibration_batches} must be at least 1")
-    if act_order and method != "gptq":
-        raise UserError("--act-order only applies to --method gptq")
-
-    model, corpus, target = open_source(model_dir, data, seq_len, device)
-    check_group_size(model, quantizable_layers(model, include_head), scheme, group_size)
-    calibration = None
-    if method == "gptq":
-        calibration = calibration_batches_of(model_dir, model, corpus, calibration_data, calibration_batches)
-    before = snapshot(model, corpus.val, target, speed)
-    spec, errors = quantize_model(model, scheme, group_size, method, include_head, calibration, act_order, progress)
-    after = snapshot(model, corpus.val, target, speed)
-    if calibration is not None:
-        spec["calibration"] = {"data": calibration_data or data or "embedded corpus", "batches": len(calibration),
-                               "tokens": sum(int(b["input_ids"].numel()) for b in calibration)}
-    report = {"source": str(model_dir), "method": "quantize", "before": before, "after": after,
-              "change": compare(before, after), "device": str(target), "seq_len": corpus.seq_len,
-              "quantization": {**{k: v for k, v in spec.items() if k != "layers"}, "layers": len(spec["layers"]),
-                               "mean_weight_rel_error": _mean(errors, "weight_rel_error"),
-                               "mean_output_rel_error": _mean(errors, "output_rel_error"),
-                               "layer_errors": errors}}
-    write_compressed(model, Path(model_dir), out, report, force, extra_files={"quantization.json": spec})
-    return report
-
-
-def calibration_batches_of(model_dir: str, model: nn.Module, corpus, calibration_data: str | None,
-                           count: int) -> list[dict]:
-    """GPTQ's calibration inputs: the first `count` batches of the training split (never the held-out one)."""
-    from pathlib import Path
-
-    from llmcli.model_dir import load_tokenizer
-    from llmcli.training.evaluation import corpus_batches
-
-    if calibration_data is not None:
-        corpus = corpus_batches(Path(model_dir), model.config, load_tokenizer(model_dir), calibration_data,
-                                corpus.seq_len, val_batches=1)
-    return [corpus.train.batch(i) for i in range(count)]
-
-
-def _mean(errors: dict, key: str) -> float | None:
-    values = [e[key] for e in errors.values() if key in e]
-    return sum(values) / len(values) if values else None
-
-
-_BLOCK = re.compile(r"^(.*\.blocks\.\d+)\.")
-
-
-def block_of(name: str) -> str | None:
-    """'decoder.blocks.3.attn.q_proj' -> 'decoder.blocks.3'; None for layers outside the blocks (heads)."""
-    match = _BLOCK.match(name)
-    return match.group(1) if match else None

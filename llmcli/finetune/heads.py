@@ -6,14 +6,12 @@ scores every label string and picks the most likely one.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from llmcli.models.base import LanguageModel, ModelOutput
-from llmcli.training.loop import autocast, family_loss, model_outputs
+from llmcli.runtime import autocast, family_loss, model_outputs, perplexity
 
 
 def language_model(model: nn.Module) -> LanguageModel:
@@ -100,7 +98,7 @@ def text_to_text_eval(candidates: list[list[int]], decoder_start: int):
             count += len(scores)
         model.train(was_training)
         mean = loss / tokens
-        return {"loss": mean, "perplexity": math.exp(min(mean, 700)), "accuracy": correct / count}
+        return {"loss": mean, "perplexity": perplexity(mean), "accuracy": correct / count}
 
     return evaluate
 

@@ -14,10 +14,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llmcli.errors import UserError
-from llmcli.models.blocks import Attention, FeedForward
+from llmcli.models.layout import PROJECTIONS, block_linears, set_submodule
 
-# --lora-targets short name -> the projection's attribute name in Attention / FeedForward
-TARGETS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "up": "up", "gate": "gate", "down": "down"}
 DEFAULT_TARGETS = ("q", "v")  # Hu et al. 2021, sec. 7.1: adapting W_q and W_v works best for a fixed budget
 
 
@@ -59,25 +57,24 @@ class LoRALinear(nn.Module):
 
 
 def parse_targets(text: str | list[str]) -> list[str]:
-    """'q,v' -> ['q', 'v'], in the canonical order of TARGETS."""
+    """'q,v' -> ['q', 'v'], in the canonical order of PROJECTIONS."""
     names = [t.strip() for t in (text.split(",") if isinstance(text, str) else text) if t.strip()]
-    unknown = [n for n in names if n not in TARGETS]
+    unknown = [n for n in names if n not in PROJECTIONS]
     if unknown or not names:
         what = f"unknown target {unknown[0]!r}" if unknown else "no targets"
         raise UserError(f"--lora-targets {','.join(names)!r}: {what}; "
-                        f"use a comma-separated list of {', '.join(TARGETS)}")
-    return [t for t in TARGETS if t in names]
+                        f"use a comma-separated list of {', '.join(PROJECTIONS)}")
+    return [t for t in PROJECTIONS if t in names]
 
 
-def lora_sites(model: nn.Module, targets: list[str]) -> list[tuple[nn.Module, str]]:
-    """(parent, attribute) of every target projection, in self- and cross-attention and feed-forward."""
-    wanted = {TARGETS[t] for t in targets}
-    sites = [(module, attr) for module in model.modules() if isinstance(module, (Attention, FeedForward))
-             for attr in sorted(wanted) if isinstance(getattr(module, attr, None), (nn.Linear, LoRALinear))]
-    found = {attr for _, attr in sites}
-    missing = [t for t in targets if TARGETS[t] not in found]
+def lora_sites(model: nn.Module, targets: list[str]) -> dict[str, nn.Module]:
+    """Every target projection by name, in self- and cross-attention and feed-forward."""
+    sites = {name: layer for name, layer in block_linears(model, targets).items()
+             if isinstance(layer, (nn.Linear, LoRALinear))}
+    found = {name.rsplit(".", 1)[-1] for name in sites}
+    missing = [t for t in targets if PROJECTIONS[t] not in found]
     if missing:
-        raise UserError(f"--lora-targets {missing[0]}: this model has no {TARGETS[missing[0]]} projection "
+        raise UserError(f"--lora-targets {missing[0]}: this model has no {PROJECTIONS[missing[0]]} projection "
                         f"(gate exists only with gated activations such as swiglu); choose other targets")
     return sites
 
@@ -89,8 +86,8 @@ def add_lora(model: nn.Module, rank: int, alpha: float, dropout: float, targets:
     if not 0.0 <= dropout < 1.0:
         raise UserError(f"--lora-dropout must be in [0, 1), got {dropout}")
     sites = lora_sites(model, targets)
-    for parent, attr in sites:
-        setattr(parent, attr, LoRALinear(getattr(parent, attr), rank, alpha, dropout))
+    for name, layer in sites.items():
+        set_submodule(model, name, LoRALinear(layer, rank, alpha, dropout))
     return len(sites)
 
 

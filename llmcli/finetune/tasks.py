@@ -16,7 +16,7 @@ import torch
 from llmcli.data import IGNORE_INDEX, VAL_EVERY, PretrainingData, document_stream, read_corpus, split_documents
 from llmcli.errors import UserError
 from llmcli.tokenizer import SpecialIds, encode_plain
-from llmcli.training.loop import evaluate, family_loss
+from llmcli.runtime import evaluate, family_loss
 
 TASKS = ("lm", "instruct", "classify")
 INSTRUCT_ON_BERT = ("--task instruct needs a model that generates (gpt or t5); BERT is an encoder only: "

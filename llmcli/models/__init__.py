@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from unittest import mock
-
 import torch
+from torch.overrides import TorchFunctionMode
 
 from llmcli.config import ModelConfig
 from llmcli.models.base import LanguageModel, ModelOutput
@@ -31,9 +30,16 @@ def build_on_meta(config: ModelConfig) -> LanguageModel:
 
     Init functions are skipped: on meta tensors they do nothing but cost a second of lazy imports.
     """
-    skip = {name: (lambda tensor, *args, **kwargs: tensor) for name in _INIT_FUNCTIONS}
-    with torch.device("meta"), mock.patch.multiple(torch.nn.init, **skip):
+    with torch.device("meta"), _SkipInit():
         return FAMILY_CLASSES[config.family](config)
 
 
-_INIT_FUNCTIONS = ("normal_", "uniform_", "kaiming_uniform_", "zeros_", "ones_")
+class _SkipInit(TorchFunctionMode):
+    """Returns the tensor from torch.nn.init's in-place initialisers instead of running them."""
+
+    INITIALISERS = (torch.nn.init.normal_, torch.nn.init.uniform_, torch.nn.init.kaiming_uniform_)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.INITIALISERS:
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **(kwargs or {}))

@@ -8,10 +8,8 @@ repetition, so that machine noise hits both alike.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import gc
 import statistics
-import threading
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,10 +17,16 @@ from typing import Callable
 
 import torch
 
+from llmcli.config import resolve_config
 from llmcli.errors import UserError
+from llmcli.generation import generate_ids
+from llmcli.interop.hf import convert_to_hf
+from llmcli.model_dir import build_model_dir, load_model
+from llmcli.profiling.counts import count, flops_per_token, kv_cache_bytes_per_token
+from llmcli.profiling.peak import PeakMemory
+from llmcli.runtime import DTYPES, family_loss, resolve_device, torch_dtype
 
 MODES = ("train", "prefill", "decode")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DECODE_PROMPT = 8  # decode cases start from a prompt this long, then generate seq_len tokens
 # Dense bf16 peak of known accelerators, for MFU (vendor datasheets).
 GPU_PEAK_FLOPS = {"H200": 989.4e12, "H100": 989.4e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
@@ -85,58 +89,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-# ---------------------------------------------------------------- peak memory
-
-
-class PeakMemory:
-    """Peak memory of a block: CUDA's allocator peak, or on CPU the resident-set peak above the start.
-
-    On CPU a thread samples /proc/self/statm every millisecond; freed memory is handed back to the
-    OS first (malloc_trim) so that the baseline is honest.
-    """
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.peak = 0
-
-    def __enter__(self):
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.start = torch.cuda.memory_allocated(self.device)
-            return self
-        _malloc_trim()
-        self.start = _rss()
-        self._high = self.start
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.001):
-            self._high = max(self._high, _rss())
-
-    def __exit__(self, *exc) -> None:
-        if self.device.type == "cuda":
-            self.peak = torch.cuda.max_memory_allocated(self.device) - self.start
-            return
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self._high, _rss()) - self.start
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096
-
-
-def _malloc_trim() -> None:
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
 # ---------------------------------------------------------------- the two implementations
 
 
@@ -156,8 +108,8 @@ class Runner:
             self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-5, foreach=True)
             if self.dtype == "fp32":
                 return contextlib.nullcontext
-            return lambda: torch.autocast(self.device.type, dtype=DTYPES[self.dtype])
-        self.model.to(DTYPES[self.dtype]).eval()
+            return lambda: torch.autocast(self.device.type, dtype=torch_dtype(self.dtype))
+        self.model.to(torch_dtype(self.dtype)).eval()
         self.optimizer = None
         return torch.inference_mode
 
@@ -179,8 +131,6 @@ class Runner:
             self.decode(ids, new_tokens)
 
     def loss(self, ids: torch.Tensor) -> torch.Tensor:
-        from llmcli.training.loop import family_loss
-
         batch = {"input_ids": ids, "labels": ids}
         if self.family == "t5":
             batch["decoder_input_ids"] = ids
@@ -193,8 +143,6 @@ class Runner:
             self.model(ids)
 
     def decode(self, ids: torch.Tensor, new_tokens: int) -> None:
-        from llmcli.generation import generate_ids
-
         generate_ids(self.model, ids, new_tokens, temperature=0)
 
 
@@ -236,14 +184,6 @@ def load_peer(model_dir: Path, family: str, device: torch.device):
 def run_bench(model_ref: str, modes: list[str], batch_sizes: list[int], seq_lens: list[int], dtype: str = "fp32",
               device: str = "auto", reps: int = 3, warmup: int = 1, compare: str | None = None,
               on_result: Callable[[BenchResult], None] | None = None) -> tuple[list[BenchResult], dict]:
-    import tempfile
-
-    from llmcli.config import resolve_config
-    from llmcli.interop.hf import convert_to_hf
-    from llmcli.model_dir import build_model_dir, load_model
-    from llmcli.profiling.counts import count
-    from llmcli.training.loop import resolve_device
-
     config, directory = resolve_config(model_ref)
     target = resolve_device(device)
     _check_matrix(config, modes, batch_sizes, seq_lens, dtype, target, reps, warmup, compare)
@@ -327,15 +267,6 @@ def _run_case(runners, mode, batch_size, seq_len, dtype, device, reps, warmup, c
     return ours
 
 
-def flops_per_token(config, counts, mode: str, seq_len: int) -> float:
-    """PaLM (Chowdhery et al. 2022, appendix B): 6N + 12·L·H·Q·T for training, 2N + 4·L·H·Q·T forward,
-    with N the parameters used in matmuls (non-embedding, plus a tied LM head)."""
-    n = counts.non_embedding_params + (config.d_model * config.vocab_size if config.tie_embeddings else 0)
-    layers = config.n_layers + 2 * (config.n_decoder_layers or 0)
-    attention = layers * config.n_heads * config.d_head * seq_len
-    return 6 * n + 12 * attention if mode == "train" else 2 * n + 4 * attention
-
-
 def _summarise(name, mode, batch_size, seq_len, dtype, device, samples, tokens, peak, config, counts,
                peaks) -> BenchResult:
     rates = [tokens / s for s in samples]
@@ -353,9 +284,8 @@ def _summarise(name, mode, batch_size, seq_len, dtype, device, samples, tokens, 
         peak_flops = next((v for k, v in GPU_PEAK_FLOPS.items() if k in name_), None)
         result.mfu = flops * mean / peak_flops if peak_flops else None
     if mode == "decode":
-        element = torch.finfo(DTYPES[dtype]).bits // 8
+        element = torch.finfo(torch_dtype(dtype)).bits // 8
         weights = (counts.non_embedding_params + config.d_model * config.vocab_size) * element
-        kv = 2 * (config.n_layers + (config.n_decoder_layers or 0)) * config.n_kv_heads * config.d_head * context
-        per_step = weights + kv * element * batch_size
+        per_step = weights + kv_cache_bytes_per_token(config, element) * context * batch_size
         result.bandwidth_bytes_per_s = per_step * mean / batch_size
     return result

@@ -1,10 +1,14 @@
-"""Exact parameter counts and per-token FLOPs, from the config alone (the model is built on the meta device)."""
+"""Counting formulas, each written once: exact parameter counts (the model built on the meta device), FLOPs
+per token, training compute, and KV-cache bytes per token.
+"""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
 from llmcli.config import ModelConfig
+
+TRAIN_MODE = "train"
 
 
 @dataclass
@@ -20,15 +24,39 @@ class ModelCounts:
 
 
 def count(config: ModelConfig) -> ModelCounts:
-    from llmcli.models import build_on_meta
+    from llmcli.models import build_on_meta  # lazy: `zoo list --help` needs no torch
 
     model = build_on_meta(config)
     total = model.num_parameters()
-    non_embedding = total - model.embedding_parameters()
-    # Forward FLOPs per token, Kaplan et al. 2020 Table 1: 2N + 2 * n_layer * n_ctx * d_attn,
-    # plus the LM-head matmul when it reuses the (uncounted) token embedding.
-    tied_head = config.d_model * config.vocab_size if config.tie_embeddings else 0
-    attention_layers = config.n_layers + 2 * (config.n_decoder_layers or 0)  # T5: + decoder self and cross
-    flops = 2 * (non_embedding + tied_head) + 2 * attention_layers * config.max_seq_len * config.d_attn
-    return ModelCounts(params=model.num_parameters(include_heads=False), params_with_heads=total,
-                       non_embedding_params=non_embedding, flops_per_token=flops, fp16_weight_bytes=2 * total)
+    counts = ModelCounts(params=model.num_parameters(include_heads=False), params_with_heads=total,
+                         non_embedding_params=total - model.embedding_parameters(), flops_per_token=0,
+                         fp16_weight_bytes=2 * total)
+    counts.flops_per_token = int(flops_per_token(config, counts, "forward", config.max_seq_len))
+    return counts
+
+
+def flops_per_token(config: ModelConfig, counts: ModelCounts, mode: str, seq_len: int) -> float:
+    """PaLM (Chowdhery et al. 2022, appendix B): 6N + 12·L·H·Q·T for training, 2N + 4·L·H·Q·T forward,
+    with N the parameters used in matmuls (non-embedding, plus a tied LM head) and L counting T5's decoder
+    twice (self- and cross-attention). The attention term covers both q·kᵀ and the product with v."""
+    n = counts.non_embedding_params + (config.d_model * config.vocab_size if config.tie_embeddings else 0)
+    layers = config.n_layers + 2 * (config.n_decoder_layers or 0)
+    attention = layers * config.n_heads * config.d_head * seq_len
+    return 6 * n + 12 * attention if mode == TRAIN_MODE else 2 * n + 4 * attention
+
+
+def training_compute(params: float, tokens: float) -> float:
+    """C ≈ 6·N·D (Kaplan et al. 2020): the FLOPs of training N parameters on D tokens, forward and backward."""
+    return 6 * params * tokens
+
+
+def tokens_for_compute(params: float, compute: float) -> float:
+    """D = C / (6·N): the tokens a FLOP budget buys for N parameters."""
+    return compute / (6 * params)
+
+
+def kv_cache_bytes_per_token(config: ModelConfig, element_bytes: float) -> float:
+    """K and V of every layer with a self-attention cache (T5: the decoder's) at one position of one sequence:
+    2 · layers · n_kv_heads · d_head · bytes."""
+    layers = config.n_decoder_layers if config.family == "t5" else config.n_layers
+    return 2 * layers * config.n_kv_heads * config.d_head * element_bytes

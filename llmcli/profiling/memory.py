@@ -24,8 +24,15 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 
-from llmcli.config import ModelConfig
+from llmcli.config import ModelConfig, config_from_dict, resolve_config
 from llmcli.errors import UserError
+from llmcli.finetune.lora import DEFAULT_TARGETS, parse_targets
+from llmcli.model_dir import QUANTIZATION_FILE, stored_tensor_bytes
+from llmcli.models import build_on_meta
+from llmcli.models.layout import PROJECTIONS, block_linears, blocks
+from llmcli.models.quantized import DEFAULT_GROUP_SIZE, quantized_state_bytes
+from llmcli.profiling.counts import count, kv_cache_bytes_per_token
+from llmcli.runtime import resolve_device
 
 MODES = ("train", "infer")
 DTYPES = {"fp32": 4, "bf16": 2, "fp16": 2, "int8": 1, "int4": 0.5}
@@ -33,8 +40,6 @@ OPTIMIZERS = ("adamw", "sgd", "adafactor", "adamw8bit")
 ATTENTIONS = ("sdpa", "eager")
 DEVICES = ("cpu", "cuda")
 COMPONENTS = ("weights", "gradients", "optimizer", "master_weights", "activations", "logits", "kv_cache")
-LORA_TARGETS = ("q_proj", "v_proj")  # Hu et al. 2021 adapt W_q and W_v (sec. 7.1)
-GROUP_SIZE = 128  # weight-only quantization: one fp16 scale per group of 128 weights (as GPTQ and AWQ)
 BNB_BLOCK = 2048  # 8-bit optimizer states: block-wise quantization, block of 2048 (Dettmers et al. 2022)
 BNB_MIN_SIZE = 4096  # bitsandbytes keeps 32-bit states for tensors smaller than this (min_8bit_size)
 
@@ -47,7 +52,9 @@ SOURCES = {
     "adafactor": "Shazeer & Stern 2018: factored second moment, one row and one column vector per matrix",
     "adamw8bit": f"Dettmers et al. 2022: 8-bit block-wise states, fp32 absmax per {BNB_BLOCK} values",
     "lora": "Hu et al. 2021: frozen base, trained A (r×in) and B (out×r)",
-    "quantization": f"weight-only: int8/int4 block matrices with an fp16 scale per {GROUP_SIZE} weights",
+    "quantization": "weight-only, as `llmcli quantize` stores it: the blocks' projections in int8 with an fp32 "
+                    "scale per output channel, or int4 (two per byte) with an fp32 scale per group of input "
+                    "features; embeddings, norms, biases and heads in fp32",
 }
 
 
@@ -90,7 +97,6 @@ class _ParamStats:
     total: int
     matrices: int  # parameters of >= 2-D tensors (weight-decay group; AdamW's foreach temporary)
     largest: int  # elements of the largest tensor
-    quantizable: int  # weights of the Linear layers inside blocks (weight-only quantization)
     lora: int  # parameters LoRA adds (A and B on the targets)
     small_tensors: int  # parameters in tensors < BNB_MIN_SIZE (8-bit optimizers keep them in 32-bit)
     factored: int  # Adafactor state elements: rows + columns per matrix, full vectors
@@ -104,27 +110,16 @@ def _param_stats(config: ModelConfig, lora_rank: int, lora_targets: tuple[str, .
 
 @functools.lru_cache(maxsize=64)
 def _cached_stats(config_json: str, lora_rank: int, lora_targets: tuple[str, ...]) -> tuple[int, _ParamStats]:
-    import torch.nn as nn
-
-    from llmcli.config import config_from_dict
-    from llmcli.models import build_on_meta
-    from llmcli.profiling.counts import count
-
     config = config_from_dict(json.loads(config_json), "<config>")
     model = build_on_meta(config)
     params = list(model.parameters())
-    quantizable = lora = largest_block = 0
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and ".blocks." in name:
-            quantizable += module.weight.numel()
-            if lora_rank and name.rsplit(".", 1)[-1] in lora_targets:
-                lora += lora_rank * (module.in_features + module.out_features)
-        if name.rsplit(".", 1)[-1].isdigit() and ".blocks." in name:
-            largest_block = max(largest_block, sum(p.numel() for p in module.parameters()))
+    lora = sum(lora_rank * (layer.in_features + layer.out_features)
+               for layer in block_linears(model, lora_targets).values()) if lora_rank else 0
+    largest_block = max((sum(p.numel() for p in block.parameters()) for block in blocks(model).values()), default=0)
     factored = sum(p.shape[-1] + p.shape[:-1].numel() if p.dim() >= 2 else p.numel() for p in params)
     stats = _ParamStats(total=sum(p.numel() for p in params),
                         matrices=sum(p.numel() for p in params if p.dim() >= 2),
-                        largest=max(p.numel() for p in params), quantizable=quantizable, lora=lora,
+                        largest=max(p.numel() for p in params), lora=lora,
                         small_tensors=sum(p.numel() for p in params if p.numel() < BNB_MIN_SIZE),
                         factored=factored, largest_block=largest_block)
     return count(config).params_with_heads, stats
@@ -306,11 +301,22 @@ def _check(config: ModelConfig, mode: str, batch_size: int, seq_len: int, dtype:
         raise UserError("--zero-stage shards training state; use it with --mode train")
 
 
+def estimate_memory_of(model_ref: str, mode: str = "train", device: str = "auto",
+                       **options) -> tuple[ModelConfig, MemoryEstimate, str]:
+    """`llmcli memory-estimate`: the estimate for a zoo name, TOML file or model directory, and the device it is
+    for (auto: cuda where available). A quantized directory's weights count as stored (infer)."""
+    config, directory = resolve_config(model_ref)
+    quantized = directory is not None and (directory / QUANTIZATION_FILE).is_file()
+    stored = stored_tensor_bytes(directory) if quantized and mode == "infer" else None
+    device = resolve_device(device).type if device == "auto" else device
+    return config, estimate_memory(config, mode, device=device, stored_weight_bytes=stored, **options), device
+
+
 def estimate_memory(config: ModelConfig, mode: str = "train", batch_size: int = 1, seq_len: int | None = None,
                     dtype: str = "fp32", optimizer: str = "adamw", grad_checkpointing: bool = False,
-                    lora_rank: int = 0, lora_targets: tuple[str, ...] = LORA_TARGETS, zero_stage: int = 0,
+                    lora_rank: int = 0, lora_targets: tuple[str, ...] = DEFAULT_TARGETS, zero_stage: int = 0,
                     gpus: int = 1, attention: str = "sdpa", device: str = "cuda", new_tokens: int = 16,
-                    target_len: int | None = None, group_size: int = GROUP_SIZE,
+                    target_len: int | None = None, group_size: int = DEFAULT_GROUP_SIZE,
                     stored_weight_bytes: int | None = None) -> MemoryEstimate:
     """Estimate the peak memory of one training step or of generation (prefill plus new_tokens decode steps).
 
@@ -324,7 +330,8 @@ def estimate_memory(config: ModelConfig, mode: str = "train", batch_size: int = 
     device = device.split(":")[0]
     _check(config, mode, batch_size, seq_len, dtype, optimizer, lora_rank, zero_stage, gpus, attention, device,
            new_tokens, target_len)
-    params, stats = _param_stats(config, lora_rank, tuple(lora_targets))
+    lora_targets = tuple(parse_targets(list(lora_targets)))
+    params, stats = _param_stats(config, lora_rank, lora_targets)
     inputs = dict(model=config.name, mode=mode, batch_size=batch_size, seq_len=seq_len, dtype=dtype,
                   optimizer=optimizer if mode == "train" else None, grad_checkpointing=grad_checkpointing,
                   lora_rank=lora_rank, lora_targets=list(lora_targets) if lora_rank else None,
@@ -335,13 +342,7 @@ def estimate_memory(config: ModelConfig, mode: str = "train", batch_size: int = 
         return _infer(config, stats, params, batch_size, seq_len, dtype, attention, device, new_tokens,
                       group_size, inputs, stored_weight_bytes)
     return _train(config, stats, params, batch_size, seq_len, target_len, dtype, optimizer, grad_checkpointing,
-                  lora_rank, tuple(lora_targets), zero_stage, gpus, attention, device, group_size, inputs)
-
-
-def _quantized_weight_bytes(stats: _ParamStats, dtype: str, group_size: int) -> float:
-    """int8/int4: block Linear weights quantized with an fp16 scale per group; everything else 16-bit."""
-    per_weight = DTYPES[dtype] + 2 / group_size
-    return stats.quantizable * per_weight + (stats.total - stats.quantizable) * 2
+                  lora_rank, lora_targets, zero_stage, gpus, attention, device, group_size, inputs)
 
 
 def _optimizer_bytes(optimizer: str, stats: _ParamStats, trainable: int, lora: bool) -> tuple[float, float]:
@@ -369,7 +370,7 @@ def _train(config, stats, params, batch, seq_len, target_len, dtype, optimizer, 
     compute = 4 if dtype == "fp32" else 2
     # model states per parameter (ZeRO convention): 16-bit weights and gradients + fp32 master in mixed precision
     if lora:
-        base = _quantized_weight_bytes(stats, dtype, group_size) if dtype in ("int8", "int4") else DTYPES[dtype] * params
+        base = quantized_state_bytes(config, dtype, group_size) if dtype in ("int8", "int4") else DTYPES[dtype] * params
         weights = base + compute * trainable
         notes.append(f"LoRA rank {lora_rank} on {', '.join(lora_targets)}: the frozen base stored in {dtype} "
                      f"(as PEFT and QLoRA load it), {trainable:,} trained parameters")
@@ -392,7 +393,7 @@ def _train(config, stats, params, batch, seq_len, target_len, dtype, optimizer, 
     residual = compute if (lora and dtype != "fp32") else 4
     p = _Precision(residual=residual, compute=compute, device=device)
     names = {"q_proj", "k_proj", "v_proj", "o_proj", "up", "gate", "down", "norm", "embedding", "head"}
-    train_set = set(lora_targets) if lora else names
+    train_set = {PROJECTIONS[t] for t in lora_targets} if lora else names
     dropout = config.dropout > 0
     bias_grad = config.position in ("relative", "transformer_xl") and not lora
     kernel = attention_kernel(attention, device, True, config.dropout, bias_grad)
@@ -453,21 +454,22 @@ def _infer(config, stats, params, batch, seq_len, dtype, attention, device, new_
         weights = stored_weight_bytes
         notes.append(f"weights as the quantized directory stores them; {dtype} compute and KV cache")
     elif dtype in ("int8", "int4"):
-        weights = _quantized_weight_bytes(stats, dtype, group_size)
-        notes.append(f"{dtype}: block linear weights quantized (fp16 scale per {group_size}); embeddings, "
-                     f"norms, biases and heads kept in 16-bit; 16-bit compute and KV cache")
+        weights = quantized_state_bytes(config, dtype, group_size)
+        layout = "per output channel" if dtype == "int8" else f"per {group_size} input features"
+        notes.append(f"{dtype}: the blocks' projections as `llmcli quantize` stores them (fp32 scale {layout}); "
+                     f"embeddings, norms, biases and heads in fp32; 16-bit compute and KV cache")
     else:
         weights = DTYPES[dtype] * params
-    kv_per_position = 2 * config.n_kv_heads * config.d_head * compute
+    kv_per_token = kv_cache_bytes_per_token(config, compute)
     e = lambda t: batch * t * config.d_model * compute  # noqa: E731
     if config.family == "gpt":
         prompt = seq_len - new_tokens
-        kv = kv_per_position * config.n_layers * batch * seq_len
+        kv = kv_per_token * batch * seq_len
         logits = batch * prompt * config.vocab_size * compute  # the whole prefill's logits stay referenced
         work = _infer_working(config, batch, prompt, prompt, compute, attention)
     elif config.family == "t5":
         steps = new_tokens + 1  # the decoder's start token plus the generated ones
-        kv = kv_per_position * config.n_decoder_layers * batch * (steps + seq_len)  # self + cross
+        kv = kv_per_token * batch * (steps + seq_len)  # self + cross
         logits = batch * config.vocab_size * compute
         work = e(seq_len) + _infer_working(config, batch, seq_len, seq_len, compute, attention)  # + encoder output
     else:  # bert: one forward (fill-mask, embed); no cache
@@ -484,7 +486,7 @@ def _infer(config, stats, params, batch, seq_len, dtype, attention, device, new_
     kernel = attention_kernel(attention, device, False, 0.0, False)
     estimate = _finish(params, 0, breakdown, per_param, phases, {}, {}, kernel, inputs, None, notes)
     if config.family != "bert":
-        estimate.kv_bytes_per_token = kv_per_position * (config.n_decoder_layers or config.n_layers)
+        estimate.kv_bytes_per_token = int(kv_per_token)
     return estimate
 
 

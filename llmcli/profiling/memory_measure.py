@@ -5,16 +5,13 @@ the chosen precision and checkpointing, after the optimizer states exist (one st
 creates them), as in a running loop. Infer: prefill plus `new_tokens` decode steps of generate_ids with the
 KV cache (GPT, T5), or one forward (BERT).
 
-What "measured" counts, so that it counts what the estimate counts:
-- CUDA: torch.cuda.max_memory_allocated() above the allocation before the model is built: live tensors,
-  not the caching allocator's reserve nor the CUDA context.
-- CPU: the child's peak resident memory (VmHWM) above its baseline, anonymous memory only (file-backed
-  pages, i.e. the code of torch's libraries, are subtracted). The baseline is taken after a warm-up run of a
-  one-layer miniature of the same architecture, so lazy imports, kernels' code, thread pools and malloc
-  arenas are already resident; then the model is built, and the peak is reset before the measured step.
-  The child runs with glibc's MALLOC_MMAP_THRESHOLD_ fixed at 128 KiB, so freed tensors go back to the OS
-  at once and RSS follows live tensors as max_memory_allocated does on CUDA (the default dynamic threshold
-  keeps freed blocks of up to 32 MiB in the heap, which added about 10% to gpt2-small's peak).
+"Measured" is peak.py's measurement (CUDA: max_memory_allocated; CPU: peak anonymous resident memory) above
+the memory in use before the model is built. On CPU the baseline is taken after a warm-up run of a
+one-layer miniature of the same architecture, so lazy imports, kernels' code, thread pools and malloc
+arenas are already resident; then the model is built, and the peak is reset before the measured step.
+The child runs with glibc's MALLOC_MMAP_THRESHOLD_ fixed at 128 KiB, so freed tensors go back to the OS
+at once and RSS follows live tensors as max_memory_allocated does on CUDA (the default dynamic threshold
+keeps freed blocks of up to 32 MiB in the heap, which added about 10% to gpt2-small's peak).
 """
 
 from __future__ import annotations
@@ -29,34 +26,24 @@ import tempfile
 import time
 from pathlib import Path
 
-from llmcli.config import ModelConfig
+import torch
+
+from llmcli.config import ModelConfig, config_from_dict
 from llmcli.errors import UserError
+from llmcli.finetune.lora import add_lora
+from llmcli.generation import generate_ids
+from llmcli.models import build_model
 from llmcli.profiling.memory import MemoryEstimate
+from llmcli.profiling.peak import memory_in_use, peak_memory, reset_peak
+from llmcli.runtime import machine_memory, resolve_device, resolve_precision, torch_dtype
+from llmcli.training.loop import Trainer, TrainArgs
+from llmcli.training.optim import make_optimizer
 
 MMAP_THRESHOLD = 128 * 1024
 
 
-def machine_memory(device: str) -> int:
-    """Bytes the device has: physical RAM (or a smaller cgroup limit) for CPU, total memory for CUDA."""
-    import torch
-
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_properties(torch.device(device).index or 0).total_memory
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    try:
-        with open("/sys/fs/cgroup/memory.max") as f:
-            limit = f.read().strip()
-        if limit.isdigit():
-            total = min(total, int(limit))
-    except OSError:
-        pass
-    return total
-
-
 def check_measurable(estimate: MemoryEstimate, device: str) -> None:
     """Refuse, before anything is allocated, what cannot be measured here or would not fit."""
-    from llmcli.training.loop import resolve_device, resolve_precision
-
     inputs = estimate.inputs
     unsupported = [(inputs["dtype"] in ("int8", "int4"), f"--dtype {inputs['dtype']} (no quantized kernels yet)"),
                    (inputs["lora_rank"] > 0 and inputs["dtype"] != "fp32",
@@ -70,7 +57,7 @@ def check_measurable(estimate: MemoryEstimate, device: str) -> None:
     torch_device = resolve_device(device)
     if inputs["mode"] == "train":
         resolve_precision(inputs["dtype"], torch_device)
-    have = machine_memory(str(torch_device))
+    have = machine_memory(torch_device)
     if estimate.total_bytes > have:
         raise UserError(f"{inputs['model']}: the estimate ({estimate.total_bytes / 1e9:.3g} GB) exceeds this "
                         f"{torch_device.type} device's memory ({have / 1e9:.3g} GB); not measuring. Lower "
@@ -95,48 +82,6 @@ def measure_memory(config: ModelConfig, estimate: MemoryEstimate, device: str) -
 # ---------------------------------------------------------------- the child
 
 
-def _status() -> dict[str, int]:
-    fields = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key in ("VmHWM", "RssAnon", "RssFile", "RssShmem"):
-                fields[key] = int(value.split()[0]) * 1024
-    return fields
-
-
-def _reset_peak(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        return
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
-    except OSError:
-        pass  # the peak then also covers model building, which allocates no more than the step
-
-
-def _usage(device) -> int:
-    import torch
-
-    if device.type == "cuda":
-        return torch.cuda.memory_allocated(device)
-    return _status()["RssAnon"]
-
-
-def _peak(device) -> int:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device)
-    status = _status()
-    return status["VmHWM"] - status["RssFile"] - status.get("RssShmem", 0)
-
-
 def _miniature(config: ModelConfig) -> ModelConfig:
     """One layer of the same architecture at toy width: the warm-up runs the same code paths."""
     return dataclasses.replace(config, vocab_size=128, d_model=32, n_heads=2, d_head=16, d_ff=64, n_layers=1,
@@ -153,8 +98,6 @@ class _RandomBatches:
         self.tokens_per_batch = batch * seq_len
 
     def batch(self, index: int) -> dict:
-        import torch
-
         generator = torch.Generator().manual_seed(index)
         ids = lambda *shape: torch.randint(self.config.vocab_size, shape, generator=generator)  # noqa: E731
         batch, seq_len = self.shape
@@ -168,10 +111,6 @@ class _RandomBatches:
 
 
 def _optimizer(name: str, model, lr: float = 1e-4, weight_decay: float = 0.1):
-    import torch
-
-    from llmcli.training.loop import make_optimizer
-
     if name == "adamw":
         return make_optimizer(model, lr, weight_decay)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -184,21 +123,13 @@ def _optimizer(name: str, model, lr: float = 1e-4, weight_decay: float = 0.1):
 
 def _trainer(config: ModelConfig, inputs: dict, device: str, run_dir: str):
     """llmcli's Trainer on random batches, with the optimizer's states created by a step on zero gradients."""
-    import torch
-
-    from llmcli.models import build_model
-    from llmcli.training.loop import Trainer, TrainArgs
-
     args = TrainArgs(steps=1, batch_size=inputs["batch_size"], seq_len=inputs["seq_len"], precision=inputs["dtype"],
                      grad_checkpointing=inputs["grad_checkpointing"], device=device, grad_clip=1.0)
     data = _RandomBatches(config, inputs["batch_size"], inputs["seq_len"], inputs.get("target_len"))
     model = build_model(config, seed=0)
     if inputs["lora_rank"]:  # the frozen base with LoRA A/B on the targets, as `llmcli finetune --method lora`
-        from llmcli.finetune.lora import TARGETS, add_lora
-
         model.requires_grad_(False)
-        short = {full: short for short, full in TARGETS.items()}
-        add_lora(model, inputs["lora_rank"], 16.0, 0.0, [short[name] for name in inputs["lora_targets"]])
+        add_lora(model, inputs["lora_rank"], 16.0, 0.0, inputs["lora_targets"])
     trainer = Trainer(model, data, [], args, run_dir=Path(run_dir))
     if inputs["optimizer"] != "adamw":
         trainer.optimizer = _optimizer(inputs["optimizer"], trainer.model)
@@ -213,12 +144,7 @@ def _trainer(config: ModelConfig, inputs: dict, device: str, run_dir: str):
 
 def _generator(config: ModelConfig, inputs: dict, device):
     """A model in the inference dtype (built directly in it, no fp32 copy) and the generation to run."""
-    import torch
-
-    from llmcli.generation import generate_ids
-    from llmcli.models import build_model
-
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[inputs["dtype"]]
+    dtype = torch_dtype(inputs["dtype"])
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -249,11 +175,6 @@ def _set_attention(model, attention: str) -> None:
 
 
 def _run(spec: dict) -> dict:
-    import torch
-
-    from llmcli.config import config_from_dict
-    from llmcli.training.loop import resolve_device
-
     config = config_from_dict(spec["config"], "<measure>")
     inputs = spec["inputs"]
     device = resolve_device(spec["device"])
@@ -266,17 +187,16 @@ def _run(spec: dict) -> dict:
             _generator(_miniature(config), dict(inputs, batch_size=1, seq_len=warm_new + 4, new_tokens=warm_new),
                        device)()
         gc.collect()
-        baseline = _usage(device)
+        baseline = memory_in_use(device)
         if inputs["mode"] == "train":
             step = _trainer(config, inputs, spec["device"], run_dir).train_step
         else:
             step = _generator(config, inputs, device)
-        gc.collect()
-        _reset_peak(device)
+        reset_peak(device)
         start = time.perf_counter()
         step()
         seconds = time.perf_counter() - start
-        peak = _peak(device)
+        peak = peak_memory(device)
     return {"measured_bytes": peak - baseline, "baseline_bytes": baseline, "seconds": round(seconds, 2),
             "device": str(device), "torch": torch.__version__}
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from llmcli.errors import UserError
+from llmcli.profiling.counts import training_compute
 
 RUNS_FILE = "runs.jsonl"
 HUBER_DELTA = 1e-3
@@ -35,7 +36,7 @@ class Run:
     def from_dict(cls, row: dict, where: str) -> "Run":
         try:
             run = cls(name=str(row.get("name", "?")), n=float(row["n"]), d=float(row["d"]), loss=float(row["loss"]),
-                      dataset=str(row.get("dataset", "")), compute=float(row.get("compute", 6 * row["n"] * row["d"])))
+                      dataset=str(row.get("dataset", "")), compute=float(row.get("compute", training_compute(row["n"], row["d"]))))
         except (KeyError, TypeError, ValueError) as e:
             raise UserError(f"{where}: a run needs numeric 'n', 'd' and 'loss' ({e}); "
                             f"use a runs.jsonl written by `llmcli scaling sweep`") from None

@@ -12,7 +12,12 @@ from __future__ import annotations
 
 import math
 
+from llmcli.config import load_toml, zoo_entries
 from llmcli.errors import UserError
+from llmcli.profiling.bench import machine_peaks, run_bench
+from llmcli.profiling.counts import count, tokens_for_compute, training_compute
+from llmcli.profiling.memory import estimate_memory
+from llmcli.runtime import default_seq_len, machine_memory, resolve_device
 from llmcli.scaling.fit import Fit
 
 CHINCHILLA_TOKENS_PER_PARAM = 20
@@ -27,7 +32,7 @@ def chinchilla(compute: float) -> tuple[float, float]:
 
 def kaplan(compute: float) -> tuple[float, float]:
     n = KAPLAN_COEFFICIENT * (compute / PF_DAY) ** KAPLAN_EXPONENT
-    return n, compute / (6 * n)
+    return n, tokens_for_compute(n, compute)
 
 
 def from_fit(fit: Fit, compute: float) -> tuple[float, float]:
@@ -49,9 +54,6 @@ def allocation(rule, compute: float) -> dict:
 
 def nearest_zoo_entry(params: float, family: str = "gpt"):
     """The zoo entry of `family` whose parameter count is closest to `params` on a log scale."""
-    from llmcli.config import load_toml, zoo_entries
-    from llmcli.profiling.counts import count
-
     best = None
     for name, path in zoo_entries().items():
         config = load_toml(path)
@@ -68,15 +70,11 @@ def nearest_zoo_entry(params: float, family: str = "gpt"):
 
 def machine_time(config, params: float, tokens: float, measure: bool, device: str = "auto") -> dict:
     """Training time for `tokens` on this machine: a measured bench step if the model fits here, else a bound."""
-    from llmcli.profiling.bench import machine_peaks, run_bench
-    from llmcli.profiling.memory import estimate_memory
-    from llmcli.training.loop import resolve_device
-
-    seq_len = min(128, config.max_seq_len)
+    seq_len = default_seq_len(config)
     target = resolve_device(device)
     needed = estimate_memory(config, "train", batch_size=1, seq_len=seq_len, dtype="fp32",
                              device=target.type).total_bytes
-    available = _available_memory(target)
+    available = machine_memory(target)
     if not measure:
         return {"basis": "not measured (--no-measure)"}
     if needed < available / 2 and params <= 2e9:
@@ -88,23 +86,11 @@ def machine_time(config, params: float, tokens: float, measure: bool, device: st
     return {"basis": f"{config.name} needs {needed / 1e9:.3g} GB to train, this {target.type} has "
                      f"{available / 1e9:.3g} GB: a lower bound at the measured matmul peak "
                      f"({flops / 1e9:.0f} GFLOP/s, 100% utilisation)",
-            "matmul_flops": flops, "seconds": 6 * params * tokens / flops, "lower_bound": True}
-
-
-def _available_memory(device) -> int:
-    import os
-
-    import torch
-
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+            "matmul_flops": flops, "seconds": training_compute(params, tokens) / flops, "lower_bound": True}
 
 
 def plan(compute: float, fit: Fit | None = None, family: str = "gpt", measure: bool = True,
          device: str = "auto") -> dict:
-    from llmcli.profiling.memory import estimate_memory
-
     if not compute > 0 or not math.isfinite(compute):
         raise UserError(f"--compute {compute}: give a positive FLOP budget, e.g. 1e18")
     rules = {"chinchilla": allocation(chinchilla, compute), "kaplan": allocation(kaplan, compute)}

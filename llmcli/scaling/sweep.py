@@ -13,15 +13,22 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import Callable
 
+from llmcli.config import resolve_config
+from llmcli.data import read_corpus
 from llmcli.errors import UserError
+from llmcli.profiling.counts import count, tokens_for_compute, training_compute
+from llmcli.progress import SILENT, Progress
+from llmcli.runtime import DEFAULT_SEQ_LEN
 from llmcli.scaling.fit import RUNS_FILE
+from llmcli.training.loop import TrainArgs
+from llmcli.training.pretrain import pretrain
+from llmcli.training.run import TrainFlags
 
 
 def dataset_id(data: str | None) -> str:
     """A short fingerprint of the corpus text: runs on different data must not be fitted together."""
-    from llmcli.data import read_corpus
-
     digest = hashlib.sha256("\0".join(read_corpus(data)).encode()).hexdigest()[:12]
     return f"{'default corpus' if data is None else Path(data).name}:{digest}"
 
@@ -40,9 +47,6 @@ def parse_budgets(text: str | None, flag: str) -> list[float]:
 
 def plan_runs(models: list[str], tokens: list[float], compute: list[float], tokens_per_step: int) -> list[dict]:
     """One entry per (model, budget): its config, N and the whole number of steps the budget buys."""
-    from llmcli.config import resolve_config
-    from llmcli.profiling.counts import count
-
     if bool(tokens) == bool(compute):
         raise UserError("give exactly one budget: --tokens D (tokens per model) or --compute C (FLOPs per model)")
     plans = []
@@ -50,7 +54,7 @@ def plan_runs(models: list[str], tokens: list[float], compute: list[float], toke
         config, _ = resolve_config(ref)
         n = count(config).non_embedding_params
         for budget in tokens or compute:
-            wanted = budget if tokens else budget / (6 * n)
+            wanted = budget if tokens else tokens_for_compute(n, budget)
             steps = max(1, round(wanted / tokens_per_step))
             if wanted < tokens_per_step / 2:
                 raise UserError(f"{config.name}: a budget of {budget:.3g} {'tokens' if tokens else 'FLOPs'} is "
@@ -62,17 +66,14 @@ def plan_runs(models: list[str], tokens: list[float], compute: list[float], toke
 
 
 def sweep(models: list[str], out: str, tokens: str | None = None, compute: str | None = None,
-          data: str | None = None, given: dict | None = None, force: bool = False, log=print) -> list[dict]:
+          data: str | None = None, flags: TrainFlags = TrainFlags(), force: bool = False,
+          log: Callable = print, progress: Progress = SILENT) -> list[dict]:
     """Train each model for its budget; returns the runs.jsonl rows (one per model and budget)."""
-    from llmcli.training.loop import TrainArgs
-    from llmcli.training.pretrain import pretrain
-
     if not models:
         raise UserError("--models is empty; give zoo names, TOML files or directories, e.g. gpt-nano,gpt-micro")
-    given = {k: v for k, v in (given or {}).items() if v is not None}
-    args = TrainArgs(**{k: v for k, v in given.items() if k in TrainArgs.__dataclass_fields__})
-    seq_len = args.seq_len or 128
-    given["seq_len"] = seq_len
+    args = TrainArgs(**flags.given_args())
+    seq_len = args.seq_len or DEFAULT_SEQ_LEN
+    flags = flags.replace(seq_len=seq_len, force=True)
     token_budgets, compute_budgets = parse_budgets(tokens, "--tokens"), parse_budgets(compute, "--compute")
     several_budgets = len(token_budgets or compute_budgets) > 1
     plans = plan_runs(models, token_budgets, compute_budgets, args.batch_size * seq_len * args.grad_accum)
@@ -106,14 +107,14 @@ def sweep(models: list[str], out: str, tokens: str | None = None, compute: str |
             tokenizer_dir = tokenizer_dir or run_dir
             continue
         log(f"[{index}/{len(plans)}] {run_name}: N {plan['n']:,}, D {steps_tokens:,} tokens "
-            f"({plan['steps']} steps), C {6 * plan['n'] * steps_tokens:.3g} FLOPs")
+            f"({plan['steps']} steps), C {training_compute(plan['n'], steps_tokens):.3g} FLOPs")
         start = time.perf_counter()
-        summary = pretrain(plan["ref"], data, str(run_dir), {**given, "steps": plan["steps"]}, force=True,
-                           tokenizer_dir=tokenizer_dir, log=log)
+        summary = pretrain(plan["ref"], data, str(run_dir), flags.replace(steps=plan["steps"]), log=log,
+                           progress=progress, tokenizer_dir=tokenizer_dir)
         wall = time.perf_counter() - start
         tokenizer_dir = tokenizer_dir or run_dir
         row = {"name": run_name, "model": config.name, "family": config.family, "n": plan["n"], "d": steps_tokens,
-               "compute": 6 * plan["n"] * steps_tokens, "steps": plan["steps"], "batch_size": args.batch_size,
+               "compute": training_compute(plan["n"], steps_tokens), "steps": plan["steps"], "batch_size": args.batch_size,
                "seq_len": seq_len, "loss": summary["val_loss"], "perplexity": summary["val_perplexity"],
                "wall_s": round(wall, 2), "dataset": dataset, "device": summary["device"],
                "run_dir": str(run_dir), plan["budget_kind"]: plan["budget"]}

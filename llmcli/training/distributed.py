@@ -11,9 +11,8 @@ rank = dp_rank * tp + tp_rank:
 - tensor parallel (tp): q/k/v/up/gate split by output features, o/down by input features
   (Megatron-LM, Shoeybi et al. 2019), so each tp rank holds n_heads / tp heads and d_ff / tp hidden units.
 
-Checkpoints go through torch.distributed.checkpoint (each rank writes its shard) into the same
-checkpoints/step-N directories as single-process runs, written under a temporary name and renamed by
-rank 0 once every rank has finished. The exported model directory is the plain single-process format.
+Checkpoints are sharded (checkpoint.py: torch.distributed.checkpoint, each rank writing its shard); the
+exported model directory is the plain single-process format.
 """
 
 from __future__ import annotations
@@ -22,10 +21,8 @@ import contextlib
 import json
 import math
 import os
-import shutil
 import time
 import traceback
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -34,10 +31,13 @@ import torch
 import torch.distributed as dist
 
 from llmcli.errors import UserError
+from llmcli.models.blocks import Attention, RelativePositionBias
+from llmcli.models.layout import COLUMN_PARALLEL, block_linears, blocks, projection_kind
+from llmcli.runtime import resolve_device, torch_dtype
+from llmcli.training.checkpoint import complete_checkpoints
 
 STRATEGIES = ("ddp", "fsdp")
 LAUNCHED = "LLMCLI_LAUNCHED"  # set by `launch`: the parent reports a rank's error, the rank stays quiet
-DCP_METADATA = ".metadata"  # torch.distributed.checkpoint's index file: marks a sharded checkpoint
 
 
 def under_torchrun() -> bool:
@@ -88,10 +88,6 @@ def check_model(config, tp: int) -> None:
                         f"split; train it without --tp")
 
 
-def parallel_settings(given: dict) -> dict:
-    return {"strategy": given.get("strategy"), "tp": given.get("tp"), "cpu_offload": given.get("cpu_offload")}
-
-
 # ---------------------------------------------------------------- the process group
 
 
@@ -132,8 +128,6 @@ class Parallel:
 
     def use_device(self, name: str) -> torch.device:
         """cuda:LOCAL_RANK for --device auto/cuda on a CUDA machine, else the CPU."""
-        from llmcli.training.loop import resolve_device
-
         kind = resolve_device(name).type
         self.device = torch.device("cuda", self.local_rank) if kind == "cuda" else torch.device("cpu")
         return self.device
@@ -216,28 +210,26 @@ class Parallel:
         return plain.eval()
 
 
-def start(given: dict) -> Parallel | None:
+def start(strategy: str | None, tp: int | None, cpu_offload: bool | None) -> Parallel | None:
     """Join the process group when run by torchrun; None for a single process.
 
     The backend is gloo for CPU tensors and NCCL for CUDA ones. Refuses parallel flags without torchrun.
     """
-    settings = parallel_settings(given)
     if not under_torchrun():
-        asked = [name for name, value in (("--strategy", settings["strategy"]), ("--cpu-offload",
-                 settings["cpu_offload"])) if value] + (["--tp"] if (settings["tp"] or 1) != 1 else [])
+        asked = [name for name, value in (("--strategy", strategy), ("--cpu-offload", cpu_offload)) if value]
+        asked += ["--tp"] if (tp or 1) != 1 else []
         if asked:
             raise UserError(f"{' and '.join(asked)} {'needs' if len(asked) == 1 else 'need'} several processes: "
                             f"add --nproc N to launch them, or run the command under torchrun")
         return None
     world, rank, local_rank = (int(os.environ[k]) for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"))
-    check_flags(settings["strategy"], settings["tp"], settings["cpu_offload"], world)
+    check_flags(strategy, tp, cpu_offload, world)
     owns_group = not dist.is_initialized()
     if owns_group:
         if torch.cuda.is_available():
             torch.cuda.set_device(local_rank)
         dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
-    return Parallel(settings["strategy"] or "ddp", settings["tp"] or 1, bool(settings["cpu_offload"]), rank,
-                    local_rank, world, owns_group=owns_group)
+    return Parallel(strategy or "ddp", tp or 1, bool(cpu_offload), rank, local_rank, world, owns_group=owns_group)
 
 
 def stop(parallel: Parallel | None) -> None:
@@ -275,22 +267,18 @@ def tensor_parallel(model: torch.nn.Module, mesh) -> None:
     """
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
-    from llmcli.models.blocks import Attention, Block, RelativePositionBias
-
     tp = mesh.size()
+    for block in blocks(model).values():
+        layers = block_linears(block)
+        for name, layer in layers.items():
+            if type(layer) is not torch.nn.Linear:
+                raise UserError(f"--tp splits the model's own projections, but {name} is a "
+                                f"{type(layer).__name__}; use --tp with --method full")
+        plan = {name: ColwiseParallel() if projection_kind(name) in COLUMN_PARALLEL else RowwiseParallel()
+                for name in layers}
+        parallelize_module(block, mesh, plan)
     for module in list(model.modules()):
-        if isinstance(module, Block):
-            plan = {"attn.q_proj": ColwiseParallel(), "attn.k_proj": ColwiseParallel(),
-                    "attn.v_proj": ColwiseParallel(), "attn.o_proj": RowwiseParallel(),
-                    "ff.up": ColwiseParallel(), "ff.down": RowwiseParallel()}
-            if module.ff.gate is not None:
-                plan["ff.gate"] = ColwiseParallel()
-            if module.cross_attn is not None:
-                plan.update({f"cross_attn.{name}": ColwiseParallel() for name in ("q_proj", "k_proj", "v_proj")})
-                plan["cross_attn.o_proj"] = RowwiseParallel()
-            _check_linear(module, plan)
-            parallelize_module(module, mesh, plan)
-        elif isinstance(module, RelativePositionBias):
+        if isinstance(module, RelativePositionBias):
             parallelize_module(module, mesh, {"embedding": ColwiseParallel()})
     for module in model.modules():
         if isinstance(module, Attention):
@@ -298,27 +286,16 @@ def tensor_parallel(model: torch.nn.Module, mesh) -> None:
             module.n_kv_heads //= tp
 
 
-def _check_linear(block: torch.nn.Module, plan: dict) -> None:
-    for name in plan:
-        if type(block.get_submodule(name)) is not torch.nn.Linear:
-            raise UserError(f"--tp splits the model's own projections, but {name} is a "
-                            f"{type(block.get_submodule(name)).__name__}; use --tp with --method full")
-
-
 def _fully_shard(model: torch.nn.Module, mesh, precision: str | None, cpu_offload: bool) -> torch.nn.Module:
     """FSDP2: each block its own unit (gathered just before it runs), the rest (embeddings, norms, heads)
     in the root unit."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
-    from llmcli.models.blocks import Block
-
     options = {"mesh": mesh, "offload_policy": CPUOffloadPolicy() if cpu_offload else OffloadPolicy()}
     if precision is not None:  # 16-bit compute, fp32 gradient reduction and master weights
-        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-        options["mp_policy"] = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
-    for module in list(model.modules()):
-        if isinstance(module, Block):
-            fully_shard(module, **options)
+        options["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch_dtype(precision), reduce_dtype=torch.float32)
+    for block in blocks(model).values():
+        fully_shard(block, **options)
     return fully_shard(model, **options)
 
 
@@ -344,103 +321,21 @@ class ShardedData:
         return {k: v[self.dp_rank * b:(self.dp_rank + 1) * b] for k, v in batch.items()}
 
 
-# ---------------------------------------------------------------- checkpoints
-
-
-def is_sharded_checkpoint(checkpoint: Path) -> bool:
-    return (checkpoint / DCP_METADATA).is_file()
-
-
-def save_checkpoint(parallel: Parallel, run_dir: Path, step: int, model, optimizer, scheduler, scaler,
-                    extra: dict, keep: int = 3) -> Path:
-    """Every rank writes its shard into checkpoints/.step-N.tmp; rank 0 renames it to step-N at the end."""
-    import torch.distributed.checkpoint as dcp
-    from safetensors.torch import save_file
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    from llmcli.model_dir import write_json
-    from llmcli.training.state import CHECKPOINTS, complete_checkpoints
-
-    folder = run_dir / CHECKPOINTS
-    final, tmp = folder / f"step-{step}", folder / f".step-{step}.tmp"
-    if parallel.is_main:
-        folder.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-    parallel.barrier()
-    model_state, optimizer_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(tmp))
-    save_file(_rng_state(parallel.device), str(tmp / f"rng-{parallel.rank}.safetensors"))
-    parallel.barrier()
-    if parallel.is_main:
-        write_json(tmp / "state.json", {
-            "step": step, "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            "world": parallel.world, "strategy": parallel.strategy, "tp": parallel.tp,
-            "global_batch": extra["train_args"]["batch_size"] * parallel.dp, **extra})
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-        for old in complete_checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    parallel.barrier()
-    return final
-
-
-def load_checkpoint(checkpoint: Path, model, optimizer, scheduler, scaler, parallel: Parallel | None) -> dict:
-    """Restore a sharded checkpoint, on any number of ranks (DCP reshards) or in a single process."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-    from llmcli.model_dir import read_safetensors
-
-    try:
-        state = json.loads((checkpoint / "state.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"{checkpoint}: unreadable checkpoint state ({e}); delete it to resume from an earlier one")
-    model_state, optimizer_state = get_state_dict(model, optimizer)
-    loaded = {"model": model_state, "optimizer": optimizer_state}
-    with warnings.catch_warnings():  # without a process group DCP loads in this process, as meant here
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
-        dcp.load(loaded, checkpoint_id=str(checkpoint))
-    set_state_dict(model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    if scaler is not None and state.get("scaler"):
-        scaler.load_state_dict(state["scaler"])
-    rank = parallel.rank if parallel else 0
-    rng = checkpoint / f"rng-{rank}.safetensors"
-    if rng.is_file():
-        tensors = read_safetensors(rng)
-        torch.set_rng_state(tensors["rng.cpu"])
-        device = parallel.device if parallel else torch.device("cpu")
-        if "rng.cuda" in tensors and device.type == "cuda":
-            torch.cuda.set_rng_state(tensors["rng.cuda"], device)
-    return state
-
-
-def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
-    state = {"rng.cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["rng.cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
 # ---------------------------------------------------------------- launching and failures
 
 
-def launch(nproc: int, argv: list[str], given: dict, config=None, run_dir: Path | None = None,
-           log: Callable[[str], None] = print) -> int:
+def launch(nproc: int, argv: list[str], strategy: str | None, tp: int | None, cpu_offload: bool | None,
+           config=None, run_dir: Path | None = None, log: Callable[[str], None] = print) -> int:
     """Run `python -m llmcli ARGV` as nproc processes on this machine under torchrun; returns the exit code.
 
     torchrun stops every rank when one fails; the failing rank's error is reported here (exit code 2 for
     bad input, 1 for a crash), with the last complete checkpoint to resume from.
     """
-    settings = parallel_settings(given)
     if under_torchrun():
         raise UserError("--nproc launches torchrun itself; under torchrun, leave --nproc out")
-    check_flags(settings["strategy"], settings["tp"], settings["cpu_offload"], nproc)
+    check_flags(strategy, tp, cpu_offload, nproc)
     if config is not None:
-        check_model(config, settings["tp"] or 1)
+        check_model(config, tp or 1)
     import torch.distributed.run as torchrun
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
@@ -479,8 +374,6 @@ def _failure_message(failure) -> str:
 def _resume_hint(run_dir: Path | None) -> str:
     if run_dir is None:
         return ""
-    from llmcli.training.state import complete_checkpoints
-
     checkpoints = complete_checkpoints(Path(run_dir))
     if not checkpoints:
         return " No checkpoint was written yet."

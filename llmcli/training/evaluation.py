@@ -6,7 +6,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from llmcli.data import PretrainingData, document_stream, read_corpus, split_documents
 from llmcli.errors import UserError
+from llmcli.model_dir import load_model, load_tokenizer
+from llmcli.runtime import default_seq_len, evaluate, resolve_device
+from llmcli.tokenizer import special_ids
+from llmcli.training.run import TRAINING_FILE
 
 OBJECTIVES = {"gpt": "next-token (CLM)", "bert": "masked LM (15%)", "t5": "span corruption (15%, mean span 3)"}
 
@@ -20,24 +25,21 @@ class CorpusBatches:
     seq_len: int
 
 
-def default_seq_len(directory: Path, config) -> int:
-    """The training run's --seq-len if the directory is a run, else min(128, max_seq_len)."""
-    training = directory / "training.json"
+def run_seq_len(directory: Path, config) -> int:
+    """The training run's --seq-len if the directory is a run, else the default (the context, at most 128)."""
+    training = directory / TRAINING_FILE
     if training.is_file():
         return json.loads(training.read_text())["args"]["seq_len"]
-    return min(128, config.max_seq_len)
+    return default_seq_len(config)
 
 
 def corpus_batches(directory: Path, config, tokenizer, data: str | None, seq_len: int | None,
                    val_batches: int = 8, batch_size: int = 8, seed: int = 0) -> CorpusBatches:
     """Tokenize a corpus (default: the embedded one) with the directory's tokenizer, split as training does."""
-    from llmcli.data import PretrainingData, document_stream, read_corpus, split_documents
-    from llmcli.tokenizer import special_ids
-
     if tokenizer.get_vocab_size() > config.vocab_size:
         raise UserError(f"{directory}: tokenizer has {tokenizer.get_vocab_size()} tokens, the model only "
                         f"{config.vocab_size}; the directory mixes files from different models")
-    seq_len = seq_len or default_seq_len(directory, config)
+    seq_len = seq_len or run_seq_len(directory, config)
     if seq_len > config.max_seq_len or seq_len <= 0:
         raise UserError(f"--seq-len {seq_len} must be between 1 and max_seq_len ({config.max_seq_len})")
     train_docs, val_docs = split_documents(read_corpus(data))
@@ -49,9 +51,6 @@ def corpus_batches(directory: Path, config, tokenizer, data: str | None, seq_len
 
 def evaluate_model_dir(model_dir: str, data: str | None, seq_len: int | None, batches: int = 8,
                        device: str = "auto") -> dict:
-    from llmcli.model_dir import load_model, load_tokenizer
-    from llmcli.training.loop import evaluate, resolve_device
-
     directory = Path(model_dir)
     model = load_model(directory)
     corpus = corpus_batches(directory, model.config, load_tokenizer(directory), data, seq_len, batches)

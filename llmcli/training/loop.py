@@ -14,19 +14,20 @@ import json
 import math
 import os
 import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from llmcli.errors import UserError
+from llmcli.progress import SILENT, Progress
+from llmcli.runtime import autocast, evaluate, family_loss, resolve_device, resolve_precision
+from llmcli.training.checkpoint import complete_checkpoints, is_sharded, load_checkpoint, save_checkpoint
+from llmcli.training.distributed import ShardedData
 from llmcli.training.optim import make_optimizer, make_scheduler
-from llmcli.training.state import complete_checkpoints, load_checkpoint, save_checkpoint
-
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 @dataclass
@@ -52,66 +53,6 @@ class TrainArgs:
         return asdict(self)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
-    return device
-
-
-def resolve_precision(name: str, device: torch.device) -> str:
-    if name not in PRECISIONS:
-        raise UserError(f"--precision {name!r} is not one of {', '.join(PRECISIONS)}")
-    if name == "auto":
-        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    if name == "fp16" and device.type != "cuda":
-        raise UserError("--precision fp16 needs CUDA (its gradient scaler is CUDA-only); use bf16 or fp32 on CPU")
-    return name
-
-
-def autocast(device: torch.device, precision: str):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-
-
-def model_outputs(model, batch: dict[str, torch.Tensor]):
-    """Call any family with the inputs its batch carries."""
-    inputs = {k: v for k, v in batch.items()
-              if k in ("attention_mask", "token_type_ids", "decoder_input_ids", "decoder_attention_mask")}
-    return model(batch["input_ids"], **inputs)
-
-
-def family_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean cross-entropy over labelled positions (-100 = not scored): CLM, MLM or span targets."""
-    logits = model_outputs(model, batch).logits
-    return F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(), ignore_index=-100)
-
-
-@torch.no_grad()
-def evaluate(model, batches: list[dict], device: torch.device, precision: str = "fp32") -> dict:
-    """Token-weighted validation loss and perplexity over a fixed set of batches."""
-    was_training = model.training
-    model.eval()
-    total, tokens = 0.0, 0
-    for batch in batches:
-        batch = {k: v.to(device) for k, v in batch.items()}
-        n = int((batch["labels"] != -100).sum())
-        with autocast(device, precision):
-            total += family_loss(model, batch).item() * n
-        tokens += n
-    model.train(was_training)
-    if tokens == 0:
-        raise UserError("validation split has no scored tokens; give more data")
-    loss = total / tokens
-    return {"loss": loss, "perplexity": math.exp(min(loss, 700)), "tokens": tokens}
-
-
 class TrainingDiverged(UserError):
     pass
 
@@ -128,6 +69,8 @@ class Trainer:
     loss_fn: Callable = family_loss
     eval_fn: Callable = evaluate  # (model, val_batches, device, precision) -> {"loss", ...}; fine-tuning adds accuracy
     on_step: Callable | None = None  # called after every step with the trainer (tests, callbacks)
+    progress: Progress = SILENT  # told the step and its figures after every step (rank 0 only)
+    log: Callable[[str], None] = lambda message: None  # one-line notices (rank 0 only)
     parallel: object = None  # a distributed.Parallel under torchrun; None for one process
     rank: int = field(default_factory=lambda: int(os.environ.get("RANK", 0)))
     step: int = 0
@@ -144,8 +87,6 @@ class Trainer:
                 module.gradient_checkpointing = self.args.grad_checkpointing
         self.autocast = self.precision
         if parallel:
-            from llmcli.training.distributed import ShardedData
-
             self.model = parallel.wrap(self.model, self.precision)
             self.autocast = "fp32" if parallel.mixed_precision else self.precision  # FSDP casts by itself
             self.data = ShardedData(self.data, parallel.dp_rank, parallel.dp)
@@ -164,35 +105,23 @@ class Trainer:
         checkpoints = complete_checkpoints(self.run_dir)
         if not checkpoints:
             raise UserError(f"{self.run_dir}: no checkpoint to resume from; drop --resume to start a new run")
-        from llmcli.training import distributed
-
-        if distributed.is_sharded_checkpoint(checkpoints[-1]):
-            state = distributed.load_checkpoint(checkpoints[-1], self.model, self.optimizer, self.scheduler,
-                                                self.scaler, self.parallel)
-            ranks = self.parallel.dp if self.parallel else 1
-            if state["global_batch"] != self.args.batch_size * ranks:
-                raise UserError(f"{checkpoints[-1]} was trained on a global batch of {state['global_batch']} rows; "
-                                f"keep --batch-size x data-parallel processes equal to it (now {self.args.batch_size}"
-                                f" x {ranks}) so that resumed steps see the same batches")
-        elif self.parallel:
-            raise UserError(f"{checkpoints[-1]} was written by a single process; resume it without torchrun "
-                            f"or --nproc")
-        else:
-            state = load_checkpoint(checkpoints[-1], self.model, self.optimizer, self.scheduler, self.scaler)
+        state = load_checkpoint(checkpoints[-1], self.model, self.optimizer, self.scheduler, self.scaler,
+                                self.parallel)
+        ranks = self.parallel.dp if self.parallel else 1
+        if is_sharded(checkpoints[-1]) and state["global_batch"] != self.args.batch_size * ranks:
+            raise UserError(f"{checkpoints[-1]} was trained on a global batch of {state['global_batch']} rows; "
+                            f"keep --batch-size x data-parallel processes equal to it (now {self.args.batch_size}"
+                            f" x {ranks}) so that resumed steps see the same batches")
         self.step = state["step"]
         self._truncate_metrics()
         return self.step
 
     def save(self) -> Path | None:
-        if self.parallel:  # every rank writes its shard
-            from llmcli.training.distributed import save_checkpoint as save_sharded
-
-            return save_sharded(self.parallel, self.run_dir, self.step, self.model, self.optimizer, self.scheduler,
-                                self.scaler, extra={"train_args": self.args.to_dict()})
-        if not self.is_main:
+        """A checkpoint of this step (under torchrun every rank writes its shard)."""
+        if not self.parallel and not self.is_main:
             return None
         return save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self.scheduler, self.scaler,
-                               extra={"train_args": self.args.to_dict()})
+                               extra={"train_args": self.args.to_dict()}, parallel=self.parallel)
 
     # ------------------------------------------------------------ the loop
 
@@ -237,7 +166,8 @@ class Trainer:
         start_step, window_start, window_steps = self.step, time.perf_counter(), 0
         result = {"stopped_early": False}
         try:
-            with _Progress(self.is_main, args.steps, self.step) as bar:
+            progress = self.progress if self.is_main else SILENT
+            with progress.task("train", args.steps, self.step) as bar:
                 if self.step == 0:  # the untrained baseline, so the log shows what training bought
                     self._evaluate({})
                 while self.step < args.steps:
@@ -251,7 +181,7 @@ class Trainer:
                         self._log(record)
                     if self.step % eval_every == 0 or self.step == args.steps:
                         self._evaluate(record)
-                    bar.update(self.step, record)
+                    bar.update(self.step, **record)
                     if args.save_every and self.step % args.save_every == 0 and self.step < args.steps:
                         self.save()
                     if self.on_step:
@@ -281,7 +211,7 @@ class Trainer:
             raise KeyboardInterrupt
         self.stop_requested = True
         if self.is_main:
-            _stderr("stopping after this step and saving a checkpoint (Ctrl-C again to abort)")
+            self.log("stopping after this step and saving a checkpoint (Ctrl-C again to abort)")
 
     def _log(self, record: dict) -> None:
         self.history.append(record)
@@ -299,50 +229,4 @@ class Trainer:
 
 
 def _main_thread() -> bool:
-    import threading
-
     return threading.current_thread() is threading.main_thread()
-
-
-def _stderr(message: str) -> None:
-    from rich.console import Console
-
-    Console(stderr=True).print(message, highlight=False)
-
-
-class _Progress:
-    """A rich progress bar on stderr: step, loss, lr, tokens/s, validation perplexity, ETA."""
-
-    def __init__(self, enabled: bool, total: int, completed: int) -> None:
-        self.enabled = enabled
-        if enabled:
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.progress = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(),
-                                     TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
-                                     console=Console(stderr=True))
-            self.task = self.progress.add_task("train", total=total, completed=completed, info="")
-            self.info: dict = {}
-
-    def __enter__(self):
-        if self.enabled:
-            self.progress.start()
-        return self
-
-    def update(self, step: int, record: dict) -> None:
-        if not self.enabled:
-            return
-        self.info.update(record)
-        parts = [f"loss {self.info['loss']:.3f}", f"lr {self.info['lr']:.1e}"]
-        if "tokens_per_s" in self.info:
-            parts.append(f"{self.info['tokens_per_s']:,.0f} tok/s")
-        if "val_perplexity" in self.info:
-            parts.append(f"val ppl {self.info['val_perplexity']:.1f}")
-        if "val_accuracy" in self.info:
-            parts.append(f"val acc {self.info['val_accuracy']:.3f}")
-        self.progress.update(self.task, completed=step, info="  ".join(parts))
-
-    def __exit__(self, *exc) -> None:
-        if self.enabled:
-            self.progress.stop()

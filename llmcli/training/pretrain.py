@@ -7,63 +7,27 @@ alone writes the run directory and trains the tokenizer (see distributed.py).
 
 from __future__ import annotations
 
-import json
-import shutil
-from dataclasses import fields
 from pathlib import Path
+from typing import Callable
+
+from tokenizers import Tokenizer
 
 from llmcli.config import ModelConfig, resolve_config
+from llmcli.data import PretrainingData, document_stream, read_corpus, split_documents
 from llmcli.errors import UserError
-from llmcli.model_dir import TOKENIZER_FILE, save_model, write_json
+from llmcli.model_dir import TOKENIZER_FILE, load_model, load_tokenizer, save_model, write_json
+from llmcli.models import build_model, build_on_meta
+from llmcli.progress import SILENT, Progress
+from llmcli.tokenizer import save_tokenizer, special_ids, train_tokenizer
 from llmcli.training import distributed
-from llmcli.training.loop import Trainer, TrainArgs
-
-TRAINING_FILE = "training.json"
-
-
-def merge_args(saved: dict | None, given: dict) -> TrainArgs:
-    """Defaults, overridden by a resumed run's saved flags, overridden by flags given now (not None)."""
-    values = TrainArgs().to_dict()
-    names = {f.name for f in fields(TrainArgs)}
-    values.update({k: v for k, v in (saved or {}).items() if k in names})
-    values.update({k: v for k, v in given.items() if v is not None and k in names})
-    return TrainArgs(**values)
-
-
-def check_args(args: TrainArgs, config: ModelConfig) -> None:
-    for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "log_every"):
-        if getattr(args, name) <= 0:
-            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    for name in ("save_every", "eval_every", "warmup"):
-        if getattr(args, name) < 0:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    if args.lr <= 0:
-        raise UserError(f"--lr must be positive, got {args.lr}")
-    if args.seq_len > config.max_seq_len:
-        raise UserError(f"--seq-len {args.seq_len} is above {config.name}'s max_seq_len ({config.max_seq_len}); "
-                        f"use --seq-len {config.max_seq_len} or less")
-
-
-def prepare_run_dir(run_dir: Path, resume: bool, force: bool) -> dict | None:
-    """Check or clear the run directory; returns the saved training.json of a run being resumed."""
-    if resume:
-        if not (run_dir / TRAINING_FILE).is_file():
-            raise UserError(f"{run_dir}: no run to resume (no {TRAINING_FILE}); drop --resume to start one")
-        return json.loads((run_dir / TRAINING_FILE).read_text())
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not force:
-            raise UserError(f"{run_dir}: already holds a run; pass --resume to continue it, "
-                            f"--force to start over, or choose another --out")
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return None
+from llmcli.training.distillation import Distillation, copy_from_teacher
+from llmcli.training.loop import Trainer
+from llmcli.training.run import (TRAINING_FILE, TrainFlags, final_validation, in_processes, prepare_run_dir,
+                                 rank_log, resolve_data)
 
 
 def load_or_train_tokenizer(config: ModelConfig, directories: list[Path], train_docs: list[str]):
     """The first tokenizer.json found in `directories`, else a new one trained on the training split."""
-    from llmcli.model_dir import load_tokenizer
-    from llmcli.tokenizer import train_tokenizer
-
     for directory in directories:
         if (directory / TOKENIZER_FILE).is_file():
             tokenizer = load_tokenizer(directory)
@@ -76,55 +40,42 @@ def load_or_train_tokenizer(config: ModelConfig, directories: list[Path], train_
     return tokenizer
 
 
-def pretrain(model_ref: str, data: str | None, out: str | None, given: dict, resume: bool = False,
-             force: bool = False, on_step=None, log=print, *, config: ModelConfig | None = None,
-             tokenizer_dir: Path | None = None, loss_fn=None, prepare_model=None, record: dict | None = None) -> dict:
+def pretrain(model_ref: str | ModelConfig, data: str | None, out: str | None, flags: TrainFlags = TrainFlags(), *,
+             log: Callable = print, progress: Progress = SILENT, on_step: Callable | None = None,
+             tokenizer_dir: Path | None = None, distillation: Distillation | None = None) -> dict:
     """Pre-train (or continue pre-training) a model; returns a summary with the final validation metrics.
 
-    Distillation reuses this loop: `config` replaces resolving model_ref, `tokenizer_dir` supplies the
-    tokenizer, `loss_fn` replaces the family loss, `prepare_model` edits a fresh model (e.g. copies
-    teacher layers), and `record` is saved in training.json.
-
-    Under torchrun, `given` may carry strategy (ddp|fsdp), tp and cpu_offload; batch_size is per rank.
+    model_ref: a zoo name, TOML file or model directory (whose weights are the start), or a config.
+    tokenizer_dir: where the tokenizer comes from (default: the run or model directory, else trained).
+    distillation: train against a teacher's soft targets (llmcli distill). Under torchrun, batch_size is
+    per rank.
     """
-    parallel = distributed.start(given)
-    summary = _pretrain(model_ref, data, out, given, resume, force, on_step, log, parallel, config, tokenizer_dir,
-                        loss_fn, prepare_model, record)
-    distributed.stop(parallel)
-    return summary
+    return in_processes(flags, lambda parallel: _pretrain(model_ref, data, out, flags, log, progress, on_step,
+                                                           tokenizer_dir, distillation, parallel))
 
 
-def _pretrain(model_ref, data, out, given, resume, force, on_step, log, parallel, config, tokenizer_dir, loss_fn,
-              prepare_model, record) -> dict:
-    from llmcli.data import PretrainingData, document_stream, read_corpus, split_documents
-    from llmcli.model_dir import load_model
-    from llmcli.models import build_model
-    from llmcli.tokenizer import save_tokenizer, special_ids
-
+def _pretrain(model_ref, data, out, flags: TrainFlags, log, progress, on_step, tokenizer_dir, distillation,
+              parallel) -> dict:
     main = parallel is None or parallel.is_main
-    log = log if main else _quiet
-    config, source_dir = (config, None) if config is not None else resolve_config(model_ref)
+    log = rank_log(parallel, log)
+    if isinstance(model_ref, ModelConfig):
+        config, source_dir, model_name = model_ref, None, model_ref.name
+    else:
+        (config, source_dir), model_name = resolve_config(model_ref), str(model_ref)
     run_dir = Path(out) if out else Path("runs") / config.name
-    if source_dir is not None and source_dir.resolve() == run_dir.resolve() and not resume:
+    if source_dir is not None and source_dir.resolve() == run_dir.resolve() and not flags.resume:
         raise UserError(f"{run_dir}: --out is the model directory itself; choose a new --out, or --resume")
-    saved = distributed.on_main(parallel, lambda: prepare_run_dir(run_dir, resume, force))
-    if resume:
+    saved = distributed.on_main(parallel, lambda: prepare_run_dir(run_dir, flags.resume, flags.force))
+    if flags.resume:
         config, _ = resolve_config(run_dir)  # config.json is written when a run starts
-    args = merge_args(saved and saved.get("args"), given)
-    args.seq_len = args.seq_len or min(128, config.max_seq_len)
-    check_args(args, config)
+    args = flags.train_args(saved and saved.get("args"), config)
     if parallel:
         distributed.check_model(config, parallel.tp)
-    data = str(Path(data).resolve()) if data is not None else None  # a resume may start from elsewhere
-    if resume and saved.get("data") != data and data is not None:
-        raise UserError(f"--data {data} differs from the resumed run's ({saved.get('data')}); resume with the same data")
-    data = data if data is not None else (saved or {}).get("data")
+    data = resolve_data(data, saved)
 
     train_docs, val_docs = split_documents(read_corpus(data))
     directories = [d for d in (tokenizer_dir, run_dir, source_dir) if d is not None]
     if parallel:  # one tokenizer, trained once, for every rank
-        from tokenizers import Tokenizer
-
         tokenizer = Tokenizer.from_str(distributed.on_main(
             parallel, lambda: load_or_train_tokenizer(config, directories, train_docs).to_str()))
     else:
@@ -136,23 +87,24 @@ def _pretrain(model_ref, data, out, given, resume, force, on_step, log, parallel
                               global_batch, args.seed)
     val_batches = dataset.eval_batches(val_tokens, args.eval_batches)
 
-    if resume:
+    if flags.resume:
         model = build_model(config)  # the weights come from the checkpoint
     elif source_dir is None:
         model = build_model(config, seed=args.seed)
     else:
         model = load_model(source_dir, seed=args.seed)
-    if prepare_model is not None and not resume:
-        prepare_model(model)
+    if distillation is not None and distillation.init_from_teacher and not flags.resume:
+        log(f"initialised {copy_from_teacher(model, distillation.teacher)} student tensors from the teacher")
     if main:
         write_json(run_dir / "config.json", config.to_dict())
         save_tokenizer(tokenizer, run_dir)
-        write_json(run_dir / TRAINING_FILE, {"model": str(model_ref), "data": data, "args": args.to_dict(),
-                                             **(record or {})})
+        record = distillation.record() if distillation is not None else {}
+        write_json(run_dir / TRAINING_FILE, {"model": model_name, "data": data, "args": args.to_dict(), **record})
     parameters = model.num_parameters()
-    trainer = Trainer(model, dataset, val_batches, args, run_dir, on_step=on_step, parallel=parallel,
-                      **({"loss_fn": loss_fn} if loss_fn is not None else {}))
-    if resume:
+    loss = {"loss_fn": distillation.loss} if distillation is not None else {}
+    trainer = Trainer(model, dataset, val_batches, args, run_dir, on_step=on_step, progress=progress, log=log,
+                      parallel=parallel, **loss)
+    if flags.resume:
         log(f"resuming {run_dir} from step {trainer.resume()}")
     where = f"{trainer.device}, {trainer.precision}"
     if parallel:
@@ -162,19 +114,13 @@ def _pretrain(model_ref, data, out, given, resume, force, on_step, log, parallel
         f"({len(val_tokens):,} held out), {where}")
     result = trainer.fit()
     if parallel:  # the full weights, gathered to rank 0, as a plain model directory
-        from llmcli.models import build_on_meta
-
         plain = parallel.gather_model(trainer.model, lambda: build_on_meta(config))
         if main:
             save_model(plain, run_dir)
     else:
         save_model(trainer.model, run_dir)
-    final = next((r for r in reversed(trainer.history) if "val_loss" in r), {})
+    final = final_validation(trainer.history)
     return {"run_dir": str(run_dir), **result, "val_loss": final.get("val_loss"),
             "val_perplexity": final.get("val_perplexity"), "train_tokens": len(train_tokens),
             "val_tokens": len(val_tokens), "device": str(trainer.device), "precision": trainer.precision,
             "family": config.family}
-
-
-def _quiet(*args, **kwargs) -> None:
-    pass

@@ -1,21 +1,20 @@
-"""What every compression command reports: size, held-out quality and speed, before and after.
+"""The figures every compression command reports, before and after: size, held-out quality and speed.
 
-Also where compressed models are written: a model directory (config.json, model.safetensors,
-tokenizer.json) plus `compression.json`, the report itself, so the numbers travel with the model.
+The report is written beside the compressed model as compression.json (directories.py), so the numbers
+travel with the model.
 """
 
 from __future__ import annotations
 
-import shutil
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
-from llmcli.model_dir import TOKENIZER_FILE, atomic_output_dir, save_model, write_json
+from llmcli.generation import generate_ids
+from llmcli.models.layout import block_linears
+from llmcli.runtime import evaluate
 
-REPORT_FILE = "compression.json"
 SPEED_NEW_TOKENS = 32
 
 
@@ -25,16 +24,8 @@ def state_bytes(model: torch.nn.Module) -> int:
 
 
 def linear_weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes held by the transformer's linear layers (quantized ones included), embeddings and heads excluded."""
-    total = 0
-    for name, module in model.named_modules():
-        if name.endswith("lm_head"):
-            continue
-        if hasattr(module, "stored_bytes"):
-            total += module.stored_bytes()
-        elif isinstance(module, torch.nn.Linear):
-            total += sum(t.numel() * t.element_size() for t in module.state_dict().values())
-    return total
+    """Bytes held by the blocks' linear layers (quantized ones included), embeddings and heads excluded."""
+    return sum(state_bytes(layer) for layer in block_linears(model).values())
 
 
 def logical_parameters(model: torch.nn.Module) -> int:
@@ -49,8 +40,6 @@ def logical_parameters(model: torch.nn.Module) -> int:
 @torch.no_grad()
 def tokens_per_s(model: torch.nn.Module, device: torch.device, reps: int = 3) -> dict:
     """Decode speed with the KV cache (GPT, T5: batch 1, 32 new tokens) or forward speed (BERT: batch 1, 128 tokens)."""
-    from llmcli.generation import generate_ids
-
     config = model.config
     prompt = torch.randint(config.vocab_size, (1, min(8, config.max_seq_len // 2)), generator=torch.Generator().manual_seed(0))
     prompt = prompt.to(device)
@@ -76,8 +65,6 @@ def tokens_per_s(model: torch.nn.Module, device: torch.device, reps: int = 3) ->
 
 def snapshot(model: torch.nn.Module, val_batches: list[dict], device: torch.device, speed: bool = True) -> dict:
     """Size, held-out loss/perplexity and (optionally) speed of one model."""
-    from llmcli.training.loop import evaluate
-
     model.eval()
     quality = evaluate(model, val_batches, device)
     result = {"params": logical_parameters(model), "state_bytes": state_bytes(model),
@@ -96,45 +83,3 @@ def compare(before: dict, after: dict) -> dict:
     if "speed" in before and "speed" in after:
         change["speed_ratio"] = after["speed"]["tokens_per_s"] / before["speed"]["tokens_per_s"]
     return change
-
-
-def write_compressed(model: torch.nn.Module, source: Path, out: str | Path, report: dict, force: bool = False,
-                     extra_files: dict[str, object] | None = None) -> Path:
-    """Write a compressed model directory atomically: weights, the source's tokenizer, the report."""
-    out = Path(out)
-    with atomic_output_dir(out, force) as tmp:
-        save_model(model, tmp)
-        if (source / TOKENIZER_FILE).is_file():
-            shutil.copy2(source / TOKENIZER_FILE, tmp / TOKENIZER_FILE)
-        for name, data in (extra_files or {}).items():
-            write_json(tmp / name, data)
-        write_json(tmp / REPORT_FILE, report)
-    return out
-
-
-def full_precision_dir(ref: str | Path, flag: str = "") -> Path:
-    """A model directory to compress or distil from: it must exist and not be quantized already."""
-    from llmcli.errors import UserError
-    from llmcli.model_dir import QUANTIZATION_FILE
-
-    directory, where = Path(ref), f"{flag} {ref}".strip()
-    if not directory.is_dir():
-        raise UserError(f"{where}: not a model directory; train one with `llmcli train` or convert one")
-    if (directory / QUANTIZATION_FILE).is_file():
-        raise UserError(f"{where}: already quantized ({QUANTIZATION_FILE}); start from the full-precision model")
-    return directory
-
-
-def open_source(model_dir: str | Path, data: str | None, seq_len: int | None, device: str = "auto",
-                val_batches: int = 8, batch_size: int = 8, seed: int = 0):
-    """A compression command's input: (model, corpus batches, device). Refuses an already quantized model."""
-    from llmcli.model_dir import load_model, load_tokenizer
-    from llmcli.training.evaluation import corpus_batches
-    from llmcli.training.loop import resolve_device
-
-    directory = full_precision_dir(model_dir)
-    target = resolve_device(device)
-    model = load_model(directory, device=str(target))
-    corpus = corpus_batches(directory, model.config, load_tokenizer(directory), data, seq_len, val_batches,
-                            batch_size, seed)
-    return model, corpus, target

@@ -12,20 +12,26 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from llmcli.config import resolve_config
 from llmcli.errors import UserError
+from llmcli.finetune.heads import language_model
 from llmcli.finetune.lora import parse_targets
 from llmcli.finetune.methods import METHODS, FinetuneSpec, attach, parameter_counts
+from llmcli.finetune.peft_export import PEFT_DIR, export_peft, peft_blocker
 from llmcli.finetune.saving import read_adapter_config, save_adapter
-from llmcli.finetune.tasks import TASKS
+from llmcli.finetune.tasks import TASKS, build_task
 from llmcli.model_dir import (CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, load_model, load_tokenizer, save_model,
                               write_json)
+from llmcli.progress import SILENT, Progress
+from llmcli.tokenizer import save_tokenizer, special_ids
 from llmcli.training import distributed
 from llmcli.training.loop import Trainer
-from llmcli.training.pretrain import TRAINING_FILE, check_args, merge_args, prepare_run_dir
+from llmcli.training.run import (TRAINING_FILE, TrainFlags, final_validation, in_processes, prepare_run_dir,
+                                 rank_log, read_run, resolve_data)
 
 
 DATA_HINTS = {"lm": "a .txt file, a folder of .txt files, or JSONL with a 'text' field",
@@ -78,35 +84,25 @@ def _resolve_spec(saved: dict | None, given: FinetuneSpec | dict) -> FinetuneSpe
     return spec
 
 
-def finetune(base: str | Path | None, data: str | None, out: str, given: dict, settings: FinetuneSpec | dict,
-             resume: bool = False, force: bool = False, on_step=None, log=print) -> dict:
+def finetune(base: str | Path | None, data: str | None, out: str, flags: TrainFlags, settings: FinetuneSpec | dict,
+             *, log: Callable = print, progress: Progress = SILENT, on_step: Callable | None = None) -> dict:
     """Fine-tune `base` into `out`; returns a summary with the final validation metrics.
 
-    given: TrainArgs flags (None = default), and under torchrun strategy, tp and cpu_offload; settings: a
-    FinetuneSpec, or its fields (None = default; on resume only the ones given, which must match the run's).
+    settings: a FinetuneSpec, or its fields (None = default; on resume only the ones given, which must match
+    the run's).
     """
-    parallel = distributed.start(given)
-    summary = _finetune(base, data, out, given, settings, resume, force, on_step, log, parallel)
-    distributed.stop(parallel)
-    return summary
+    return in_processes(flags, lambda parallel: _finetune(base, data, out, flags, settings, log, progress, on_step,
+                                                           parallel))
 
 
-def _finetune(base, data, out, given, settings, resume, force, on_step, log, parallel) -> dict:
-    from llmcli.finetune.peft_export import PEFT_DIR, export_peft, peft_blocker
-    from llmcli.finetune.tasks import build_task
-    from llmcli.tokenizer import save_tokenizer, special_ids
-
+def _finetune(base, data, out, flags: TrainFlags, settings, log, progress, on_step, parallel) -> dict:
     main = parallel is None or parallel.is_main
-    log = log if main else (lambda *a, **k: None)
+    log = rank_log(parallel, log)
     run_dir = Path(out)
-    data = str(Path(data).resolve()) if data is not None else None  # a resume may start from elsewhere
-    if resume:
-        saved = prepare_run_dir(run_dir, resume=True, force=False)  # only reads training.json
+    if flags.resume:
+        saved = read_run(run_dir)
         spec = _resolve_spec(saved, settings)
-        if data is not None and data != saved.get("data"):
-            raise UserError(f"--data {data} differs from the resumed run's ({saved.get('data')}); "
-                            f"resume with the same data")
-        data, base, source = saved["data"], Path(saved["base"]), run_dir
+        data, base, source = resolve_data(data, saved), Path(saved["base"]), run_dir
     else:
         if base is None:
             raise UserError("finetune needs the model directory to start from")
@@ -117,12 +113,10 @@ def _finetune(base, data, out, given, settings, resume, force, on_step, log, par
         spec = _resolve_spec(None, settings)
         if data is None:
             raise UserError(f"--data is required: {DATA_HINTS[spec.task]}")
-        source = base
+        data, source = resolve_data(data, None), base
     config, _ = resolve_config(source)
     spec.check_family(config.family)
-    args = merge_args(saved and saved.get("args"), given)
-    args.seq_len = args.seq_len or min(128, config.max_seq_len)
-    check_args(args, config)
+    args = flags.train_args(saved and saved.get("args"), config)
     if parallel:
         distributed.check_model(config, parallel.tp)
         if parallel.tp > 1 and spec.method != "full":
@@ -141,8 +135,8 @@ def _finetune(base, data, out, given, settings, resume, force, on_step, log, par
     model = attach(load_model(source), spec, num_labels)
 
     def start_run_dir() -> None:
-        if not resume:
-            prepare_run_dir(run_dir, resume=False, force=force)
+        if not flags.resume:
+            prepare_run_dir(run_dir, resume=False, force=flags.force)
             _link_or_copy(base / WEIGHTS_FILE, run_dir / WEIGHTS_FILE)
             write_json(run_dir / CONFIG_FILE, config.to_dict())
             save_tokenizer(tokenizer, run_dir)
@@ -152,14 +146,14 @@ def _finetune(base, data, out, given, settings, resume, force, on_step, log, par
     distributed.on_main(parallel, start_run_dir)
     trainable, total = parameter_counts(model)
     trainer = Trainer(model, task.train, task.val_batches, args, run_dir, loss_fn=task.loss_fn,
-                      eval_fn=task.eval_fn, on_step=on_step, parallel=parallel)
-    if resume:
+                      eval_fn=task.eval_fn, on_step=on_step, progress=progress, log=log, parallel=parallel)
+    if flags.resume:
         log(f"resuming {run_dir} from step {trainer.resume()}")
     counts = ", ".join(f"{v:,} {k.replace('_', ' ')}" for k, v in task.counts.items())
     log(f"fine-tuning {config.name} ({spec.method}, {spec.task}): {trainable:,} of {total:,} parameters trainable "
         f"({trainable / total:.2%}); {counts}; {trainer.device}, {trainer.precision}")
     result = trainer.fit()
-    final = next((r for r in reversed(trainer.history) if "val_loss" in r), {})
+    final = final_validation(trainer.history)
     result["checkpoint"] = result["checkpoint"] and str(result["checkpoint"])
     summary = {"run_dir": str(run_dir), **result, "method": spec.method, "task": spec.task, "family": config.family,
                "trainable_params": trainable, "total_params": total, "trainable_share": trainable / total,
@@ -169,8 +163,6 @@ def _finetune(base, data, out, given, settings, resume, force, on_step, log, par
         model = parallel.gather_model(trainer.model, lambda: attach(load_model(source), spec, num_labels))
         if not main:
             return summary
-
-    from llmcli.finetune.heads import language_model
 
     if spec.method == "full":
         save_model(language_model(model), run_dir)

@@ -1,0 +1,115 @@
+"""What every command that runs a model needs: the device, the precision and its dtype, autocast,
+calling a model with a batch, the family's loss, and held-out evaluation.
+
+Inference, compression, profiling and training all import this module; it imports only the
+foundation (errors), never a command.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+
+from llmcli.errors import UserError
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DEFAULT_SEQ_LEN = 128  # training and evaluation use the model's context, at most this many tokens
+MODEL_INPUTS = ("attention_mask", "token_type_ids", "decoder_input_ids", "decoder_attention_mask")
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """'fp32' | 'bf16' | 'fp16' -> the torch dtype."""
+    return DTYPES[name]
+
+
+def default_seq_len(config) -> int:
+    return min(DEFAULT_SEQ_LEN, config.max_seq_len)
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' is cuda where available, else cpu; a CUDA device on a machine without CUDA is refused."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    return device
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    if name not in PRECISIONS:
+        raise UserError(f"--precision {name!r} is not one of {', '.join(PRECISIONS)}")
+    if name == "auto":
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if name == "fp16" and device.type != "cuda":
+        raise UserError("--precision fp16 needs CUDA (its gradient scaler is CUDA-only); use bf16 or fp32 on CPU")
+    return name
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch_dtype(precision))
+
+
+def machine_memory(device: torch.device | str) -> int:
+    """Bytes the device has: physical RAM (or a smaller cgroup limit) for CPU, total memory for CUDA."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device.index or 0).total_memory
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        if limit.isdigit():
+            total = min(total, int(limit))
+    except OSError:
+        pass
+    return total
+
+
+def model_outputs(model, batch: dict[str, torch.Tensor]):
+    """Call any family with the inputs its batch carries."""
+    inputs = {k: v for k, v in batch.items() if k in MODEL_INPUTS}
+    return model(batch["input_ids"], **inputs)
+
+
+def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over labelled positions (-100 = not scored), in fp32."""
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+
+
+def family_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The family's objective on a batch: CLM, MLM or span targets."""
+    return token_cross_entropy(model_outputs(model, batch).logits, batch["labels"])
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(min(loss, 700))
+
+
+@torch.no_grad()
+def evaluate(model, batches: list[dict], device: torch.device, precision: str = "fp32") -> dict:
+    """Token-weighted validation loss and perplexity over a fixed set of batches."""
+    was_training = model.training
+    model.eval()
+    total, tokens = 0.0, 0
+    for batch in batches:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        n = int((batch["labels"] != -100).sum())
+        with autocast(device, precision):
+            total += family_loss(model, batch).item() * n
+        tokens += n
+    model.train(was_training)
+    if tokens == 0:
+        raise UserError("validation split has no scored tokens; give more data")
+    loss = total / tokens
+    return {"loss": loss, "perplexity": perplexity(loss), "tokens": tokens}
