@@ -61,7 +61,7 @@ def training_steps(model: str, batch_size: int, seq_len: int):
     from llmcli.config import resolve_config
     from llmcli.interop.hf import convert_to_hf
     from llmcli.model_dir import build_model_dir
-    from llmcli.training.loop import family_loss
+    from llmcli.runtime import family_loss
     from llmcli.training.optim import make_optimizer
 
     config, _ = resolve_config(model)

@@ -45,17 +45,19 @@ def main() -> None:
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args()
 
-    from llmcli.compression.prune import prune, resolve_spec
-    from llmcli.compression.quantize import quantize_model_dir
+    from llmcli.compression.prune import resolve_spec
+    from llmcli.compression.prune_dir import prune
+    from llmcli.compression.quantize_dir import quantize_model_dir
     from llmcli.interop.hf import convert_from_hf, convert_to_hf
     from llmcli.training.pretrain import pretrain
+    from llmcli.training.run import TrainFlags
 
     speed = not args.no_speed
     model_dir = args.model_dir
     if model_dir is None:
         model_dir = "runs/bench-compression/gpt-micro"
         if not Path(model_dir, "model.safetensors").is_file():
-            pretrain("gpt-micro", None, model_dir, {}, force=True, log=lambda *a, **k: None)
+            pretrain("gpt-micro", None, model_dir, TrainFlags(force=True), log=lambda *a, **k: None)
     head = ["variant", "linear weights", "whole directory", "ppl before", "ppl after", "ppl change"]
     head += ["decode tok/s before", "after", "speed"] if speed else []
     table = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -66,7 +68,7 @@ def main() -> None:
             table.append(row(f"quantize {label}", report, speed))
         for label, (method, sparsity, pattern) in PRUNE:
             report = prune(model_dir, f"{tmp}/p", resolve_spec(method, sparsity, pattern), speed=speed, force=True,
-                           progress=False, log=lambda *a, **k: None)
+                           log=lambda *a, **k: None)
             table.append(row(f"prune {label}", report, speed))
             if "50%" in label and method != "heads":
                 wanda_vs_magnitude[method] = report["change"]["perplexity_change"]

@@ -30,17 +30,18 @@ def main() -> None:
 
     from llmcli.compression.distill import distill
     from llmcli.training.pretrain import pretrain
+    from llmcli.training.run import TrainFlags
 
     work = Path(args.work)
     teacher = args.teacher or str(work / "teacher")
     if args.teacher is None:
-        pretrain(args.model, None, teacher, {}, force=True, log=lambda *a, **k: None)
-    given = {"steps": args.steps} if args.steps else {}
+        pretrain(args.model, None, teacher, TrainFlags(force=True), log=lambda *a, **k: None)
+    flags = TrainFlags(steps=args.steps or None, force=True)
     rows = []
     for init in (False, True):
         out = work / ("student-init" if init else "student-fresh")
-        report = distill(teacher, None, None, str(out), given, alpha=args.alpha, temperature=args.temperature,
-                         init_from_teacher=init, baseline=True, force=True, speed=False, log=lambda *a, **k: None)
+        report = distill(teacher, None, None, str(out), flags, alpha=args.alpha, temperature=args.temperature,
+                         init_from_teacher=init, baseline=True, speed=False, log=lambda *a, **k: None)
         rows.append((init, report))
 
     teacher_ppl = rows[0][1]["before"]["perplexity"]

@@ -82,12 +82,13 @@ def worker(args) -> None:
 
     from llmcli.config import resolve_config
     from llmcli.models import build_model
-    from llmcli.profiling.memory_measure import _miniature, _peak, _RandomBatches, _reset_peak, _usage
+    from llmcli.profiling.memory_measure import _miniature, _RandomBatches
+    from llmcli.profiling.peak import memory_in_use, peak_memory, reset_peak
     from llmcli.training.distributed import start, stop
     from llmcli.training.loop import TrainArgs, Trainer
 
     config, _ = resolve_config(args.model)
-    parallel = start({"strategy": args.worker})
+    parallel = start(args.worker, None, None)
 
     def trainer(cfg, batch: int, seq_len: int, run_dir: str) -> Trainer:
         train_args = TrainArgs(steps=1, batch_size=batch, seq_len=seq_len, device="cpu", precision="fp32")
@@ -103,15 +104,14 @@ def worker(args) -> None:
     with tempfile.TemporaryDirectory() as run_dir:
         trainer(_miniature(config), 1, 8, run_dir).train_step()
         gc.collect()
-        baseline = _usage(parallel.device)
+        baseline = memory_in_use(parallel.device)
         step = trainer(config, args.batch_size, args.seq_len, run_dir).train_step
-        gc.collect()
         parallel.barrier()
-        _reset_peak(parallel.device)
+        reset_peak(parallel.device)
         start_time = time.perf_counter()
         step()
         seconds = time.perf_counter() - start_time
-        peak = _peak(parallel.device)
+        peak = peak_memory(parallel.device)
     print("RESULT " + json.dumps({"rank": parallel.rank, "measured_bytes": peak - baseline,
                                   "baseline_bytes": baseline, "seconds": round(seconds, 2)}), flush=True)
     stop(parallel)

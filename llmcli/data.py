@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from llmcli.errors import UserError
-from llmcli.tokenizer import SpecialIds, encode_plain
+from llmcli.tokenizer import SpecialIds, encode_plain, special_ids
 
 DOCUMENT_CHARS = 20_000  # a single .txt file is cut into documents of at most this many characters
 ENCODE_CHUNK = 256  # documents per encode_batch call, to bound memory
@@ -141,8 +141,6 @@ def tokens_from_documents(tokenizer, docs: list[str], eos_id: int | None) -> tor
 
 def document_stream(tokenizer, docs: list[str]) -> torch.Tensor:
     """The token stream a family trains on: documents separated by eos (GPT, T5) or [SEP] (BERT)."""
-    from llmcli.tokenizer import special_ids
-
     special = special_ids(tokenizer)
     return tokens_from_documents(tokenizer, docs, special.eos if special.eos is not None else special.sep)
 

@@ -42,6 +42,8 @@ def memory_estimate(
     attention: str = typer.Option("sdpa", help="sdpa (fused kernels where they apply) or eager (keeps the "
                                                "attention probabilities)."),
     new_tokens: int = typer.Option(16, help="infer: tokens generated after the prompt."),
+    group_size: int = typer.Option(128, help="--dtype int4: input features per scale, as `llmcli quantize "
+                                             "--group-size` (32, 64 or 128)."),
     device: str = typer.Option("auto", help="cpu or cuda: whose kernels are counted and where --measure runs "
                                             "(auto: cuda if available)."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
@@ -53,7 +55,7 @@ def memory_estimate(
     config, estimate, device = estimate_memory_of(
         model, mode, device, batch_size=batch_size, seq_len=seq_len, dtype=dtype, optimizer=optimizer,
         grad_checkpointing=grad_checkpointing, lora_rank=lora_rank, zero_stage=zero_stage, gpus=gpus,
-        attention=attention, new_tokens=new_tokens)
+        attention=attention, new_tokens=new_tokens, group_size=group_size)
     result = estimate.to_dict()
     if measure:
         result.update(_measure(config, estimate, device))

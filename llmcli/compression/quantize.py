@@ -14,7 +14,7 @@ import torch.nn as nn
 from llmcli.compression.gptq import gptq_model
 from llmcli.errors import UserError
 from llmcli.models.layout import set_submodule
-from llmcli.models.quantized import (FORMAT_VERSION, GROUP_SIZES, SCHEMES, QuantizedLinear, qrange,
+from llmcli.models.quantized import (FORMAT_VERSION, SCHEMES, QuantizedLinear, check_group_size, qrange,
                                      quantizable_layers, scheme_bits, symmetric_scales, untie_head)
 from llmcli.progress import SILENT, Progress
 
@@ -46,21 +46,6 @@ def quantize_rtn(weight: torch.Tensor, group_size: int, bits: int) -> tuple[torc
 
 
 # ---------------------------------------------------------------- the model
-
-
-def check_group_size(model: nn.Module, names: list[str], scheme: str, group_size: int) -> None:
-    if scheme_bits(scheme) == 8:
-        return
-    if group_size not in GROUP_SIZES:
-        raise UserError(f"--group-size {group_size} is not supported; use one of {', '.join(map(str, GROUP_SIZES))}")
-    for name in names:
-        features = model.get_submodule(name).in_features
-        if features % group_size:
-            fits = [g for g in GROUP_SIZES if features % g == 0]
-            fix = (f"use --group-size {' or '.join(map(str, fits))}" if fits
-                   else "no int4 group size divides it; use --scheme int8")
-            raise UserError(f"layer {name}: {features} input features are not a multiple of --group-size "
-                            f"{group_size}; {fix}")
 
 
 def quantize_model(model: nn.Module, scheme: str, group_size: int = 128, method: str = "rtn",

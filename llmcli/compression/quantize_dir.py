@@ -9,11 +9,11 @@ from pathlib import Path
 import torch.nn as nn
 
 from llmcli.compression.directories import open_source, write_compressed
-from llmcli.compression.quantize import check_group_size, check_scheme, quantize_model
+from llmcli.compression.quantize import check_scheme, quantize_model
 from llmcli.compression.snapshot import compare, snapshot
 from llmcli.errors import UserError
 from llmcli.model_dir import QUANTIZATION_FILE, load_tokenizer
-from llmcli.models.quantized import DEFAULT_GROUP_SIZE, GROUP_SIZES, quantizable_layers, scheme_bits
+from llmcli.models.quantized import DEFAULT_GROUP_SIZE, GROUP_SIZES, check_group_size, quantizable_layers, scheme_bits
 from llmcli.progress import SILENT, Progress
 from llmcli.training.evaluation import corpus_batches
 

@@ -11,7 +11,10 @@ from dataclasses import asdict, dataclass, field
 import torch.nn as nn
 
 from llmcli.errors import UserError
-from llmcli.finetune.lora import DEFAULT_TARGETS, parse_targets
+from llmcli.finetune.adapters import add_adapters
+from llmcli.finetune.heads import Classifier
+from llmcli.finetune.lora import DEFAULT_TARGETS, add_lora, parse_targets
+from llmcli.finetune.prompt import PromptTuned
 from llmcli.finetune.tasks import INSTRUCT_ON_BERT, TASKS
 
 METHODS = ("full", "lora", "adapter", "prompt")
@@ -63,11 +66,6 @@ class FinetuneSpec:
 
 def attach(model: nn.Module, spec: FinetuneSpec, num_labels: int | None = None) -> nn.Module:
     """Freeze the base (except for --method full), add the method's modules, and a head for classify."""
-    from llmcli.finetune.adapters import add_adapters
-    from llmcli.finetune.heads import Classifier
-    from llmcli.finetune.lora import add_lora
-    from llmcli.finetune.prompt import PromptTuned
-
     spec.check_family(model.config.family)
     if spec.method != "full":
         model.requires_grad_(False)

@@ -16,9 +16,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from llmcli.errors import UserError
 from llmcli.finetune.lora import LoRALinear
+from llmcli.interop.hf import BY_FAMILY, check_expressible
 from llmcli.model_dir import atomic_output_dir, write_json
 from llmcli.models.base import LanguageModel
 
@@ -30,14 +32,12 @@ TASK_TYPES = {"gpt": "CAUSAL_LM", "t5": "SEQ_2_SEQ_LM", "bert": None}  # PEFT ha
 
 def peft_blocker(model: torch.nn.Module, task: str) -> str | None:
     """Why this model cannot be exported in PEFT's format, or None if it can."""
-    from llmcli.interop.hf import BY_FAMILY, _check_expressible
-
     if task == "classify" and model.config.family != "t5":
         return "the class head has no counterpart in the Hugging Face model that `convert to-hf` writes"
     if not isinstance(model, LanguageModel):
         return "only a LoRA on the language model itself exports"
     try:
-        _check_expressible(BY_FAMILY[model.config.family], model.config, model.config.name)
+        check_expressible(BY_FAMILY[model.config.family], model.config, model.config.name)
     except UserError as e:
         return str(e)
     return None
@@ -45,8 +45,6 @@ def peft_blocker(model: torch.nn.Module, task: str) -> str | None:
 
 def _fused_groups(model: LanguageModel) -> dict[str, list[tuple[LoRALinear | None, int]]]:
     """HF module name -> its llmcli parts in output order: (the LoRA layer or None, out_features)."""
-    from llmcli.interop.hf import BY_FAMILY
-
     layers = {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
     groups, covered = {}, set()
     for rule in BY_FAMILY[model.config.family].rules(model.config):
@@ -64,10 +62,6 @@ def _fused_groups(model: LanguageModel) -> dict[str, list[tuple[LoRALinear | Non
 
 def export_peft(model: LanguageModel, base_path: str | Path, out: Path) -> Path:
     """Write out/ (atomically) as a PEFT LoRA adapter of the model's Hugging Face counterpart."""
-    from safetensors.torch import save_file
-
-    from llmcli.interop.hf import BY_FAMILY
-
     groups = _fused_groups(model)
     if not groups:
         raise UserError("the model has no LoRA layers to export")

@@ -20,10 +20,13 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 import torch.nn as nn
 
 from llmcli.config import ModelConfig, resolve_config
 from llmcli.errors import UserError
+from llmcli.finetune.heads import language_model
+from llmcli.finetune.lora import merge_lora
 from llmcli.finetune.methods import FinetuneSpec, adapter_tensors, attach
 from llmcli.model_dir import TOKENIZER_FILE, atomic_output_dir, load_model, read_safetensors, save_model, write_json
 
@@ -55,8 +58,6 @@ def head_kind(config: ModelConfig, task: str) -> str | None:
 def save_adapter(model: nn.Module, spec: FinetuneSpec, labels: list[str] | None, base_config: ModelConfig,
                  base_path: str | Path, directory: Path, extra: dict | None = None) -> Path:
     """Write directory/adapter/ (atomically): the adapter tensors and their config."""
-    from safetensors.torch import save_file
-
     tensors = {name: p.detach().cpu().contiguous() for name, p in adapter_tensors(model, spec).items()}
     meta = {"format": FORMAT, "version": 1, **spec.to_dict(), "labels": labels,
             "head": head_kind(base_config, spec.task), "template": "alpaca" if spec.task == "instruct" else None,
@@ -141,9 +142,6 @@ MERGE_REFUSALS = {
 
 def merge(directory: str | Path, out: str | Path, base: str | Path | None = None, force: bool = False) -> dict:
     """Fold a LoRA adapter into the weights: a plain model directory (with the class head for classify)."""
-    from llmcli.finetune.heads import language_model
-    from llmcli.finetune.lora import merge_lora
-
     directory = Path(directory)
     meta = read_adapter_config(directory)
     if meta is None:

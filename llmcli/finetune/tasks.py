@@ -15,6 +15,7 @@ import torch
 
 from llmcli.data import IGNORE_INDEX, VAL_EVERY, PretrainingData, document_stream, read_corpus, split_documents
 from llmcli.errors import UserError
+from llmcli.finetune.heads import classify_eval, classify_loss, text_to_text_eval
 from llmcli.tokenizer import SpecialIds, encode_plain
 from llmcli.runtime import evaluate, family_loss
 
@@ -226,8 +227,6 @@ def _instruct_task(family, tokenizer, special, data, seq_len, batch_size, seed, 
 
 
 def _classify_task(family, tokenizer, special, data, seq_len, batch_size, seed, eval_batches) -> TaskData:
-    from llmcli.finetune.heads import classify_eval, classify_loss, text_to_text_eval
-
     records = read_records(data, ("text", "label"), label_field="label")
     train, val = split_records(records)
     labels = sorted({r.fields["label"] for r in train})

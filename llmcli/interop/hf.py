@@ -17,11 +17,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from safetensors.torch import save_file
 
 from llmcli.config import ModelConfig, config_from_dict
 from llmcli.errors import UserError
 from llmcli.model_dir import (CONFIG_FILE, PICKLE_SUFFIXES, TOKENIZER_FILE, WEIGHTS_FILE, atomic_output_dir,
                               load_model, read_safetensors, save_model, write_json)
+from llmcli.models import build_model, build_on_meta
 
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -427,8 +429,6 @@ def _tensors_from_hf(spec: Family, config: ModelConfig, state: dict,
 
 
 def _assemble(config: ModelConfig, ours: dict[str, torch.Tensor], fresh: list[str], where: str):
-    from llmcli.models import build_model, build_on_meta
-
     if fresh:
         with torch.random.fork_rng(devices=[]):  # seeding must not disturb the caller's random stream
             model = build_model(config, seed=0)
@@ -457,8 +457,6 @@ def _copy_tokenizer(src: Path, out: Path) -> None:
 
 def convert_to_hf(src_dir: str | Path, out_dir: str | Path, force: bool = False) -> str:
     """Write an llmcli model directory as a Hugging Face checkpoint; returns the HF architecture."""
-    from safetensors.torch import save_file
-
     src = Path(src_dir)
     if not src.is_dir():
         raise UserError(f"{src}: not a model directory; to-hf converts a directory written by llmcli "
@@ -466,7 +464,7 @@ def convert_to_hf(src_dir: str | Path, out_dir: str | Path, force: bool = False)
     model = load_model(src)
     config = model.config
     spec = BY_FAMILY[config.family]
-    _check_expressible(spec, config, str(src))
+    check_expressible(spec, config, str(src))
     state = model.state_dict()
     with atomic_output_dir(out_dir, force) as tmp:
         rules = spec.rules(config)
@@ -481,7 +479,7 @@ def convert_to_hf(src_dir: str | Path, out_dir: str | Path, force: bool = False)
     return spec.architecture
 
 
-def _check_expressible(spec: Family, config: ModelConfig, where: str) -> None:
+def check_expressible(spec: Family, config: ModelConfig, where: str) -> None:
     problems = [f"{key} = {getattr(config, key)!r} (it has {want!r})"
                 for key, want in spec.requires.items() if getattr(config, key) != want]
     if config.activation not in spec.activations.values():

@@ -32,6 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llmcli.errors import UserError
+from llmcli.models import build_on_meta
 from llmcli.models.layout import block_linears, set_submodule
 
 SCHEMES = ("int8", "int4", "int8-dynamic")
@@ -225,17 +226,31 @@ def quantizable_layers(model: nn.Module, include_head: bool = False) -> list[str
     return names
 
 
+def check_group_size(model: nn.Module, names: list[str], scheme: str, group_size: int) -> None:
+    if scheme_bits(scheme) == 8:
+        return
+    if group_size not in GROUP_SIZES:
+        raise UserError(f"--group-size {group_size} is not supported; use one of {', '.join(map(str, GROUP_SIZES))}")
+    for name in names:
+        features = model.get_submodule(name).in_features
+        if features % group_size:
+            fits = [g for g in GROUP_SIZES if features % g == 0]
+            fix = (f"use --group-size {' or '.join(map(str, fits))}" if fits
+                   else "no int4 group size divides it; use --scheme int8")
+            raise UserError(f"layer {name}: {features} input features are not a multiple of --group-size "
+                            f"{group_size}; {fix}")
+
+
 def quantized_state_bytes(config, scheme: str, group_size: int = DEFAULT_GROUP_SIZE,
                           include_head: bool = False) -> int:
     """Bytes of every tensor a directory quantized with this scheme stores: the model built on the meta device
     with the quantized layout applied, as `load_model` builds it (the rest stays in fp32, as written)."""
-    from llmcli.models import build_on_meta
-
     model = build_on_meta(config)
     if include_head:
         untie_head(model)
-    spec = {"scheme": scheme, "group_size": group_size if scheme_bits(scheme) == 4 else None,
-            "layers": quantizable_layers(model, include_head)}
+    layers = quantizable_layers(model, include_head)
+    check_group_size(model, layers, scheme, group_size)
+    spec = {"scheme": scheme, "group_size": group_size if scheme_bits(scheme) == 4 else None, "layers": layers}
     apply_quantized_layout(model, spec)
     return sum(t.numel() * t.element_size() for t in model.state_dict().values())
 

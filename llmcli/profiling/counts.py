@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from llmcli.config import ModelConfig
+from llmcli.models import build_on_meta
 
 TRAIN_MODE = "train"
 
@@ -24,8 +25,6 @@ class ModelCounts:
 
 
 def count(config: ModelConfig) -> ModelCounts:
-    from llmcli.models import build_on_meta  # lazy: `zoo list --help` needs no torch
-
     model = build_on_meta(config)
     total = model.num_parameters()
     counts = ModelCounts(params=model.num_parameters(include_heads=False), params_with_heads=total,

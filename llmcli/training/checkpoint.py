@@ -22,6 +22,9 @@ import warnings
 from pathlib import Path
 
 import torch
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import save_file
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from llmcli.errors import UserError
 from llmcli.model_dir import WEIGHTS_FILE, read_safetensors, save_model, write_json
@@ -62,17 +65,14 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, scale
     if parallel is None:
         save_model(model, tmp)
         tensors, state["optimizer"] = _flatten_optimizer(optimizer.state_dict())
-        _save_tensors(tensors, tmp / OPTIMIZER_FILE)
-        _save_tensors(_rng_state(_device_of(model)), tmp / _rng_file(0))
+        save_file(tensors, str(tmp / OPTIMIZER_FILE))
+        save_file(_rng_state(_device_of(model)), str(tmp / _rng_file(0)))
         state.update(world=1, strategy=None, tp=1)
     else:
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict
-
         parallel.barrier()
         model_state, optimizer_state = get_state_dict(model, optimizer)
         dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(tmp))
-        _save_tensors(_rng_state(parallel.device), tmp / _rng_file(parallel.rank))
+        save_file(_rng_state(parallel.device), str(tmp / _rng_file(parallel.rank)))
         parallel.barrier()
         state.update(world=parallel.world, strategy=parallel.strategy, tp=parallel.tp)
     state["global_batch"] = extra["train_args"]["batch_size"] * (parallel.dp if parallel else 1)
@@ -100,9 +100,6 @@ def load_checkpoint(checkpoint: Path, model, optimizer, scheduler, scaler, paral
         raise UserError(f"{checkpoint}: unreadable checkpoint state ({e}); delete it to resume from an earlier "
                         f"one") from None
     if is_sharded(checkpoint):
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
         model_state, optimizer_state = get_state_dict(model, optimizer)
         loaded = {"model": model_state, "optimizer": optimizer_state}
         with warnings.catch_warnings():  # without a process group DCP loads in this process, as meant here
@@ -125,12 +122,6 @@ def load_checkpoint(checkpoint: Path, model, optimizer, scheduler, scaler, paral
     elif not is_sharded(checkpoint) and "rng.cpu" in tensors:  # written before rng-R.safetensors existed
         _set_rng_state(tensors, device)
     return state
-
-
-def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    from safetensors.torch import save_file
-
-    save_file(tensors, str(path))
 
 
 def _rng_file(rank: int) -> str:

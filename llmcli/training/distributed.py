@@ -29,6 +29,14 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
+import torch.distributed.run as torchrun
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+from torch.nn.parallel import DistributedDataParallel
 
 from llmcli.errors import UserError
 from llmcli.models.blocks import Attention, RelativePositionBias
@@ -145,8 +153,6 @@ class Parallel:
 
     def wrap(self, model: torch.nn.Module, precision: str) -> torch.nn.Module:
         """Tensor-parallelize, then wrap for data parallelism (DDP) or shard (FSDP). Call before the optimizer."""
-        from torch.distributed.device_mesh import init_device_mesh
-
         if precision == "fp16" and self.sharded:
             raise UserError("--precision fp16 with --strategy fsdp or --tp is not supported (the loss scaler's "
                             "overflow check would see only this rank's shard); use --precision bf16")
@@ -158,8 +164,6 @@ class Parallel:
             return _fully_shard(model, self.mesh["dp"], precision if self.mixed_precision else None,
                                 self.cpu_offload)
         if self.dp > 1 or self.tp == 1:
-            from torch.nn.parallel import DistributedDataParallel
-
             # gradients as views into the all-reduce buckets: no second copy of every gradient
             return DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda"
                                            else None, gradient_as_bucket_view=True)
@@ -175,8 +179,6 @@ class Parallel:
         """clip_grad_norm_ over the whole model when its gradients are shards (FSDP) or mix shards with
         replicas (TP), where torch's own refuses mixed meshes. A shard's squared norm counts once per
         distinct shard: divided by the ranks that hold a copy of it."""
-        from torch.distributed.tensor import DTensor
-
         parameters = list(parameters)
         grads = [p.grad for p in parameters if p.grad is not None]
         if not any(isinstance(g, DTensor) for g in grads):
@@ -200,8 +202,6 @@ class Parallel:
     def gather_model(self, model: torch.nn.Module, build: Callable[[], torch.nn.Module]):
         """The full weights, gathered to rank 0 on the CPU and loaded into `build()`, a plain copy of the
         model; None on the other ranks. Every rank must call it."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
         state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if not self.is_main:
             return None
@@ -265,8 +265,6 @@ def tensor_parallel(model: torch.nn.Module, mesh) -> None:
     Column-parallel q/k/v/up/gate give each rank whole heads (and d_ff / tp units); row-parallel o/down
     sum the partial outputs. T5's relative position bias, one column per head, is split by head too.
     """
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
-
     tp = mesh.size()
     for block in blocks(model).values():
         layers = block_linears(block)
@@ -289,8 +287,6 @@ def tensor_parallel(model: torch.nn.Module, mesh) -> None:
 def _fully_shard(model: torch.nn.Module, mesh, precision: str | None, cpu_offload: bool) -> torch.nn.Module:
     """FSDP2: each block its own unit (gathered just before it runs), the rest (embeddings, norms, heads)
     in the root unit."""
-    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
-
     options = {"mesh": mesh, "offload_policy": CPUOffloadPolicy() if cpu_offload else OffloadPolicy()}
     if precision is not None:  # 16-bit compute, fp32 gradient reduction and master weights
         options["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch_dtype(precision), reduce_dtype=torch.float32)
@@ -336,9 +332,6 @@ def launch(nproc: int, argv: list[str], strategy: str | None, tp: int | None, cp
     check_flags(strategy, tp, cpu_offload, nproc)
     if config is not None:
         check_model(config, tp or 1)
-    import torch.distributed.run as torchrun
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     os.environ[LAUNCHED] = "1"
     args = torchrun.get_args_parser().parse_args(
