@@ -63,14 +63,14 @@ def fit(
     json_out: bool = typer.Option(False, "--json", help="Print the fit as JSON on stdout."),
 ) -> None:
     """Fit a scaling law to sweep runs, with bootstrap confidence intervals and a log-log chart."""
-    from llmcli.scaling.chart import text_chart, write_png
+    from llmcli.scaling.chart import fit_chart_data, text_chart, write_png
     from llmcli.scaling.fit import fit_runs, read_runs
 
     if bootstrap < 0:
         raise UserError(f"--bootstrap {bootstrap} must be 0 (no intervals) or more")
     found = read_runs(runs, force)
     result = fit_runs(found, form, bootstrap)
-    points, curve = _chart_data(result, found)
+    points, curve = fit_chart_data(result, found)
     if png:
         write_png(png, points, curve, f"L({result.form}) fit, {len(found)} runs")
     if json_out:
@@ -90,16 +90,6 @@ def fit(
     console.print(f"x: non-embedding parameters N (log), y: validation loss (log); {caption}", highlight=False)
     if png:
         log(f"chart written to {png}")
-
-
-def _chart_data(result, runs) -> tuple[list, list]:
-    import statistics
-
-    points = [(r.n, r.loss) for r in runs]
-    d = statistics.median(r.d for r in runs)
-    low, high = min(r.n for r in runs), max(r.n for r in runs)
-    ns = [low * (high / low) ** (i / 59) for i in range(60)]
-    return points, [(n, float(result.predict(n, d))) for n in ns]
 
 
 @app.command("plan")

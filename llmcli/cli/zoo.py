@@ -36,7 +36,7 @@ def list_models(family: str = typer.Option(None, help="Only this family: bert, g
         print_json(rows)
         return
     table = Table(title="llmcli zoo", box=box.SIMPLE_HEAD, padding=(0, 1), collapse_padding=True, pad_edge=False,
-                  caption="L layers, H heads; FLOP/tok: forward pass at the full context (Kaplan et al. 2020)")
+                  caption="L layers, H heads; FLOP/tok: forward pass at the full context (PaLM, Chowdhery et al. 2022)")
     for column in ("name", "family", "L", "d_model", "H", "params", "published", "FLOP/tok", "fp16 size"):
         table.add_column(column, justify="left" if column in ("name", "family") else "right", no_wrap=True)
     for r in rows:

@@ -19,6 +19,7 @@ from llmcli.errors import UserError
 from llmcli.models.layout import block_linears
 from llmcli.progress import SILENT, Progress
 from llmcli.training.loop import Trainer, TrainArgs
+from llmcli.training.run import final_validation
 
 RECOVERY_LR = 2e-4  # a tenth of pre-training's default peak: recovery nudges, it does not re-train
 
@@ -44,7 +45,7 @@ def recover(model: nn.Module, masks: dict[str, torch.Tensor], corpus, steps: int
         for handle in handles:
             handle.remove()
     model.eval()
-    final = next(r for r in reversed(trainer.history) if "val_loss" in r)
+    final = final_validation(trainer.history)
     return {"steps": steps, "lr": lr, "val_loss": final["val_loss"], "val_perplexity": final["val_perplexity"]}
 
 

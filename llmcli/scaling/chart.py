@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 from pathlib import Path
 
 from llmcli.errors import UserError
@@ -60,3 +61,12 @@ def write_png(path: str | Path, points: list[tuple[float, float]], curve: list[t
     plt.close(figure)
     tmp.replace(path)
     return path
+
+
+def fit_chart_data(result, runs) -> tuple[list, list]:
+    """The runs as (N, loss) points, and the fit as a curve of 60 points over their N at the runs' median D."""
+    points = [(r.n, r.loss) for r in runs]
+    d = statistics.median(r.d for r in runs)
+    low, high = min(r.n for r in runs), max(r.n for r in runs)
+    ns = [low * (high / low) ** (i / 59) for i in range(60)]
+    return points, [(n, float(result.predict(n, d))) for n in ns]
