@@ -64,15 +64,14 @@ def main() -> None:
     import transformers
 
     from llmcli.profiling.bench import machine_peaks
-    from llmcli.profiling.counts import count
+    from llmcli.profiling.counts import count, flops_per_token
 
     config, steps = training_steps(args.model, args.batch_size, args.seq_len)
     results = {name: profile(step, args.steps) for name, step in steps.items()}
     peak = machine_peaks(torch.device("cpu"))["matmul_flops"]
     tokens = args.batch_size * args.seq_len
     counts = count(config)
-    model_flops = tokens * (6 * counts.params_with_heads - 6 * config.max_seq_len * config.d_model  # PaLM: 6N
-                            + 12 * config.n_layers * config.d_attn * args.seq_len)  # + 12·L·H·Q·T
+    model_flops = tokens * flops_per_token(config, counts, "train", args.seq_len)  # PaLM: 6N + 12·L·H·Q·T
     # the matmul category: every linear layer and the tied LM head, forward (2) + backward (4) FLOPs per weight
     linear_flops = 6 * tokens * (counts.non_embedding_params + config.vocab_size * config.d_model)
     categories = [c for c, _ in CATEGORIES] + ["other"]

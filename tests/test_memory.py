@@ -55,7 +55,7 @@ def test_weight_only_quantization_shrinks_block_matrices_only():
     sizes = {d: estimate_memory(config, mode="infer", dtype=d, seq_len=64).breakdown["weights"]
              for d in ("fp16", "int8", "int4")}
     assert sizes["fp16"] > sizes["int8"] > sizes["int4"]
-    # the untied 32000 x 8192 embedding and head stay in 16-bit
+    # the untied 32000 x 8192 embedding and head stay in full precision
     assert sizes["int4"] > 0.25 * sizes["fp16"] + 2 * 2 * 32000 * 8192 * 0.9
 
 

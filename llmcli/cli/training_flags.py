@@ -40,6 +40,7 @@ Tp = Annotated[Optional[int], typer.Option("--tp", help="Tensor-parallel degree:
 CpuOffload = Annotated[bool, typer.Option("--cpu-offload", help="With --strategy fsdp on CUDA: keep the shards "
                                                                 "and optimizer states in CPU memory.")]
 
+
 def launch(ctx: typer.Context, nproc: int, model_ref: str, run_dir: str | None) -> None:
     """--nproc N: run this same command, without --nproc, as N processes under torchrun; exit with its code.
 

@@ -22,7 +22,7 @@ from llmcli.runtime import resolve_device
 from llmcli.training.distillation import Distillation
 from llmcli.training.evaluation import corpus_batches
 from llmcli.training.pretrain import pretrain
-from llmcli.training.run import TRAINING_FILE, TrainFlags, read_run
+from llmcli.training.run import TrainFlags, read_run
 
 
 def half_depth(config: ModelConfig, layers: int | None) -> ModelConfig:

@@ -25,7 +25,7 @@ RECOVERY_LR = 2e-4  # a tenth of pre-training's default peak: recovery nudges, i
 
 
 def recover(model: nn.Module, masks: dict[str, torch.Tensor], corpus, steps: int, lr: float, seed: int,
-            device: torch.device) -> dict:
+            device: torch.device, progress: Progress = SILENT, log: Callable = print) -> dict:
     """A short training run with the family's objective that keeps the pruned weights at zero.
 
     Gradients of pruned weights are masked, so AdamW never moves them (zero moments, and decoupled
@@ -38,7 +38,7 @@ def recover(model: nn.Module, masks: dict[str, torch.Tensor], corpus, steps: int
                      device=str(device), eval_batches=len(corpus.val), log_every=max(1, steps // 10))
     try:
         with tempfile.TemporaryDirectory() as run_dir:  # checkpoints of a few steps are not worth keeping
-            trainer = Trainer(model, corpus.train, corpus.val, args, Path(run_dir),
+            trainer = Trainer(model, corpus.train, corpus.val, args, Path(run_dir), progress=progress, log=log,
                               on_step=lambda t: apply_masks(linears, masks))
             trainer.fit()
     finally:
@@ -95,7 +95,8 @@ def prune(model_dir: str | Path, out: str | Path, spec: PruneSpec, data: str | N
     if recover_steps:
         report["pruned"] = {k: v for k, v in snapshot(model, corpus.val, target, speed=False).items()
                             if k in ("loss", "perplexity")}
-        report["recovery"] = recover(model, masks, corpus, recover_steps, lr or RECOVERY_LR, seed, target)
+        report["recovery"] = recover(model, masks, corpus, recover_steps, lr or RECOVERY_LR, seed, target,
+                                     progress, log)
         if masks:
             report["layers"], report["overall_sparsity"] = layer_sparsity(block_linears(model))
     after = snapshot(model, corpus.val, target, speed)

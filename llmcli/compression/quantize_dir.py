@@ -13,7 +13,8 @@ from llmcli.compression.quantize import check_scheme, quantize_model
 from llmcli.compression.snapshot import compare, snapshot
 from llmcli.errors import UserError
 from llmcli.model_dir import QUANTIZATION_FILE, load_tokenizer
-from llmcli.models.quantized import DEFAULT_GROUP_SIZE, GROUP_SIZES, check_group_size, quantizable_layers, scheme_bits
+from llmcli.models.quantized import (DEFAULT_GROUP_SIZE, check_group_size, check_group_size_value, quantizable_layers,
+                                     scheme_bits)
 from llmcli.progress import SILENT, Progress
 from llmcli.training.evaluation import corpus_batches
 
@@ -29,8 +30,8 @@ def quantize_model_dir(model_dir: str, out: str, scheme: str, group_size: int | 
     if scheme_bits(scheme) == 8 and group_size is not None:
         raise UserError(f"--scheme {scheme} keeps one scale per output channel; --group-size is for int4 only")
     group_size = group_size or DEFAULT_GROUP_SIZE
-    if scheme_bits(scheme) == 4 and group_size not in GROUP_SIZES:
-        raise UserError(f"--group-size {group_size} is not supported; use one of {', '.join(map(str, GROUP_SIZES))}")
+    if scheme_bits(scheme) == 4:
+        check_group_size_value(group_size)
     if calibration_data and method != "gptq":
         raise UserError("--calibration-data is only used by --method gptq; drop it or use --method gptq")
     if calibration_batches < 1:

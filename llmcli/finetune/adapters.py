@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llmcli.errors import UserError
-from llmcli.models.blocks import Block
+from llmcli.models.layout import blocks
 
 
 class Adapter(nn.Module):
@@ -42,12 +42,12 @@ def add_adapters(model: nn.Module, size: int) -> int:
     """Give every block an adapter after its attention and after its feed-forward; returns the count added."""
     if size <= 0:
         raise UserError(f"--adapter-size must be positive, got {size}")
-    blocks = [m for m in model.modules() if isinstance(m, Block)]
-    for block in blocks:
+    in_model = list(blocks(model).values())
+    for block in in_model:
         d_model = block.attn.o_proj.out_features
         weight = block.attn.o_proj.weight
         block.attn_adapter = Adapter(d_model, size).to(weight.device, weight.dtype)
         block.ff_adapter = Adapter(d_model, size).to(weight.device, weight.dtype)
         block.attn.register_forward_hook(block.attn_adapter.hook)
         block.ff.register_forward_hook(block.ff_adapter.hook)
-    return 2 * len(blocks)
+    return 2 * len(in_model)

@@ -226,11 +226,16 @@ def quantizable_layers(model: nn.Module, include_head: bool = False) -> list[str
     return names
 
 
-def check_group_size(model: nn.Module, names: list[str], scheme: str, group_size: int) -> None:
-    if scheme_bits(scheme) == 8:
-        return
+def check_group_size_value(group_size: int) -> None:
     if group_size not in GROUP_SIZES:
         raise UserError(f"--group-size {group_size} is not supported; use one of {', '.join(map(str, GROUP_SIZES))}")
+
+
+def check_group_size(model: nn.Module, names: list[str], scheme: str, group_size: int) -> None:
+    """int4: the group size is supported and divides the input features of every layer in `names`."""
+    if scheme_bits(scheme) == 8:
+        return
+    check_group_size_value(group_size)
     for name in names:
         features = model.get_submodule(name).in_features
         if features % group_size:

@@ -7,7 +7,6 @@ repetition, so that machine noise hits both alike.
 
 from __future__ import annotations
 
-import contextlib
 import statistics
 import tempfile
 import time
@@ -24,7 +23,7 @@ from llmcli.interop.hf import convert_to_hf
 from llmcli.model_dir import build_model_dir, load_model
 from llmcli.profiling.counts import count, flops_per_token, kv_cache_bytes_per_token
 from llmcli.profiling.peak import PeakMemory
-from llmcli.runtime import DTYPES, family_loss, resolve_device, torch_dtype
+from llmcli.runtime import DTYPES, autocast, family_loss, resolve_device, torch_dtype
 
 MODES = ("train", "prefill", "decode")
 DECODE_PROMPT = 8  # decode cases start from a prompt this long, then generate seq_len tokens
@@ -106,9 +105,7 @@ class Runner:
         if mode == "train":
             self.model.to(torch.float32).train()
             self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-5, foreach=True)
-            if self.dtype == "fp32":
-                return contextlib.nullcontext
-            return lambda: torch.autocast(self.device.type, dtype=torch_dtype(self.dtype))
+            return lambda: autocast(self.device, self.dtype)
         self.model.to(torch_dtype(self.dtype)).eval()
         self.optimizer = None
         return torch.inference_mode

@@ -32,10 +32,11 @@ from llmcli.models import build_on_meta
 from llmcli.models.layout import PROJECTIONS, block_linears, blocks
 from llmcli.models.quantized import DEFAULT_GROUP_SIZE, quantized_state_bytes
 from llmcli.profiling.counts import count, kv_cache_bytes_per_token
+from llmcli.runtime import DTYPES as RUNTIME_DTYPES
 from llmcli.runtime import resolve_device
 
 MODES = ("train", "infer")
-DTYPES = {"fp32": 4, "bf16": 2, "fp16": 2, "int8": 1, "int4": 0.5}
+DTYPES = {**{name: dtype.itemsize for name, dtype in RUNTIME_DTYPES.items()}, "int8": 1, "int4": 0.5}  # bytes
 OPTIMIZERS = ("adamw", "sgd", "adafactor", "adamw8bit")
 ATTENTIONS = ("sdpa", "eager")
 DEVICES = ("cpu", "cuda")

@@ -120,7 +120,8 @@ def load_checkpoint(checkpoint: Path, model, optimizer, scheduler, scaler, paral
     if rng.is_file():
         _set_rng_state(read_safetensors(rng), device)
     elif not is_sharded(checkpoint) and "rng.cpu" in tensors:  # written before rng-R.safetensors existed
-        _set_rng_state(tensors, device)
+        legacy = {"rng.cpu": tensors["rng.cpu"], "rng.cuda": tensors.get(f"rng.cuda.{device.index or 0}")}
+        _set_rng_state({k: v for k, v in legacy.items() if v is not None}, device)
     return state
 
 

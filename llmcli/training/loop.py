@@ -1,10 +1,11 @@
 """The training loop shared by pre-training, fine-tuning and distillation.
 
 One optimizer step = grad_accum micro-batches; batches are a pure function of (seed, step),
-so the data position is the step number and resume is exact. Only rank 0 logs, reports progress
-(to the `progress` it is given: the CLI draws it) and writes metrics. With `parallel` (under torchrun, see distributed.py) the model is wrapped for
-DDP/FSDP/TP, each rank takes its rows of every batch, the logged loss is the mean over ranks, every rank
-runs validation on the whole held-out set, and checkpoints are sharded.
+so the data position is the step number and resume is exact. Only rank 0 logs, reports progress (to
+the `progress` it is given: the CLI draws it) and writes metrics. With `parallel` (under torchrun, see
+distributed.py) the model is wrapped for DDP/FSDP/TP, each rank takes its rows of every batch, the logged
+loss is the mean over ranks, every rank runs validation on the whole held-out set, and checkpoints are
+sharded.
 """
 
 from __future__ import annotations

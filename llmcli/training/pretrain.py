@@ -94,7 +94,8 @@ def _pretrain(model_ref, data, out, flags: TrainFlags, log, progress, on_step, t
     else:
         model = load_model(source_dir, seed=args.seed)
     if distillation is not None and distillation.init_from_teacher and not flags.resume:
-        log(f"initialised {copy_from_teacher(model, distillation.teacher)} student tensors from the teacher")
+        copied = copy_from_teacher(model, distillation.teacher)
+        log(f"initialised {copied} student tensors from the teacher")
     if main:
         write_json(run_dir / "config.json", config.to_dict())
         save_tokenizer(tokenizer, run_dir)
