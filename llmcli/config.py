@@ -56,7 +56,10 @@ class ModelConfig:
     norm: str | None = None
     norm_position: str | None = None
     position: str | None = None
-    bias: bool | None = None
+    bias: bool | None = None  # every linear layer and LayerNorm
+    attention_bias: bool | None = None  # q, k, v and o projections (default: bias); Llama's attention_bias
+    qkv_bias: bool | None = None  # q, k and v only (default: attention_bias); Qwen2
+    mlp_bias: bool | None = None  # the feed-forward projections (default: bias); Llama's mlp_bias
     tie_embeddings: bool | None = None
     dropout: float | None = None
     norm_eps: float | None = None
@@ -67,6 +70,9 @@ class ModelConfig:
     rope_base: float = 10000.0
     parallel_block: bool = False  # attention and MLP side by side (GPT-J, PaLM)
     tokenizer: str | None = None
+    bos_token_id: int | None = None  # a converted checkpoint's own special tokens (its config or
+    eos_token_id: int | None = None  # generation_config.json); None: found in the tokenizer by name
+    hf_architecture: str | None = None  # what `convert to-hf` writes (default: by family and position)
     published_params: int | None = None
     source: str | None = None
 
@@ -85,6 +91,15 @@ class ModelConfig:
     def d_attn(self) -> int:
         """Width of the concatenated attention heads."""
         return self.n_heads * self.d_head
+
+    def projection_bias(self, kind: str) -> bool:
+        """Whether the projection q, k, v, o, up, gate or down has a bias."""
+        attention = self.bias if self.attention_bias is None else self.attention_bias
+        if kind in ("q", "k", "v"):
+            return attention if self.qkv_bias is None else self.qkv_bias
+        if kind == "o":
+            return attention
+        return self.bias if self.mlp_bias is None else self.mlp_bias
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -139,9 +139,9 @@ def tokens_from_documents(tokenizer, docs: list[str], eos_id: int | None) -> tor
     return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
 
 
-def document_stream(tokenizer, docs: list[str]) -> torch.Tensor:
+def document_stream(tokenizer, docs: list[str], special: SpecialIds | None = None) -> torch.Tensor:
     """The token stream a family trains on: documents separated by eos (GPT, T5) or [SEP] (BERT)."""
-    special = special_ids(tokenizer)
+    special = special or special_ids(tokenizer)
     return tokens_from_documents(tokenizer, docs, special.eos if special.eos is not None else special.sep)
 
 

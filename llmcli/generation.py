@@ -252,8 +252,9 @@ def generate_text(model, tokenizer, prompts: list[str], max_new_tokens: int = 64
             name = f"prompt {i}" if len(prompts) > 1 else "the prompt"
             raise UserError(f"{name} is empty; pass the text to continue, e.g. --prompt 'Once upon a time'")
     family = model.config.family
-    special = special_ids(tokenizer)
-    encoded = encode_texts(tokenizer, prompts, add_special_tokens=family == "t5")  # T5 inputs end with </s>
+    special = special_ids(tokenizer, model.config)
+    # The tokenizer's own post-processor: T5 inputs end with </s>, Llama prompts start with <s>; llmcli's BPE adds none
+    encoded = encode_texts(tokenizer, prompts, add_special_tokens=True)
     check_context(model.config, [len(ids) for ids in encoded], max_new_tokens)
     rows = [ids for ids in encoded for _ in range(num_samples)]
     if on_text is not None and len(rows) != 1:

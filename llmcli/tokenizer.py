@@ -197,9 +197,12 @@ def tokenizer_kind(tokenizer: Tokenizer) -> str:
     return kinds[name]
 
 
-def special_ids(tokenizer: Tokenizer) -> SpecialIds:
-    """Read the special ids by token string, so converted Hugging Face tokenizers work too."""
+def special_ids(tokenizer: Tokenizer, config=None) -> SpecialIds:
+    """The special ids: a converted checkpoint's own BOS/EOS where its config names them (Llama-style
+    models, whose tokenizers have no <|endoftext|>), else found in the tokenizer by token string."""
     kind = tokenizer_kind(tokenizer)
+    if kind == "bpe" and config is not None and config.eos_token_id is not None:
+        return SpecialIds(pad=config.eos_token_id, eos=config.eos_token_id)
     missing = [t for t in SPECIAL_TOKENS[kind] if tokenizer.token_to_id(t) is None]
     if missing:
         raise UserError(f"the {kind} tokenizer lacks {', '.join(missing)}; "

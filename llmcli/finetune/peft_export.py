@@ -1,8 +1,9 @@
-"""LoRA in PEFT's format (adapter_config.json + adapter_model.safetensors) for GPT-2, BERT and T5.
+"""LoRA in PEFT's format (adapter_config.json + adapter_model.safetensors) for GPT-2, BERT, T5 and the
+Llama layout (Llama, Mistral, Qwen2).
 
 Module names come from the Hugging Face interop tables (llmcli.interop.hf), so the export fits the
 checkpoint `llmcli convert to-hf` writes of the base (GPT2LMHeadModel, BertForMaskedLM,
-T5ForConditionalGeneration): `PeftModel.from_pretrained(that_model, OUT/peft)`.
+T5ForConditionalGeneration, LlamaForCausalLM, ...): `PeftModel.from_pretrained(that_model, OUT/peft)`.
 
 GPT-2 fuses q, k and v into one Conv1D, c_attn. Its LoRA is one A holding the A's of the adapted
 projections stacked along the rank, and one B that maps each slice of the rank into its projection's
@@ -20,7 +21,7 @@ from safetensors.torch import save_file
 
 from llmcli.errors import UserError
 from llmcli.finetune.lora import LoRALinear
-from llmcli.interop.hf import BY_FAMILY, check_expressible
+from llmcli.interop.hf import check_expressible, spec_for
 from llmcli.model_dir import atomic_output_dir, write_json
 from llmcli.models.base import LanguageModel
 
@@ -37,7 +38,7 @@ def peft_blocker(model: torch.nn.Module, task: str) -> str | None:
     if not isinstance(model, LanguageModel):
         return "only a LoRA on the language model itself exports"
     try:
-        check_expressible(BY_FAMILY[model.config.family], model.config, model.config.name)
+        check_expressible(spec_for(model.config), model.config, model.config.name)
     except UserError as e:
         return str(e)
     return None
@@ -47,7 +48,7 @@ def _fused_groups(model: LanguageModel) -> dict[str, list[tuple[LoRALinear | Non
     """HF module name -> its llmcli parts in output order: (the LoRA layer or None, out_features)."""
     layers = {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
     groups, covered = {}, set()
-    for rule in BY_FAMILY[model.config.family].rules(model.config):
+    for rule in spec_for(model.config).rules(model.config):
         if not rule.hf.endswith(".weight"):
             continue
         names = [name.removesuffix(".weight") for name in rule.ours]
@@ -82,12 +83,12 @@ def export_peft(model: LanguageModel, base_path: str | Path, out: Path) -> Path:
             row += size
         tensors[f"base_model.model.{hf_name}.lora_A.weight"] = a
         tensors[f"base_model.model.{hf_name}.lora_B.weight"] = b
-    family = BY_FAMILY[model.config.family]
+    spec = spec_for(model.config)
     config = {
         "peft_type": "LORA", "task_type": TASK_TYPES[model.config.family],
         "base_model_name_or_path": str(base_path), "r": rank, "lora_alpha": scaling * rank,
         "lora_dropout": dropout, "target_modules": sorted(groups), "bias": "none",
-        "fan_in_fan_out": any(rule.conv1d for rule in family.rules(model.config)),  # GPT-2's Conv1D is (in, out)
+        "fan_in_fan_out": any(rule.conv1d for rule in spec.rules(model.config)),  # GPT-2's Conv1D is (in, out)
         "modules_to_save": None, "init_lora_weights": True, "inference_mode": True,
         "use_rslora": False, "use_dora": False, "rank_pattern": {}, "alpha_pattern": {},
     }

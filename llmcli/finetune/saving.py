@@ -34,7 +34,10 @@ ADAPTER_DIR = "adapter"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter.safetensors"
 FORMAT = "llmcli-adapter"
-NOT_ARCHITECTURE = ("name", "published_params", "source")  # config fields that do not change the weights' shapes
+# config fields that do not change the weights' shapes
+NOT_ARCHITECTURE = ("name", "published_params", "source", "bos_token_id", "eos_token_id", "hf_architecture")
+# fields added after adapters were first saved: they count only when set, so older adapters still match
+LATER_FIELDS = ("attention_bias", "qkv_bias", "mlp_bias")
 
 
 def config_hash(config: ModelConfig) -> str:
@@ -44,7 +47,8 @@ def config_hash(config: ModelConfig) -> str:
 
 def _architecture(config: ModelConfig | dict) -> dict:
     data = config if isinstance(config, dict) else config.to_dict()
-    return {k: v for k, v in data.items() if k not in NOT_ARCHITECTURE}
+    return {k: v for k, v in data.items()
+            if k not in NOT_ARCHITECTURE and not (k in LATER_FIELDS and v is None)}
 
 
 def head_kind(config: ModelConfig, task: str) -> str | None:

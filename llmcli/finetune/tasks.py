@@ -200,7 +200,7 @@ def build_task(task: str, family: str, tokenizer, special: SpecialIds, data: str
 def _lm_task(family, tokenizer, special, data, seq_len, batch_size, seed, eval_batches) -> TaskData:
     """The family's own objective (CLM, MLM, span corruption) on plain text, as in pre-training."""
     train_docs, val_docs = split_documents(read_corpus(data))
-    train_tokens, val_tokens = (document_stream(tokenizer, docs) for docs in (train_docs, val_docs))
+    train_tokens, val_tokens = (document_stream(tokenizer, docs, special) for docs in (train_docs, val_docs))
     dataset = PretrainingData(family, train_tokens, special, tokenizer.get_vocab_size(), seq_len, batch_size, seed)
     return TaskData(dataset, dataset.eval_batches(val_tokens, eval_batches),
                     counts={"train_tokens": len(train_tokens), "val_tokens": len(val_tokens)})

@@ -1,6 +1,7 @@
-"""Hugging Face interop: GPT-2, BERT and T5 checkpoints to and from llmcli model directories.
+"""Hugging Face interop: GPT-2, BERT, T5 and Llama-style (Llama, Mistral, Qwen2) checkpoints to and from llmcli
+model directories.
 
-Each family is described once: a table that pairs llmcli tensor names with Hugging Face's,
+Each architecture is described once: a table that pairs llmcli tensor names with Hugging Face's,
 and a table of config fields. Both directions read the same tables, and a conversion only
 transposes, splits and concatenates tensors, so llmcli -> HF -> llmcli is bit-identical.
 Weights are read from safetensors only; pickle checkpoints are refused, never opened.
@@ -26,6 +27,7 @@ from llmcli.model_dir import (CONFIG_FILE, PICKLE_SUFFIXES, TOKENIZER_FILE, WEIG
 from llmcli.models import build_model, build_on_meta
 
 INDEX_FILE = "model.safetensors.index.json"
+GENERATION_FILE = "generation_config.json"
 
 # ---------------------------------------------------------------- tensor rules
 
@@ -162,7 +164,64 @@ def _t5_rules(cfg: ModelConfig) -> list[Rule]:
     ]
 
 
-# ---------------------------------------------------------------- the three families
+# ---------------------------------------------------------------- Llama, Mistral, Qwen2
+
+
+def _llama_rules(cfg: ModelConfig) -> list[Rule]:
+    """LlamaForCausalLM's layout, which MistralForCausalLM and Qwen2ForCausalLM share."""
+    block = [*_params("attn_norm", "input_layernorm", bias=False),
+             *[rule for p in "qkvo" for rule in _params(f"attn.{p}_proj", f"self_attn.{p}_proj",
+                                                         bias=cfg.projection_bias(p))],
+             *_params("ff_norm", "post_attention_layernorm", bias=False),
+             *_params("ff.gate", "mlp.gate_proj", bias=cfg.projection_bias("gate")),
+             *_params("ff.up", "mlp.up_proj", bias=cfg.projection_bias("up")),
+             *_params("ff.down", "mlp.down_proj", bias=cfg.projection_bias("down"))]
+    return [
+        *_params("tok_emb", "model.embed_tokens", bias=False),
+        *_stack("decoder.blocks.", "model.layers.", cfg.n_layers, block),
+        *_params("decoder.final_norm", "model.norm", bias=False),
+        *([] if cfg.tie_embeddings else _params("lm_head", "lm_head", bias=False)),
+    ]
+
+
+def _llama_config(hf: dict, state: dict) -> dict:
+    """The fields every Llama-style config.json spells alike (Mistral and Qwen2 have no bias flags)."""
+    return {"position": "rope", "norm": "rmsnorm", "norm_position": "pre", "dropout": 0.0, "bias": False,
+            "attention_bias": hf.get("attention_bias", False) or None, "mlp_bias": hf.get("mlp_bias", False) or None,
+            "tokenizer": "bpe", "bos_token_id": hf.get("bos_token_id"), "eos_token_id": _first(hf.get("eos_token_id"))}
+
+
+def _first(value):
+    """Llama 3's eos_token_id may be a list; generation stops at the first of them."""
+    return value[0] if isinstance(value, list) and value else (None if isinstance(value, list) else value)
+
+
+def _llama_to_hf(cfg: ModelConfig) -> dict:
+    return {"head_dim": cfg.d_head, "rope_scaling": None, "bos_token_id": cfg.bos_token_id,
+            "eos_token_id": cfg.eos_token_id, "pretraining_tp": 1}
+
+
+def _unsupported_llama(hf: dict, where: str) -> None:
+    """Refuse what llmcli's blocks do not compute, naming the field (never ignored silently)."""
+    problems = []
+    if hf.get("rope_scaling"):
+        kind = hf["rope_scaling"].get("rope_type", hf["rope_scaling"].get("type")) if isinstance(
+            hf["rope_scaling"], dict) else hf["rope_scaling"]
+        problems.append(f"rope_scaling ({kind!r}: llmcli's rotary positions are unscaled)")
+    window = hf.get("sliding_window")
+    if window is not None and hf.get("use_sliding_window", True) and window < hf.get("max_position_embeddings", 0):
+        problems.append(f"sliding_window = {window} (llmcli attends to the whole context; a checkpoint whose "
+                        f"window covers max_position_embeddings converts)")
+    for key in ("num_local_experts", "num_experts", "moe_intermediate_size"):
+        if hf.get(key):
+            problems.append(f"{key} = {hf[key]} (mixture of experts)")
+    if hf.get("pretraining_tp", 1) != 1:
+        problems.append(f"pretraining_tp = {hf['pretraining_tp']} (use 1)")
+    if problems:
+        raise UserError(f"{where}: not supported: {'; '.join(problems)}")
+
+
+# ---------------------------------------------------------------- the families
 
 
 @dataclass(frozen=True)
@@ -195,6 +254,9 @@ class Family:
     head_rescaled: bool = False  # T5: a tied head also rescales by d_model**-0.5 (llmcli ties the two)
     extra_from_hf: Callable[[dict, dict], dict] = lambda hf, state: {}
     extra_to_hf: Callable[[ModelConfig], dict] = lambda cfg: {}
+    refuse: Callable[[dict, str], None] = lambda hf, where: None  # raises on config features llmcli lacks
+    grouped_query: bool = False  # num_key_value_heads < num_attention_heads can be written
+    biases: Callable[[ModelConfig], str | None] = lambda cfg: None  # why the projection biases do not fit
 
 
 # Defaults below are those of transformers' GPT2Config, BertConfig and T5Config.
@@ -263,9 +325,76 @@ T5 = Family(
                              "decoder_start_token_id": 0},
 )
 
-BY_MODEL_TYPE = {spec.model_type: spec for spec in (GPT2, BERT, T5)}
-BY_FAMILY = {spec.family: spec for spec in (GPT2, BERT, T5)}
-SUPPORTED = ", ".join(arch for spec in BY_MODEL_TYPE.values() for arch in spec.reads)
+# Llama's defaults (LlamaConfig); Mistral and Qwen2 differ in the defaults of their own Family below.
+LLAMA_FIELDS = (("vocab_size", "vocab_size", 32000), ("d_model", "hidden_size", 4096),
+                ("n_layers", "num_hidden_layers", 32), ("n_heads", "num_attention_heads", 32),
+                ("n_kv_heads", "num_key_value_heads", None), ("d_head", "head_dim", None),
+                ("d_ff", "intermediate_size", 11008), ("max_seq_len", "max_position_embeddings", 2048),
+                ("norm_eps", "rms_norm_eps", 1e-6), ("rope_base", "rope_theta", 10000.0))
+
+
+def _projection_biases(cfg: ModelConfig) -> tuple[bool, bool, bool]:
+    """(q/k/v, o, feed-forward) biases."""
+    return cfg.projection_bias("q"), cfg.projection_bias("o"), cfg.projection_bias("up")
+
+
+def _llama_like(model_type: str, architecture: str, biases: tuple[bool, bool, bool] | None, fields=LLAMA_FIELDS,
+                extra_from_hf=None, extra_to_hf=None) -> Family:
+    """biases: the (q/k/v, o, feed-forward) biases the architecture has; None: attention_bias and mlp_bias."""
+    def check_biases(cfg: ModelConfig) -> str | None:
+        qkv, o, ff = _projection_biases(cfg)
+        fits = (qkv == o) if biases is None else (qkv, o, ff) == biases
+        return None if fits else f"projection biases q/k/v {qkv}, o {o}, feed-forward {ff}"
+
+    return Family(
+        family="gpt", model_type=model_type, architecture=architecture,
+        reads=(architecture, architecture.replace("ForCausalLM", "Model")), base_prefix="model.",
+        rules=_llama_rules, fields=fields, activation_key="hidden_act", activation_default="silu",
+        activations={"silu": "swiglu"}, fixed={"attention_dropout": 0.0},
+        requires={"position": "rope", "norm": "rmsnorm", "norm_position": "pre", "parallel_block": False},
+        biases=check_biases,
+        emb_key="model.embed_tokens.weight", head_key="lm_head.weight",
+        ignored=r"\.rotary_emb\.inv_freq$", free_head_size=True, grouped_query=True, refuse=_unsupported_llama,
+        extra_from_hf=extra_from_hf or (lambda hf, state: {**_llama_config(hf, state),
+                                                           "hf_architecture": architecture}),
+        extra_to_hf=extra_to_hf or (lambda cfg: {**_llama_to_hf(cfg), "attention_bias": cfg.projection_bias("o"),
+                                                 "mlp_bias": cfg.projection_bias("up")}))
+
+
+def _with(fields: tuple, **defaults) -> tuple:
+    return tuple((ours, key, defaults.get(key, default)) for ours, key, default in fields)
+
+
+LLAMA = _llama_like("llama", "LlamaForCausalLM", None)
+MISTRAL = _llama_like(
+    "mistral", "MistralForCausalLM", (False, False, False),
+    fields=_with(LLAMA_FIELDS, intermediate_size=14336, max_position_embeddings=4096 * 32, rms_norm_eps=1e-6,
+                 num_key_value_heads=8),
+    extra_from_hf=lambda hf, state: {**_llama_config(hf, {}), "attention_bias": None, "mlp_bias": None,
+                                     "hf_architecture": "MistralForCausalLM"},
+    extra_to_hf=lambda cfg: {**_llama_to_hf(cfg), "sliding_window": None})
+QWEN2 = _llama_like(
+    "qwen2", "Qwen2ForCausalLM", (True, False, False),
+    fields=_with(LLAMA_FIELDS, vocab_size=151936, intermediate_size=22016, max_position_embeddings=32768,
+                 num_key_value_heads=32),
+    extra_from_hf=lambda hf, state: {**_llama_config(hf, {}), "attention_bias": None, "mlp_bias": None,
+                                     "qkv_bias": True, "hf_architecture": "Qwen2ForCausalLM"},
+    extra_to_hf=lambda cfg: {**_llama_to_hf(cfg), "use_sliding_window": False, "sliding_window": None})
+
+SPECS = (GPT2, BERT, T5, LLAMA, MISTRAL, QWEN2)
+BY_MODEL_TYPE = {spec.model_type: spec for spec in SPECS}
+BY_ARCHITECTURE = {spec.architecture: spec for spec in SPECS}
+SUPPORTED = ", ".join(arch for spec in SPECS for arch in spec.reads)
+
+
+def spec_for(config: ModelConfig) -> Family:
+    """The Hugging Face layout an llmcli config converts to: the one it came from, else by family and position
+    (a rotary GPT becomes Qwen2 with q/k/v biases, Llama without)."""
+    if config.hf_architecture in BY_ARCHITECTURE:
+        return BY_ARCHITECTURE[config.hf_architecture]
+    if config.family == "gpt" and config.position == "rope":
+        return QWEN2 if config.projection_bias("q") and not config.projection_bias("o") else LLAMA
+    return {"gpt": GPT2, "bert": BERT, "t5": T5}[config.family]
 
 
 # ---------------------------------------------------------------- from Hugging Face
@@ -283,10 +412,10 @@ def convert_from_hf(src_dir: str | Path, out_dir: str | Path, force: bool = Fals
         for shard in shards:
             state.update(read_safetensors(shard))
         state = _normalise_names(spec, state)
-        config = _config_from_hf(spec, hf_cfg, state, src.resolve().name, where)
+        config = _config_from_hf(spec, {**hf_cfg, **_generation_ids(src)}, state, src.resolve().name, where)
         ours, fresh = _tensors_from_hf(spec, config, state, str(src))
         save_model(_assemble(config, ours, fresh, str(src)), tmp)
-        _copy_tokenizer(src, tmp)
+        _copy_tokenizer(src, tmp, warn=True)
     return config
 
 
@@ -362,6 +491,7 @@ def _family_of(hf_cfg: dict, where: str) -> Family:
 
 
 def _config_from_hf(spec: Family, hf_cfg: dict, state: dict, name: str, where: str) -> ModelConfig:
+    spec.refuse(hf_cfg, where)
     for key, value in spec.fixed.items():
         if hf_cfg.get(key, value) != value:
             raise UserError(f"{where}: {key} = {hf_cfg[key]!r} is not supported; llmcli {spec.family} models "
@@ -447,9 +577,25 @@ def _warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
 
 
-def _copy_tokenizer(src: Path, out: Path) -> None:
+def _generation_ids(src: Path) -> dict:
+    """BOS/EOS of generation_config.json, which generation uses over config.json's."""
+    path = src / GENERATION_FILE
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: corrupt JSON ({e})") from None
+    return {key: data[key] for key in ("bos_token_id", "eos_token_id") if isinstance(data, dict) and
+            data.get(key) is not None}
+
+
+def _copy_tokenizer(src: Path, out: Path, warn: bool = False) -> None:
     if (src / TOKENIZER_FILE).is_file():
         shutil.copyfile(src / TOKENIZER_FILE, out / TOKENIZER_FILE)
+    elif warn:
+        _warn(f"{src}: no {TOKENIZER_FILE}; the model converts, but eval, generate and training need one: copy the "
+              f"checkpoint's tokenizer.json beside it")
 
 
 # ---------------------------------------------------------------- to Hugging Face
@@ -463,7 +609,7 @@ def convert_to_hf(src_dir: str | Path, out_dir: str | Path, force: bool = False)
                         f"(build, train or convert from-hf)")
     model = load_model(src)
     config = model.config
-    spec = BY_FAMILY[config.family]
+    spec = spec_for(config)
     check_expressible(spec, config, str(src))
     state = model.state_dict()
     with atomic_output_dir(out_dir, force) as tmp:
@@ -485,8 +631,10 @@ def check_expressible(spec: Family, config: ModelConfig, where: str) -> None:
     if config.activation not in spec.activations.values():
         supported = ", ".join(sorted(set(spec.activations.values())))
         problems.append(f"activation = {config.activation!r} (it has {supported})")
-    if config.n_kv_heads != config.n_heads:
+    if config.n_kv_heads != config.n_heads and not spec.grouped_query:
         problems.append(f"n_kv_heads = {config.n_kv_heads} (it has no grouped-query attention)")
+    if (bias_problem := spec.biases(config)) is not None:
+        problems.append(bias_problem)
     if not spec.free_head_size and config.d_attn != config.d_model:
         problems.append(f"d_head = {config.d_head} (it has d_head = d_model / n_heads = "
                         f"{config.d_model // config.n_heads})")

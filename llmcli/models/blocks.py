@@ -56,9 +56,10 @@ class FeedForward(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.act = ACTIVATIONS[cfg.activation]
-        self.up = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
-        self.gate = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias) if cfg.activation in ("swiglu", "geglu") else None
-        self.down = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
+        bias = cfg.projection_bias("up")
+        self.up = nn.Linear(cfg.d_model, cfg.d_ff, bias=bias)
+        self.gate = nn.Linear(cfg.d_model, cfg.d_ff, bias=bias) if cfg.activation in ("swiglu", "geglu") else None
+        self.down = nn.Linear(cfg.d_ff, cfg.d_model, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate is None:
@@ -215,10 +216,11 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, cross: bool = False, scale: float | None = None) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.d_head = cfg.n_heads, cfg.n_kv_heads, cfg.d_head
-        self.q_proj = nn.Linear(cfg.d_model, cfg.d_attn, bias=cfg.bias)
-        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.d_head, bias=cfg.bias)
-        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.d_head, bias=cfg.bias)
-        self.o_proj = nn.Linear(cfg.d_attn, cfg.d_model, bias=cfg.bias)
+        qkv_bias = cfg.projection_bias("q")
+        self.q_proj = nn.Linear(cfg.d_model, cfg.d_attn, bias=qkv_bias)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.d_head, bias=qkv_bias)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.d_head, bias=qkv_bias)
+        self.o_proj = nn.Linear(cfg.d_attn, cfg.d_model, bias=cfg.projection_bias("o"))
         self.cross = cross
         self.scale = scale if scale is not None else 1.0 / math.sqrt(cfg.d_head)
         self.dropout = cfg.dropout

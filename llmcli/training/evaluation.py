@@ -43,8 +43,9 @@ def corpus_batches(directory: Path, config, tokenizer, data: str | None, seq_len
     if seq_len > config.max_seq_len or seq_len <= 0:
         raise UserError(f"--seq-len {seq_len} must be between 1 and max_seq_len ({config.max_seq_len})")
     train_docs, val_docs = split_documents(read_corpus(data))
-    train_tokens, val_tokens = (document_stream(tokenizer, docs) for docs in (train_docs, val_docs))
-    dataset = PretrainingData(config.family, train_tokens, special_ids(tokenizer), tokenizer.get_vocab_size(),
+    special = special_ids(tokenizer, config)
+    train_tokens, val_tokens = (document_stream(tokenizer, docs, special) for docs in (train_docs, val_docs))
+    dataset = PretrainingData(config.family, train_tokens, special, tokenizer.get_vocab_size(),
                               seq_len, batch_size, seed)
     return CorpusBatches(dataset, dataset.eval_batches(val_tokens, val_batches), seq_len)
 

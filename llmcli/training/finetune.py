@@ -128,7 +128,7 @@ def _finetune(base, data, out, flags: TrainFlags, settings, log, progress, on_st
     tokenizer = load_tokenizer(source)
     # Bad data or settings fail here, before anything is written.
     global_batch = args.batch_size * (parallel.dp if parallel else 1)  # each rank takes its rows
-    task = build_task(spec.task, config.family, tokenizer, special_ids(tokenizer), data, args.seq_len,
+    task = build_task(spec.task, config.family, tokenizer, special_ids(tokenizer, config), data, args.seq_len,
                       global_batch, args.seed, args.eval_batches)
     num_labels = len(task.labels) if task.labels else None
     torch.manual_seed(args.seed)  # the new modules' init

@@ -80,8 +80,8 @@ def _pretrain(model_ref, data, out, flags: TrainFlags, log, progress, on_step, t
             parallel, lambda: load_or_train_tokenizer(config, directories, train_docs).to_str()))
     else:
         tokenizer = load_or_train_tokenizer(config, directories, train_docs)
-    special = special_ids(tokenizer)
-    train_tokens, val_tokens = (document_stream(tokenizer, docs) for docs in (train_docs, val_docs))
+    special = special_ids(tokenizer, config)
+    train_tokens, val_tokens = (document_stream(tokenizer, docs, special) for docs in (train_docs, val_docs))
     global_batch = args.batch_size * (parallel.dp if parallel else 1)  # each rank takes its rows
     dataset = PretrainingData(config.family, train_tokens, special, tokenizer.get_vocab_size(), args.seq_len,
                               global_batch, args.seed)
