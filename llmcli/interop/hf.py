@@ -186,7 +186,8 @@ def _llama_rules(cfg: ModelConfig) -> list[Rule]:
 
 def _llama_config(hf: dict, state: dict) -> dict:
     """The fields every Llama-style config.json spells alike (Mistral and Qwen2 have no bias flags)."""
-    return {"position": "rope", "norm": "rmsnorm", "norm_position": "pre", "dropout": 0.0, "bias": False,
+    return {"position": "rope", "rope_base": _rope(hf).get("rope_theta", 10000.0),
+            "norm": "rmsnorm", "norm_position": "pre", "dropout": 0.0, "bias": False,
             "attention_bias": hf.get("attention_bias", False) or None, "mlp_bias": hf.get("mlp_bias", False) or None,
             "tokenizer": "bpe", "bos_token_id": hf.get("bos_token_id"), "eos_token_id": _first(hf.get("eos_token_id"))}
 
@@ -196,18 +197,30 @@ def _first(value):
     return value[0] if isinstance(value, list) and value else (None if isinstance(value, list) else value)
 
 
+def _rope(hf: dict) -> dict:
+    """Rotary settings: transformers 5 keeps them in rope_parameters, older configs in rope_theta and
+    rope_scaling."""
+    if isinstance(hf.get("rope_parameters"), dict):
+        return hf["rope_parameters"]
+    scaling = hf.get("rope_scaling") if isinstance(hf.get("rope_scaling"), dict) else {}
+    return {**scaling, **({"rope_theta": hf["rope_theta"]} if "rope_theta" in hf else {})}
+
+
 def _llama_to_hf(cfg: ModelConfig) -> dict:
-    return {"head_dim": cfg.d_head, "rope_scaling": None, "bos_token_id": cfg.bos_token_id,
-            "eos_token_id": cfg.eos_token_id, "pretraining_tp": 1}
+    """Rotary settings in both spellings, so that transformers 4 and 5 read them."""
+    return {"head_dim": cfg.d_head, "rope_theta": cfg.rope_base, "rope_scaling": None,
+            "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_base},
+            "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pretraining_tp": 1}
 
 
 def _unsupported_llama(hf: dict, where: str) -> None:
     """Refuse what llmcli's blocks do not compute, naming the field (never ignored silently)."""
     problems = []
-    if hf.get("rope_scaling"):
-        kind = hf["rope_scaling"].get("rope_type", hf["rope_scaling"].get("type")) if isinstance(
-            hf["rope_scaling"], dict) else hf["rope_scaling"]
-        problems.append(f"rope_scaling ({kind!r}: llmcli's rotary positions are unscaled)")
+    for key in ("rope_scaling", "rope_parameters"):
+        rope = hf.get(key)
+        kind = rope.get("rope_type", rope.get("type")) if isinstance(rope, dict) else rope
+        if rope and kind != "default":
+            problems.append(f"{key} ({kind!r} scaling: llmcli's rotary positions are unscaled)")
     window = hf.get("sliding_window")
     if window is not None and hf.get("use_sliding_window", True) and window < hf.get("max_position_embeddings", 0):
         problems.append(f"sliding_window = {window} (llmcli attends to the whole context; a checkpoint whose "
@@ -330,7 +343,7 @@ LLAMA_FIELDS = (("vocab_size", "vocab_size", 32000), ("d_model", "hidden_size", 
                 ("n_layers", "num_hidden_layers", 32), ("n_heads", "num_attention_heads", 32),
                 ("n_kv_heads", "num_key_value_heads", None), ("d_head", "head_dim", None),
                 ("d_ff", "intermediate_size", 11008), ("max_seq_len", "max_position_embeddings", 2048),
-                ("norm_eps", "rms_norm_eps", 1e-6), ("rope_base", "rope_theta", 10000.0))
+                ("norm_eps", "rms_norm_eps", 1e-6))
 
 
 def _projection_biases(cfg: ModelConfig) -> tuple[bool, bool, bool]:
@@ -642,6 +655,13 @@ def check_expressible(spec: Family, config: ModelConfig, where: str) -> None:
         problems.append("type_vocab_size = 0 (it has segment embeddings)")
     if problems:
         raise UserError(f"{where}: cannot become a Hugging Face {spec.architecture}: {'; '.join(problems)}")
+
+
+def hf_config(config: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
+    """The config.json `convert to-hf` writes for this config."""
+    spec = spec_for(config)
+    check_expressible(spec, config, config.name)
+    return _config_to_hf(spec, config, dtype)
 
 
 def _config_to_hf(spec: Family, config: ModelConfig, dtype: torch.dtype) -> dict:

@@ -1,0 +1,208 @@
+"""Llama-style decoders (Llama, Mistral, Qwen2): conversion both ways, exact against transformers, and the
+commands downstream on a converted directory."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import one_thread
+
+from llmcli.config import resolve_config
+from llmcli.generation import generate_ids
+from llmcli.interop.hf import convert_from_hf, convert_to_hf, hf_config
+from llmcli.model_dir import load_model
+from llmcli.profiling.counts import count
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    yield from one_thread()
+
+CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+SMALL = dict(vocab_size=384, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+             max_position_embeddings=128, bos_token_id=1, eos_token_id=2, rms_norm_eps=1e-5)
+SHAPES = {  # (model_type, config overrides): GQA and MQA, tied and untied, head_dim != d_model / heads, biases
+    "llama-gqa-untied": ("llama", dict(num_key_value_heads=2, tie_word_embeddings=False, rope_theta=500000.0)),
+    "llama-mqa-tied-head_dim": ("llama", dict(num_key_value_heads=1, tie_word_embeddings=True, head_dim=24)),
+    "llama-biases": ("llama", dict(num_key_value_heads=2, attention_bias=True, mlp_bias=True)),
+    "mistral-gqa": ("mistral", dict(num_key_value_heads=2, sliding_window=None, tie_word_embeddings=False)),
+    "qwen2-tied-qkv-bias": ("qwen2", dict(num_key_value_heads=2, tie_word_embeddings=True)),
+    "qwen2-mha-untied": ("qwen2", dict(num_key_value_heads=4, tie_word_embeddings=False, head_dim=32)),
+}
+
+
+def hf_model(model_type: str, overrides: dict, seed: int = 0):
+    config = transformers.AutoConfig.for_model(model_type, **{**SMALL, **overrides})
+    torch.manual_seed(seed)
+    model = getattr(transformers, CLASSES[model_type])(config).eval()
+    with torch.no_grad():  # biases start at zero in transformers: give them values, so that a mix-up shows
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(0.0, 0.1)
+    return model
+
+
+@pytest.fixture(scope="module", params=sorted(SHAPES))
+def converted(request, tmp_path_factory):
+    """(transformers model, its directory, the llmcli directory converted from it)."""
+    model_type, overrides = SHAPES[request.param]
+    root = tmp_path_factory.mktemp(request.param)
+    model = hf_model(model_type, overrides)
+    model.save_pretrained(root / "hf")
+    convert_from_hf(root / "hf", root / "ours")
+    return model, root / "hf", root / "ours"
+
+
+def padded_batch(vocab: int = 256):
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, vocab, (3, 12), generator=generator)
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0
+    mask[2, 5:] = 0
+    return ids, mask
+
+
+def test_logits_equal_transformers_over_a_padded_batch(converted):
+    hf, _, ours_dir = converted
+    ours = load_model(ours_dir)
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        want = hf(input_ids=ids, attention_mask=mask).logits
+        got = ours(ids, attention_mask=mask).logits
+    assert (got - want)[mask.bool()].abs().max() <= 1e-4
+
+
+def test_greedy_generation_gives_transformers_tokens(converted):
+    hf, _, ours_dir = converted
+    ours = load_model(ours_dir)
+    ids = torch.tensor([[0, 0, 5, 6, 7, 8], [9, 10, 11, 12, 13, 14]])  # left-padded, as both generate
+    mask = (torch.arange(6) >= torch.tensor([[2], [0]])).long()
+    with torch.no_grad():
+        want = hf.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=12,
+                           pad_token_id=0, eos_token_id=None)[:, ids.shape[1]:]
+    got = generate_ids(ours, ids, 12, attention_mask=mask, temperature=0.0, eos_id=None, pad_id=0)
+    assert torch.equal(got, want)
+
+
+def test_to_hf_loads_with_from_pretrained_and_round_trips_bit_identically(converted, tmp_path):
+    hf, _, ours_dir = converted
+    convert_to_hf(ours_dir, tmp_path / "back")
+    architecture = json.loads((tmp_path / "back" / "config.json").read_text())["architectures"][0]
+    assert architecture == type(hf).__name__
+    reloaded = getattr(transformers, architecture).from_pretrained(tmp_path / "back").eval()
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids, attention_mask=mask).logits,
+                           hf(input_ids=ids, attention_mask=mask).logits)
+    convert_from_hf(tmp_path / "back", tmp_path / "again")
+    first, second = load_model(ours_dir).state_dict(), load_model(tmp_path / "again").state_dict()
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    a, b = (json.loads((d / "config.json").read_text()) for d in (ours_dir, tmp_path / "again"))
+    assert {k: v for k, v in a.items() if k != "name"} == {k: v for k, v in b.items() if k != "name"}
+
+
+def test_generation_config_supplies_eos_and_unsupported_fields_are_named(tmp_path, cli):
+    model = hf_model("llama", dict(num_key_value_heads=2))
+    model.save_pretrained(tmp_path / "hf")
+    (tmp_path / "hf" / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": [7, 2]}))
+    result = cli("convert", "from-hf", tmp_path / "hf", tmp_path / "ours")
+    assert result.exit_code == 0 and "no tokenizer.json" in result.stderr  # a warning, not a failure
+    config = load_model(tmp_path / "ours").config
+    assert (config.bos_token_id, config.eos_token_id, config.n_kv_heads) == (1, 7, 2)
+
+    hf_cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    for change, named in ((dict(rope_scaling={"rope_type": "llama3", "factor": 8.0}), "rope_scaling"),
+                          (dict(sliding_window=32), "sliding_window"),
+                          (dict(architectures=["MixtralForCausalLM"], model_type="mixtral"), "LlamaForCausalLM"),
+                          (dict(hidden_act="gelu"), "hidden_act")):
+        bad = tmp_path / f"bad-{named}"
+        bad.mkdir()
+        (bad / "config.json").write_text(json.dumps({**hf_cfg, **change}))
+        (bad / "model.safetensors").write_bytes((tmp_path / "hf" / "model.safetensors").read_bytes())
+        result = cli("convert", "from-hf", bad, tmp_path / f"out-{named}")
+        assert result.exit_code == 2 and named in result.stderr and "Traceback" not in result.stderr, result.stderr
+        assert not (tmp_path / f"out-{named}").exists()
+
+
+NEW_ENTRIES = ("smollm2-135m", "smollm2-360m", "qwen2.5-0.5b", "tinyllama-1.1b", "llama-2-7b", "llama-3-8b",
+               "mistral-7b", "llama-65b")
+
+
+@pytest.mark.parametrize("name", NEW_ENTRIES)
+def test_zoo_counts_equal_transformers_and_the_published_figure(name):
+    config, _ = resolve_config(name)
+    ours = count(config).params_with_heads
+    hf_cfg = hf_config(config)
+    architecture, model_type = hf_cfg.pop("architectures")[0], hf_cfg.pop("model_type")
+    with torch.device("meta"):
+        model = getattr(transformers, architecture)(transformers.AutoConfig.for_model(model_type, **hf_cfg))
+    assert ours == sum(p.numel() for p in model.parameters())
+    assert abs(count(config).params / config.published_params - 1) <= 0.01
+
+
+def test_lora_on_all_projections_exports_a_peft_adapter_that_peft_loads(tmp_path, corpus):
+    peft = pytest.importorskip("peft")
+    from llmcli.finetune import load_finetuned
+    from llmcli.tokenizer import save_tokenizer, train_tokenizer
+    from llmcli.training.finetune import finetune
+    from llmcli.training.run import TrainFlags
+
+    model = hf_model("qwen2", dict(num_key_value_heads=2, tie_word_embeddings=False))
+    model.save_pretrained(tmp_path / "hf")
+    convert_from_hf(tmp_path / "hf", tmp_path / "base")
+    docs = open(corpus).read().split("\n\n")
+    save_tokenizer(train_tokenizer(docs, "bpe", 320), tmp_path / "base")
+    finetune(str(tmp_path / "base"), corpus, str(tmp_path / "lora"),
+             TrainFlags(steps=4, batch_size=2, seq_len=32, lr=5e-2, eval_batches=1),
+             {"method": "lora", "task": "lm", "lora_targets": "q,k,v,o,gate,up,down", "lora_rank": 4},
+             log=lambda *a, **k: None)
+    convert_to_hf(tmp_path / "base", tmp_path / "base-hf")
+    hf = transformers.Qwen2ForCausalLM.from_pretrained(tmp_path / "base-hf").eval()
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        base = hf(input_ids=ids, attention_mask=mask).logits
+        with_adapter = peft.PeftModel.from_pretrained(hf, tmp_path / "lora" / "peft").eval()  # wraps hf in place
+        want = load_finetuned(tmp_path / "lora")(ids, attention_mask=mask).logits
+        got = with_adapter(input_ids=ids, attention_mask=mask).logits
+    assert (got - want)[mask.bool()].abs().max() <= 1e-4
+    assert (want - base)[mask.bool()].abs().max() > 1e-4  # the adapter changed the outputs
+
+
+def test_commands_run_on_a_converted_directory(tmp_path, corpus, cli):
+    """eval, generate (KV cache, GQA), quantize, prune heads (whole kv groups), distill, bench and
+    memory-estimate --measure on a converted Llama-style directory, as on a built one."""
+    from llmcli.tokenizer import save_tokenizer, train_tokenizer
+
+    model = hf_model("llama", dict(num_key_value_heads=2, tie_word_embeddings=False))
+    model.save_pretrained(tmp_path / "hf")
+    assert cli("convert", "from-hf", tmp_path / "hf", tmp_path / "m").exit_code == 0
+    save_tokenizer(train_tokenizer(open(corpus).read().split("\n\n"), "bpe", 320), tmp_path / "m")
+    m = str(tmp_path / "m")
+    data = ["--data", corpus, "--seq-len", 32]
+
+    def ok(*args):
+        result = cli(*args)
+        assert result.exit_code == 0, (args, result.stderr[-2000:])
+        return result
+
+    assert json.loads(ok("eval", m, "--data", corpus, "--seq-len", 32, "--json").stdout)["perplexity"] > 1
+    generated = json.loads(ok("generate", m, "--prompt", "The", "--temperature", 0, "--max-new-tokens", 8,
+                              "--json").stdout)
+    cached = json.loads(ok("generate", m, "--prompt", "The", "--temperature", 0, "--max-new-tokens", 8, "--no-cache",
+                           "--json").stdout)
+    assert generated["tokens"] == cached["tokens"] and 1 <= len(generated["tokens"]) <= 8
+    ok("quantize", m, "--scheme", "int4", "--group-size", 32, "--out", tmp_path / "q", "--no-speed", *data)
+    ok("prune", m, "--method", "heads", "--sparsity", 0.5, "--out", tmp_path / "p", "--no-speed", *data)
+    pruned = load_model(tmp_path / "p").config
+    assert (pruned.n_heads, pruned.n_kv_heads) == (2, 1)  # one of two kv groups, with its two query heads
+    ok("distill", "--teacher", m, "--out", tmp_path / "d", "--steps", 2, "--batch-size", 2, "--no-speed", *data)
+    rows = json.loads(ok("bench", m, "--mode", "prefill,decode", "--batch-size", 1, "--seq-len", 8, "--reps", 1,
+                         "--compare", "transformers", "--json").stdout)
+    assert {r["mode"] for r in rows} == {"prefill", "decode"} and all(r["peer"]["tokens_per_s"] > 0 for r in rows)
+    measured = json.loads(ok("memory-estimate", m, "--mode", "infer", "--seq-len", 32, "--new-tokens", 8,
+                             "--device", "cpu", "--measure", "--json").stdout)
+    assert measured["measured_bytes"] > 0
