@@ -299,8 +299,18 @@ def test_to_hf_matches_and_round_trips_exactly(tmp_path, case):
 def test_to_hf_refuses_what_gpt2_cannot_express(tmp_path):
     save_dir = tmp_path / "rope"
     save_dir.mkdir()
+    save_model(build_model(_cfg("gpt", position="learned", n_kv_heads=2), seed=0), save_dir)
+    with pytest.raises(UserError, match="GPT2LMHeadModel.*n_kv_heads = 2"):
+        convert_to_hf(save_dir, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+
+
+def test_to_hf_refuses_a_rotary_gpt_that_llama_cannot_express(tmp_path):
+    """A rotary GPT goes out as Llama; with LayerNorm and GELU it is neither GPT-2 nor Llama."""
+    save_dir = tmp_path / "rope"
+    save_dir.mkdir()
     save_model(build_model(_cfg("gpt", position="rope", n_kv_heads=2), seed=0), save_dir)
-    with pytest.raises(UserError, match="position = 'rope'.*n_kv_heads = 2"):
+    with pytest.raises(UserError, match="LlamaForCausalLM: norm = 'layernorm'.*activation = 'gelu_tanh'"):
         convert_to_hf(save_dir, tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
 
@@ -332,10 +342,11 @@ def test_cli_refuses_pickle_checkpoint_with_exit_2(tmp_path):
 def test_cli_refuses_unsupported_architecture(tmp_path):
     src = tmp_path / "hf"
     src.mkdir()
-    (src / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama"}))
+    (src / "config.json").write_text(json.dumps({"architectures": ["MixtralForCausalLM"], "model_type": "mixtral"}))
     (src / "model.safetensors").write_bytes(b"")
     result = CliRunner().invoke(app, ["convert", "from-hf", str(src), str(tmp_path / "out")])
-    assert result.exit_code == 2 and "LlamaForCausalLM" in result.output
+    assert result.exit_code == 2 and "MixtralForCausalLM" in result.output
+    assert all(name in result.output for name in ("GPT2LMHeadModel", "LlamaForCausalLM", "Qwen2ForCausalLM"))
 
 
 def test_cli_round_trip_and_no_overwrite_without_force(tmp_path):

@@ -15,7 +15,7 @@ app = typer.Typer(no_args_is_help=True, help="Convert to and from Hugging Face t
 def from_hf(src: Path = typer.Argument(..., help="Hugging Face checkpoint directory (config.json + safetensors)."),
             out: Path = typer.Argument(..., help="llmcli model directory to write."),
             force: bool = typer.Option(False, "--force", help="Replace OUT if it exists.")) -> None:
-    """Convert a GPT-2, BERT or T5 checkpoint into an llmcli model directory."""
+    """Convert a GPT-2, BERT, T5, Llama, Mistral or Qwen2 checkpoint into an llmcli model directory."""
     from llmcli.interop.hf import convert_from_hf
 
     config = convert_from_hf(src, out, force=force)
