@@ -196,6 +196,9 @@ def test_commands_run_on_a_converted_directory(tmp_path, corpus, cli):
                            "--json").stdout)
     assert generated["tokens"] == cached["tokens"] and 1 <= len(generated["tokens"]) <= 8
     ok("quantize", m, "--scheme", "int4", "--group-size", 32, "--out", tmp_path / "q", "--no-speed", *data)
+    ok("quantize", m, "--scheme", "int8", "--method", "gptq", "--calibration-batches", 2, "--out", tmp_path / "g",
+       "--no-speed", *data)
+    assert json.loads(ok("eval", tmp_path / "g", "--json", *data).stdout)["perplexity"] > 1
     ok("prune", m, "--method", "heads", "--sparsity", 0.5, "--out", tmp_path / "p", "--no-speed", *data)
     pruned = load_model(tmp_path / "p").config
     assert (pruned.n_heads, pruned.n_kv_heads) == (2, 1)  # one of two kv groups, with its two query heads
@@ -206,3 +209,38 @@ def test_commands_run_on_a_converted_directory(tmp_path, corpus, cli):
     measured = json.loads(ok("memory-estimate", m, "--mode", "infer", "--seq-len", 32, "--new-tokens", 8,
                              "--device", "cpu", "--measure", "--json").stdout)
     assert measured["measured_bytes"] > 0
+
+
+def sentencepiece_style_tokenizer(docs: list[str], vocab_size: int):
+    """A Llama 2 style tokenizer.json: SentencePiece-derived BPE (▁ for spaces, byte fallback) whose
+    post-processor puts <s> before every text, as Hugging Face's Llama tokenizers do."""
+    from tokenizers import SentencePieceBPETokenizer, processors
+
+    tokenizer = SentencePieceBPETokenizer(unk_token="<unk>")
+    tokenizer.train_from_iterator(docs, vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"])
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return tokenizer
+
+
+def test_a_sharded_checkpoint_with_its_own_tokenizer_generates_as_transformers_does(tmp_path, corpus, cli):
+    """Shards with an index, a SentencePiece-style tokenizer.json that adds <s>, EOS from generation_config.json:
+    `llmcli generate` gives transformers' greedy tokens for the same text."""
+    model = hf_model("llama", dict(num_key_value_heads=2, bos_token_id=1, eos_token_id=2))
+    model.save_pretrained(tmp_path / "hf", max_shard_size="200KB")
+    assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
+    tokenizer = sentencepiece_style_tokenizer(open(corpus).read().split("\n\n"), 300)
+    assert (tokenizer.token_to_id("<s>"), tokenizer.token_to_id("</s>")) == (1, 2)
+    tokenizer.save(str(tmp_path / "hf" / "tokenizer.json"))
+    (tmp_path / "hf" / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
+    assert cli("convert", "from-hf", tmp_path / "hf", tmp_path / "m").exit_code == 0
+    prompt = "The meaning of"
+    result = cli("generate", tmp_path / "m", "--prompt", prompt, "--temperature", 0, "--max-new-tokens", 10, "--json")
+    assert result.exit_code == 0, result.stderr
+    ours = json.loads(result.stdout)
+    ids = torch.tensor([tokenizer.encode(prompt).ids])
+    assert ids[0, 0] == 1 and ours["prompt_tokens"] == ids.shape[1]  # <s> first, as the tokenizer adds it
+    with torch.no_grad():
+        theirs = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                max_new_tokens=10, eos_token_id=2, pad_token_id=2)[0, ids.shape[1]:].tolist()
+    until_eos = theirs[:theirs.index(2) + 1] if 2 in theirs else theirs  # both stop at EOS, kept
+    assert ours["tokens"] == until_eos
