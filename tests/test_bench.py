@@ -23,6 +23,23 @@ def test_bench_json_carries_the_contract_keys(cli):
     assert all(r["bandwidth_bytes_per_s"] > 0 for r in rows if r["mode"] == "decode")
 
 
+def test_bench_sweeps_threads_and_every_row_says_where_it_was_measured(cli):
+    result = cli("bench", "gpt-nano", "--mode", "prefill,decode", "--batch-size", "1", "--seq-len", "8",
+                 "--threads", "1,2", "--reps", "3", "--warmup", "1", "--device", "cpu", "--json")
+    assert result.exit_code == 0, result.stderr
+    rows = json.loads(result.stdout)
+    assert [(r["threads"], r["mode"]) for r in rows] == [(1, "prefill"), (1, "decode"), (2, "prefill"), (2, "decode")]
+    for row in rows:
+        assert {"llmcli_version", "git_commit", "torch_version", "device", "device_name", "cpu_model", "threads",
+                "timestamp"} <= set(row["provenance"])
+        assert row["provenance"]["threads"] == row["threads"] and len(row["samples_s"]) == 3
+        rates = sorted(row["tokens_per_rep"] / s for s in row["samples_s"])
+        assert row["tokens_per_s"] == pytest.approx(rates[1])  # the median of three
+    decode = [r for r in rows if r["mode"] == "decode"]
+    assert all(0 < r["ttft_s"] < sum(r["samples_s"]) / 3 for r in decode)  # one token costs less than eight
+    assert all(r["ttft_s"] is None for r in rows if r["mode"] != "decode")
+
+
 def test_compare_with_transformers_adds_the_peer(cli):
     pytest.importorskip("transformers")
     result = cli("bench", "t5-tiny", "--mode", "prefill,decode", "--batch-size", "1", "--seq-len", "8",

@@ -26,27 +26,29 @@ def bench(
     seq_len: str = typer.Option("128,512", help="Comma-separated sequence lengths (decode: new tokens)."),
     dtype: str = typer.Option("fp32", help="fp32, bf16 or fp16 (train: mixed precision)."),
     device: str = typer.Option("auto", help="cpu, cuda or cuda:N."),
-    reps: int = typer.Option(3, help="Timed repetitions per case."),
-    warmup: int = typer.Option(1, help="Warm-up steps per case."),
+    reps: int = typer.Option(5, help="Timed repetitions per case (the median is reported, with the spread)."),
+    warmup: int = typer.Option(2, help="Warm-up steps per case."),
+    threads: str = typer.Option(None, help="CPU threads, comma-separated to sweep, e.g. 1,2 (default: torch's)."),
     compare: str = typer.Option(None, help="Run the same weights through a peer: transformers."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON on stdout (every sample kept)."),
 ) -> None:
-    """Throughput of training, prefill and decode, llama-bench style: mean ± std over repetitions."""
+    """Throughput of training, prefill and decode, llama-bench style: median ± std over repetitions."""
     from llmcli.profiling.bench import run_bench
 
     def progress(result) -> None:
-        log(f"{result.mode} b{result.batch_size} s{result.seq_len}: {result.tokens_per_s:,.0f} tok/s"
+        log(f"{result.mode} t{result.threads} b{result.batch_size} s{result.seq_len}: {result.tokens_per_s:,.0f} tok/s"
             + (f" (transformers {result.peer['tokens_per_s']:,.0f})" if result.peer else ""))
 
     results, peaks = run_bench(model, mode.split(","), _ints(batch_size, "--batch-size"), _ints(seq_len, "--seq-len"),
-                               dtype, device, reps, warmup, compare, on_result=progress)
+                               dtype, device, reps, warmup, compare, on_result=progress,
+                               threads=_ints(threads, "--threads") if threads else None)
     if json_out:
         print_json([{**r.to_dict(), "machine": peaks} for r in results])
         return
     log(f"machine: matmul {peaks['matmul_flops'] / 1e9:,.0f} GFLOP/s ({peaks['matmul_dtype']}), "
         f"copy {peaks['copy_bytes_per_s'] / 1e9:,.1f} GB/s, {peaks['device']}")
     table = Table(box=box.MARKDOWN, title=f"llmcli bench {model} ({dtype}, {results[0].device if results else device})")
-    columns = ["mode", "batch", "seq", "tokens/s", "ms/step", "peak mem", "FLOP util", "GB/s"]
+    columns = ["mode", "threads", "batch", "seq", "tokens/s", "ms/step", "TTFT ms", "peak mem", "FLOP util", "GB/s"]
     if any(r.mfu is not None for r in results):
         columns.append("MFU")
     if compare:
@@ -54,8 +56,10 @@ def bench(
     for column in columns:
         table.add_column(column, justify="left" if column == "mode" else "right", no_wrap=True)
     for r in results:
-        row = [r.mode, str(r.batch_size), str(r.seq_len), f"{r.tokens_per_s:,.1f} ± {r.tokens_per_s_std:,.1f}",
-               f"{r.ms_per_step:,.1f}", human(r.peak_memory_bytes, "B"), f"{100 * r.flops_utilization:.1f}%",
+        row = [r.mode, str(r.threads), str(r.batch_size), str(r.seq_len),
+               f"{r.tokens_per_s:,.1f} ± {r.tokens_per_s_std:,.1f}", f"{r.ms_per_step:,.1f}",
+               f"{1000 * r.ttft_s:,.1f}" if r.ttft_s is not None else "-", human(r.peak_memory_bytes, "B"),
+               f"{100 * r.flops_utilization:.1f}%",
                f"{r.bandwidth_bytes_per_s / 1e9:.1f}" if r.bandwidth_bytes_per_s else "-"]
         if "MFU" in columns:
             row.append(f"{100 * r.mfu:.1f}%" if r.mfu is not None else "-")

@@ -1,8 +1,9 @@
 """`llmcli bench`: a llama-bench-style matrix of train / prefill / decode throughput.
 
-Every case runs warm-up steps, then timed repetitions; results keep every sample. With a peer
-(Hugging Face transformers) the same weights run through both, interleaved repetition by
-repetition, so that machine noise hits both alike.
+Every case runs warm-up steps, then timed repetitions, and reports the median with the spread; results
+keep every sample, and each row its provenance (versions, commit, device, CPU, threads, time). With a peer
+(Hugging Face transformers) the same weights run through both, interleaved repetition by repetition, so
+that machine noise hits both alike. Decode rows also time the first token (prefill plus one step).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from llmcli.interop.hf import convert_to_hf
 from llmcli.model_dir import build_model_dir, load_model
 from llmcli.profiling.counts import count, flops_per_token, kv_cache_bytes_per_token
 from llmcli.profiling.peak import PeakMemory
+from llmcli.profiling.provenance import provenance
 from llmcli.runtime import DTYPES, autocast, family_loss, resolve_device, torch_dtype
 
 MODES = ("train", "prefill", "decode")
@@ -49,7 +51,11 @@ class BenchResult:
     flops_utilization: float | None  # model FLOP/s over the measured matmul FLOP/s
     mfu: float | None = None  # over the accelerator's datasheet peak (CUDA only)
     bandwidth_bytes_per_s: float | None = None  # decode: bytes read per step x steps/s
+    threads: int = 1
+    ttft_s: float | None = None  # decode: median seconds to the first new token (prefill + one step)
+    ttft_samples_s: list[float] | None = None
     peer: dict | None = field(default=None)
+    provenance: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -179,11 +185,15 @@ def load_peer(model_dir: Path, family: str, device: torch.device):
 
 
 def run_bench(model_ref: str, modes: list[str], batch_sizes: list[int], seq_lens: list[int], dtype: str = "fp32",
-              device: str = "auto", reps: int = 3, warmup: int = 1, compare: str | None = None,
-              on_result: Callable[[BenchResult], None] | None = None) -> tuple[list[BenchResult], dict]:
+              device: str = "auto", reps: int = 5, warmup: int = 2, compare: str | None = None,
+              on_result: Callable[[BenchResult], None] | None = None,
+              threads: list[int] | None = None) -> tuple[list[BenchResult], dict]:
+    """The matrix of modes x batch sizes x lengths (x thread counts); returns the rows and the machine's peaks."""
     config, directory = resolve_config(model_ref)
     target = resolve_device(device)
     _check_matrix(config, modes, batch_sizes, seq_lens, dtype, target, reps, warmup, compare)
+    if threads is not None and (not threads or any(t <= 0 for t in threads)):
+        raise UserError(f"--threads {','.join(map(str, threads))}: give positive thread counts, e.g. 1,2")
     counts = count(config)
     peaks = machine_peaks(target)
     with tempfile.TemporaryDirectory() as tmp:
@@ -194,17 +204,22 @@ def run_bench(model_ref: str, modes: list[str], batch_sizes: list[int], seq_lens
         if compare:
             convert_to_hf(directory, Path(tmp) / "hf")
             runners.append(HFRunner(load_peer(Path(tmp) / "hf", config.family, target), target, dtype))
-    results = []
-    for mode in modes:
-        if mode == "decode" and config.family == "bert":
-            continue  # an encoder does not generate
-        for batch_size in batch_sizes:
-            for seq_len in seq_lens:
-                found = _run_case(runners, mode, batch_size, seq_len, dtype, target, reps, warmup, config, counts,
-                                  peaks)
-                results.append(found)
-                if on_result:
-                    on_result(found)
+    results, default_threads = [], torch.get_num_threads()
+    try:
+        for thread_count in threads or [default_threads]:
+            torch.set_num_threads(thread_count)
+            for mode in modes:
+                if mode == "decode" and config.family == "bert":
+                    continue  # an encoder does not generate
+                for batch_size in batch_sizes:
+                    for seq_len in seq_lens:
+                        found = _run_case(runners, mode, batch_size, seq_len, dtype, target, reps, warmup, config,
+                                          counts, peaks)
+                        results.append(found)
+                        if on_result:
+                            on_result(found)
+    finally:
+        torch.set_num_threads(default_threads)
     return results, peaks
 
 
@@ -251,38 +266,49 @@ def _run_case(runners, mode, batch_size, seq_len, dtype, device, reps, warmup, c
                 runner.step(mode, ids, seq_len)
                 _sync(device)
             samples[runner.name].append(time.perf_counter() - start)
+    first_token: dict[str, list[float]] = {r.name: [] for r in runners}
+    for _ in range(reps if mode == "decode" else 0):  # time to first token: prefill and one decode step
+        for runner in runners:
+            with contexts[runner.name]():
+                _sync(device)
+                start = time.perf_counter()
+                runner.step(mode, ids, 1)
+                _sync(device)
+            first_token[runner.name].append(time.perf_counter() - start)
     for runner in runners:
         runner.finish()
     results = [_summarise(r.name, mode, batch_size, seq_len, dtype, device, samples[r.name], tokens,
-                          memory[r.name], config, counts, peaks) for r in runners]
+                          memory[r.name], config, counts, peaks, first_token[r.name]) for r in runners]
     ours = results[0]
     if len(results) > 1:
         peer = results[1]
         ours.peer = {k: getattr(peer, k) for k in ("implementation", "tokens_per_s", "tokens_per_s_std",
-                                                    "ms_per_step", "peak_memory_bytes", "samples_s")}
+                                                    "ms_per_step", "peak_memory_bytes", "samples_s", "ttft_s")}
         ours.peer["speedup"] = ours.tokens_per_s / peer.tokens_per_s
     return ours
 
 
 def _summarise(name, mode, batch_size, seq_len, dtype, device, samples, tokens, peak, config, counts,
-               peaks) -> BenchResult:
+               peaks, first_token: list[float]) -> BenchResult:
     rates = [tokens / s for s in samples]
-    mean = statistics.mean(rates)
+    median = statistics.median(rates)
     context = DECODE_PROMPT + seq_len // 2 if mode == "decode" else seq_len
     flops = flops_per_token(config, counts, mode, context)
     result = BenchResult(
         implementation=name, mode=mode, batch_size=batch_size, seq_len=seq_len, dtype=dtype, device=str(device),
-        tokens_per_s=mean, tokens_per_s_std=statistics.stdev(rates) if len(rates) > 1 else 0.0,
-        ms_per_step=1000 * statistics.mean(samples) / (seq_len if mode == "decode" else 1),
+        tokens_per_s=median, tokens_per_s_std=statistics.stdev(rates) if len(rates) > 1 else 0.0,
+        ms_per_step=1000 * statistics.median(samples) / (seq_len if mode == "decode" else 1),
         peak_memory_bytes=peak, samples_s=samples, tokens_per_rep=tokens, flops_per_token=flops,
-        flops_utilization=flops * mean / peaks["matmul_flops"])
+        flops_utilization=flops * median / peaks["matmul_flops"], threads=torch.get_num_threads(),
+        ttft_s=statistics.median(first_token) if first_token else None, ttft_samples_s=first_token or None,
+        provenance=provenance(device))
     if device.type == "cuda":
         name_ = torch.cuda.get_device_name(device)
         peak_flops = next((v for k, v in GPU_PEAK_FLOPS.items() if k in name_), None)
-        result.mfu = flops * mean / peak_flops if peak_flops else None
+        result.mfu = flops * median / peak_flops if peak_flops else None
     if mode == "decode":
         element = torch.finfo(torch_dtype(dtype)).bits // 8
         weights = (counts.non_embedding_params + config.d_model * config.vocab_size) * element
         per_step = weights + kv_cache_bytes_per_token(config, element) * context * batch_size
-        result.bandwidth_bytes_per_s = per_step * mean / batch_size
+        result.bandwidth_bytes_per_s = per_step * median / batch_size
     return result

@@ -6,6 +6,7 @@ Every bench row carries this, so that a figure copied out of its run still says 
 from __future__ import annotations
 
 import datetime
+import functools
 import platform
 import subprocess
 from pathlib import Path
@@ -15,6 +16,7 @@ import torch
 from llmcli import __version__
 
 
+@functools.lru_cache(maxsize=1)
 def git_commit() -> str | None:
     """The commit of the llmcli checkout this runs from (None for an installed wheel), '+' if modified."""
     root = Path(__file__).resolve().parents[2]
@@ -30,6 +32,7 @@ def git_commit() -> str | None:
     return commit.stdout.strip() + ("+" if dirty.stdout.strip() else "")
 
 
+@functools.lru_cache(maxsize=1)
 def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
