@@ -20,6 +20,8 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_SEQ_LEN = 128  # training and evaluation use the model's context, at most this many tokens
 MODEL_INPUTS = ("attention_mask", "token_type_ids", "decoder_input_ids", "decoder_attention_mask")
+IGNORE_INDEX = -100  # a label that is not scored
+CROSS_ENTROPY_CHUNK = 2**22  # logits per chunk of the loss: 16 MB in fp32, whatever the vocabulary
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -83,8 +85,50 @@ def model_outputs(model, batch: dict[str, torch.Tensor]):
 
 
 def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over labelled positions (-100 = not scored), in fp32."""
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+    """Mean cross-entropy over labelled positions (-100 = not scored), computed in fp32 a chunk of rows at a
+    time, so the full fp32 log-probabilities over the vocabulary never exist (see ChunkedCrossEntropy)."""
+    return ChunkedCrossEntropy.apply(logits.flatten(0, 1), labels.flatten())
+
+
+def cross_entropy_chunk_rows(vocab: int) -> int:
+    return max(1, CROSS_ENTROPY_CHUNK // vocab)
+
+
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """F.cross_entropy(logits.float(), labels, ignore_index=-100) with the memory of the logits alone.
+
+    Forward keeps only the logits (in their own dtype, as the LM head made them) and the labels; each chunk
+    of rows is upcast to fp32 for its log-sum-exp and dropped. Backward recomputes each chunk's softmax and
+    writes softmax - onehot, scaled by 1 / (scored positions), into a gradient in the logits' dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        rows = cross_entropy_chunk_rows(logits.shape[-1])
+        scored = labels != IGNORE_INDEX
+        total = torch.zeros((), dtype=torch.float32, device=logits.device)
+        for start in range(0, logits.shape[0], rows):
+            chunk = logits[start:start + rows].float()
+            target = labels[start:start + rows].clamp(min=0)[:, None]
+            nll = torch.logsumexp(chunk, -1) - chunk.gather(1, target).squeeze(1)
+            total += nll.masked_fill(~scored[start:start + rows], 0.0).sum()
+        ctx.save_for_backward(logits, labels)
+        return total / scored.sum()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        logits, labels = ctx.saved_tensors
+        rows = cross_entropy_chunk_rows(logits.shape[-1])
+        scored = labels != IGNORE_INDEX
+        scale = grad.float() / scored.sum()
+        grad_logits = torch.empty_like(logits)
+        for start in range(0, logits.shape[0], rows):
+            probs = torch.softmax(logits[start:start + rows].float(), -1)
+            target = labels[start:start + rows].clamp(min=0)[:, None]
+            probs.scatter_add_(1, target, torch.full(target.shape, -1.0, device=probs.device))
+            probs.mul_(scored[start:start + rows, None] * scale)
+            grad_logits[start:start + rows] = probs
+        return grad_logits, None
 
 
 def family_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:

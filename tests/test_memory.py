@@ -111,7 +111,7 @@ def saved_activation_bytes(model, batch, precision: str) -> int:
 
     def pack(tensor):
         storage = tensor.untyped_storage()
-        logits = type(tensor.grad_fn).__name__ == "LogSoftmaxBackward0"  # counted under "logits"
+        logits = tensor.dim() == 2 and tensor.shape[-1] == model.config.vocab_size  # the loss's: under "logits"
         if storage.data_ptr() not in params and not logits and not _derived_from_parameter(tensor.grad_fn):
             seen[storage.data_ptr()] = storage.nbytes()
         return tensor

@@ -16,7 +16,7 @@ _WHAT = {
     "optimizer": "states, fp32",
     "master_weights": "fp32 trained weights",
     "activations": "saved for backward",
-    "logits": "fp32 loss and grads",
+    "logits": "logits and grads",
     "kv_cache": "keys and values",
     "step_temporaries": "optimizer step",
     "gathered_weights": "ZeRO-3: 2 blocks",
@@ -126,5 +126,5 @@ def _convention(name: str, r: dict) -> str:
     if name == "kv_cache" and r["kv_bytes_per_token"]:
         return f"{r['kv_bytes_per_token']:,}/token"
     if name == "logits" and r["breakdown"]["logits"]:
-        return "12/logit" if r["inputs"]["mode"] == "train" else ""
+        return f"{2 * (4 if r['inputs']['dtype'] == 'fp32' else 2)}/logit" if r["inputs"]["mode"] == "train" else ""
     return ""

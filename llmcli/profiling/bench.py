@@ -110,7 +110,7 @@ class Runner:
         """Put the model in the right precision and state for `mode`; returns a context for each step."""
         if mode == "train":
             self.model.to(torch.float32).train()
-            self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-5, foreach=True)
+            self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-5, fused=True)  # the same for both
             return lambda: autocast(self.device, self.dtype)
         self.model.to(torch_dtype(self.dtype)).eval()
         self.optimizer = None

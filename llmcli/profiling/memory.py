@@ -12,7 +12,7 @@ Activations are counted tensor by tensor from what autograd saves for the backwa
 (34·s·b·h + 5·a·s²·b bytes per layer in 16-bit) is reported beside it as the reference formula.
 
 A training step has two peaks and the estimate is the larger one:
-- forward/backward: weights, master weights and optimizer states, every saved activation, and the fp32 logits
+- forward/backward: weights, master weights and optimizer states, every saved activation, and the logits
   with their gradient (gradients are set to None between steps and fill in as activations are freed);
 - optimizer step: weights, gradients, master weights, optimizer states and the step's temporaries.
 """
@@ -33,7 +33,7 @@ from llmcli.models.layout import PROJECTIONS, block_linears, blocks
 from llmcli.models.quantized import DEFAULT_GROUP_SIZE, quantized_state_bytes
 from llmcli.profiling.counts import count, kv_cache_bytes_per_token
 from llmcli.runtime import DTYPES as RUNTIME_DTYPES
-from llmcli.runtime import resolve_device
+from llmcli.runtime import cross_entropy_chunk_rows, resolve_device
 
 MODES = ("train", "infer")
 DTYPES = {**{name: dtype.itemsize for name, dtype in RUNTIME_DTYPES.items()}, "int8": 1, "int4": 0.5}  # bytes
@@ -48,7 +48,8 @@ SOURCES = {
     "model_states": "Rajbhandari et al. 2020 (ZeRO), sec. 3.1 and 5; mixed precision: Micikevicius et al. 2018",
     "activations": "what autograd saves in llmcli's blocks, checked with saved_tensors_hooks; "
                    "reference: Korthikanti et al. 2022, eq. 1-2 (34·s·b·h + 5·a·s²·b per layer, 16-bit)",
-    "logits": "fp32 log-softmax of the loss (it upcasts) plus its gradient in and out: 12 bytes per logit",
+    "logits": "the logits and their gradient in the compute dtype; the chunked loss upcasts one chunk of "
+              "rows at a time (llmcli.runtime.ChunkedCrossEntropy)",
     "kv_cache": "2 (K and V) · layers · batch · positions · kv_heads · d_head · bytes",
     "adafactor": "Shazeer & Stern 2018: factored second moment, one row and one column vector per matrix",
     "adamw8bit": f"Dettmers et al. 2022: 8-bit block-wise states, fp32 absmax per {BNB_BLOCK} values",
@@ -346,10 +347,19 @@ def estimate_memory(config: ModelConfig, mode: str = "train", batch_size: int = 
                   lora_rank, lora_targets, zero_stage, gpus, attention, device, group_size, inputs)
 
 
-def _optimizer_bytes(optimizer: str, stats: _ParamStats, trainable: int, lora: bool) -> tuple[float, float]:
+def logit_bytes(config: ModelConfig, positions: int, compute: int) -> int:
+    """The training loss's logits: the head's output and its gradient (compute dtype), plus one chunk of rows in
+    fp32 for the softmax (and its fp32 copy of the chunk when the logits are 16-bit)."""
+    chunk = min(positions, cross_entropy_chunk_rows(config.vocab_size)) * config.vocab_size
+    return 2 * compute * positions * config.vocab_size + (1 if compute == 4 else 2) * 4 * chunk
+
+
+def _optimizer_bytes(optimizer: str, stats: _ParamStats, trainable: int, lora: bool,
+                     fused: bool) -> tuple[float, float]:
     """(state bytes, step-temporary bytes) for the trainable parameters, fp32 states."""
-    if optimizer == "adamw":  # m and v; torch's foreach AdamW computes sqrt(v) out of place
-        return 8 * trainable, 4 * (trainable if lora else stats.matrices)
+    if optimizer == "adamw":  # m and v; fused AdamW (one device) steps in place, foreach (under torchrun)
+        # computes sqrt(v) out of place
+        return 8 * trainable, 0 if fused else 4 * (trainable if lora else stats.matrices)
     if optimizer == "sgd":  # momentum; foreach SGD adds weight decay to the gradients out of place
         return 4 * trainable, 4 * (trainable if lora else stats.matrices)
     if optimizer == "adafactor":  # factored second moment, no first moment (torch's default beta1=None)
@@ -379,7 +389,7 @@ def _train(config, stats, params, batch, seq_len, target_len, dtype, optimizer, 
         weights = compute * params
     gradients = compute * trainable
     master = 4 * trainable if mixed else 0
-    opt_states, step_temp = _optimizer_bytes(optimizer, stats, trainable, lora)
+    opt_states, step_temp = _optimizer_bytes(optimizer, stats, trainable, lora, fused=gpus == 1)
     if optimizer == "adamw8bit":
         notes.append("adamw8bit as bitsandbytes: tensors under 4096 values keep 32-bit states")
 
@@ -415,7 +425,7 @@ def _train(config, stats, params, batch, seq_len, target_len, dtype, optimizer, 
         activations += _stack_saved(config, batch, t, p, kernel, dropout, train_set)
     activations += _head_saved(config, batch, stacks, p, train_set)
     out_len = target_len if config.family == "t5" else seq_len
-    logits = 12 * batch * out_len * config.vocab_size
+    logits = logit_bytes(config, batch * out_len, compute)
     if checkpointing:
         notes.append("grad checkpointing: each block keeps its input; one block is recomputed at a time")
 
@@ -545,7 +555,7 @@ def _head_saved(cfg: ModelConfig, b: int, stacks: dict, p: _Precision, trainable
     layers, t, _, _ = list(stacks.values())[-1]
     e = b * t * cfg.d_model
     head = "head" in trainable
-    saved = 8 * b * t + 4  # the loss targets and nll_loss's total weight
+    saved = 8 * b * t  # the loss targets
     if cfg.family == "t5":
         enc_t = stacks["encoder"][1]
         if not p.cast:  # the encoder output is read by every cross-attention; saved once

@@ -93,7 +93,7 @@ class Trainer:
             self.data = ShardedData(self.data, parallel.dp_rank, parallel.dp)
             self.rank = parallel.rank
         self.optimizer = make_optimizer(self.model, self.args.lr, self.args.weight_decay,
-                                        foreach=not (parallel and parallel.tp > 1))
+                                        foreach=not (parallel and parallel.tp > 1), fused=parallel is None)
         warmup = self.args.warmup or max(1, self.args.steps // 20)
         self.scheduler = make_scheduler(self.optimizer, warmup, self.args.steps)
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
