@@ -24,6 +24,7 @@ torch 2.13, on a shared machine so ±50%):
 from __future__ import annotations
 
 import dataclasses
+import time
 import warnings
 from typing import Callable
 
@@ -130,17 +131,18 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
         fast = self._fast_path(rows)
-        if fast is not None:
-            out = fast(rows).to(x.dtype)
-        elif self.scheme == "int8-dynamic":
-            out = self._dynamic_reference(rows)
-        elif self.bits == 8:  # one scale per output channel: scale the outputs, not the weight (2x faster)
-            out = F.linear(rows, self.qweight.to(x.dtype)) * self.scales[:, 0].to(x.dtype)
-        else:  # dequantize this one layer's weight, then a float matmul
-            out = F.linear(rows, self.dequantized_weight(x.dtype))
+        out = fast(rows).to(x.dtype) if fast is not None else self._reference(rows)
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)
         return out.reshape(*x.shape[:-1], self.out_features)
+
+    def _reference(self, rows: torch.Tensor) -> torch.Tensor:
+        """The portable path: integers become floats of the activations' dtype, one layer at a time."""
+        if self.scheme == "int8-dynamic":
+            return self._dynamic_reference(rows)
+        if self.bits == 8:  # one scale per output channel: scale the outputs, not the weight (2x faster)
+            return F.linear(rows, self.qweight.to(rows.dtype)) * self.scales[:, 0].to(rows.dtype)
+        return F.linear(rows, self.dequantized_weight(rows.dtype))  # dequantize this one layer's weight
 
     def _dynamic_reference(self, rows: torch.Tensor) -> torch.Tensor:
         """Activations quantized per token (symmetric int8), an integer matmul, then both scales."""
@@ -156,14 +158,11 @@ class QuantizedLinear(nn.Module):
 
     def _fast_path(self, rows: torch.Tensor) -> Callable | None:
         """The prepared CPU kernel for these activations, or None for the reference path. Prepared once per
-        (device, dtype, weights) and kept only if it agrees with the reference on a probe input."""
-        if rows.device.type != "cpu":
+        (device, dtype, weights) and kept only if it agrees with the reference on a probe input and is not
+        slower than it there (a single-token row, the decode case)."""
+        if rows.device.type != "cpu" or rows.dtype not in (torch.float32, torch.bfloat16):
             return None
-        if self.scheme == "int8-dynamic":
-            wanted = rows.dtype in (torch.float32, torch.bfloat16) and _fbgemm_available()
-        else:
-            wanted = rows.dtype == torch.bfloat16
-        if not wanted:
+        if self.scheme == "int8-dynamic" and not _fbgemm_available():
             return None
         key = (rows.device, rows.dtype, self.qweight.data_ptr(), self.scales.data_ptr())
         if self._kernel is None or self._kernel[0] != key:
@@ -172,22 +171,46 @@ class QuantizedLinear(nn.Module):
 
     def _prepare_kernel(self, dtype: torch.dtype) -> Callable | None:
         try:
-            if self.scheme == "int8-dynamic":
-                fn = _fbgemm_dynamic(self.qweight, self.scales[:, 0])
-            elif self.bits == 8:
-                qweight, scales = self.qweight, self.scales[:, 0].to(dtype).contiguous()
-                fn = lambda x: torch.ops.aten._weight_int8pack_mm(x.contiguous(), qweight, scales)  # noqa: E731
-            else:
-                fn = _int4_cpu_kernel(self.int_weight(), self.scales, self.group_size, dtype)
+            fn = self._kernel_for(dtype)
             probe = torch.randn(2, self.in_features, generator=torch.Generator().manual_seed(0)).to(dtype)
             with torch.no_grad():
                 got = fn(probe).float()
                 want = F.linear(probe.float(), self.dequantized_weight())
+                faster = _seconds(fn, probe[:1]) <= KERNEL_MARGIN * _seconds(self._reference, probe[:1])
         except (RuntimeError, NotImplementedError, AttributeError):
             return None
         # bf16 activations, or 8-bit ones for int8-dynamic, leave about 1% error; a layout bug leaves ~100%
         ok = (got - want).norm() <= 0.05 * want.norm() + 1e-6
-        return fn if ok else None
+        return fn if ok and faster else None
+
+    def _kernel_for(self, dtype: torch.dtype) -> Callable:
+        """ATen's packed CPU kernels run bf16 activations (their x86 code for fp32 is scalar): fp32 ones are
+        cast to bf16 and back, which costs bf16's rounding (about 0.3% relative) and runs 2-25x faster."""
+        if self.scheme == "int8-dynamic":
+            return _fbgemm_dynamic(self.qweight, self.scales[:, 0])
+        if self.bits == 8:
+            qweight, scales = self.qweight, self.scales[:, 0].to(torch.bfloat16).contiguous()
+            kernel = lambda x: torch.ops.aten._weight_int8pack_mm(x.contiguous(), qweight, scales)  # noqa: E731
+        else:
+            kernel = _int4_cpu_kernel(self.int_weight(), self.scales, self.group_size, torch.bfloat16)
+        if dtype == torch.bfloat16:
+            return kernel
+        return lambda x: kernel(x.to(torch.bfloat16)).to(dtype)
+
+
+KERNEL_MARGIN = 1.5  # a kernel is dropped only when clearly slower: timing noise must not flip the choice
+
+
+def _seconds(fn: Callable, x: torch.Tensor, repeats: int = 5) -> float:
+    """The best of a few timed calls (after one warm-up)."""
+    with torch.no_grad():
+        fn(x)
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn(x)
+            best = min(best, time.perf_counter() - start)
+    return best
 
 
 def _fbgemm_available() -> bool:
