@@ -1,0 +1,151 @@
+"""Issue 16's ratios in one run, each side by side and interleaved repetition by repetition:
+
+1. training step, gpt2-small, batch 4 x 256, AdamW (the same fused make_optimizer for both): llmcli vs
+   transformers (its default sdpa attention);
+2. batch-1 greedy decode of --new-tokens tokens after an 8-token prompt, gpt2-small: llmcli's generate_ids
+   (KV cache) vs transformers' generate with its default dynamic cache and with its static cache;
+3. weight-only int8 and int4 (round to nearest; groups of 128, or 64 where 128 does not divide) batch-1
+   decode vs the fp32 model, on the gpt2-small shape and a Llama-style shape (smollm2-135m), random weights.
+
+fp32 on the CPU, torch's default threads (printed), no torch.compile on either side; medians of --reps
+interleaved repetitions after a warm-up, with min..max. Appends the tables to RESULTS.md.
+Usage: python benchmarks/speed.py [--reps 5] [--new-tokens 256] [--quantized-tokens 64] [--no-record]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import header, record, training_steps  # noqa: E402
+
+
+def interleaved(fns: dict, reps: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds per call of each function, repetition by repetition."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def spread(values: list[float]) -> str:
+    return f"{statistics.median(values):,.1f} ({min(values):,.1f}..{max(values):,.1f})"
+
+
+def ratio_row(label: str, ours: list[float], theirs: list[float], work: float) -> str:
+    """work units per second of both sides, and the per-repetition ratio ours / theirs."""
+    rate_ours, rate_theirs = [work / t for t in ours], [work / t for t in theirs]
+    ratios = [b / a for a, b in zip(ours, theirs)]
+    return f"| {label} | {spread(rate_ours)} | {spread(rate_theirs)} | **{statistics.median(ratios):.2f}x** " \
+           f"({min(ratios):.2f}..{max(ratios):.2f}) |"
+
+
+def decode_fns(model_name: str, new_tokens: int):
+    """gpt2-small on both sides with the same weights: llmcli's cached decode, transformers' two caches."""
+    import transformers
+
+    from llmcli import load_model
+    from llmcli.config import resolve_config
+    from llmcli.generation import generate_ids
+    from llmcli.interop.hf import convert_to_hf
+    from llmcli.model_dir import build_model_dir
+
+    config, _ = resolve_config(model_name)
+    with tempfile.TemporaryDirectory() as tmp:
+        build_model_dir(config, Path(tmp) / "ours", seed=0)
+        convert_to_hf(Path(tmp) / "ours", Path(tmp) / "hf")
+        ours = load_model(Path(tmp) / "ours")
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(Path(tmp) / "hf", attn_implementation="sdpa").eval()
+    prompt = torch.randint(5, config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0))
+    kwargs = dict(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=False, pad_token_id=0,
+                  max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+
+    @torch.inference_mode()
+    def hf(cache=None):
+        return theirs.generate(**kwargs, **({"cache_implementation": cache} if cache else {}))
+
+    @torch.inference_mode()
+    def llmcli():
+        return generate_ids(ours, prompt, new_tokens, temperature=0.0)
+
+    first = llmcli()
+    assert torch.equal(first, hf()[:, prompt.shape[1]:]), "the two sides do not generate the same tokens"
+    return {"llmcli": llmcli, "transformers": hf, "transformers static": lambda: hf("static")}
+
+
+def quantized_fns(model_name: str, new_tokens: int):
+    from llmcli.compression.quantize import quantize_model
+    from llmcli.config import resolve_config
+    from llmcli.generation import generate_ids
+    from llmcli.models import build_model
+
+    config, _ = resolve_config(model_name)
+    prompt = torch.randint(5, config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0))
+    group = next(g for g in (128, 64, 32) if config.d_model % g == 0 and config.d_ff % g == 0)
+    models = {"fp32": build_model(config, seed=0).eval()}
+    for scheme in ("int8", "int4"):
+        model = build_model(config, seed=0).eval()
+        quantize_model(model, scheme, group_size=group)
+        models[scheme] = model
+
+    def decode(model):
+        return torch.inference_mode()(lambda: generate_ids(model, prompt, new_tokens, temperature=0.0))
+
+    return group, {name: decode(model) for name, model in models.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--quantized-tokens", type=int, default=64)
+    parser.add_argument("--no-record", action="store_true")
+    args = parser.parse_args()
+
+    _, steps = training_steps("gpt2-small", 4, 256)
+    train = interleaved(steps, args.reps)
+    del steps
+    decode = interleaved(decode_fns("gpt2-small", args.new_tokens), args.reps)
+    lines = [header("Issue 16: llmcli vs transformers, training and decode (gpt2-small, fp32, CPU)"),
+             f"Training: one forward + loss + backward + fused AdamW step, batch 4 x 256 tokens. Decode: batch 1, "
+             f"an 8-token prompt then {args.new_tokens} greedy tokens (both sides generate the same tokens, "
+             f"checked). Tokens/s medians of {args.reps} interleaved repetitions after a warm-up "
+             f"(min..max); the ratio is per repetition. No torch.compile on either side.\n",
+             "| case | llmcli tokens/s | transformers tokens/s | llmcli / transformers |", "|---|---:|---:|---:|",
+             ratio_row("training step", train["llmcli"], train["transformers"], 4 * 256),
+             ratio_row("decode, transformers' dynamic cache", decode["llmcli"], decode["transformers"],
+                       args.new_tokens),
+             ratio_row("decode, transformers' static cache", decode["llmcli"], decode["transformers static"],
+                       args.new_tokens)]
+    lines += ["", f"Weight-only quantized decode against the same model in fp32: batch 1, {args.quantized_tokens} "
+                  f"greedy tokens, random weights, blocks' projections quantized (RTN; int4 in groups of the largest "
+                  f"of 128, 64 that divides the widths), the LM head in fp32.\n",
+              "| model | int4 group | fp32 tokens/s | int8 tokens/s | int8 / fp32 | int4 tokens/s | int4 / fp32 |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
+    for name in ("gpt2-small", "smollm2-135m"):
+        group, fns = quantized_fns(name, args.quantized_tokens)
+        times = interleaved(fns, args.reps)
+        rates = {k: [args.quantized_tokens / t for t in v] for k, v in times.items()}
+        ratio = {k: statistics.median([f / q for f, q in zip(times["fp32"], times[k])]) for k in ("int8", "int4")}
+        lines.append(f"| {name} | {group} | {spread(rates['fp32'])} | {spread(rates['int8'])} | **{ratio['int8']:.2f}x** | "
+                     f"{spread(rates['int4'])} | **{ratio['int4']:.2f}x** |")
+    lines.append(f"\n`python benchmarks/speed.py --reps {args.reps} --new-tokens {args.new_tokens} "
+                 f"--quantized-tokens {args.quantized_tokens}`, {torch.get_num_threads()} threads")
+    record("\n".join(lines), args.no_record)
+
+
+if __name__ == "__main__":
+    main()
