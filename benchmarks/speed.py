@@ -7,7 +7,8 @@
 3. weight-only int8 and int4 (round to nearest; groups of 128, or 64 where 128 does not divide) batch-1
    decode vs the fp32 model, on the gpt2-small shape and a Llama-style shape (smollm2-135m), random weights.
 
-fp32 on the CPU, torch's default threads (printed), no torch.compile on either side; medians of --reps
+fp32 on the CPU, torch's default threads (printed), no torch.compile on either side; llmcli's matrices in
+the order `llmcli generate` loads them (models.layout.store_matrices_transposed); medians of --reps
 interleaved repetitions after a warm-up, with min..max. Appends the tables to RESULTS.md.
 Usage: python benchmarks/speed.py [--reps 5] [--new-tokens 256] [--quantized-tokens 64] [--no-record]
 """
@@ -62,12 +63,13 @@ def decode_fns(model_name: str, new_tokens: int):
     from llmcli.generation import generate_ids
     from llmcli.interop.hf import convert_to_hf
     from llmcli.model_dir import build_model_dir
+    from llmcli.models.layout import store_matrices_transposed
 
     config, _ = resolve_config(model_name)
     with tempfile.TemporaryDirectory() as tmp:
         build_model_dir(config, Path(tmp) / "ours", seed=0)
         convert_to_hf(Path(tmp) / "ours", Path(tmp) / "hf")
-        ours = load_model(Path(tmp) / "ours")
+        ours = store_matrices_transposed(load_model(Path(tmp) / "ours"))  # as `llmcli generate` loads it
         theirs = transformers.AutoModelForCausalLM.from_pretrained(Path(tmp) / "hf", attn_implementation="sdpa").eval()
     prompt = torch.randint(5, config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0))
     kwargs = dict(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=False, pad_token_id=0,
@@ -91,15 +93,16 @@ def quantized_fns(model_name: str, new_tokens: int):
     from llmcli.config import resolve_config
     from llmcli.generation import generate_ids
     from llmcli.models import build_model
+    from llmcli.models.layout import store_matrices_transposed
 
     config, _ = resolve_config(model_name)
     prompt = torch.randint(5, config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0))
     group = next(g for g in (128, 64, 32) if config.d_model % g == 0 and config.d_ff % g == 0)
-    models = {"fp32": build_model(config, seed=0).eval()}
+    models = {"fp32": store_matrices_transposed(build_model(config, seed=0).eval())}
     for scheme in ("int8", "int4"):
         model = build_model(config, seed=0).eval()
         quantize_model(model, scheme, group_size=group)
-        models[scheme] = model
+        models[scheme] = store_matrices_transposed(model)  # the embedding and LM head stay fp32
 
     def decode(model):
         return torch.inference_mode()(lambda: generate_ids(model, prompt, new_tokens, temperature=0.0))

@@ -18,6 +18,7 @@ from llmcli.errors import UserError
 from llmcli.finetune.saving import load_finetuned
 from llmcli.model_dir import load_tokenizer
 from llmcli.models.base import LanguageModel
+from llmcli.models.layout import store_matrices_transposed
 from llmcli.runtime import resolve_device
 from llmcli.tokenizer import encode_texts, special_ids
 
@@ -122,6 +123,7 @@ def load_for_inference(ref: str | os.PathLike, device: str = "auto"):
     """A model directory's model (eval mode, on `device`) and tokenizer, checked against each other."""
     tokenizer = load_tokenizer(ref)  # first: a missing tokenizer.json fails before the weights are read
     model = load_finetuned(ref, device=str(resolve_device(device)))  # a fine-tuning run: base + its adapter
+    store_matrices_transposed(model)  # the faster order for single-token matmuls
     if not isinstance(model, LanguageModel):
         raise UserError(f"{ref}: a prompt-tuned or classification run has no plain language-model output to "
                         f"generate from; use `llmcli finetune` with --method lora, adapter or full and --task "

@@ -164,3 +164,23 @@ def test_input_longer_than_learned_positions_is_a_user_error():
     model = build_model(tiny_config("gpt", max_seq_len=8), seed=0)
     with pytest.raises(UserError, match="longer than the model's max_seq_len"):
         model(tokens(length=9))
+
+
+def test_matrices_stored_transposed_compute_and_save_the_same():
+    """The decode-friendly order in memory changes no value, no name and no byte on disk."""
+    import torch
+
+    from llmcli.models.layout import store_matrices_transposed
+
+    model = build_model(tiny_config("gpt", tie_embeddings=True), seed=0).eval()
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    ids = torch.randint(0, model.config.vocab_size, (2, 9))
+    logits = model(ids).logits
+    parameters = list(model.parameters())
+    store_matrices_transposed(model)
+    assert not model.tok_emb.weight.is_contiguous() and model.tok_emb.weight.t().is_contiguous()
+    assert list(model.parameters()) == parameters  # the same Parameter objects, in place
+    assert torch.equal(model(ids).logits, logits)
+    assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())
+    store_matrices_transposed(model, transposed=False)
+    assert all(p.is_contiguous() for p in model.parameters())
