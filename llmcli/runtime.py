@@ -10,11 +10,13 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import shutil
 
 import torch
 import torch.nn.functional as F
 
 from llmcli.errors import UserError
+from llmcli.models.layout import blocks
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -60,6 +62,19 @@ def autocast(device: torch.device, precision: str):
     if precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch_dtype(precision))
+
+
+def compile_blocks(model: torch.nn.Module, device: torch.device, warn) -> bool:
+    """torch.compile every transformer block (inductor; on the CPU it needs a C++ compiler). Where compile is
+    not available: one warning line, and the model runs eagerly. A block that fails to compile runs eagerly too.
+    Compilation happens on the first forward, so the first step is slower (callers report it apart)."""
+    if device.type == "cpu" and not (shutil.which("g++") or shutil.which("c++")):
+        warn("warning: --compile needs a C++ compiler (g++) for torch.compile on the CPU; running without it")
+        return False
+    torch._dynamo.config.suppress_errors = True
+    for block in blocks(model).values():
+        block.compile()
+    return True
 
 
 def machine_memory(device: torch.device | str) -> int:

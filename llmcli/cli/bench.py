@@ -29,6 +29,8 @@ def bench(
     reps: int = typer.Option(5, help="Timed repetitions per case (the median is reported, with the spread)."),
     warmup: int = typer.Option(2, help="Warm-up steps per case."),
     threads: str = typer.Option(None, help="CPU threads, comma-separated to sweep, e.g. 1,2 (default: torch's)."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile llmcli's blocks (compiled during the "
+                                                          "warm-up steps, which are not timed)."),
     compare: str = typer.Option(None, help="Run the same weights through a peer: transformers."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON on stdout (every sample kept)."),
 ) -> None:
@@ -41,7 +43,7 @@ def bench(
 
     results, peaks = run_bench(model, mode.split(","), _ints(batch_size, "--batch-size"), _ints(seq_len, "--seq-len"),
                                dtype, device, reps, warmup, compare, on_result=progress,
-                               threads=_ints(threads, "--threads") if threads else None)
+                               threads=_ints(threads, "--threads") if threads else None, compile=compile, log=log)
     if json_out:
         print_json([{**r.to_dict(), "machine": peaks} for r in results])
         return

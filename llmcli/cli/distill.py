@@ -33,6 +33,7 @@ def distill(
     weight_decay: flags.WeightDecay = None,
     precision: flags.Precision = None,
     grad_checkpointing: flags.GradCheckpointing = None,
+    compile: flags.Compile = None,
     grad_accum: flags.GradAccum = None,
     seed: flags.Seed = None,
     save_every: flags.SaveEvery = None,

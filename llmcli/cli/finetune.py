@@ -35,6 +35,7 @@ def finetune(
     weight_decay: flags.WeightDecay = None,
     precision: flags.Precision = None,
     grad_checkpointing: flags.GradCheckpointing = None,
+    compile: flags.Compile = None,
     grad_accum: flags.GradAccum = None,
     seed: flags.Seed = None,
     save_every: flags.SaveEvery = None,

@@ -31,13 +31,18 @@ def generate(
     no_cache: bool = typer.Option(False, "--no-cache", help="Recompute the whole context at every step "
                                                             "instead of using the KV cache (for comparison)."),
     device: str = typer.Option("auto", help=DEVICE_HELP),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the transformer blocks (needs g++ on the "
+                                                          "CPU); the first tokens include the compile time."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON on stdout: text, completion, tokens, "
                                                         "tokens_per_s (a list for several sequences)."),
 ) -> None:
     """Generate text with a GPT or T5 model; a single sequence is printed as it is generated."""
     from llmcli.generation import generate_text, load_for_inference
+    from llmcli.runtime import compile_blocks
 
     model, tokenizer = load_for_inference(model_dir, device)
+    if compile:
+        compile_blocks(model, next(model.parameters()).device, log)
     options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                    num_samples=num_samples, use_cache=not no_cache)
     if not json_out and len(prompt) * num_samples == 1:

@@ -23,6 +23,9 @@ WeightDecay = Annotated[Optional[float], typer.Option(help="AdamW weight decay o
 Precision = Annotated[Optional[str], typer.Option(help="fp32, bf16 or fp16 (default: bf16 on CUDA, else fp32).")]
 GradCheckpointing = Annotated[Optional[bool], typer.Option("--grad-checkpointing/--no-grad-checkpointing",
                                                            help="Recompute activations in the backward pass.")]
+Compile = Annotated[Optional[bool], typer.Option("--compile/--no-compile",
+                                                help="torch.compile the transformer blocks (inductor; needs g++ "
+                                                     "on the CPU). The first step includes the compile time.")]
 GradAccum = Annotated[Optional[int], typer.Option(help="Micro-batches per optimizer step (default: 1).")]
 Seed = Annotated[Optional[int], typer.Option(help="Seed for new weights, data order and dropout (default: 0).")]
 SaveEvery = Annotated[Optional[int], typer.Option(help="Checkpoint every N steps (default: only at the end).")]

@@ -26,7 +26,7 @@ from llmcli.models.layout import store_matrices_transposed
 from llmcli.profiling.counts import count, flops_per_token, kv_cache_bytes_per_token
 from llmcli.profiling.peak import PeakMemory
 from llmcli.profiling.provenance import provenance
-from llmcli.runtime import DTYPES, autocast, family_loss, resolve_device, torch_dtype
+from llmcli.runtime import DTYPES, autocast, compile_blocks, family_loss, resolve_device, torch_dtype
 
 MODES = ("train", "prefill", "decode")
 DECODE_PROMPT = 8  # decode cases start from a prompt this long, then generate seq_len tokens
@@ -189,8 +189,8 @@ def load_peer(model_dir: Path, family: str, device: torch.device):
 
 def run_bench(model_ref: str, modes: list[str], batch_sizes: list[int], seq_lens: list[int], dtype: str = "fp32",
               device: str = "auto", reps: int = 5, warmup: int = 2, compare: str | None = None,
-              on_result: Callable[[BenchResult], None] | None = None,
-              threads: list[int] | None = None) -> tuple[list[BenchResult], dict]:
+              on_result: Callable[[BenchResult], None] | None = None, threads: list[int] | None = None,
+              compile: bool = False, log: Callable[[str], None] = print) -> tuple[list[BenchResult], dict]:
     """The matrix of modes x batch sizes x lengths (x thread counts); returns the rows and the machine's peaks."""
     config, directory = resolve_config(model_ref)
     target = resolve_device(device)
@@ -204,6 +204,8 @@ def run_bench(model_ref: str, modes: list[str], batch_sizes: list[int], seq_lens
             directory = Path(tmp) / "model"
             build_model_dir(config, directory, seed=0)
         runners = [Runner(load_model(directory).to(target), target, dtype)]
+        if compile:  # compiled on the first warm-up step of each case's shapes
+            compile_blocks(runners[0].model, target, log)
         if compare:
             convert_to_hf(directory, Path(tmp) / "hf")
             runners.append(HFRunner(load_peer(Path(tmp) / "hf", config.family, target), target, dtype))

@@ -25,7 +25,7 @@ import torch
 
 from llmcli.errors import UserError
 from llmcli.progress import SILENT, Progress
-from llmcli.runtime import autocast, evaluate, family_loss, resolve_device, resolve_precision
+from llmcli.runtime import autocast, compile_blocks, evaluate, family_loss, resolve_device, resolve_precision
 from llmcli.training.checkpoint import complete_checkpoints, is_sharded, load_checkpoint, save_checkpoint
 from llmcli.training.distributed import ShardedData
 from llmcli.training.optim import make_optimizer, make_scheduler
@@ -43,6 +43,7 @@ class TrainArgs:
     grad_accum: int = 1
     precision: str = "auto"  # bf16 on CUDA where supported, else fp32
     grad_checkpointing: bool = False
+    compile: bool = False  # torch.compile the blocks
     seed: int = 0
     save_every: int = 0  # 0: only at the end
     eval_every: int = 0  # 0: five evaluations per run
@@ -87,6 +88,11 @@ class Trainer:
             if hasattr(module, "gradient_checkpointing"):
                 module.gradient_checkpointing = self.args.grad_checkpointing
         self.autocast = self.precision
+        self.compiled = False
+        if self.args.compile:
+            if parallel:
+                raise UserError("--compile with several processes is not supported yet; drop --compile or --nproc")
+            self.compiled = compile_blocks(self.model, self.device, self.log)
         if parallel:
             self.model = parallel.wrap(self.model, self.precision)
             self.autocast = "fp32" if parallel.mixed_precision else self.precision  # FSDP casts by itself
@@ -172,12 +178,18 @@ class Trainer:
                 if self.step == 0:  # the untrained baseline, so the log shows what training bought
                     self._evaluate({})
                 while self.step < args.steps:
+                    step_start = time.perf_counter()
                     loss = self.train_step()
                     window_steps += 1
+                    if self.compiled and self.step == start_step + 1:  # compile time is not a training rate
+                        self.log(f"first step {time.perf_counter() - step_start:.1f} s (compiling the blocks); "
+                                 f"tokens/s count from the next")
+                        window_start, window_steps = time.perf_counter(), 0
                     record = {"step": self.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0]}
                     if self.step % args.log_every == 0 or self.step == args.steps:
                         elapsed = time.perf_counter() - window_start
-                        record["tokens_per_s"] = window_steps * tokens_per_step / elapsed
+                        if window_steps:  # none right after the compiling step
+                            record["tokens_per_s"] = window_steps * tokens_per_step / elapsed
                         window_start, window_steps = time.perf_counter(), 0
                         self._log(record)
                     if self.step % eval_every == 0 or self.step == args.steps:

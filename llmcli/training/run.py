@@ -41,6 +41,7 @@ class TrainFlags:
     grad_accum: int | None = None
     precision: str | None = None
     grad_checkpointing: bool | None = None
+    compile: bool | None = None
     seed: int | None = None
     save_every: int | None = None
     eval_every: int | None = None
