@@ -172,6 +172,15 @@ def test_eval_cli_reports_loss_and_perplexity(tmp_path, corpus, cli):
     data = json.loads(result.stdout)
     assert data["perplexity"] == pytest.approx(math.exp(data["loss"]))
     assert data["tokens"] > 0
+    # bits per byte by hand: the held-out documents' UTF-8 bytes over their tokens (eos separators included)
+    from llmcli.data import document_stream, read_corpus, split_documents
+    from llmcli.model_dir import load_tokenizer
+
+    _, val_docs = split_documents(read_corpus(corpus))
+    tokens = len(document_stream(load_tokenizer(tmp_path / "run"), val_docs))
+    bytes_per_token = sum(len(doc.encode("utf-8")) for doc in val_docs) / tokens
+    assert data["bytes_per_token"] == pytest.approx(bytes_per_token)
+    assert data["bits_per_byte"] == pytest.approx(data["loss"] / math.log(2) / bytes_per_token)
 
 
 @pytest.mark.parametrize("extra, message", [

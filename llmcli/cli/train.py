@@ -72,7 +72,7 @@ def evaluate(
     batches: int = typer.Option(8, help="Number of validation batches."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
 ) -> None:
-    """Validation loss and perplexity of the family's own objective on the held-out split."""
+    """Validation loss, perplexity and bits per byte of the family's own objective on the held-out split."""
     from llmcli.training.evaluation import evaluate_model_dir
 
     result = evaluate_model_dir(model_dir, data, seq_len, batches)
@@ -80,4 +80,5 @@ def evaluate(
         print_json(result)
     else:
         console.print(f"loss {result['loss']:.4f}  perplexity {result['perplexity']:.2f}  "
-                      f"({result['tokens']:,} tokens, {result['objective']})", highlight=False)
+                      f"bits/byte {result['bits_per_byte']:.3f}  ({result['tokens']:,} tokens, "
+                      f"{result['bytes_per_token']:.2f} bytes/token, {result['objective']})", highlight=False)

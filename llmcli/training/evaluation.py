@@ -1,8 +1,13 @@
-"""`llmcli eval`: the family objective's loss and perplexity on a corpus's held-out split."""
+"""`llmcli eval`: the family objective's loss, perplexity and bits per byte on a corpus's held-out split.
+
+Bits per byte divide the loss by the held-out text's UTF-8 bytes instead of its tokens,
+bits_per_byte = loss / ln 2 x tokens / bytes, so that models with different tokenizers compare.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +28,7 @@ class CorpusBatches:
     train: object  # PretrainingData
     val: list[dict]
     seq_len: int
+    val_bytes_per_token: float  # UTF-8 bytes of the held-out documents over their tokens (separators included)
 
 
 def run_seq_len(directory: Path, config) -> int:
@@ -47,7 +53,14 @@ def corpus_batches(directory: Path, config, tokenizer, data: str | None, seq_len
     train_tokens, val_tokens = (document_stream(tokenizer, docs, special) for docs in (train_docs, val_docs))
     dataset = PretrainingData(config.family, train_tokens, special, tokenizer.get_vocab_size(),
                               seq_len, batch_size, seed)
-    return CorpusBatches(dataset, dataset.eval_batches(val_tokens, val_batches), seq_len)
+    val_bytes = sum(len(doc.encode("utf-8")) for doc in val_docs)
+    return CorpusBatches(dataset, dataset.eval_batches(val_tokens, val_batches), seq_len,
+                         val_bytes / max(len(val_tokens), 1))
+
+
+def bits_per_byte(loss: float, bytes_per_token: float) -> float:
+    """Nats per token -> bits per byte of text."""
+    return loss / math.log(2) / bytes_per_token
 
 
 def evaluate_model_dir(model_dir: str, data: str | None, seq_len: int | None, batches: int = 8,
@@ -57,4 +70,6 @@ def evaluate_model_dir(model_dir: str, data: str | None, seq_len: int | None, ba
     corpus = corpus_batches(directory, model.config, load_tokenizer(directory), data, seq_len, batches)
     target = resolve_device(device)
     result = evaluate(model.to(target), corpus.val, target)
-    return {**result, "objective": OBJECTIVES[model.config.family], "seq_len": corpus.seq_len}
+    return {**result, "bits_per_byte": bits_per_byte(result["loss"], corpus.val_bytes_per_token),
+            "bytes_per_token": corpus.val_bytes_per_token, "objective": OBJECTIVES[model.config.family],
+            "seq_len": corpus.seq_len}
