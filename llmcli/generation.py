@@ -123,7 +123,8 @@ def load_for_inference(ref: str | os.PathLike, device: str = "auto"):
     """A model directory's model (eval mode, on `device`) and tokenizer, checked against each other."""
     tokenizer = load_tokenizer(ref)  # first: a missing tokenizer.json fails before the weights are read
     model = load_finetuned(ref, device=str(resolve_device(device)))  # a fine-tuning run: base + its adapter
-    store_matrices_transposed(model)  # the faster order for single-token matmuls
+    if next(model.parameters()).device.type == "cpu":
+        store_matrices_transposed(model)  # the faster order for single-token matmuls on a CPU
     if not isinstance(model, LanguageModel):
         raise UserError(f"{ref}: a prompt-tuned or classification run has no plain language-model output to "
                         f"generate from; use `llmcli finetune` with --method lora, adapter or full and --task "
@@ -255,8 +256,10 @@ def generate_text(model, tokenizer, prompts: list[str], max_new_tokens: int = 64
             raise UserError(f"{name} is empty; pass the text to continue, e.g. --prompt 'Once upon a time'")
     family = model.config.family
     special = special_ids(tokenizer, model.config)
-    # The tokenizer's own post-processor: T5 inputs end with </s>, Llama prompts start with <s>; llmcli's BPE adds none
-    encoded = encode_texts(tokenizer, prompts, add_special_tokens=True)
+    # The tokenizer's post-processor: T5 inputs end with </s>, and a converted Llama-style checkpoint (it names its
+    # BOS) starts prompts with <s> as its tokenizer says; other GPT prompts are continued as they are.
+    bos_first = family == "gpt" and model.config.bos_token_id is not None
+    encoded = encode_texts(tokenizer, prompts, add_special_tokens=family == "t5" or bos_first)
     check_context(model.config, [len(ids) for ids in encoded], max_new_tokens)
     rows = [ids for ids in encoded for _ in range(num_samples)]
     if on_text is not None and len(rows) != 1:

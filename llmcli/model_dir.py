@@ -60,6 +60,14 @@ def atomic_output_dir(out: str | os.PathLike, force: bool = False) -> Iterator[P
         tmp.rename(out)
 
 
+def check_outside(source: str | os.PathLike, out: str | os.PathLike, flag: str = "--out") -> None:
+    """Refuse an output that is the input directory or inside it: writing there would change the input."""
+    source, out = Path(source).resolve(), Path(out).resolve()
+    if out == source or source in out.parents:
+        where = "the input directory itself" if out == source else f"inside the input directory {source}"
+        raise UserError(f"{flag} {out} is {where}; choose an output outside it")
+
+
 def write_json(path: Path, data: object) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n")

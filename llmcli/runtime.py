@@ -131,11 +131,12 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         return total / scored.sum()
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
         logits, labels = ctx.saved_tensors
         rows = cross_entropy_chunk_rows(logits.shape[-1])
         scored = labels != IGNORE_INDEX
-        scale = grad.float() / scored.sum()
+        scale = grad.float() / scored.sum().clamp(min=1)  # nothing scored: zero gradients, as torch gives
         grad_logits = torch.empty_like(logits)
         for start in range(0, logits.shape[0], rows):
             probs = torch.softmax(logits[start:start + rows].float(), -1)

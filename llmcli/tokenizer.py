@@ -205,8 +205,9 @@ def special_ids(tokenizer: Tokenizer, config=None) -> SpecialIds:
         return SpecialIds(pad=config.eos_token_id, eos=config.eos_token_id)
     missing = [t for t in SPECIAL_TOKENS[kind] if tokenizer.token_to_id(t) is None]
     if missing:
-        raise UserError(f"the {kind} tokenizer lacks {', '.join(missing)}; "
-                        f"retrain it with `llmcli tokenizer train --kind {kind}`")
+        converted = " (a converted checkpoint names its own: set eos_token_id in config.json)" if kind == "bpe" else ""
+        raise UserError(f"the {kind} tokenizer lacks {', '.join(missing)}{converted}; "
+                        f"or retrain it with `llmcli tokenizer train --kind {kind}`")
     get = tokenizer.token_to_id
     if kind == "bpe":
         eos = get("<|endoftext|>")

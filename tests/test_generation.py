@@ -55,3 +55,15 @@ def test_top_k_and_top_p_keep_only_the_allowed_tokens():
     # softmax of the logits: 0.636, 0.234, 0.086, ... -> top_p 0.8 keeps tokens 0 and 1
     assert {sample_next(logits, 1.0, top_p=0.8, generator=g).item() for _ in range(200)} == {0, 1}
     assert sample_next(logits, 0.0).item() == 0
+
+
+def test_a_gpt_prompt_gets_no_end_of_text_from_a_unigram_tokenizer():
+    """llmcli's unigram tokenizer appends </s> to every text; a GPT prompt is continued, not ended."""
+    from llmcli.generation import generate_text
+    from llmcli.models import build_model
+    from llmcli.tokenizer import encode_plain, train_tokenizer
+
+    tokenizer = train_tokenizer(["the cat sat on the mat and looked around"] * 40, "unigram", 60)
+    model = build_model(tiny_config("gpt", vocab_size=64), seed=0).eval()
+    result = generate_text(model, tokenizer, ["the cat sat"], max_new_tokens=3, temperature=0.0)[0]
+    assert result.prompt_tokens == len(encode_plain(tokenizer, ["the cat sat"])[0])

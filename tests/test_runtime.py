@@ -28,11 +28,14 @@ def test_chunked_cross_entropy_equals_torch_loss_and_gradients(monkeypatch, dtyp
     assert torch.all(grad_ours[0, :4] == 0)  # ignored positions get no gradient
 
 
-def test_no_scored_position_gives_nan_as_torch_does():
-    logits = torch.randn(2, 3, 11)
+def test_no_scored_position_gives_nan_and_zero_gradients_as_torch_does():
+    logits = torch.randn(2, 3, 11, requires_grad=True)
     labels = torch.full((2, 3), -100)
-    assert torch.isnan(token_cross_entropy(logits, labels))
-    assert torch.isnan(F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100))
+    for loss in (token_cross_entropy(logits, labels),
+                 F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)):
+        assert torch.isnan(loss)
+        (grad,) = torch.autograd.grad(loss, logits)
+        assert torch.equal(grad, torch.zeros_like(grad))
 
 
 def test_chunked_cross_entropy_needs_less_memory_than_the_plain_loss():

@@ -16,7 +16,7 @@ from llmcli.compression.directories import REPORT_FILE, full_precision_dir
 from llmcli.compression.snapshot import compare, snapshot
 from llmcli.config import ModelConfig, resolve_config
 from llmcli.errors import UserError
-from llmcli.model_dir import load_model, load_tokenizer, write_json
+from llmcli.model_dir import check_outside, load_model, load_tokenizer, write_json
 from llmcli.progress import SILENT, Progress
 from llmcli.runtime import resolve_device
 from llmcli.training.distillation import Distillation
@@ -74,6 +74,7 @@ def distill(teacher_ref: str | None, student_ref: str | None, data: str | None, 
     if not teacher_ref:
         raise UserError("--teacher is required: the trained model directory to distil")
     teacher_dir = full_precision_dir(teacher_ref, "--teacher")
+    check_outside(teacher_dir, run_dir)
     tokenizer = load_tokenizer(teacher_dir)
     teacher = load_model(teacher_dir)
     teacher.requires_grad_(False)

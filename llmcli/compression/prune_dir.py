@@ -16,6 +16,7 @@ from llmcli.compression.prune import (PruneSpec, apply_masks, check_pattern_fits
                                       heads_to_remove, layer_sparsity, prune_heads, prune_weights)
 from llmcli.compression.snapshot import compare, snapshot
 from llmcli.errors import UserError
+from llmcli.model_dir import check_outside
 from llmcli.models.layout import block_linears
 from llmcli.progress import SILENT, Progress
 from llmcli.training.loop import Trainer, TrainArgs
@@ -59,8 +60,7 @@ def prune(model_dir: str | Path, out: str | Path, spec: PruneSpec, data: str | N
         raise UserError(f"--recover-steps must be >= 0, got {recover_steps}")
     if batch_size <= 0:
         raise UserError(f"--batch-size must be positive, got {batch_size}")
-    if out.exists() and out.resolve() == source.resolve():
-        raise UserError(f"{out}: --out is the model directory itself; choose a new --out")
+    check_outside(source, out)
     if out.exists() and not force and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out}: already exists and is not empty; choose another --out or pass --force to replace it")
     model, corpus, target = open_source(source, data, seq_len, device, batch_size=batch_size, seed=seed)

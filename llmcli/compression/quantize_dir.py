@@ -12,7 +12,7 @@ from llmcli.compression.directories import open_source, write_compressed
 from llmcli.compression.quantize import check_scheme, quantize_model
 from llmcli.compression.snapshot import compare, snapshot
 from llmcli.errors import UserError
-from llmcli.model_dir import QUANTIZATION_FILE, load_tokenizer
+from llmcli.model_dir import QUANTIZATION_FILE, check_outside, load_tokenizer
 from llmcli.models.quantized import (DEFAULT_GROUP_SIZE, check_group_size, check_group_size_value, quantizable_layers,
                                      scheme_bits)
 from llmcli.progress import SILENT, Progress
@@ -27,6 +27,7 @@ def quantize_model_dir(model_dir: str, out: str, scheme: str, group_size: int | 
     """`llmcli quantize`: load, measure, quantize, measure again, write the directory. Returns the report."""
     method = method or ("gptq" if calibration_data else "rtn")
     check_scheme(scheme, method)
+    check_outside(model_dir, out)
     if scheme_bits(scheme) == 8 and group_size is not None:
         raise UserError(f"--scheme {scheme} keeps one scale per output channel; --group-size is for int4 only")
     group_size = group_size or DEFAULT_GROUP_SIZE

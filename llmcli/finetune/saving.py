@@ -28,7 +28,8 @@ from llmcli.errors import UserError
 from llmcli.finetune.heads import language_model
 from llmcli.finetune.lora import merge_lora
 from llmcli.finetune.methods import FinetuneSpec, adapter_tensors, attach
-from llmcli.model_dir import TOKENIZER_FILE, atomic_output_dir, load_model, read_safetensors, save_model, write_json
+from llmcli.model_dir import (TOKENIZER_FILE, atomic_output_dir, check_outside, load_model, read_safetensors,
+                              save_model, write_json)
 
 ADAPTER_DIR = "adapter"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -158,6 +159,7 @@ def merge(directory: str | Path, out: str | Path, base: str | Path | None = None
     if method in MERGE_REFUSALS:
         raise UserError(f"{directory}: --method {method} {MERGE_REFUSALS[method]}; only LoRA merges into the "
                         f"weights. Load it with llmcli.finetune.load_finetuned instead")
+    check_outside(directory, out)
     model = load_finetuned(directory, base)
     lm = merge_lora(language_model(model))
     with atomic_output_dir(out, force) as tmp:

@@ -22,8 +22,9 @@ from safetensors.torch import save_file
 
 from llmcli.config import ModelConfig, config_from_dict
 from llmcli.errors import UserError
-from llmcli.model_dir import (CONFIG_FILE, PICKLE_SUFFIXES, TOKENIZER_FILE, WEIGHTS_FILE, atomic_output_dir,
-                              load_model, read_safetensors, save_model, write_json)
+from llmcli.model_dir import (CONFIG_FILE, PICKLE_SUFFIXES, QUANTIZATION_FILE, TOKENIZER_FILE, WEIGHTS_FILE,
+                              atomic_output_dir, check_outside, load_model, read_safetensors, save_model,
+                              write_json)
 from llmcli.models import build_model, build_on_meta
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -200,10 +201,11 @@ def _first(value):
 def _rope(hf: dict) -> dict:
     """Rotary settings: transformers 5 keeps them in rope_parameters, older configs in rope_theta and
     rope_scaling."""
+    theta = {"rope_theta": hf["rope_theta"]} if "rope_theta" in hf else {}
     if isinstance(hf.get("rope_parameters"), dict):
-        return hf["rope_parameters"]
+        return {**theta, **hf["rope_parameters"]}
     scaling = hf.get("rope_scaling") if isinstance(hf.get("rope_scaling"), dict) else {}
-    return {**scaling, **({"rope_theta": hf["rope_theta"]} if "rope_theta" in hf else {})}
+    return {**scaling, **theta}
 
 
 def _llama_to_hf(cfg: ModelConfig) -> dict:
@@ -222,7 +224,8 @@ def _unsupported_llama(hf: dict, where: str) -> None:
         if rope and kind != "default":
             problems.append(f"{key} ({kind!r} scaling: llmcli's rotary positions are unscaled)")
     window = hf.get("sliding_window")
-    if window is not None and hf.get("use_sliding_window", True) and window < hf.get("max_position_embeddings", 0):
+    windowed = hf.get("use_sliding_window", hf.get("model_type") != "qwen2")  # Qwen2's default is off
+    if window is not None and windowed and window < hf.get("max_position_embeddings", 0):
         problems.append(f"sliding_window = {window} (llmcli attends to the whole context; a checkpoint whose "
                         f"window covers max_position_embeddings converts)")
     for key in ("num_local_experts", "num_experts", "moe_intermediate_size"):
@@ -417,6 +420,7 @@ def convert_from_hf(src_dir: str | Path, out_dir: str | Path, force: bool = Fals
     """Turn a Hugging Face checkpoint directory into an llmcli model directory; returns the derived config."""
     src = Path(src_dir)
     shards = _weight_files(src)
+    check_outside(src, out_dir, "OUT")
     hf_cfg = _read_hf_config(src)
     where = str(src / CONFIG_FILE)
     spec = _family_of(hf_cfg, where)
@@ -620,6 +624,10 @@ def convert_to_hf(src_dir: str | Path, out_dir: str | Path, force: bool = False)
     if not src.is_dir():
         raise UserError(f"{src}: not a model directory; to-hf converts a directory written by llmcli "
                         f"(build, train or convert from-hf)")
+    check_outside(src, out_dir, "OUT")
+    if (src / QUANTIZATION_FILE).is_file():
+        raise UserError(f"{src}: is quantized ({QUANTIZATION_FILE}); transformers' classes hold float weights: "
+                        f"convert the full-precision model, then quantize on either side")
     model = load_model(src)
     config = model.config
     spec = spec_for(config)

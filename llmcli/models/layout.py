@@ -88,7 +88,7 @@ def store_matrices_transposed(model: nn.Module, transposed: bool = True) -> nn.M
     """Keep every linear and embedding matrix W (out x in) as the transposed view of a contiguous (in x out)
     tensor, or back (transposed=False). Values, names and the saved state dict are unchanged; only the order in
     memory differs. A single-token matmul x·Wᵀ then reads W the way BLAS's fast kernel wants: on this AVX2 CPU
-    1.9x faster for gpt2-small's LM head and down projections, 17% more decode tokens/s in all. In place: the
+    gpt2-small decodes 1.30x faster (benchmarks/speed_parts.py in RESULTS.md). In place: the
     Parameter objects stay (an optimizer holding them keeps working)."""
     with torch.no_grad():
         for module in model.modules():

@@ -53,7 +53,7 @@ class BenchResult:
     mfu: float | None = None  # over the accelerator's datasheet peak (CUDA only)
     bandwidth_bytes_per_s: float | None = None  # decode: bytes read per step x steps/s
     threads: int = 1
-    ttft_s: float | None = None  # decode: median seconds to the first new token (prefill + one step)
+    ttft_s: float | None = None  # decode: median seconds to the first new token (prefill, then its sampling)
     ttft_samples_s: list[float] | None = None
     peer: dict | None = field(default=None)
     provenance: dict = field(default_factory=dict)

@@ -20,6 +20,8 @@ from llmcli import __version__
 def git_commit() -> str | None:
     """The commit of the llmcli checkout this runs from (None for an installed wheel), '+' if modified."""
     root = Path(__file__).resolve().parents[2]
+    if not (root / "pyproject.toml").is_file():  # an installed package: not a checkout of its own
+        return None
     try:
         commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True,
                                 text=True, timeout=5)

@@ -45,7 +45,7 @@ def corpus_batches(directory: Path, config, tokenizer, data: str | None, seq_len
     if tokenizer.get_vocab_size() > config.vocab_size:
         raise UserError(f"{directory}: tokenizer has {tokenizer.get_vocab_size()} tokens, the model only "
                         f"{config.vocab_size}; the directory mixes files from different models")
-    seq_len = seq_len or run_seq_len(directory, config)
+    seq_len = seq_len if seq_len is not None else run_seq_len(directory, config)
     if seq_len > config.max_seq_len or seq_len <= 0:
         raise UserError(f"--seq-len {seq_len} must be between 1 and max_seq_len ({config.max_seq_len})")
     train_docs, val_docs = split_documents(read_corpus(data))

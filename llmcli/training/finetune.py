@@ -24,8 +24,8 @@ from llmcli.finetune.methods import METHODS, FinetuneSpec, attach, parameter_cou
 from llmcli.finetune.peft_export import PEFT_DIR, export_peft, peft_blocker
 from llmcli.finetune.saving import read_adapter_config, save_adapter
 from llmcli.finetune.tasks import TASKS, build_task
-from llmcli.model_dir import (CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, load_model, load_tokenizer, save_model,
-                              write_json)
+from llmcli.model_dir import (CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, check_outside, load_model, load_tokenizer,
+                              save_model, write_json)
 from llmcli.progress import SILENT, Progress
 from llmcli.tokenizer import save_tokenizer, special_ids
 from llmcli.training import distributed
@@ -108,8 +108,7 @@ def _finetune(base, data, out, flags: TrainFlags, settings, log, progress, on_st
             raise UserError("finetune needs the model directory to start from")
         saved, base = None, Path(base)
         _check_base(base)
-        if base.resolve() == run_dir.resolve():
-            raise UserError(f"{run_dir}: --out is the base model directory itself; choose a new --out")
+        check_outside(base, run_dir)
         spec = _resolve_spec(None, settings)
         if data is None:
             raise UserError(f"--data is required: {DATA_HINTS[spec.task]}")

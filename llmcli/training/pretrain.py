@@ -15,7 +15,7 @@ from tokenizers import Tokenizer
 from llmcli.config import ModelConfig, resolve_config
 from llmcli.data import PretrainingData, document_stream, read_corpus, split_documents
 from llmcli.errors import UserError
-from llmcli.model_dir import TOKENIZER_FILE, load_model, load_tokenizer, save_model, write_json
+from llmcli.model_dir import TOKENIZER_FILE, check_outside, load_model, load_tokenizer, save_model, write_json
 from llmcli.models import build_model, build_on_meta
 from llmcli.progress import SILENT, Progress
 from llmcli.tokenizer import save_tokenizer, special_ids, train_tokenizer
@@ -63,8 +63,8 @@ def _pretrain(model_ref, data, out, flags: TrainFlags, log, progress, on_step, t
     else:
         (config, source_dir), model_name = resolve_config(model_ref), str(model_ref)
     run_dir = Path(out) if out else Path("runs") / config.name
-    if source_dir is not None and source_dir.resolve() == run_dir.resolve() and not flags.resume:
-        raise UserError(f"{run_dir}: --out is the model directory itself; choose a new --out, or --resume")
+    if source_dir is not None and not flags.resume:
+        check_outside(source_dir, run_dir)
     saved = distributed.on_main(parallel, lambda: prepare_run_dir(run_dir, flags.resume, flags.force))
     if flags.resume:
         config, _ = resolve_config(run_dir)  # config.json is written when a run starts
