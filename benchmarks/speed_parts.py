@@ -86,7 +86,7 @@ def main() -> None:
         peaks[name] = peak.peak
 
     lines = [header("Issue 16: what each speed measure buys (gpt2-small shapes, fp32, CPU)"),
-             f"Medians of interleaved repetitions after a warm-up (min..max); ratios per repetition.\n",
+             "Medians of interleaved repetitions after a warm-up (min..max); ratios per repetition.\n",
              "| measure | before | after | gain |", "|---|---:|---:|---:|",
              f"| decode tokens/s, batch 1, 64 tokens: built order -> matrices stored transposed | "
              f"{spread([64 / t for t in decode['built']])} | {spread([64 / t for t in decode['transposed']])} | "

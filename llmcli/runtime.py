@@ -13,7 +13,6 @@ import os
 import shutil
 
 import torch
-import torch.nn.functional as F
 
 from llmcli.errors import UserError
 from llmcli.models.layout import blocks
