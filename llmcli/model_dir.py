@@ -6,6 +6,8 @@ Weights are only ever read from safetensors; pickle files are refused, never ope
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import json
 import os
 import shutil
@@ -37,7 +39,8 @@ def atomic_output_dir(out: str | os.PathLike, force: bool = False) -> Iterator[P
     """Yield a temporary directory beside `out`; on success it is renamed to `out`.
 
     An existing non-empty `out` is refused unless `force`; with `force` it is replaced only
-    after the new directory is complete, so a failure never leaves the user with neither.
+    after the new directory is complete, in one atomic exchange where the OS has it, so a failure
+    or a kill at any point leaves the user the old `out` or the new one. A full disk says so.
     """
     out = Path(out)
     if out.exists() and not force and (not out.is_dir() or any(out.iterdir())):
@@ -45,19 +48,44 @@ def atomic_output_dir(out: str | os.PathLike, force: bool = False) -> Iterator[P
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
+    with reporting_disk_full(out, f"the previous {out} is unchanged" if out.exists() else "nothing was written"):
+        try:
+            tmp.mkdir()
+            yield tmp
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    if out.exists() and _exchange(tmp, out):
+        shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()  # tmp now holds the old output
+    elif out.exists():
         old = out.parent / f".{out.name}.old-{os.getpid()}"
         out.rename(old)
         tmp.rename(out)
         shutil.rmtree(old) if old.is_dir() else old.unlink()
     else:
         tmp.rename(out)
+
+
+@contextlib.contextmanager
+def reporting_disk_full(target: Path, kept: str) -> Iterator[None]:
+    """A full disk (ENOSPC, EDQUOT) while writing `target` becomes a UserError that says what was kept."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise UserError(f"{target}: no space left on the device while writing it ({e.strerror}); {kept}; "
+                        f"free some space and run again") from None
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux renameat2 with RENAME_EXCHANGE); False where that is not available."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
 def check_outside(source: str | os.PathLike, out: str | os.PathLike, flag: str = "--out") -> None:

@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from llmcli.errors import UserError
-from llmcli.model_dir import WEIGHTS_FILE, read_safetensors, save_model, write_json
+from llmcli.model_dir import WEIGHTS_FILE, read_safetensors, reporting_disk_full, save_model, write_json
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "state.json"
@@ -56,6 +56,29 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, scale
     folder = run_dir / CHECKPOINTS
     final, tmp = folder / f"step-{step}", folder / f".step-{step}.tmp"
     main = parallel is None or parallel.is_main
+    last = complete_checkpoints(run_dir)
+    kept = f"the last complete checkpoint {last[-1]} is kept" if last else "no checkpoint was written yet"
+    with reporting_disk_full(final, f"{kept}; continue with --resume"):
+        try:
+            _write_checkpoint(folder, tmp, step, model, optimizer, scheduler, scaler, extra, parallel)
+        except BaseException:
+            if main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    if main:
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        for old in complete_checkpoints(run_dir)[:-KEEP]:
+            shutil.rmtree(old, ignore_errors=True)
+    if parallel is not None:
+        parallel.barrier()
+    return final
+
+
+def _write_checkpoint(folder: Path, tmp: Path, step: int, model, optimizer, scheduler, scaler, extra: dict,
+                      parallel) -> None:
+    main = parallel is None or parallel.is_main
     if main:
         folder.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -78,14 +101,6 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, scale
     state["global_batch"] = extra["train_args"]["batch_size"] * (parallel.dp if parallel else 1)
     if main:
         write_json(tmp / STATE_FILE, {**state, **extra})
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-        for old in complete_checkpoints(run_dir)[:-KEEP]:
-            shutil.rmtree(old, ignore_errors=True)
-    if parallel is not None:
-        parallel.barrier()
-    return final
 
 
 def load_checkpoint(checkpoint: Path, model, optimizer, scheduler, scaler, parallel=None) -> dict:
