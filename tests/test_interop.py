@@ -296,21 +296,15 @@ def test_to_hf_matches_and_round_trips_exactly(tmp_path, case):
     assert all(torch.equal(back[name], original[name]) for name in original)
 
 
-def test_to_hf_refuses_what_gpt2_cannot_express(tmp_path):
-    save_dir = tmp_path / "rope"
+@pytest.mark.parametrize("position, message", [
+    ("learned", "GPT2LMHeadModel.*n_kv_heads = 2"),  # GPT-2 has no grouped-query attention
+    ("rope", "LlamaForCausalLM: norm = 'layernorm'.*activation = 'gelu_tanh'"),  # a rotary GPT goes out as Llama
+])
+def test_to_hf_refuses_what_the_architecture_cannot_express(tmp_path, position, message):
+    save_dir = tmp_path / "model"
     save_dir.mkdir()
-    save_model(build_model(_cfg("gpt", position="learned", n_kv_heads=2), seed=0), save_dir)
-    with pytest.raises(UserError, match="GPT2LMHeadModel.*n_kv_heads = 2"):
-        convert_to_hf(save_dir, tmp_path / "hf")
-    assert not (tmp_path / "hf").exists()
-
-
-def test_to_hf_refuses_a_rotary_gpt_that_llama_cannot_express(tmp_path):
-    """A rotary GPT goes out as Llama; with LayerNorm and GELU it is neither GPT-2 nor Llama."""
-    save_dir = tmp_path / "rope"
-    save_dir.mkdir()
-    save_model(build_model(_cfg("gpt", position="rope", n_kv_heads=2), seed=0), save_dir)
-    with pytest.raises(UserError, match="LlamaForCausalLM: norm = 'layernorm'.*activation = 'gelu_tanh'"):
+    save_model(build_model(_cfg("gpt", position=position, n_kv_heads=2), seed=0), save_dir)
+    with pytest.raises(UserError, match=message):
         convert_to_hf(save_dir, tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
 
