@@ -8,9 +8,12 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fcntl
+import hashlib
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Iterator
 
@@ -46,6 +49,12 @@ def atomic_output_dir(out: str | os.PathLike, force: bool = False) -> Iterator[P
     if out.exists() and not force and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out}: already exists and is not empty; choose another --out or pass --force to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
+    with output_lock(out), _written_atomically(out) as tmp:
+        yield tmp
+
+
+@contextlib.contextmanager
+def _written_atomically(out: Path) -> Iterator[Path]:
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     with reporting_disk_full(out, f"the previous {out} is unchanged" if out.exists() else "nothing was written"):
@@ -64,6 +73,33 @@ def atomic_output_dir(out: str | os.PathLike, force: bool = False) -> Iterator[P
         shutil.rmtree(old) if old.is_dir() else old.unlink()
     else:
         tmp.rename(out)
+
+
+@contextlib.contextmanager
+def output_lock(out: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `out` while this process writes it: a second llmcli process writing the same
+    output is refused, never interleaved. The lock files live in the temporary directory (one per output
+    path), not beside the user's files; the OS drops a lock when its process ends, however it ends."""
+    out = Path(out)
+    folder = Path(tempfile.gettempdir()) / "llmcli-locks"
+    folder.mkdir(exist_ok=True)
+    key = hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:24]
+    with open(folder / f"{key}.lock", "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.seek(0)
+            holder = lock.read().strip() or "?"
+            raise UserError(f"{out}: another llmcli process (pid {holder}) is writing it; wait for it to finish or "
+                            f"choose another --out") from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(str(os.getpid()))
+        lock.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 @contextlib.contextmanager

@@ -163,3 +163,19 @@ def test_a_full_disk_while_checkpointing_keeps_the_last_checkpoint(base, tmp_pat
     resumed = pretrain(str(base / "tiny.toml"), None, str(tmp_path / "run"), TrainFlags(resume=True),
                        log=lambda *a: None)
     assert resumed["steps_run"] == 4
+
+
+def test_a_second_process_writing_the_same_output_is_refused(base, tmp_path, corpus, cli):
+    """A run holds its output; a second one is refused with exit 2 and the first finishes untouched."""
+    out = tmp_path / "run"
+    first = llmcli("train", base / "tiny.toml", "--data", corpus, "--out", out, "--steps", 200, "--batch-size", 2,
+                   "--seq-len", 32)
+    for _ in range(600):
+        if (out / "training.json").is_file() or first.poll() is not None:
+            break
+        time.sleep(0.05)
+    second = cli("train", base / "tiny.toml", "--data", corpus, "--out", out, "--steps", 2, "--force")
+    assert second.exit_code == 2 and "another llmcli process" in second.stderr, second.stderr
+    assert cli("build", base / "tiny.toml", "--out", out, "--force").exit_code == 2
+    assert first.wait(timeout=300) == 0, first.stderr.read().decode()
+    assert complete_model_dir(out)

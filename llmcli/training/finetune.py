@@ -9,6 +9,7 @@ rank 0 alone writes OUT, and the exports are made from the full weights gathered
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
@@ -25,7 +26,7 @@ from llmcli.finetune.peft_export import PEFT_DIR, export_peft, peft_blocker
 from llmcli.finetune.saving import read_adapter_config, save_adapter
 from llmcli.finetune.tasks import TASKS, build_task
 from llmcli.model_dir import (CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, check_outside, load_model, load_tokenizer,
-                              save_model, write_json)
+                              output_lock, save_model, write_json)
 from llmcli.progress import SILENT, Progress
 from llmcli.tokenizer import save_tokenizer, special_ids
 from llmcli.training import distributed
@@ -99,79 +100,80 @@ def _finetune(base, data, out, flags: TrainFlags, settings, log, progress, on_st
     main = parallel is None or parallel.is_main
     log = rank_log(parallel, log)
     run_dir = Path(out)
-    if flags.resume:
-        saved = read_run(run_dir)
-        spec = _resolve_spec(saved, settings)
-        data, base, source = resolve_data(data, saved), Path(saved["base"]), run_dir
-    else:
-        if base is None:
-            raise UserError("finetune needs the model directory to start from")
-        saved, base = None, Path(base)
-        _check_base(base)
-        check_outside(base, run_dir)
-        spec = _resolve_spec(None, settings)
-        if data is None:
-            raise UserError(f"--data is required: {DATA_HINTS[spec.task]}")
-        data, source = resolve_data(data, None), base
-    config, _ = resolve_config(source)
-    spec.check_family(config.family)
-    args = flags.train_args(saved and saved.get("args"), config)
-    if parallel:
-        distributed.check_model(config, parallel.tp)
-        if parallel.tp > 1 and spec.method != "full":
-            raise UserError(f"--tp splits the model's own projections; --method {spec.method} wraps them: "
-                            f"use --tp with --method full, or data parallelism alone")
-    if spec.method == "prompt" and args.seq_len + spec.prompt_tokens > config.max_seq_len:
-        raise UserError(f"--seq-len {args.seq_len} plus --prompt-tokens {spec.prompt_tokens} exceeds "
-                        f"{config.name}'s max_seq_len ({config.max_seq_len}); lower one of them")
-    tokenizer = load_tokenizer(source)
-    # Bad data or settings fail here, before anything is written.
-    global_batch = args.batch_size * (parallel.dp if parallel else 1)  # each rank takes its rows
-    task = build_task(spec.task, config.family, tokenizer, special_ids(tokenizer, config), data, args.seq_len,
-                      global_batch, args.seed, args.eval_batches)
-    num_labels = len(task.labels) if task.labels else None
-    torch.manual_seed(args.seed)  # the new modules' init
-    model = attach(load_model(source), spec, num_labels)
+    with output_lock(run_dir) if main else contextlib.nullcontext():  # one writer per run directory
+        if flags.resume:
+            saved = read_run(run_dir)
+            spec = _resolve_spec(saved, settings)
+            data, base, source = resolve_data(data, saved), Path(saved["base"]), run_dir
+        else:
+            if base is None:
+                raise UserError("finetune needs the model directory to start from")
+            saved, base = None, Path(base)
+            _check_base(base)
+            check_outside(base, run_dir)
+            spec = _resolve_spec(None, settings)
+            if data is None:
+                raise UserError(f"--data is required: {DATA_HINTS[spec.task]}")
+            data, source = resolve_data(data, None), base
+        config, _ = resolve_config(source)
+        spec.check_family(config.family)
+        args = flags.train_args(saved and saved.get("args"), config)
+        if parallel:
+            distributed.check_model(config, parallel.tp)
+            if parallel.tp > 1 and spec.method != "full":
+                raise UserError(f"--tp splits the model's own projections; --method {spec.method} wraps them: "
+                                f"use --tp with --method full, or data parallelism alone")
+        if spec.method == "prompt" and args.seq_len + spec.prompt_tokens > config.max_seq_len:
+            raise UserError(f"--seq-len {args.seq_len} plus --prompt-tokens {spec.prompt_tokens} exceeds "
+                            f"{config.name}'s max_seq_len ({config.max_seq_len}); lower one of them")
+        tokenizer = load_tokenizer(source)
+        # Bad data or settings fail here, before anything is written.
+        global_batch = args.batch_size * (parallel.dp if parallel else 1)  # each rank takes its rows
+        task = build_task(spec.task, config.family, tokenizer, special_ids(tokenizer, config), data, args.seq_len,
+                          global_batch, args.seed, args.eval_batches)
+        num_labels = len(task.labels) if task.labels else None
+        torch.manual_seed(args.seed)  # the new modules' init
+        model = attach(load_model(source), spec, num_labels)
 
-    def start_run_dir() -> None:
-        if not flags.resume:
-            prepare_run_dir(run_dir, resume=False, force=flags.force)
-            _link_or_copy(base / WEIGHTS_FILE, run_dir / WEIGHTS_FILE)
-            write_json(run_dir / CONFIG_FILE, config.to_dict())
-            save_tokenizer(tokenizer, run_dir)
-        write_json(run_dir / TRAINING_FILE, {"model": str(base), "base": str(Path(base).resolve()), "data": data,
-                                             "args": args.to_dict(), "finetune": spec.to_dict()})
+        def start_run_dir() -> None:
+            if not flags.resume:
+                prepare_run_dir(run_dir, resume=False, force=flags.force)
+                _link_or_copy(base / WEIGHTS_FILE, run_dir / WEIGHTS_FILE)
+                write_json(run_dir / CONFIG_FILE, config.to_dict())
+                save_tokenizer(tokenizer, run_dir)
+            write_json(run_dir / TRAINING_FILE, {"model": str(base), "base": str(Path(base).resolve()), "data": data,
+                                                 "args": args.to_dict(), "finetune": spec.to_dict()})
 
-    distributed.on_main(parallel, start_run_dir)
-    trainable, total = parameter_counts(model)
-    trainer = Trainer(model, task.train, task.val_batches, args, run_dir, loss_fn=task.loss_fn,
-                      eval_fn=task.eval_fn, on_step=on_step, progress=progress, log=log, parallel=parallel)
-    if flags.resume:
-        log(f"resuming {run_dir} from step {trainer.resume()}")
-    counts = ", ".join(f"{v:,} {k.replace('_', ' ')}" for k, v in task.counts.items())
-    log(f"fine-tuning {config.name} ({spec.method}, {spec.task}): {trainable:,} of {total:,} parameters trainable "
-        f"({trainable / total:.2%}); {counts}; {trainer.device}, {trainer.precision}")
-    result = trainer.fit()
-    final = final_validation(trainer.history)
-    result["checkpoint"] = result["checkpoint"] and str(result["checkpoint"])
-    summary = {"run_dir": str(run_dir), **result, "method": spec.method, "task": spec.task, "family": config.family,
-               "trainable_params": trainable, "total_params": total, "trainable_share": trainable / total,
-               **{k: v for k, v in final.items() if k.startswith("val_")}, "labels": task.labels, **task.counts,
-               "peft": None, "peft_skipped": None, "device": str(trainer.device), "precision": trainer.precision}
-    if parallel:  # the exports below read whole modules: gather the full weights into a plain copy on rank 0
-        model = parallel.gather_model(trainer.model, lambda: attach(load_model(source), spec, num_labels))
-        if not main:
-            return summary
+        distributed.on_main(parallel, start_run_dir)
+        trainable, total = parameter_counts(model)
+        trainer = Trainer(model, task.train, task.val_batches, args, run_dir, loss_fn=task.loss_fn,
+                          eval_fn=task.eval_fn, on_step=on_step, progress=progress, log=log, parallel=parallel)
+        if flags.resume:
+            log(f"resuming {run_dir} from step {trainer.resume()}")
+        counts = ", ".join(f"{v:,} {k.replace('_', ' ')}" for k, v in task.counts.items())
+        log(f"fine-tuning {config.name} ({spec.method}, {spec.task}): {trainable:,} of {total:,} parameters trainable "
+            f"({trainable / total:.2%}); {counts}; {trainer.device}, {trainer.precision}")
+        result = trainer.fit()
+        final = final_validation(trainer.history)
+        result["checkpoint"] = result["checkpoint"] and str(result["checkpoint"])
+        summary = {"run_dir": str(run_dir), **result, "method": spec.method, "task": spec.task, "family": config.family,
+                   "trainable_params": trainable, "total_params": total, "trainable_share": trainable / total,
+                   **{k: v for k, v in final.items() if k.startswith("val_")}, "labels": task.labels, **task.counts,
+                   "peft": None, "peft_skipped": None, "device": str(trainer.device), "precision": trainer.precision}
+        if parallel:  # the exports below read whole modules: gather the full weights into a plain copy on rank 0
+            model = parallel.gather_model(trainer.model, lambda: attach(load_model(source), spec, num_labels))
+            if not main:
+                return summary
 
-    if spec.method == "full":
-        save_model(language_model(model), run_dir)
-    if spec.method != "full" or spec.task == "classify":
-        save_adapter(model, spec, task.labels, config, base, run_dir)
-    peft_note = None
-    if spec.method == "lora":
-        peft_note = peft_blocker(model, spec.task)
-        if peft_note is None:
-            export_peft(model, base, run_dir / PEFT_DIR)
-    summary.update(peft=None if peft_note else (str(run_dir / PEFT_DIR) if spec.method == "lora" else None),
-                   peft_skipped=peft_note)
-    return summary
+        if spec.method == "full":
+            save_model(language_model(model), run_dir)
+        if spec.method != "full" or spec.task == "classify":
+            save_adapter(model, spec, task.labels, config, base, run_dir)
+        peft_note = None
+        if spec.method == "lora":
+            peft_note = peft_blocker(model, spec.task)
+            if peft_note is None:
+                export_peft(model, base, run_dir / PEFT_DIR)
+        summary.update(peft=None if peft_note else (str(run_dir / PEFT_DIR) if spec.method == "lora" else None),
+                       peft_skipped=peft_note)
+        return summary
