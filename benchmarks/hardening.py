@@ -32,7 +32,9 @@ def main() -> None:
                           "tests/test_faults.py", "-rA"], cwd=ROOT, capture_output=True, text=True)
     summary = run.stdout.strip().splitlines()[-1]
     failed = re.findall(r"^FAILED (\S+)", run.stdout, re.M)
-    fault_runs = 3 * 3 + 2 + 1  # three commands killed at three seeded moments, tokenizer twice, one Ctrl-C
+    from test_faults import KILLED
+
+    fault_runs = sum(KILLED.values()) + 2 + 1  # kills while replacing outputs, tokenizer twice, one Ctrl-C
     lines = [header("Issue 17: bad input and faults"),
              f"`python benchmarks/hardening.py`: {summary}\n",
              "| command | bad inputs |", "|---|---:|",
@@ -41,9 +43,10 @@ def main() -> None:
              f"Each bad input: exit code 2, one `error:` line, no traceback, every input file hashed before and "
              f"after. Failed cases (inputs changed, partial outputs, tracebacks): {len(failed)}"
              f"{' - ' + ', '.join(failed) if failed else ''}.",
-             f"Faults: {fault_runs} processes killed (SIGKILL at seeded random moments while build, quantize and "
-             f"convert replace an output; tokenizer train; Ctrl-C during train), plus disk-full injected while "
-             f"quantize replaces an output and while a run checkpoints. Partial outputs left: "
+             f"Faults: {fault_runs} processes killed (SIGKILL at seeded random moments while "
+             f"{', '.join(sorted(KILLED))} replace an output; tokenizer train; Ctrl-C during train), disk-full "
+             f"injected while quantize replaces an output and while a run checkpoints, and a second process "
+             f"writing a running train's output. Partial outputs left: "
              f"{sum('kill' in f or 'tokenizer' in f for f in failed)}; resumes not bit-identical: "
              f"{sum('ctrl_c' in f or 'checkpointing' in f for f in failed)}."]
     record("\n".join(lines), args.no_record)

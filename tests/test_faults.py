@@ -58,31 +58,40 @@ def base(tmp_path_factory, corpus):
     root = tmp_path_factory.mktemp("faults")
     (root / "tiny.toml").write_text(TINY)
     for args in (["build", root / "tiny.toml", "--out", root / "model"],
-                 ["tokenizer", "train", "--data", corpus, "--vocab-size", 300, "--out", root / "model"]):
+                 ["tokenizer", "train", "--data", corpus, "--vocab-size", 300, "--out", root / "model"],
+                 ["convert", "to-hf", root / "model", root / "hf"],
+                 ["finetune", root / "model", "--method", "lora", "--task", "lm", "--data", corpus, "--out",
+                  root / "lora", "--steps", 2, "--batch-size", 2, "--seq-len", 16]):
         assert llmcli(*args).wait() == 0
     return root
 
 
-@pytest.mark.parametrize("command", ["build", "quantize", "convert"])
+KILLED = {"build": 3, "quantize": 3, "to-hf": 3, "from-hf": 2, "prune": 2, "merge": 2}  # kills per command
+
+
+@pytest.mark.parametrize("command", sorted(KILLED))
 def test_a_kill_at_any_point_leaves_the_old_output_or_the_new_one(command, base, tmp_path, corpus):
-    """Each command replaces (--force) an existing output and is SIGKILLed at three seeded random moments;
+    """Each command replaces (--force) an existing output and is SIGKILLed at seeded random moments;
     the output is then exactly the old one or a complete new one."""
     out = tmp_path / "out"
-    args = {"build": ["build", base / "tiny.toml", "--out", out, "--seed", 1, "--force"],
-            "quantize": ["quantize", base / "model", "--scheme", "int8", "--out", out, "--no-speed", "--data",
-                         corpus, "--seq-len", 16, "--force"],
-            "convert": ["convert", "to-hf", base / "model", out, "--force"]}[command]
+    data = ["--data", corpus, "--seq-len", 16]
+    args = {"build": ["build", base / "tiny.toml", "--out", out, "--seed", 1],
+            "quantize": ["quantize", base / "model", "--scheme", "int8", "--out", out, "--no-speed", *data],
+            "prune": ["prune", base / "model", "--method", "magnitude", "--out", out, "--no-speed", *data],
+            "merge": ["merge", base / "lora", "--out", out],
+            "from-hf": ["convert", "from-hf", base / "hf", out],
+            "to-hf": ["convert", "to-hf", base / "model", out]}[command] + ["--force"]
     first = llmcli(*args)
     start = time.perf_counter()
     assert first.wait() == 0, first.stderr.read().decode()
     duration = time.perf_counter() - start
     rng = random.Random(f"{FAULT_SEED}-{command}")
-    for delay in sorted(rng.uniform(0.2, duration) for _ in range(3)):
+    for delay in sorted(rng.uniform(0.2, duration) for _ in range(KILLED[command])):
         old = digest(out)
         killed_at(args, delay)
         now = digest(out)
         assert now is not None, f"killed after {delay:.2f} s: the output vanished"
-        complete = complete_model_dir(out) if command != "convert" else (out / "model.safetensors").is_file()
+        complete = complete_model_dir(out) if command != "to-hf" else (out / "model.safetensors").is_file()
         assert now == old or complete, f"killed after {delay:.2f} s: a partial output"
     assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.old-")]
 
