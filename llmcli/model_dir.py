@@ -81,8 +81,8 @@ def output_lock(out: Path) -> Iterator[None]:
     output is refused, never interleaved. The lock files live in the temporary directory (one per output
     path), not beside the user's files; the OS drops a lock when its process ends, however it ends."""
     out = Path(out)
-    folder = Path(tempfile.gettempdir()) / "llmcli-locks"
-    folder.mkdir(exist_ok=True)
+    folder = Path(tempfile.gettempdir()) / f"llmcli-locks-{os.getuid()}"  # per user: /tmp is shared
+    folder.mkdir(mode=0o700, exist_ok=True)
     key = hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:24]
     with open(folder / f"{key}.lock", "a+") as lock:
         try:
