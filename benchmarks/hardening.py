@@ -32,9 +32,10 @@ def main() -> None:
                           "tests/test_faults.py", "-rA"], cwd=ROOT, capture_output=True, text=True)
     summary = run.stdout.strip().splitlines()[-1]
     failed = re.findall(r"^FAILED (\S+)", run.stdout, re.M)
-    from test_faults import KILLED
+    from test_faults import WRITERS
 
-    fault_runs = sum(KILLED.values()) + 2 + 1  # kills while replacing outputs, tokenizer twice, one Ctrl-C
+    fault_runs = 2 * len(WRITERS) - 1 + 1  # each writer killed mid-write and before the swap (tokenizer, a first
+    # output, only mid-write), and one Ctrl-C
     lines = [header("Issue 17: bad input and faults"),
              f"`python benchmarks/hardening.py`: {summary}\n",
              "| command | bad inputs |", "|---|---:|",
@@ -43,8 +44,8 @@ def main() -> None:
              f"Each bad input: exit code 2, one `error:` line, no traceback, every input file hashed before and "
              f"after. Failed cases (inputs changed, partial outputs, tracebacks): {len(failed)}"
              f"{' - ' + ', '.join(failed) if failed else ''}.",
-             f"Faults: {fault_runs} processes killed (SIGKILL at seeded random moments while "
-             f"{', '.join(sorted(KILLED))} replace an output; tokenizer train; Ctrl-C during train), disk-full "
+             f"Faults: {fault_runs} processes stopped (SIGKILL with the new output half written and again just before "
+             f"it replaces the old one, for {', '.join(WRITERS)}; Ctrl-C during train), disk-full "
              f"injected while quantize replaces an output and while a run checkpoints, and a second process "
              f"writing a running train's output. Partial outputs left: "
              f"{sum('kill' in f or 'tokenizer' in f for f in failed)}; resumes not bit-identical: "

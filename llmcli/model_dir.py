@@ -46,17 +46,20 @@ def atomic_output_dir(out: str | os.PathLike, force: bool = False) -> Iterator[P
     or a kill at any point leaves the user the old `out` or the new one. A full disk says so.
     """
     out = Path(out)
-    if out.exists() and not force and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"{out}: already exists and is not empty; choose another --out or pass --force to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
-    with output_lock(out), _written_atomically(out) as tmp:
-        yield tmp
+    with output_lock(out):
+        if out.exists() and not force and (not out.is_dir() or any(out.iterdir())):
+            raise UserError(f"{out}: already exists and is not empty; choose another --out or pass --force to "
+                            f"replace it")
+        with _written_atomically(out) as tmp:
+            yield tmp
 
 
 @contextlib.contextmanager
 def _written_atomically(out: Path) -> Iterator[Path]:
+    for stale in out.parent.glob(f".{out.name}.tmp-*"):  # left by a killed run (the lock is ours now)
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     with reporting_disk_full(out, f"the previous {out} is unchanged" if out.exists() else "nothing was written"):
         try:
             tmp.mkdir()
@@ -83,8 +86,11 @@ def output_lock(out: Path) -> Iterator[None]:
     out = Path(out)
     folder = Path(tempfile.gettempdir()) / f"llmcli-locks-{os.getuid()}"  # per user: /tmp is shared
     folder.mkdir(mode=0o700, exist_ok=True)
+    if folder.is_symlink() or folder.stat().st_uid != os.getuid():
+        raise UserError(f"{folder}: belongs to another user; remove it, or set TMPDIR to a directory of yours")
     key = hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:24]
-    with open(folder / f"{key}.lock", "a+") as lock:
+    descriptor = os.open(folder / f"{key}.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(descriptor, "r+") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -125,11 +131,13 @@ def _exchange(a: Path, b: Path) -> bool:
 
 
 def check_outside(source: str | os.PathLike, out: str | os.PathLike, flag: str = "--out") -> None:
-    """Refuse an output that is the input directory or inside it: writing there would change the input."""
+    """Refuse an output that is the input directory, inside it, or around it: writing (or replacing) it would
+    change or delete the input."""
     source, out = Path(source).resolve(), Path(out).resolve()
-    if out == source or source in out.parents:
-        where = "the input directory itself" if out == source else f"inside the input directory {source}"
-        raise UserError(f"{flag} {out} is {where}; choose an output outside it")
+    if out == source or source in out.parents or out in source.parents:
+        where = ("the input directory itself" if out == source else f"inside the input directory {source}"
+                 if source in out.parents else f"a directory that holds the input {source}")
+        raise UserError(f"{flag} {out} is {where}; choose an output apart from it")
 
 
 def write_json(path: Path, data: object) -> None:

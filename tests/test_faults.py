@@ -1,12 +1,12 @@
-"""Faults while writing: a process killed at seeded random points, Ctrl-C, and a full disk. Afterwards the output
-is the complete old one, absent, or complete and new, never partial; a stopped run resumes bit-identically."""
+"""Faults while writing: a process killed in the middle of writing its output and just before putting it in place,
+Ctrl-C, a full disk, a second writer. Afterwards the output is the complete old one, absent, or complete and new,
+never partial; a stopped run resumes bit-identically."""
 
 from __future__ import annotations
 
 import errno
 import hashlib
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -19,7 +19,6 @@ from safetensors.torch import load_file
 
 TINY = ('name = "fault-gpt"\nfamily = "gpt"\nvocab_size = 320\nd_model = 32\nn_layers = 2\nn_heads = 2\n'
         'd_ff = 64\nmax_seq_len = 64\n')
-FAULT_SEED = 17
 
 
 def digest(path: Path) -> str | None:
@@ -32,15 +31,6 @@ def digest(path: Path) -> str | None:
 def llmcli(*args, env=None) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "llmcli", *map(str, args)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
-
-
-def killed_at(args, delay: float, sig=signal.SIGKILL) -> None:
-    child = llmcli(*args)
-    try:
-        child.wait(timeout=delay)
-    except subprocess.TimeoutExpired:
-        child.send_signal(sig)
-        child.wait(timeout=60)
 
 
 def complete_model_dir(path: Path) -> bool:
@@ -66,13 +56,58 @@ def base(tmp_path_factory, corpus):
     return root
 
 
-KILLED = {"build": 3, "quantize": 3, "to-hf": 3, "from-hf": 2, "prune": 2, "merge": 2}  # kills per command
+# A child llmcli that stops at a chosen point of writing its output, so that the kill lands exactly there:
+# "write": model.safetensors (or tokenizer.json) half written into the temporary directory;
+# "swap": the new output complete in the temporary directory, just before it is exchanged with the old one.
+CHILD = """
+import pathlib, sys, time
+import llmcli.interop.hf as hf
+import llmcli.model_dir as m
+marker, where = pathlib.Path(sys.argv[1]), sys.argv[2]
+
+def pause():
+    marker.touch()
+    time.sleep(300)
+
+def halved(write):
+    def half(obj, path, *args, **kwargs):
+        result = write(obj, path, *args, **kwargs)
+        target = pathlib.Path(path) if not pathlib.Path(path).is_dir() else pathlib.Path(path) / "tokenizer.json"
+        target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
+        pause()
+        return result
+    return half
+
+if where == "write":
+    m.save_file, hf.save_file, m.save_tokenizer = halved(m.save_file), halved(hf.save_file), halved(m.save_tokenizer)
+else:
+    exchange = m._exchange
+    m._exchange = lambda a, b: (pause(), exchange(a, b))[1]
+from llmcli.cli import main
+sys.argv = ["llmcli", *sys.argv[3:]]
+main()
+"""
+WRITERS = ("build", "quantize", "prune", "merge", "from-hf", "to-hf", "tokenizer")
 
 
-@pytest.mark.parametrize("command", sorted(KILLED))
-def test_a_kill_at_any_point_leaves_the_old_output_or_the_new_one(command, base, tmp_path, corpus):
-    """Each command replaces (--force) an existing output and is SIGKILLed at seeded random moments;
-    the output is then exactly the old one or a complete new one."""
+def killed_while_writing(args, where: str, marker: Path) -> None:
+    child = subprocess.Popen([sys.executable, "-c", CHILD, marker, where, *map(str, args)], stderr=subprocess.PIPE,
+                             stdout=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        for _ in range(2400):
+            if marker.exists() or child.poll() is not None:
+                break
+            time.sleep(0.05)
+        assert marker.exists(), f"the child never reached the write: {child.stderr.read().decode()[-1500:]}"
+    finally:
+        child.kill()
+        child.wait()
+
+
+@pytest.mark.parametrize("command", WRITERS)
+def test_a_kill_while_writing_leaves_the_old_output_and_the_next_run_completes(command, base, tmp_path, corpus):
+    """Killed with the new output half written, and again with it complete but not yet in place: the old
+    output is untouched both times (or, for a first output, absent); the next run cleans up and completes."""
     out = tmp_path / "out"
     data = ["--data", corpus, "--seq-len", 16]
     args = {"build": ["build", base / "tiny.toml", "--out", out, "--seed", 1],
@@ -80,33 +115,28 @@ def test_a_kill_at_any_point_leaves_the_old_output_or_the_new_one(command, base,
             "prune": ["prune", base / "model", "--method", "magnitude", "--out", out, "--no-speed", *data],
             "merge": ["merge", base / "lora", "--out", out],
             "from-hf": ["convert", "from-hf", base / "hf", out],
-            "to-hf": ["convert", "to-hf", base / "model", out]}[command] + ["--force"]
-    first = llmcli(*args)
-    start = time.perf_counter()
-    assert first.wait() == 0, first.stderr.read().decode()
-    duration = time.perf_counter() - start
-    rng = random.Random(f"{FAULT_SEED}-{command}")
-    for delay in sorted(rng.uniform(0.2, duration) for _ in range(KILLED[command])):
-        old = digest(out)
-        killed_at(args, delay)
-        now = digest(out)
-        assert now is not None, f"killed after {delay:.2f} s: the output vanished"
-        complete = complete_model_dir(out) if command != "to-hf" else (out / "model.safetensors").is_file()
-        assert now == old or complete, f"killed after {delay:.2f} s: a partial output"
-    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.old-")]
+            "to-hf": ["convert", "to-hf", base / "model", out],
+            "tokenizer": ["tokenizer", "train", "--data", corpus, "--vocab-size", 300, "--out", out]}[command]
+    if command != "tokenizer":  # an old output to keep; a tokenizer run writes a new directory
+        assert llmcli(*args).wait() == 0
+        args = [*args, "--force"]
+    old = digest(out)
+    for where in ("write",) if command == "tokenizer" else ("write", "swap"):  # a first output has nothing to swap
+        killed_while_writing(args, where, tmp_path / f"marker-{where}")
+        assert digest(out) == old, f"killed at {where}: the output changed"
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+    assert leftovers, "the kills left no temporary directory: they did not land inside the write"
+    finished = llmcli(*args)
+    assert finished.wait() == 0, finished.stderr.read().decode()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")], "stale temporary directories remain"
+    if command == "tokenizer":
+        from tokenizers import Tokenizer
 
-
-def test_a_killed_tokenizer_run_leaves_no_partial_tokenizer(base, tmp_path, corpus):
-    out = tmp_path / "tok"
-    args = ["tokenizer", "train", "--data", corpus, "--vocab-size", 300, "--out", out]
-    rng = random.Random(f"{FAULT_SEED}-tokenizer")
-    for delay in (rng.uniform(0.2, 3.0), rng.uniform(0.2, 3.0)):
-        killed_at(args, delay)
-        if out.exists():
-            from tokenizers import Tokenizer
-
-            Tokenizer.from_file(str(out / "tokenizer.json"))  # complete, or not there at all
-            break
+        Tokenizer.from_file(str(out / "tokenizer.json"))
+    elif command == "to-hf":
+        assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
+    else:
+        assert complete_model_dir(out)
 
 
 def test_ctrl_c_stops_with_a_checkpoint_and_the_resumed_run_is_bit_identical(base, tmp_path, corpus):
@@ -174,17 +204,23 @@ def test_a_full_disk_while_checkpointing_keeps_the_last_checkpoint(base, tmp_pat
     assert resumed["steps_run"] == 4
 
 
-def test_a_second_process_writing_the_same_output_is_refused(base, tmp_path, corpus, cli):
-    """A run holds its output; a second one is refused with exit 2 and the first finishes untouched."""
-    out = tmp_path / "run"
-    first = llmcli("train", base / "tiny.toml", "--data", corpus, "--out", out, "--steps", 200, "--batch-size", 2,
-                   "--seq-len", 32)
-    for _ in range(600):
-        if (out / "training.json").is_file() or first.poll() is not None:
-            break
-        time.sleep(0.05)
-    second = cli("train", base / "tiny.toml", "--data", corpus, "--out", out, "--steps", 2, "--force")
-    assert second.exit_code == 2 and "another llmcli process" in second.stderr, second.stderr
-    assert cli("build", base / "tiny.toml", "--out", out, "--force").exit_code == 2
-    assert first.wait(timeout=300) == 0, first.stderr.read().decode()
-    assert complete_model_dir(out)
+def test_a_second_process_writing_the_same_output_is_refused(base, tmp_path, cli):
+    """While one process holds an output, train and build into it (even with --force) exit 2; after it, they run."""
+    out, marker = tmp_path / "run", tmp_path / "locked"
+    holder = subprocess.Popen([sys.executable, "-c", "import pathlib, sys, time; from llmcli.model_dir import "
+                               "output_lock\nwith output_lock(pathlib.Path(sys.argv[1])):\n"
+                               "    pathlib.Path(sys.argv[2]).touch(); time.sleep(300)", out, marker])
+    try:
+        for _ in range(2400):
+            if marker.exists():
+                break
+            time.sleep(0.05)
+        for args in (["train", base / "tiny.toml", "--out", out, "--steps", 1, "--force"],
+                     ["build", base / "tiny.toml", "--out", out, "--force"]):
+            result = cli(*args)
+            assert result.exit_code == 2 and "another llmcli process" in result.stderr, result.stderr
+        assert not out.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert cli("build", base / "tiny.toml", "--out", out).exit_code == 0  # the lock went with its process

@@ -159,7 +159,8 @@ def merge(directory: str | Path, out: str | Path, base: str | Path | None = None
     if method in MERGE_REFUSALS:
         raise UserError(f"{directory}: --method {method} {MERGE_REFUSALS[method]}; only LoRA merges into the "
                         f"weights. Load it with llmcli.finetune.load_finetuned instead")
-    check_outside(directory, out)
+    for source in (directory, *([base] if base else [])):
+        check_outside(source, out)
     model = load_finetuned(directory, base)
     lm = merge_lora(language_model(model))
     with atomic_output_dir(out, force) as tmp:

@@ -16,8 +16,8 @@ from tokenizers import Tokenizer
 from llmcli.config import ModelConfig, resolve_config
 from llmcli.data import PretrainingData, document_stream, read_corpus, split_documents
 from llmcli.errors import UserError
-from llmcli.model_dir import (TOKENIZER_FILE, check_outside, load_model, load_tokenizer, output_lock, save_model,
-                              write_json)
+from llmcli.model_dir import (TOKENIZER_FILE, check_outside, load_model, load_tokenizer, output_lock,
+                              reporting_disk_full, save_model, write_json)
 from llmcli.models import build_model, build_on_meta
 from llmcli.progress import SILENT, Progress
 from llmcli.tokenizer import save_tokenizer, special_ids, train_tokenizer
@@ -117,12 +117,13 @@ def _pretrain(model_ref, data, out, flags: TrainFlags, log, progress, on_step, t
         log(f"training {config.name} ({parameters:,} parameters) on {len(train_tokens):,} tokens "
             f"({len(val_tokens):,} held out), {where}")
         result = trainer.fit()
-        if parallel:  # the full weights, gathered to rank 0, as a plain model directory
-            plain = parallel.gather_model(trainer.model, lambda: build_on_meta(config))
-            if main:
-                save_model(plain, run_dir)
-        else:
-            save_model(trainer.model, run_dir)
+        with reporting_disk_full(run_dir / "model.safetensors", f"the checkpoint {result['checkpoint']} is kept"):
+            if parallel:  # the full weights, gathered to rank 0, as a plain model directory
+                plain = parallel.gather_model(trainer.model, lambda: build_on_meta(config))
+                if main:
+                    save_model(plain, run_dir)
+            else:
+                save_model(trainer.model, run_dir)
         final = final_validation(trainer.history)
         return {"run_dir": str(run_dir), **result, "val_loss": final.get("val_loss"),
                 "val_perplexity": final.get("val_perplexity"), "train_tokens": len(train_tokens),
