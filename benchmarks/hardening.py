@@ -46,8 +46,8 @@ def main() -> None:
              f"{' - ' + ', '.join(failed) if failed else ''}.",
              f"Faults: {fault_runs} processes stopped (SIGKILL with the new output half written and again just before "
              f"it replaces the old one, for {', '.join(WRITERS)}; Ctrl-C during train), disk-full "
-             f"injected while quantize replaces an output and while a run checkpoints, and a second process "
-             f"writing a running train's output. Partial outputs left: "
+             f"injected while quantize replaces an output and while a run checkpoints, and a second "
+             f"writer of an output that another process holds. Partial outputs left: "
              f"{sum('kill' in f or 'tokenizer' in f for f in failed)}; resumes not bit-identical: "
              f"{sum('ctrl_c' in f or 'checkpointing' in f for f in failed)}."]
     record("\n".join(lines), args.no_record)
