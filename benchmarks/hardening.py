@@ -34,8 +34,7 @@ def main() -> None:
     failed = re.findall(r"^FAILED (\S+)", run.stdout, re.M)
     from test_faults import WRITERS
 
-    fault_runs = 2 * len(WRITERS) - 1 + 1  # each writer killed mid-write and before the swap (tokenizer, a first
-    # output, only mid-write), and one Ctrl-C
+    fault_runs = 2 * len(WRITERS)  # two kills per writer but one for tokenizer (a first output), plus one Ctrl-C
     lines = [header("Issue 17: bad input and faults"),
              f"`python benchmarks/hardening.py`: {summary}\n",
              "| command | bad inputs |", "|---|---:|",

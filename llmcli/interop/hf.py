@@ -185,7 +185,7 @@ def _llama_rules(cfg: ModelConfig) -> list[Rule]:
     ]
 
 
-def _llama_config(hf: dict, state: dict) -> dict:
+def _llama_config(hf: dict) -> dict:
     """The fields every Llama-style config.json spells alike (Mistral and Qwen2 have no bias flags)."""
     return {"position": "rope", "rope_base": _rope(hf).get("rope_theta", 10000.0),
             "norm": "rmsnorm", "norm_position": "pre", "dropout": 0.0, "bias": False,
@@ -195,7 +195,9 @@ def _llama_config(hf: dict, state: dict) -> dict:
 
 def _first(value):
     """Llama 3's eos_token_id may be a list; generation stops at the first of them."""
-    return value[0] if isinstance(value, list) and value else (None if isinstance(value, list) else value)
+    if isinstance(value, list):
+        return value[0] if value else None
+    return value
 
 
 def _rope(hf: dict) -> dict:
@@ -355,8 +357,13 @@ def _projection_biases(cfg: ModelConfig) -> tuple[bool, bool, bool]:
 
 
 def _llama_like(model_type: str, architecture: str, biases: tuple[bool, bool, bool] | None, fields=LLAMA_FIELDS,
-                extra_from_hf=None, extra_to_hf=None) -> Family:
-    """biases: the (q/k/v, o, feed-forward) biases the architecture has; None: attention_bias and mlp_bias."""
+                from_hf: dict | None = None, to_hf: dict | None = None) -> Family:
+    """biases: the (q/k/v, o, feed-forward) biases the architecture has; None: attention_bias and mlp_bias.
+    from_hf, to_hf: fixed fields of this architecture's llmcli config and config.json."""
+    fixed_from_hf = {"hf_architecture": architecture, **(from_hf or {})}
+    if biases is not None:  # no bias flags in its config.json: the architecture fixes them
+        fixed_from_hf.update(attention_bias=None, mlp_bias=None, qkv_bias=True if biases[0] else None)
+
     def check_biases(cfg: ModelConfig) -> str | None:
         qkv, o, ff = _projection_biases(cfg)
         fits = (qkv == o) if biases is None else (qkv, o, ff) == biases
@@ -371,10 +378,9 @@ def _llama_like(model_type: str, architecture: str, biases: tuple[bool, bool, bo
         biases=check_biases,
         emb_key="model.embed_tokens.weight", head_key="lm_head.weight",
         ignored=r"\.rotary_emb\.inv_freq$", free_head_size=True, grouped_query=True, refuse=_unsupported_llama,
-        extra_from_hf=extra_from_hf or (lambda hf, state: {**_llama_config(hf, state),
-                                                           "hf_architecture": architecture}),
-        extra_to_hf=extra_to_hf or (lambda cfg: {**_llama_to_hf(cfg), "attention_bias": cfg.projection_bias("o"),
-                                                 "mlp_bias": cfg.projection_bias("up")}))
+        extra_from_hf=lambda hf, state: {**_llama_config(hf), **fixed_from_hf},
+        extra_to_hf=lambda cfg: {**_llama_to_hf(cfg), **(to_hf or {}), **({} if biases is not None else {
+            "attention_bias": cfg.projection_bias("o"), "mlp_bias": cfg.projection_bias("up")})})
 
 
 def _with(fields: tuple, **defaults) -> tuple:
@@ -386,16 +392,12 @@ MISTRAL = _llama_like(
     "mistral", "MistralForCausalLM", (False, False, False),
     fields=_with(LLAMA_FIELDS, intermediate_size=14336, max_position_embeddings=4096 * 32, rms_norm_eps=1e-6,
                  num_key_value_heads=8),
-    extra_from_hf=lambda hf, state: {**_llama_config(hf, {}), "attention_bias": None, "mlp_bias": None,
-                                     "hf_architecture": "MistralForCausalLM"},
-    extra_to_hf=lambda cfg: {**_llama_to_hf(cfg), "sliding_window": None})
+    to_hf={"sliding_window": None})
 QWEN2 = _llama_like(
     "qwen2", "Qwen2ForCausalLM", (True, False, False),
     fields=_with(LLAMA_FIELDS, vocab_size=151936, intermediate_size=22016, max_position_embeddings=32768,
                  num_key_value_heads=32),
-    extra_from_hf=lambda hf, state: {**_llama_config(hf, {}), "attention_bias": None, "mlp_bias": None,
-                                     "qkv_bias": True, "hf_architecture": "Qwen2ForCausalLM"},
-    extra_to_hf=lambda cfg: {**_llama_to_hf(cfg), "use_sliding_window": False, "sliding_window": None})
+    to_hf={"use_sliding_window": False, "sliding_window": None})
 
 SPECS = (GPT2, BERT, T5, LLAMA, MISTRAL, QWEN2)
 BY_MODEL_TYPE = {spec.model_type: spec for spec in SPECS}

@@ -6,7 +6,6 @@ bits_per_byte = loss / ln 2 x tokens / bytes, so that models with different toke
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,7 @@ from llmcli.errors import UserError
 from llmcli.model_dir import load_model, load_tokenizer
 from llmcli.runtime import default_seq_len, evaluate, resolve_device
 from llmcli.tokenizer import special_ids
-from llmcli.training.run import TRAINING_FILE
+from llmcli.training.run import TRAINING_FILE, read_run
 
 OBJECTIVES = {"gpt": "next-token (CLM)", "bert": "masked LM (15%)", "t5": "span corruption (15%, mean span 3)"}
 
@@ -33,9 +32,8 @@ class CorpusBatches:
 
 def run_seq_len(directory: Path, config) -> int:
     """The training run's --seq-len if the directory is a run, else the default (the context, at most 128)."""
-    training = directory / TRAINING_FILE
-    if training.is_file():
-        return json.loads(training.read_text())["args"]["seq_len"]
+    if (directory / TRAINING_FILE).is_file():
+        return read_run(directory)["args"]["seq_len"]
     return default_seq_len(config)
 
 
