@@ -4,7 +4,10 @@
 2. one AdamW step over gpt2-small's parameters: torch's multi-tensor (foreach) vs fused kernel;
 3. one training step, batch 4 x 256: eager blocks vs torch.compile'd blocks (compile in the warm-up, not timed);
 4. peak memory of the loss and its backward on gpt2-small's logits (batch 4 x 256 x 50,257): torch's
-   F.cross_entropy on fp32 logits vs llmcli's chunked cross-entropy.
+   F.cross_entropy on fp32 logits vs llmcli's chunked cross-entropy;
+5. decode, batch 1, matrices transposed: eager blocks vs torch.compile'd blocks (compile in the warm-up);
+6. where decode time goes: the share of profiled op time in the matrix products, and the weight bytes they
+   stream per second (what bounds batch-1 decode on a CPU, on either side of a comparison).
 
 Medians of --reps interleaved repetitions after a warm-up, with min..max. Appends to RESULTS.md.
 Usage: python benchmarks/speed_parts.py [--reps 5] [--no-record]
@@ -30,6 +33,18 @@ def ratio(times: dict, slow: str, fast: str) -> str:
     return f"**{statistics.median(ratios):.2f}x** ({min(ratios):.2f}..{max(ratios):.2f})"
 
 
+def decode_profile(model, prompt, new_tokens: int, generate_ids) -> tuple[float, float]:
+    """(share of profiled CPU op time in matrix products, weight bytes per second those products read)."""
+    from torch.profiler import profile
+    with torch.inference_mode(), profile() as prof:
+        generate_ids(model, prompt, new_tokens, temperature=0.0)
+    ops = {e.key: e.self_cpu_time_total for e in prof.key_averages()}
+    matmul = ops.get("aten::addmm", 0) + ops.get("aten::mm", 0)
+    weight_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if p.dim() == 2
+                       and not n.endswith(("pos_emb.weight",)))
+    return matmul / sum(ops.values()), weight_bytes * new_tokens / (matmul / 1e6)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--reps", type=int, default=5)
@@ -49,7 +64,13 @@ def main() -> None:
     built, transposed = build_model(config, seed=0).eval(), store_matrices_transposed(build_model(config, seed=0).eval())
     decode = interleaved({name: torch.inference_mode()(lambda m=m: generate_ids(m, prompt, 64, temperature=0.0))
                           for name, m in (("built", built), ("transposed", transposed))}, args.reps)
-    del built, transposed
+    compiled = store_matrices_transposed(build_model(config, seed=0).eval())
+    compile_blocks(compiled, torch.device("cpu"), print)
+    compiled_decode = interleaved({name: torch.inference_mode()(lambda m=m: generate_ids(m, prompt, 64,
+                                                                                         temperature=0.0))
+                                   for name, m in (("eager", transposed), ("compiled", compiled))}, args.reps)
+    matmul_share, weight_rate = decode_profile(transposed, prompt, 64, generate_ids)
+    del built, transposed, compiled
 
     model = build_model(config, seed=0)
     for p in model.parameters():
@@ -98,6 +119,11 @@ def main() -> None:
              f"| loss + backward peak memory above the logits' 206 MB, MB: F.cross_entropy -> chunked | "
              f"{peaks['F.cross_entropy'] / 1e6:,.0f} | {peaks['chunked'] / 1e6:,.0f} | "
              f"{peaks['F.cross_entropy'] / peaks['chunked']:.2f}x less |",
+             f"| decode tokens/s, batch 1, 64 tokens, matrices transposed: eager -> torch.compile'd blocks | "
+             f"{spread([64 / t for t in compiled_decode['eager']])} | "
+             f"{spread([64 / t for t in compiled_decode['compiled']])} | {ratio(compiled_decode, 'eager', 'compiled')} |",
+             f"\nBatch-1 decode (eager, transposed): {100 * matmul_share:.0f}% of the profiled op time is in the matrix "
+             f"products (aten::addmm, aten::mm), which stream the weights at {weight_rate / 1e9:.1f} GB/s.",
              f"\n`python benchmarks/speed_parts.py --reps {args.reps}`, {torch.get_num_threads()} threads"]
     record("\n".join(lines), args.no_record)
 
