@@ -16,6 +16,7 @@ from llmcli.cli import memory as memory_cmd
 from llmcli.cli import infer as infer_cmd
 from llmcli.cli import prune as prune_cmd
 from llmcli.cli import quantize as quantize_cmd
+from llmcli.cli import runs as runs_cmd
 from llmcli.cli import scaling as scaling_cmd
 from llmcli.cli import tokenizer as tokenizer_cmd
 from llmcli.cli import train as train_cmd
@@ -42,6 +43,7 @@ app.add_typer(zoo_cmd.app, name="zoo")
 app.add_typer(convert_cmd.app, name="convert")
 app.add_typer(tokenizer_cmd.app, name="tokenizer")
 app.add_typer(scaling_cmd.app, name="scaling")
+app.add_typer(runs_cmd.app, name="runs")
 app.command("build")(build_cmd.build)
 app.command("train")(train_cmd.train)
 app.command("eval")(train_cmd.evaluate)

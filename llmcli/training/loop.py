@@ -78,6 +78,7 @@ class Trainer:
     step: int = 0
     stop_requested: bool = False
     history: list[dict] = field(default_factory=list)
+    grad_norm: float = float("nan")  # the last step's gradient norm, before clipping
 
     def __post_init__(self) -> None:
         parallel = self.parallel
@@ -154,7 +155,7 @@ class Trainer:
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         clip = self.parallel.clip_grad_norm_ if self.parallel else torch.nn.utils.clip_grad_norm_
-        clip(self.model.parameters(), self.args.grad_clip)
+        self.grad_norm = float(clip(self.model.parameters(), self.args.grad_clip))  # before clipping
         if self.scaler:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -185,7 +186,8 @@ class Trainer:
                         self.log(f"first step {time.perf_counter() - step_start:.1f} s (compiling the blocks); "
                                  f"tokens/s count from the next")
                         window_start, window_steps = time.perf_counter(), 0
-                    record = {"step": self.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0]}
+                    record = {"step": self.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0],
+                              "grad_norm": self.grad_norm, "tokens": self.step * tokens_per_step}
                     if self.step % args.log_every == 0 or self.step == args.steps:
                         elapsed = time.perf_counter() - window_start
                         if window_steps:  # none right after the compiling step

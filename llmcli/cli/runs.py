@@ -1,0 +1,49 @@
+"""`llmcli runs show`: the curves and summary of one or more run directories."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from llmcli.cli.output import console, human, log, print_json
+
+app = typer.Typer(no_args_is_help=True, help="Look at training runs: loss curves and a summary table.")
+
+
+@app.command("show")
+def show(
+    run_dirs: list[str] = typer.Argument(..., help="One or more run directories (written by train, finetune or "
+                                                   "distill)."),
+    log_x: bool = typer.Option(False, "--log-x", help="Steps on a log scale."),
+    png: Optional[str] = typer.Option(None, help="Also draw the curves to this PNG file (needs the plot extra)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the summary table as JSON on stdout."),
+) -> None:
+    """Training and validation loss curves in the terminal, and per run: steps, tokens, time, tokens/s and the
+    best validation loss."""
+    from llmcli.charts import text_chart
+    from llmcli.runs import run_series, summarize, write_curves_png
+
+    rows = [summarize(d) for d in run_dirs]
+    if png:
+        log(f"wrote {write_curves_png(png, run_dirs, log_x)}")
+    if json_out:
+        print_json(rows)
+        return
+    console.print("loss by step" + (" (log scale)" if log_x else ""))
+    for line in text_chart(run_series(run_dirs), log_x=log_x):
+        console.print(line, highlight=False, markup=False)
+    table = Table(title="runs", title_justify="left")
+    for column in ("run", "model", "steps", "tokens", "time", "tok/s", "loss", "best val", "at step", "val ppl"):
+        table.add_column(column, justify="left" if column in ("run", "model") else "right")
+
+    def figure(value, form: str) -> str:
+        return "-" if value is None else form.format(value)
+
+    for r in rows:
+        table.add_row(r["run"], r["model"] or "-", str(r["steps"]), figure(r["tokens"], "{:,}"),
+                      figure(r["train_time_s"], "{:.1f} s"), human(r["tokens_per_s"]) if r["tokens_per_s"] else "-",
+                      figure(r["final_loss"], "{:.4f}"), figure(r["best_val_loss"], "{:.4f}"),
+                      figure(r["best_val_step"], "{}"), figure(r["best_val_perplexity"], "{:.2f}"))
+    console.print(table)

@@ -1,0 +1,95 @@
+"""`llmcli runs show`: curves and summaries read from a real short run's metrics.jsonl."""
+
+import json
+
+import pytest
+
+from conftest import one_thread, tiny_config
+from llmcli.runs import curves, read_metrics, run_series, summarize
+from llmcli.training.pretrain import pretrain
+from llmcli.training.run import TrainFlags
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _threads():
+    yield from one_thread()
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, corpus):
+    out = tmp_path_factory.mktemp("runs") / "run"
+    pretrain(tiny_config("gpt", vocab_size=300), corpus, str(out),
+             TrainFlags(steps=12, batch_size=2, seq_len=16, log_every=2, eval_every=4, eval_batches=2,
+                        grad_clip=1e-3), log=lambda *a, **k: None)
+    return out
+
+
+def lines(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_curves_are_the_logged_points_one_for_one(run_dir):
+    logged = lines(run_dir)
+    points = curves(read_metrics(run_dir))
+    assert points["loss"] == [(r["step"], r["loss"]) for r in logged if "loss" in r]
+    assert points["val_loss"] == [(r["step"], r["val_loss"]) for r in logged if "val_loss" in r]
+    assert [s for s, _ in points["loss"]] == [2, 4, 6, 8, 10, 12]
+    assert [s for s, _ in points["val_loss"]] == [0, 4, 8, 12]
+    (_, _, train), (_, _, val) = run_series([run_dir])
+    assert train == points["loss"] and val == points["val_loss"]
+
+
+def test_gradient_norm_is_logged_before_clipping(run_dir):
+    norms = [r["grad_norm"] for r in lines(run_dir) if "loss" in r]
+    assert all(n > 1e-3 for n in norms), norms  # clipped to 1e-3, so a logged norm above it is the raw one
+
+
+def test_summary_counts_steps_tokens_and_the_best_validation(run_dir):
+    logged = lines(run_dir)
+    row = summarize(run_dir)
+    val = [r for r in logged if "val_loss" in r]
+    best = min(val, key=lambda r: r["val_loss"])
+    assert row["steps"] == 12 and row["tokens"] == 12 * 2 * 16
+    assert (row["best_val_loss"], row["best_val_step"]) == (best["val_loss"], best["step"])
+    assert row["best_val_perplexity"] == best["val_perplexity"]
+    assert row["final_loss"] == [r for r in logged if "loss" in r][-1]["loss"]
+    windows = [r for r in logged if "loss" in r]
+    expected = sum(32 * 2 / r["tokens_per_s"] for r in windows)  # 2 steps of 32 tokens a window
+    assert row["train_time_s"] == pytest.approx(expected)
+    assert row["tokens_per_s"] == pytest.approx(12 * 32 / expected)
+
+
+def test_runs_show_prints_the_chart_and_table_and_json(cli, run_dir):
+    result = cli("runs", "show", run_dir)
+    assert result.exit_code == 0, result.output
+    assert "training loss" in result.stdout and "validation loss" in result.stdout
+    assert result.stdout.count("o") >= 4  # four validation points
+    result = cli("runs", "show", run_dir, run_dir, "--json")
+    rows = json.loads(result.stdout)
+    assert rows == [summarize(run_dir)] * 2
+
+
+def test_runs_show_png_is_an_image(cli, run_dir, tmp_path):
+    image = pytest.importorskip("matplotlib.image")
+    result = cli("runs", "show", run_dir, "--log-x", "--png", tmp_path / "curves.png")
+    assert result.exit_code == 0, result.output
+    assert image.imread(tmp_path / "curves.png").shape[2] in (3, 4)
+    assert [p.name for p in tmp_path.iterdir()] == ["curves.png"]  # no temporary file left
+
+
+@pytest.mark.parametrize("case", ["missing", "file", "no-metrics", "bad-line", "no-step"])
+def test_bad_run_directories_exit_2_naming_the_problem(cli, tmp_path, case):
+    target = tmp_path / "run"
+    if case == "file":
+        target.write_text("x")
+    elif case != "missing":
+        target.mkdir()
+    if case == "bad-line":
+        (target / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{not json\n')
+    if case == "no-step":
+        (target / "metrics.jsonl").write_text('{"loss": 2.0}\n')
+    result = cli("runs", "show", target)
+    assert result.exit_code == 2
+    message = {"missing": "not a directory", "file": "not a directory", "no-metrics": "no metrics.jsonl",
+               "bad-line": "line 2", "no-step": "line 1"}[case]
+    assert message in result.stderr and "Traceback" not in result.output
