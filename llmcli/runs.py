@@ -12,6 +12,7 @@ from pathlib import Path
 
 from llmcli.charts import write_png
 from llmcli.errors import UserError
+from llmcli.training.replay import read_run_config
 from llmcli.training.run import TRAINING_FILE
 
 METRICS_FILE = "metrics.jsonl"
@@ -111,3 +112,15 @@ def write_curves_png(path: str | Path, run_dirs: list[str | Path], log_x: bool =
         axes.grid(alpha=0.3)
         axes.legend()
     return write_png(path, draw)
+
+
+FIGURES = ("steps", "tokens", "final_loss", "best_val_loss", "best_val_perplexity", "train_time_s", "tokens_per_s")
+
+
+def diff_runs(a: str | Path, b: str | Path) -> dict:
+    """What differs between two runs: the flags of their run.toml files, and their final figures (all of them)."""
+    flags_a, flags_b = read_run_config(a), read_run_config(b)
+    flags = {k: [flags_a.get(k), flags_b.get(k)] for k in dict.fromkeys([*flags_a, *flags_b])
+             if flags_a.get(k) != flags_b.get(k)}
+    row_a, row_b = summarize(a), summarize(b)
+    return {"runs": [str(a), str(b)], "flags": flags, "figures": {k: [row_a[k], row_b[k]] for k in FIGURES}}

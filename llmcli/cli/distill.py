@@ -12,6 +12,7 @@ from llmcli.cli.output import BarProgress, console, log, print_json
 
 def distill(
     ctx: typer.Context,
+    config: flags.Config = None,
     teacher: Optional[str] = typer.Option(None, help="Trained teacher model directory (with tokenizer.json)."),
     student: Optional[str] = typer.Option(None, help="Student: zoo name, TOML file or model directory of the same "
                                                      "family and tokenizer (default: the teacher at half depth)."),
@@ -49,7 +50,7 @@ def distill(
     from llmcli.compression.distill import distill as run
     from llmcli.training.run import TrainFlags
 
-    report = run(teacher, student, data, out, TrainFlags.from_params(ctx.params), alpha=alpha,
+    report = run(teacher, student, data, out, TrainFlags.from_params(ctx.params, ctx.info_name), alpha=alpha,
                  temperature=temperature, student_layers=student_layers, init_from_teacher=init_from_teacher,
                  baseline=baseline, speed=not no_speed, log=log, progress=BarProgress())
     if "summary" in report:

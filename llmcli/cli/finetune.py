@@ -12,6 +12,7 @@ from llmcli.cli.output import BarProgress, log, print_json
 
 def finetune(
     ctx: typer.Context,
+    config: flags.Config = None,
     model: Optional[str] = typer.Argument(None, help="Trained model directory to start from (with tokenizer.json); "
                                                      "not needed with --resume."),
     method: Optional[str] = typer.Option(None, help="full, lora, adapter (Houlsby bottlenecks) or prompt "
@@ -59,7 +60,7 @@ def finetune(
     settings = dict(method=method, task=task, lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                     lora_targets=lora_targets, adapter_size=adapter_size, prompt_tokens=prompt_tokens)
     with rank_errors():
-        summary = run(model, data, out, TrainFlags.from_params(ctx.params), settings, log=log,
+        summary = run(model, data, out, TrainFlags.from_params(ctx.params, ctx.info_name), settings, log=log,
                       progress=BarProgress())
     if not is_main_process():
         return

@@ -47,3 +47,30 @@ def show(
                       figure(r["final_loss"], "{:.4f}"), figure(r["best_val_loss"], "{:.4f}"),
                       figure(r["best_val_step"], "{}"), figure(r["best_val_perplexity"], "{:.2f}"))
     console.print(table)
+
+
+@app.command("diff")
+def diff(
+    run_a: str = typer.Argument(..., help="A run directory (with run.toml)."),
+    run_b: str = typer.Argument(..., help="The run directory to compare it with."),
+    json_out: bool = typer.Option(False, "--json", help="Print the differences as JSON on stdout."),
+) -> None:
+    """The flags that differ between two runs' run.toml, and both runs' final figures side by side."""
+    from llmcli.runs import diff_runs
+
+    result = diff_runs(run_a, run_b)
+    if json_out:
+        print_json(result)
+        return
+    flags = Table(title="flags that differ" if result["flags"] else "flags: identical", title_justify="left")
+    for column in ("flag", run_a, run_b):
+        flags.add_column(column)
+    for key, (a, b) in result["flags"].items():
+        flags.add_row(key, "-" if a is None else str(a), "-" if b is None else str(b))
+    console.print(flags)
+    figures = Table(title="figures", title_justify="left")
+    for column in ("figure", run_a, run_b):
+        figures.add_column(column, justify="left" if column == "figure" else "right")
+    for key, (a, b) in result["figures"].items():
+        figures.add_row(key, *("-" if v is None else f"{v:.6g}" if isinstance(v, float) else str(v) for v in (a, b)))
+    console.print(figures)

@@ -12,6 +12,7 @@ from llmcli.cli.output import BarProgress, console, log, print_json
 
 def train(
     ctx: typer.Context,
+    config: flags.Config = None,
     model: str = typer.Argument(..., help="Zoo name, TOML file or model directory to train."),
     data: Optional[str] = typer.Option(None, help="A .txt file, a folder of them, or JSONL with a 'text' field. "
                                                   "Default: the embedded Python documentation corpus."),
@@ -45,7 +46,7 @@ def train(
     from llmcli.training.run import TrainFlags
 
     with rank_errors():
-        summary = pretrain(model, data, out, TrainFlags.from_params(ctx.params), log=log, progress=BarProgress())
+        summary = pretrain(model, data, out, TrainFlags.from_params(ctx.params, ctx.info_name), log=log, progress=BarProgress())
     if not is_main_process():
         return
     if summary["stopped_early"]:
@@ -59,8 +60,10 @@ def train(
         from llmcli.model_dir import load_model, load_tokenizer
 
         prompt = "The"
-        text = complete(load_model(summary["run_dir"]), load_tokenizer(summary["run_dir"]), prompt,
-                        max_new_tokens=60, temperature=0.8, top_k=40, seed=0)
+        trained = load_model(summary["run_dir"])
+        new_tokens = min(60, trained.config.max_seq_len // 2)  # a short context still has room for a sample
+        text = complete(trained, load_tokenizer(summary["run_dir"]), prompt, max_new_tokens=new_tokens,
+                        temperature=0.8, top_k=40, seed=0)
         log("[bold]sample[/bold] (temperature 0.8, top-k 40):", markup=True)
         log(prompt + text)
 

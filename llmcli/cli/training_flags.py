@@ -31,6 +31,20 @@ Seed = Annotated[Optional[int], typer.Option(help="Seed for new weights, data or
 SaveEvery = Annotated[Optional[int], typer.Option(help="Checkpoint every N steps (default: only at the end).")]
 EvalEvery = Annotated[Optional[int], typer.Option(help="Validate every N steps (default: 5 times per run).")]
 Device = Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N (default: cuda if available).")]
+
+
+def _replay(ctx: typer.Context, param, value: str | None) -> str | None:
+    """--config run.toml: its flags become the defaults, so flags given on the command line win."""
+    if value is not None:
+        from llmcli.training.replay import read_run_config
+
+        ctx.default_map = read_run_config(value, ctx.info_name, {p.name for p in ctx.command.params})
+    return value
+
+
+Config = Annotated[Optional[str], typer.Option(is_eager=True, callback=_replay,
+                                               help="Replay a run: its run.toml (or run directory) gives every "
+                                                    "flag not given on the command line.")]
 Resume = Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint.")]
 Force = Annotated[bool, typer.Option("--force", help="Start over in an --out that holds a run.")]
 Nproc = Annotated[Optional[int], typer.Option(help="Run N processes on this machine under torchrun (one per GPU, "

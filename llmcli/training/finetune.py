@@ -143,6 +143,7 @@ def _finetune(base, data, out, flags: TrainFlags, settings, log, progress, on_st
                 save_tokenizer(tokenizer, run_dir)
             write_json(run_dir / TRAINING_FILE, {"model": str(base), "base": str(Path(base).resolve()), "data": data,
                                                  "args": args.to_dict(), "finetune": spec.to_dict()})
+            flags.write_run_config(run_dir, args, data)
 
         distributed.on_main(parallel, start_run_dir)
         trainable, total = parameter_counts(model)

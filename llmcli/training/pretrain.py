@@ -104,6 +104,7 @@ def _pretrain(model_ref, data, out, flags: TrainFlags, log, progress, on_step, t
             save_tokenizer(tokenizer, run_dir)
             record = distillation.record() if distillation is not None else {}
             write_json(run_dir / TRAINING_FILE, {"model": model_name, "data": data, "args": args.to_dict(), **record})
+            flags.write_run_config(run_dir, args, data)
         parameters = model.num_parameters()
         loss = {"loss_fn": distillation.loss} if distillation is not None else {}
         trainer = Trainer(model, dataset, val_batches, args, run_dir, on_step=on_step, progress=progress, log=log,

@@ -20,6 +20,7 @@ from llmcli.errors import UserError
 from llmcli.runtime import default_seq_len
 from llmcli.training import distributed
 from llmcli.training.loop import TrainArgs
+from llmcli.training.replay import resolved_flags, write_run_config
 
 TRAINING_FILE = "training.json"
 _ARG_NAMES = tuple(f.name for f in fields(TrainArgs))
@@ -53,12 +54,20 @@ class TrainFlags:
     strategy: str | None = None
     tp: int | None = None
     cpu_offload: bool | None = None
+    command: str | None = None  # the CLI command and all its parameters, for run.toml (training.replay)
+    params: Mapping | None = None
 
     @classmethod
-    def from_params(cls, params: Mapping) -> TrainFlags:
+    def from_params(cls, params: Mapping, command: str | None = None) -> TrainFlags:
         """The flags among a command's parsed parameters (typer's ctx.params); the others are the command's own."""
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in params.items() if k in names and v is not None})
+        names = {f.name for f in fields(cls)} - {"command", "params"}
+        return cls(**{k: v for k, v in params.items() if k in names and v is not None}, command=command,
+                   params=dict(params) if command else None)
+
+    def write_run_config(self, run_dir: Path, args: TrainArgs, data: str | None) -> None:
+        """run.toml, when the run was started by a CLI command."""
+        if self.command is not None:
+            write_run_config(run_dir, self.command, resolved_flags(self.params, args.to_dict(), data))
 
     def replace(self, **changes) -> TrainFlags:
         return dataclasses.replace(self, **changes)
