@@ -328,3 +328,18 @@ def test_generate_on_a_lora_run_uses_its_adapter(tmp_path, gpt_base, cls_data, c
     assert json.loads(run.stdout)["tokens"] == json.loads(folded.stdout)["tokens"]
     refused = cli("generate", lora_run[1], "--prompt", "apple")  # a classifier has no LM output
     assert refused.exit_code == 2 and "classification run" in refused.stderr
+
+
+def test_config_replays_a_finetuning_run_bit_identically(tmp_path, cli, gpt_base, cls_data):
+    first = cli("finetune", gpt_base, "--out", tmp_path / "a", "--method", "lora", "--task", "classify",
+                "--data", cls_data, "--steps", "3", "--seed", "2")
+    assert first.exit_code == 0, first.output
+    replay = cli("finetune", "--config", tmp_path / "a" / "run.toml", "--out", tmp_path / "b")
+    assert replay.exit_code == 0, replay.output
+    written = sorted(p.name for p in (tmp_path / "a").glob("*.safetensors"))
+    assert written
+    for name in written:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    from llmcli.training.replay import read_run_config
+
+    assert read_run_config(tmp_path / "a") == read_run_config(tmp_path / "b")
