@@ -93,3 +93,54 @@ def test_bad_run_directories_exit_2_naming_the_problem(cli, tmp_path, case):
     message = {"missing": "not a directory", "file": "not a directory", "no-metrics": "no metrics.jsonl",
                "bad-line": "line 2", "no-step": "line 1"}[case]
     assert message in result.stderr and "Traceback" not in result.output
+
+
+@pytest.fixture(scope="module")
+def logged_run(tmp_path_factory, corpus):
+    out = tmp_path_factory.mktemp("loggers") / "run"
+    flags = TrainFlags(steps=8, batch_size=2, seq_len=16, log_every=2, eval_every=4, eval_batches=2, save_every=4,
+                       logger=["csv", "tensorboard"] if _has_tensorboard() else ["csv"])
+    pretrain(tiny_config("gpt", vocab_size=300), corpus, str(out), flags, log=lambda *a, **k: None)
+    return out
+
+
+def _has_tensorboard() -> bool:
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def test_csv_logger_holds_the_jsonl_records_row_for_row(logged_run):
+    import csv
+
+    with open(logged_run / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    logged = lines(logged_run)
+    assert len(rows) == len(logged)
+    for row, record in zip(rows, logged):
+        assert {k: float(v) for k, v in row.items() if v != ""} == pytest.approx({k: float(v) for k, v in record.items()})
+
+
+def test_tensorboard_events_are_read_by_tensorboard_and_a_resume_drops_redone_steps(logged_run, corpus):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def scalars():
+        events = EventAccumulator(str(logged_run / "tensorboard"))
+        events.Reload()
+        return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+    logged = lines(logged_run)
+    read = scalars()
+    assert read["train/loss"] == [(r["step"], pytest.approx(r["loss"])) for r in logged if "loss" in r]
+    assert read["train/grad_norm"] == [(r["step"], pytest.approx(r["grad_norm"])) for r in logged if "loss" in r]
+    assert read["val/loss"] == [(r["step"], pytest.approx(r["val_loss"])) for r in logged if "val_loss" in r]
+    # resume from step 4 to 8 again: the second write of steps 5..8 replaces the first
+    import shutil
+
+    shutil.rmtree(logged_run / "checkpoints" / "step-8")
+    pretrain(tiny_config("gpt", vocab_size=300), corpus, str(logged_run), TrainFlags(resume=True),
+             log=lambda *a, **k: None)
+    assert [s for s, _ in scalars()["train/loss"]] == [2, 4, 6, 8]

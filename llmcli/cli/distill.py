@@ -40,6 +40,7 @@ def distill(
     save_every: flags.SaveEvery = None,
     eval_every: flags.EvalEvery = None,
     device: flags.Device = None,
+    logger: flags.Logger = None,
     resume: flags.Resume = False,
     force: flags.Force = False,
     no_speed: bool = typer.Option(False, "--no-speed", help="Skip the speed measurement in the report."),

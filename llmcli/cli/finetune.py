@@ -42,6 +42,7 @@ def finetune(
     save_every: flags.SaveEvery = None,
     eval_every: flags.EvalEvery = None,
     device: flags.Device = None,
+    logger: flags.Logger = None,
     resume: flags.Resume = False,
     force: flags.Force = False,
     nproc: flags.Nproc = None,

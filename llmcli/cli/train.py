@@ -31,6 +31,7 @@ def train(
     save_every: flags.SaveEvery = None,
     eval_every: flags.EvalEvery = None,
     device: flags.Device = None,
+    logger: flags.Logger = None,
     resume: flags.Resume = False,
     force: flags.Force = False,
     nproc: flags.Nproc = None,

@@ -45,6 +45,9 @@ def _replay(ctx: typer.Context, param, value: str | None) -> str | None:
 Config = Annotated[Optional[str], typer.Option(is_eager=True, callback=_replay,
                                                help="Replay a run: its run.toml (or run directory) gives every "
                                                     "flag not given on the command line.")]
+Logger = Annotated[Optional[list[str]], typer.Option(help="Also log to csv (metrics.csv) or tensorboard (needs the "
+                                                         "tensorboard extra); repeat for both. metrics.jsonl is "
+                                                         "always written.")]
 Resume = Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint.")]
 Force = Annotated[bool, typer.Option("--force", help="Start over in an --out that holds a run.")]
 Nproc = Annotated[Optional[int], typer.Option(help="Run N processes on this machine under torchrun (one per GPU, "

@@ -28,6 +28,7 @@ from llmcli.progress import SILENT, Progress
 from llmcli.runtime import autocast, compile_blocks, evaluate, family_loss, resolve_device, resolve_precision
 from llmcli.training.checkpoint import complete_checkpoints, is_sharded, load_checkpoint, save_checkpoint
 from llmcli.training.distributed import ShardedData
+from llmcli.training.loggers import open_loggers
 from llmcli.training.optim import make_optimizer, make_scheduler
 
 
@@ -50,6 +51,7 @@ class TrainArgs:
     eval_batches: int = 8
     log_every: int = 10
     device: str = "auto"
+    logger: list[str] = field(default_factory=lambda: ["jsonl"])  # metrics.jsonl always; also csv, tensorboard
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -105,6 +107,7 @@ class Trainer:
         self.scheduler = make_scheduler(self.optimizer, warmup, self.args.steps)
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
         self.is_main = self.rank == 0
+        self.loggers: list = []  # opened by fit (training.loggers)
 
     # ------------------------------------------------------------ checkpoints
 
@@ -173,6 +176,7 @@ class Trainer:
         previous = signal.signal(signal.SIGINT, self._request_stop) if _main_thread() else None
         start_step, window_start, window_steps = self.step, time.perf_counter(), 0
         result = {"stopped_early": False}
+        self.loggers = open_loggers(args.logger, self.run_dir, self.step) if self.is_main else []
         try:
             progress = self.progress if self.is_main else SILENT
             with progress.task("train", args.steps, self.step) as bar:
@@ -206,11 +210,14 @@ class Trainer:
                     if self.stop_requested:
                         result["stopped_early"] = True
                         break
+            if not result["stopped_early"] and not any(r["step"] == self.step and "val_loss" in r
+                                                       for r in self.history):
+                self._evaluate({})  # e.g. resuming a run that had already finished
         finally:
             if previous is not None:
                 signal.signal(signal.SIGINT, previous)
-        if not result["stopped_early"] and not any(r["step"] == self.step and "val_loss" in r for r in self.history):
-            self._evaluate({})  # e.g. resuming a run that had already finished
+            for logger in self.loggers:
+                logger.close()
         result["checkpoint"] = self.save()
         result.update(step=self.step, steps_run=self.step - start_step)
         return result
@@ -234,6 +241,8 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             with open(self.run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
+            for logger in self.loggers:
+                logger.log(record)
 
     def _truncate_metrics(self) -> None:
         """After a resume, drop log lines from steps past the checkpoint (they will be redone)."""

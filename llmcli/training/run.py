@@ -19,6 +19,7 @@ from llmcli.config import ModelConfig
 from llmcli.errors import UserError
 from llmcli.runtime import default_seq_len
 from llmcli.training import distributed
+from llmcli.training.loggers import check_loggers
 from llmcli.training.loop import TrainArgs
 from llmcli.training.replay import resolved_flags, write_run_config
 
@@ -49,6 +50,7 @@ class TrainFlags:
     eval_batches: int | None = None
     log_every: int | None = None
     device: str | None = None
+    logger: list[str] | None = None
     resume: bool = False
     force: bool = False
     strategy: str | None = None
@@ -93,6 +95,7 @@ def check_args(args: TrainArgs, config: ModelConfig) -> None:
     for name in ("save_every", "eval_every", "warmup"):
         if getattr(args, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    check_loggers(args.logger)
     if args.lr <= 0:
         raise UserError(f"--lr must be positive, got {args.lr}")
     if args.seq_len > config.max_seq_len:
