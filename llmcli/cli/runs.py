@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 import typer
+from rich import box
 from rich.table import Table
 
 from llmcli.cli.output import console, human, log, print_json
@@ -34,18 +36,18 @@ def show(
     console.print("loss by step" + (" (log scale)" if log_x else ""))
     for line in text_chart(run_series(run_dirs), log_x=log_x):
         console.print(line, highlight=False, markup=False)
-    table = Table(title="runs", title_justify="left")
-    for column in ("run", "model", "steps", "tokens", "time", "tok/s", "loss", "best val", "at step", "val ppl"):
-        table.add_column(column, justify="left" if column in ("run", "model") else "right")
+    table = Table(title="runs", title_justify="left", box=box.SIMPLE)
+    for column in ("run", "steps", "tokens", "time", "tok/s", "loss", "best val", "at step", "val ppl"):
+        table.add_column(column, justify="left" if column == "run" else "right")
 
     def figure(value, form: str) -> str:
         return "-" if value is None else form.format(value)
 
     for r in rows:
-        table.add_row(r["run"], r["model"] or "-", str(r["steps"]), figure(r["tokens"], "{:,}"),
+        table.add_row(Path(r["run"]).name, str(r["steps"]), figure(r["tokens"], "{:,}"),
                       figure(r["train_time_s"], "{:.1f} s"), human(r["tokens_per_s"]) if r["tokens_per_s"] else "-",
                       figure(r["final_loss"], "{:.4f}"), figure(r["best_val_loss"], "{:.4f}"),
-                      figure(r["best_val_step"], "{}"), figure(r["best_val_perplexity"], "{:.2f}"))
+                      figure(r["best_val_step"], "{}"), figure(r["best_val_perplexity"], "{:.1f}"))
     console.print(table)
 
 

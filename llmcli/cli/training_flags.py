@@ -89,6 +89,8 @@ def _command_line(ctx, skip: tuple[str, ...]) -> list[str]:
             name = param.opts[0] if value else next(iter(param.secondary_opts), None)
             if name and value != param.default:
                 options.append(name)
+        elif isinstance(value, (list, tuple)):  # a repeatable option: once per value
+            options += [part for item in value for part in (param.opts[0], str(item))]
         else:
             options += [param.opts[0], str(value)]
     return arguments + options

@@ -63,7 +63,9 @@ class TrainFlags:
     def from_params(cls, params: Mapping, command: str | None = None) -> TrainFlags:
         """The flags among a command's parsed parameters (typer's ctx.params); the others are the command's own."""
         names = {f.name for f in fields(cls)} - {"command", "params"}
-        return cls(**{k: v for k, v in params.items() if k in names and v is not None}, command=command,
+        given = {k: list(v) if isinstance(v, tuple) else v for k, v in params.items()
+                 if k in names and v is not None and v != ()}  # a repeatable option not given is ()
+        return cls(**given, command=command,
                    params=dict(params) if command else None)
 
     def write_run_config(self, run_dir: Path, args: TrainArgs, data: str | None) -> None:
