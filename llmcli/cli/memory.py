@@ -75,8 +75,9 @@ def _measure(config, estimate, device: str) -> dict:
                   TimeElapsedColumn(), console=err_console, transient=True) as progress:
         progress.add_task("measure", total=None)
         measured = measure_memory(config, estimate, device)
-    error = (estimate.total_bytes - measured["measured_bytes"]) / measured["measured_bytes"]
-    return {"measured_bytes": measured["measured_bytes"], "relative_error": round(error, 4), "measurement": measured}
+    got = measured["measured_bytes"]
+    error = round((estimate.total_bytes - got) / got, 4) if got else None  # 0: below what the method resolves
+    return {"measured_bytes": got, "relative_error": error, "measurement": measured}
 
 
 def _render(r: dict) -> None:
@@ -117,7 +118,9 @@ def _render(r: dict) -> None:
     lines += [f"source ({topic}): {text}" for topic, text in r["sources"].items()]
     if "measured_bytes" in r:
         lines.append(f"[bold]measured peak {human(r['measured_bytes'], 'B')}[/bold] on {r['measurement']['device']} "
-                     f"({r['measurement']['seconds']} s): the estimate is {r['relative_error']:+.1%} off")
+                     f"({r['measurement']['seconds']} s): " + (f"the estimate is {r['relative_error']:+.1%} off"
+                                                               if r["relative_error"] is not None else
+                                                               "too small to measure on this device"))
     for line in lines:
         console.print(line, highlight=False)
 
