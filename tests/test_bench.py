@@ -69,3 +69,14 @@ def test_bad_bench_input_exits_2(cli, args, message):
     result = cli("bench", "gpt-nano", "--device", "cpu", *args)
     assert result.exit_code == 2
     assert message in result.stderr
+
+
+def test_bench_png_is_an_image_and_leaves_no_temporary_file(cli, model_dirs, tmp_path):
+    image = pytest.importorskip("matplotlib.image")
+    result = cli("bench", model_dirs["gpt"], "--mode", "prefill,decode", "--batch-size", 1, "--seq-len", 4,
+                 "--reps", 1, "--warmup", 1, "--png", tmp_path / "bench.png")
+    assert result.exit_code == 0, result.output
+    assert image.imread(tmp_path / "bench.png").shape[2] in (3, 4)
+    assert [p.name for p in tmp_path.iterdir()] == ["bench.png"]
+    assert cli("bench", model_dirs["gpt"], "--mode", "decode", "--batch-size", 1, "--seq-len", 4, "--reps", 1,
+               "--png", tmp_path / "missing" / "b.png").exit_code == 2

@@ -32,10 +32,11 @@ def bench(
     compile: bool = typer.Option(False, "--compile", help="torch.compile llmcli's blocks (compiled during the "
                                                           "warm-up steps, which are not timed)."),
     compare: str = typer.Option(None, help="Run the same weights through a peer: transformers."),
+    png: str = typer.Option(None, help="Also draw tokens/s by case, llmcli beside the peer, to this PNG file."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON on stdout (every sample kept)."),
 ) -> None:
     """Throughput of training, prefill and decode, llama-bench style: median ± std over repetitions."""
-    from llmcli.profiling.bench import run_bench
+    from llmcli.profiling.bench import run_bench, write_bench_png
 
     def progress(result) -> None:
         log(f"{result.mode} t{result.threads} b{result.batch_size} s{result.seq_len}: {result.tokens_per_s:,.0f} tok/s"
@@ -44,6 +45,8 @@ def bench(
     results, peaks = run_bench(model, mode.split(","), _ints(batch_size, "--batch-size"), _ints(seq_len, "--seq-len"),
                                dtype, device, reps, warmup, compare, on_result=progress,
                                threads=_ints(threads, "--threads") if threads else None, compile=compile, log=log)
+    if png:
+        log(f"wrote {write_bench_png(png, results, f'llmcli bench {model} ({dtype})')}")
     if json_out:
         print_json([{**r.to_dict(), "machine": peaks} for r in results])
         return

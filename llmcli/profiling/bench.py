@@ -26,6 +26,7 @@ from llmcli.models.layout import store_matrices_transposed
 from llmcli.profiling.counts import count, flops_per_token, kv_cache_bytes_per_token
 from llmcli.profiling.peak import PeakMemory
 from llmcli.profiling.provenance import provenance
+from llmcli.charts import write_png
 from llmcli.runtime import DTYPES, autocast, compile_blocks, family_loss, resolve_device, torch_dtype
 
 MODES = ("train", "prefill", "decode")
@@ -317,3 +318,23 @@ def _summarise(name, mode, batch_size, seq_len, dtype, device, samples, tokens, 
         per_step = weights + kv_cache_bytes_per_token(config, element) * context * batch_size
         result.bandwidth_bytes_per_s = per_step * median / batch_size
     return result
+
+
+def write_bench_png(path, results: list[BenchResult], title: str):
+    """tokens/s by case (mode, batch, length, threads) as bars with their standard deviation, the peer beside."""
+    labels = [f"{r.mode}\nb{r.batch_size} s{r.seq_len} t{r.threads}" for r in results]
+    peers = [r.peer for r in results]
+
+    def draw(axes) -> None:
+        width = 0.4 if any(peers) else 0.8
+        xs = range(len(results))
+        axes.bar([x - (width / 2 if any(peers) else 0) for x in xs], [r.tokens_per_s for r in results], width,
+                 yerr=[r.tokens_per_s_std for r in results], capsize=3, label="llmcli")
+        if any(peers):
+            axes.bar([x + width / 2 for x in xs], [p["tokens_per_s"] if p else 0 for p in peers], width,
+                     yerr=[p["tokens_per_s_std"] if p else 0 for p in peers], capsize=3, label=peers[0]["implementation"]
+                     if peers[0] else "peer")
+        axes.set_xticks(list(xs), labels, fontsize=8)
+        axes.set(ylabel="tokens/s (median, ± std)", title=title)
+        axes.legend()
+    return write_png(path, draw, size=(max(6, 1.2 * len(results)), 4))
