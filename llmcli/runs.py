@@ -12,10 +12,9 @@ from pathlib import Path
 
 from llmcli.charts import write_png
 from llmcli.errors import UserError
+from llmcli.training.loggers import METRICS_FILE
 from llmcli.training.replay import read_run_config
 from llmcli.training.run import TRAINING_FILE
-
-METRICS_FILE = "metrics.jsonl"
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
@@ -52,13 +51,12 @@ def curves(records: list[dict]) -> dict[str, list[tuple[int, float]]]:
             "val_loss": [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]}
 
 
-def summarize(run_dir: str | Path) -> dict:
+def summarize(run_dir: str | Path, records: list[dict]) -> dict:
     """One row of `llmcli runs show`: steps, tokens, training time, rate and the best validation figures.
 
     Training time is the logged windows' tokens over their tokens/s (evaluation and the compiling step are
     not in it)."""
     run_dir = Path(run_dir)
-    records = read_metrics(run_dir)
     training = [r for r in records if "loss" in r]
     validation = [r for r in records if "val_loss" in r]
     row = {"run": str(run_dir), "model": None, "steps": max((r["step"] for r in records), default=0),
@@ -84,25 +82,25 @@ def summarize(run_dir: str | Path) -> dict:
     return row
 
 
-def run_series(run_dirs: list[str | Path]) -> list[tuple[str, str, list[tuple[int, float]]]]:
+def run_series(runs: list[tuple[str, list[dict]]]) -> list[tuple[str, str, list[tuple[int, float]]]]:
     """Chart series (label, mark, points) of every run's training and validation loss: one run draws training
     as '·' and validation as 'o'; several runs draw run i as the i-th letter, lower case for training and
     upper case for validation."""
     series = []
-    for i, run_dir in enumerate(run_dirs):
-        points = curves(read_metrics(run_dir))
-        train_mark, val_mark = ("·", "o") if len(run_dirs) == 1 else (chr(97 + i % 26), chr(65 + i % 26))
-        name = "" if len(run_dirs) == 1 else f"{Path(run_dir).name} "
+    for i, (run_dir, records) in enumerate(runs):
+        points = curves(records)
+        train_mark, val_mark = ("·", "o") if len(runs) == 1 else (chr(97 + i % 26), chr(65 + i % 26))
+        name = "" if len(runs) == 1 else f"{Path(run_dir).name} "
         series += [(f"{name}training loss", train_mark, points["loss"]),
                    (f"{name}validation loss", val_mark, points["val_loss"])]
     return series
 
 
-def write_curves_png(path: str | Path, run_dirs: list[str | Path], log_x: bool = False) -> Path:
+def write_curves_png(path: str | Path, runs: list[tuple[str, list[dict]]], log_x: bool = False) -> Path:
     """The runs' loss curves as a PNG: training as a line, validation as points joined by a dashed line."""
     def draw(axes) -> None:
-        for i, run_dir in enumerate(run_dirs):
-            points = {k: [(x, y) for x, y in v if x > 0 or not log_x] for k, v in curves(read_metrics(run_dir)).items()}
+        for run_dir, records in runs:
+            points = {k: [(x, y) for x, y in v if x > 0 or not log_x] for k, v in curves(records).items()}
             name = Path(run_dir).name
             line, = axes.plot(*zip(*points["loss"]), "-", lw=1, label=f"{name} training") if points["loss"] \
                 else axes.plot([], [])
@@ -122,5 +120,5 @@ def diff_runs(a: str | Path, b: str | Path) -> dict:
     flags_a, flags_b = read_run_config(a), read_run_config(b)
     flags = {k: [flags_a.get(k), flags_b.get(k)] for k in dict.fromkeys([*flags_a, *flags_b])
              if flags_a.get(k) != flags_b.get(k)}
-    row_a, row_b = summarize(a), summarize(b)
+    row_a, row_b = summarize(a, read_metrics(a)), summarize(b, read_metrics(b))
     return {"runs": [str(a), str(b)], "flags": flags, "figures": {k: [row_a[k], row_b[k]] for k in FIGURES}}

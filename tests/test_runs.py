@@ -35,7 +35,7 @@ def test_curves_are_the_logged_points_one_for_one(run_dir):
     assert points["val_loss"] == [(r["step"], r["val_loss"]) for r in logged if "val_loss" in r]
     assert [s for s, _ in points["loss"]] == [2, 4, 6, 8, 10, 12]
     assert [s for s, _ in points["val_loss"]] == [0, 4, 8, 12]
-    (_, _, train), (_, _, val) = run_series([run_dir])
+    (_, _, train), (_, _, val) = run_series([(str(run_dir), read_metrics(run_dir))])
     assert train == points["loss"] and val == points["val_loss"]
 
 
@@ -46,7 +46,7 @@ def test_gradient_norm_is_logged_before_clipping(run_dir):
 
 def test_summary_counts_steps_tokens_and_the_best_validation(run_dir):
     logged = lines(run_dir)
-    row = summarize(run_dir)
+    row = summarize(run_dir, read_metrics(run_dir))
     val = [r for r in logged if "val_loss" in r]
     best = min(val, key=lambda r: r["val_loss"])
     assert row["steps"] == 12 and row["tokens"] == 12 * 2 * 16
@@ -66,7 +66,7 @@ def test_runs_show_prints_the_chart_and_table_and_json(cli, run_dir):
     assert result.stdout.count("o") >= 4  # four validation points
     result = cli("runs", "show", run_dir, run_dir, "--json")
     rows = json.loads(result.stdout)
-    assert rows == [summarize(run_dir)] * 2
+    assert rows == [summarize(run_dir, read_metrics(run_dir))] * 2
 
 
 def test_runs_show_png_is_an_image(cli, run_dir, tmp_path):

@@ -25,16 +25,17 @@ def show(
     """Training and validation loss curves in the terminal, and per run: steps, tokens, time, tokens/s and the
     best validation loss."""
     from llmcli.charts import text_chart
-    from llmcli.runs import run_series, summarize, write_curves_png
+    from llmcli.runs import read_metrics, run_series, summarize, write_curves_png
 
-    rows = [summarize(d) for d in run_dirs]
+    runs = [(d, read_metrics(d)) for d in run_dirs]  # each metrics.jsonl read once
+    rows = [summarize(d, records) for d, records in runs]
     if png:
-        log(f"wrote {write_curves_png(png, run_dirs, log_x)}")
+        log(f"wrote {write_curves_png(png, runs, log_x)}")
     if json_out:
         print_json(rows)
         return
     console.print("loss by step" + (" (log scale)" if log_x else ""))
-    for line in text_chart(run_series(run_dirs), log_x=log_x):
+    for line in text_chart(run_series(runs), log_x=log_x):
         console.print(line, highlight=False, markup=False)
     table = Table(title="runs", title_justify="left", box=box.SIMPLE)
     for column in ("run", "steps", "tokens", "time", "tok/s", "loss", "best val", "at step", "val ppl"):

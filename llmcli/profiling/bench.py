@@ -17,6 +17,7 @@ from typing import Callable
 
 import torch
 
+from llmcli.charts import write_png
 from llmcli.config import resolve_config
 from llmcli.errors import UserError
 from llmcli.generation import generate_ids
@@ -26,7 +27,6 @@ from llmcli.models.layout import store_matrices_transposed
 from llmcli.profiling.counts import count, flops_per_token, kv_cache_bytes_per_token
 from llmcli.profiling.peak import PeakMemory
 from llmcli.profiling.provenance import provenance
-from llmcli.charts import write_png
 from llmcli.runtime import DTYPES, autocast, compile_blocks, family_loss, resolve_device, torch_dtype
 
 MODES = ("train", "prefill", "decode")

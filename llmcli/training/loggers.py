@@ -15,6 +15,7 @@ from pathlib import Path
 from llmcli.errors import UserError
 
 LOGGERS = ("jsonl", "csv", "tensorboard")
+METRICS_FILE = "metrics.jsonl"  # the source of truth, written by the training loop
 
 
 def check_loggers(names: list[str]) -> None:
@@ -35,7 +36,7 @@ class CsvLogger:
     def __init__(self, run_dir: Path) -> None:
         self.path = run_dir / "metrics.csv"
         self.rows = []
-        jsonl = run_dir / "metrics.jsonl"  # a resumed run starts from what is already logged
+        jsonl = run_dir / METRICS_FILE  # a resumed run starts from what is already logged
         if jsonl.is_file():
             self.rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
         self.columns = list(dict.fromkeys(key for row in self.rows for key in row))

@@ -28,7 +28,7 @@ from llmcli.progress import SILENT, Progress
 from llmcli.runtime import autocast, compile_blocks, evaluate, family_loss, resolve_device, resolve_precision
 from llmcli.training.checkpoint import complete_checkpoints, is_sharded, load_checkpoint, save_checkpoint
 from llmcli.training.distributed import ShardedData
-from llmcli.training.loggers import open_loggers
+from llmcli.training.loggers import METRICS_FILE, open_loggers
 from llmcli.training.optim import make_optimizer, make_scheduler
 
 
@@ -239,14 +239,14 @@ class Trainer:
         self.history.append(record)
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            with open(self.run_dir / "metrics.jsonl", "a") as f:
+            with open(self.run_dir / METRICS_FILE, "a") as f:
                 f.write(json.dumps(record) + "\n")
             for logger in self.loggers:
                 logger.log(record)
 
     def _truncate_metrics(self) -> None:
         """After a resume, drop log lines from steps past the checkpoint (they will be redone)."""
-        path = self.run_dir / "metrics.jsonl"
+        path = self.run_dir / METRICS_FILE
         if self.is_main and path.is_file():
             kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= self.step]
             path.write_text("".join(line + "\n" for line in kept))
