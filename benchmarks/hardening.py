@@ -32,9 +32,13 @@ def main() -> None:
                           "tests/test_faults.py", "-rA"], cwd=ROOT, capture_output=True, text=True)
     summary = run.stdout.strip().splitlines()[-1]
     failed = re.findall(r"^FAILED (\S+)", run.stdout, re.M)
-    from test_faults import WRITERS
+    from test_faults import RUNS, WRITERS
 
-    fault_runs = 2 * len(WRITERS)  # two kills per writer but one for tokenizer (a first output), plus one Ctrl-C
+    # writers: Ctrl-C half way through writing, SIGKILL just before the swap (tokenizer, a first output: one
+    # SIGKILL while writing); runs: SIGKILL half way through a checkpoint and again through the final export;
+    # train: one Ctrl-C; scaling sweep: one SIGKILL and one Ctrl-C during its second run.
+    interrupts = len(WRITERS) - 1 + 1 + 1
+    kills = len(WRITERS) + 2 * len(RUNS) + 1
     lines = [header("Issue 17: bad input and faults"),
              f"`python benchmarks/hardening.py`: {summary}\n",
              "| command | bad inputs |", "|---|---:|",
@@ -43,12 +47,15 @@ def main() -> None:
              f"Each bad input: exit code 2, one `error:` line, no traceback, every input file hashed before and "
              f"after. Failed cases (inputs changed, partial outputs, tracebacks): {len(failed)}"
              f"{' - ' + ', '.join(failed) if failed else ''}.",
-             f"Faults: {fault_runs} processes stopped (SIGKILL with the new output half written and again just before "
-             f"it replaces the old one, for {', '.join(WRITERS)}; Ctrl-C during train), disk-full "
-             f"injected while quantize replaces an output and while a run checkpoints, and a second "
-             f"writer of an output that another process holds. Partial outputs left: "
-             f"{sum('kill' in f or 'tokenizer' in f for f in failed)}; resumes not bit-identical: "
-             f"{sum('ctrl_c' in f or 'checkpointing' in f for f in failed)}."]
+             f"Faults: {kills + interrupts} processes stopped at deterministic points, {kills} by SIGKILL and "
+             f"{interrupts} by Ctrl-C (SIGINT). Writers ({', '.join(WRITERS)}): Ctrl-C with the new output half "
+             f"written, SIGKILL just before it replaces the old one. Runs ({', '.join(RUNS)}): SIGKILL half way "
+             f"through the second checkpoint, resumed, SIGKILL half way through the final export, resumed again. "
+             f"train: Ctrl-C, then a resume. scaling sweep: SIGKILL and Ctrl-C during its second run, then the "
+             f"same command again. Also a disk-full error injected while quantize replaces an output and while a "
+             f"run checkpoints, and a second writer of an output that another process holds. Partial outputs "
+             f"left: {sum('kill' in f or 'sweep' in f for f in failed)}; resumes not bit-identical: "
+             f"{sum('ctrl_c' in f or 'run_killed' in f for f in failed)}."]
     record("\n".join(lines), args.no_record)
     sys.exit(run.returncode)
 

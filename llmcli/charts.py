@@ -51,6 +51,16 @@ def text_chart(series: list[Series], width: int = 60, height: int = 16, log_x: b
     return lines
 
 
+def check_png_path(path: str | Path) -> Path:
+    """A PNG can be written at `path`: checked before any long work, so a typo costs nothing."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"--png {path} is a directory; give a file name such as {path / 'chart.png'}")
+    if not path.parent.is_dir():
+        raise UserError(f"--png {path}: folder {path.parent} does not exist; create it or choose another path")
+    return path
+
+
 def write_png(path: str | Path, draw: Callable, size: tuple[float, float] = (6, 4)) -> Path:
     """draw(axes) fills one matplotlib figure, saved to `path` through a temporary file."""
     try:
@@ -60,11 +70,7 @@ def write_png(path: str | Path, draw: Callable, size: tuple[float, float] = (6, 
         import matplotlib.pyplot as plt
     except ImportError:
         raise UserError("--png needs matplotlib: pip install 'llmcli[plot]'") from None
-    path = Path(path)
-    if path.is_dir():
-        raise UserError(f"--png {path} is a directory; give a file name such as {path / 'chart.png'}")
-    if not path.parent.is_dir():
-        raise UserError(f"--png {path}: folder {path.parent} does not exist; create it or choose another path")
+    path = check_png_path(path)
     figure, axes = plt.subplots(figsize=size)
     try:
         draw(axes)

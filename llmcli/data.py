@@ -148,6 +148,11 @@ def document_stream(tokenizer, docs: list[str], special: SpecialIds | None = Non
 # ---------------------------------------------------------------- objectives
 
 
+def text_bytes_per_token(docs: list[str], tokens: torch.Tensor) -> float:
+    """UTF-8 bytes of the documents over their tokens (separators included): bits per byte's denominator."""
+    return sum(len(doc.encode("utf-8")) for doc in docs) / max(len(tokens), 1)
+
+
 def clm_example(window: torch.Tensor) -> dict[str, torch.Tensor]:
     """GPT: predict each next token. A (B, T+1) window gives T inputs and T labels."""
     return {"input_ids": window[:, :-1], "labels": window[:, 1:]}

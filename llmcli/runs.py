@@ -112,7 +112,8 @@ def write_curves_png(path: str | Path, runs: list[tuple[str, list[dict]]], log_x
     return write_png(path, draw)
 
 
-FIGURES = ("steps", "tokens", "final_loss", "best_val_loss", "best_val_perplexity", "train_time_s", "tokens_per_s")
+FIGURES = ("steps", "tokens", "final_loss", "best_val_loss", "best_val_perplexity", "best_val_bits_per_byte",
+           "train_time_s", "tokens_per_s")
 
 
 def diff_runs(a: str | Path, b: str | Path) -> dict:

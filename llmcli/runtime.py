@@ -155,6 +155,11 @@ def perplexity(loss: float) -> float:
     return math.exp(min(loss, 700))
 
 
+def bits_per_byte(loss: float, bytes_per_token: float) -> float:
+    """Nats per token -> bits per byte of text (loss / ln 2 x tokens / bytes), so tokenizers compare."""
+    return loss / math.log(2) / bytes_per_token
+
+
 @torch.no_grad()
 def evaluate(model, batches: list[dict], device: torch.device, precision: str = "fp32") -> dict:
     """Token-weighted validation loss and perplexity over a fixed set of batches."""

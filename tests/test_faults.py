@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -17,8 +18,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import one_thread
+
 TINY = ('name = "fault-gpt"\nfamily = "gpt"\nvocab_size = 320\nd_model = 32\nn_layers = 2\nn_heads = 2\n'
         'd_ff = 64\nmax_seq_len = 64\n')
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _threads():
+    yield from one_thread()  # as the children (OMP_NUM_THREADS=1), so in-process runs give the same bits
 
 
 def digest(path: Path) -> str | None:
@@ -90,24 +98,37 @@ main()
 WRITERS = ("build", "quantize", "prune", "merge", "from-hf", "to-hf", "tokenizer")
 
 
-def killed_while_writing(args, where: str, marker: Path) -> None:
-    child = subprocess.Popen([sys.executable, "-c", CHILD, marker, where, *map(str, args)], stderr=subprocess.PIPE,
-                             stdout=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+def signalled_at(child_code: str, args, where: str, marker: Path, signum=signal.SIGKILL) -> tuple[int, str]:
+    """Run `child_code` (CHILD or RUN_CHILD) until it reaches `where`, then send it `signum`; its exit code and
+    stderr."""
+    child = subprocess.Popen([sys.executable, "-c", child_code, marker, where, *map(str, args)],
+                             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
         for _ in range(2400):
             if marker.exists() or child.poll() is not None:
                 break
             time.sleep(0.05)
-        assert marker.exists(), f"the child never reached the write: {child.stderr.read().decode()[-1500:]}"
+        assert marker.exists(), f"the child never reached {where}: {child.stderr.read().decode()[-1500:]}"
+        child.send_signal(signum)
+        child.wait(timeout=60)
     finally:
         child.kill()
         child.wait()
+    return child.returncode, child.stderr.read().decode()
+
+
+def stopped_cleanly(code: int, stderr: str) -> bool:
+    """Ctrl-C: exit code 130, no traceback, and one closing line that says so (after the command's own logs)."""
+    lines = stderr.strip().splitlines()
+    return code == 130 and "Traceback" not in stderr and lines[-1].startswith("stopped") and \
+        sum(line.startswith("stopped") for line in lines) == 1
 
 
 @pytest.mark.parametrize("command", WRITERS)
-def test_a_kill_while_writing_leaves_the_old_output_and_the_next_run_completes(command, base, tmp_path, corpus):
-    """Killed with the new output half written, and again with it complete but not yet in place: the old
-    output is untouched both times (or, for a first output, absent); the next run cleans up and completes."""
+def test_a_kill_while_writing_leaves_the_old_output_and_the_next_run_completes(command, base, tmp_path, corpus, cli):
+    """Stopped by Ctrl-C with the new output half written, then killed with it complete but not yet in place: the
+    old output is untouched both times (or, for a first output, absent); the next run cleans up and completes."""
     out = tmp_path / "out"
     data = ["--data", corpus, "--seq-len", 16]
     args = {"build": ["build", base / "tiny.toml", "--out", out, "--seed", 1],
@@ -118,16 +139,22 @@ def test_a_kill_while_writing_leaves_the_old_output_and_the_next_run_completes(c
             "to-hf": ["convert", "to-hf", base / "model", out],
             "tokenizer": ["tokenizer", "train", "--data", corpus, "--vocab-size", 300, "--out", out]}[command]
     if command != "tokenizer":  # an old output to keep; a tokenizer run writes a new directory
-        assert llmcli(*args).wait() == 0
+        assert cli(*args).exit_code == 0
         args = [*args, "--force"]
     old = digest(out)
-    for where in ("write",) if command == "tokenizer" else ("write", "swap"):  # a first output has nothing to swap
-        killed_while_writing(args, where, tmp_path / f"marker-{where}")
-        assert digest(out) == old, f"killed at {where}: the output changed"
+    # a first output (tokenizer) has nothing to swap: killed while writing instead
+    faults = [("write", signal.SIGKILL)] if command == "tokenizer" else [("write", signal.SIGINT),
+                                                                         ("swap", signal.SIGKILL)]
+    for where, signum in faults:
+        code, stderr = signalled_at(CHILD, args, where, tmp_path / f"marker-{where}", signum)
+        assert digest(out) == old, f"{signum.name} at {where}: the output changed"
+        if signum == signal.SIGINT:
+            assert stopped_cleanly(code, stderr), (code, stderr)
+            assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")], "Ctrl-C left a temporary"
     leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.")]
     assert leftovers, "the kills left no temporary directory: they did not land inside the write"
-    finished = llmcli(*args)
-    assert finished.wait() == 0, finished.stderr.read().decode()
+    finished = cli(*args)
+    assert finished.exit_code == 0, finished.stderr
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")], "stale temporary directories remain"
     if command == "tokenizer":
         from tokenizers import Tokenizer
@@ -158,6 +185,107 @@ def test_ctrl_c_stops_with_a_checkpoint_and_the_resumed_run_is_bit_identical(bas
     assert resumed.wait() == 0, resumed.stderr.read().decode()
     a, b = load_file(tmp_path / "straight" / "model.safetensors"), load_file(run / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# A child run that stops half way through writing a file: "checkpoint" the second checkpoint (step-4), "export"
+# the run's own outputs after the last step (model.safetensors, or a LoRA run's adapter).
+RUN_CHILD = """
+import pathlib, sys, time
+import safetensors.torch
+import llmcli.finetune.saving as saving
+import llmcli.model_dir as m
+import llmcli.training.checkpoint as checkpoint
+marker, where = pathlib.Path(sys.argv[1]), sys.argv[2]
+
+def halved(write):
+    def half(tensors, path, *args, **kwargs):
+        result = write(tensors, path, *args, **kwargs)
+        in_checkpoint = "checkpoints" in pathlib.Path(path).parts
+        if (where == "checkpoint" and "step-4" in str(path)) or (where == "export" and not in_checkpoint):
+            target = pathlib.Path(path)
+            target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
+            marker.touch()
+            time.sleep(300)
+        return result
+    return half
+
+m.save_file, checkpoint.save_file, saving.save_file = (halved(safetensors.torch.save_file),) * 3
+from llmcli.cli import main
+sys.argv = ["llmcli", *sys.argv[3:]]
+main()
+"""
+RUNS = ("train", "finetune", "distill")
+
+
+@pytest.mark.parametrize("command", RUNS)
+def test_a_run_killed_while_checkpointing_and_exporting_resumes_bit_identically(command, base, tmp_path, corpus,
+                                                                                 cli):
+    """Killed half way through its second checkpoint, resumed, killed again half way through its final export,
+    resumed again: the run ends with the bytes of a run never interrupted, and never shows a partial file."""
+    common = ["--data", corpus, "--steps", 6, "--batch-size", 2, "--seq-len", 16, "--save-every", 2]
+    start = {"train": ["train", base / "tiny.toml"], "finetune": ["finetune", base / "model", "--method", "lora",
+                                                                  "--task", "lm"],
+             "distill": ["distill", "--teacher", base / "model", "--student-layers", 1, "--no-speed"]}[command]
+    output = "adapter/adapter.safetensors" if command == "finetune" else "model.safetensors"
+    assert cli(*start, *common, "--out", tmp_path / "straight").exit_code == 0
+    run = tmp_path / "run"
+    killed = start + [*common, "--out", run]
+    resume = {"train": start, "finetune": start[:1], "distill": ["distill", "--no-speed"]}[command] + ["--out", run,
+                                                                                                   "--resume"]
+    from llmcli.training.checkpoint import complete_checkpoints
+
+    for where, args in (("checkpoint", killed), ("export", resume)):
+        signalled_at(RUN_CHILD, args, where, tmp_path / where)
+        assert not (run / output).exists(), f"killed at {where}: a partial {output} is in place"
+        last = complete_checkpoints(run)[-1].name
+        assert last == ("step-2" if where == "checkpoint" else "step-6"), last
+    finished = cli(*resume)
+    assert finished.exit_code == 0, finished.stderr
+    assert (run / output).read_bytes() == (tmp_path / "straight" / output).read_bytes()
+
+
+# A child sweep whose run "wider-gpt" waits at its step 2 until it is stopped (Ctrl-C) or killed.
+SWEEP_CHILD = """
+import pathlib, sys, time
+import llmcli.scaling.sweep as sweep
+marker, pretrain = pathlib.Path(sys.argv[1]), sweep.pretrain
+
+def wait_at_step_2(trainer):
+    if trainer.step == 2:
+        marker.touch()
+        while not trainer.stop_requested:
+            time.sleep(0.05)
+
+def wider_run_waits(ref, data, out, *args, **kwargs):
+    waits = {"on_step": wait_at_step_2} if out.endswith("wider-gpt") else {}
+    return pretrain(ref, data, out, *args, **kwargs, **waits)
+
+sweep.pretrain = wider_run_waits
+from llmcli.cli import main
+sys.argv = ["llmcli", *sys.argv[3:]]
+main()
+"""
+
+
+def test_a_sweep_killed_or_stopped_keeps_its_finished_runs_and_completes_when_run_again(base, tmp_path, corpus, cli):
+    (tmp_path / "wider.toml").write_text(TINY.replace('"fault-gpt"', '"wider-gpt"').replace("d_model = 32",
+                                                                                            "d_model = 48"))
+    args = ["scaling", "sweep", "--models", f"{base / 'tiny.toml'},{tmp_path / 'wider.toml'}", "--tokens", 320,
+            "--batch-size", 2, "--seq-len", 16, "--data", corpus]
+    assert cli(*args, "--out", tmp_path / "straight").exit_code == 0
+    straight = (tmp_path / "straight" / "runs.jsonl").read_text().splitlines()
+    out = tmp_path / "sweep"
+    for signum in (signal.SIGKILL, signal.SIGINT):
+        code, stderr = signalled_at(SWEEP_CHILD, [*args, "--out", out], "run", tmp_path / signum.name, signum)
+        rows = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
+        assert [r["name"] for r in rows] == ["fault-gpt"], f"{signum.name}: {rows}"  # the finished run only
+        assert rows[0]["loss"] == json.loads(straight[0])["loss"]
+        if signum == signal.SIGINT:
+            assert stopped_cleanly(code, stderr) and "run the same command again" in stderr, (code, stderr)
+    finished = cli(*args, "--out", out, "--json")
+    assert finished.exit_code == 0, finished.stderr
+    assert [(r["name"], r["loss"]) for r in json.loads(finished.stdout)] == \
+        [(r["name"], r["loss"]) for r in map(json.loads, straight)]
 
 
 def _disk_full(*args, **kwargs):

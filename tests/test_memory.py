@@ -336,6 +336,17 @@ def test_measure_on_gpt_nano_is_close_to_the_estimate(cli):
                                                    / data["measured_bytes"], abs=1e-4)
 
 
+def test_png_draws_each_phase_beside_the_measured_peak(cli, tmp_path):
+    from matplotlib import image
+
+    assert cli("memory-estimate", "gpt-nano", "--png", tmp_path / "missing" / "m.png").exit_code == 2  # before work
+    result = cli("memory-estimate", "gpt-nano", "--batch-size", "2", "--seq-len", "32", "--device", "cpu",
+                 "--measure", "--png", tmp_path / "memory.png")
+    assert result.exit_code == 0, result.stderr
+    assert image.imread(tmp_path / "memory.png").shape[2] in (3, 4)
+    assert [p.name for p in tmp_path.iterdir()] == ["memory.png"]  # no temporary file left
+
+
 def test_measured_lora_training_uses_less_memory_than_full(cli):
     """Issue 7's acceptance: LoRA below full fine-tuning, in the estimate and in the measured peak."""
     figures = {}

@@ -1,6 +1,7 @@
 """`llmcli runs show`: curves and summaries read from a real short run's metrics.jsonl."""
 
 import json
+import math
 
 import pytest
 
@@ -57,6 +58,20 @@ def test_summary_counts_steps_tokens_and_the_best_validation(run_dir):
     expected = sum(32 * 2 / r["tokens_per_s"] for r in windows)  # 2 steps of 32 tokens a window
     assert row["train_time_s"] == pytest.approx(expected)
     assert row["tokens_per_s"] == pytest.approx(12 * 32 / expected)
+
+
+def test_validation_logs_bits_per_byte_of_the_held_out_text(cli, run_dir, corpus):
+    """bits/byte = loss / ln 2 / (UTF-8 bytes per token of the held-out documents), the figure eval reports."""
+    result = cli("eval", run_dir, "--data", corpus, "--json")
+    assert result.exit_code == 0, result.stderr
+    bytes_per_token = json.loads(result.stdout)["bytes_per_token"]
+    val = [r for r in lines(run_dir) if "val_loss" in r]
+    for r in val:
+        assert r["val_bits_per_byte"] == pytest.approx(r["val_loss"] / math.log(2) / bytes_per_token, rel=1e-12)
+    row = summarize(run_dir, read_metrics(run_dir))
+    assert row["best_val_bits_per_byte"] == min(val, key=lambda r: r["val_loss"])["val_bits_per_byte"]
+    table = cli("runs", "show", run_dir).stdout
+    assert "bits/B" in table and f"{row['best_val_bits_per_byte']:.3f}" in table
 
 
 def test_runs_show_prints_the_chart_and_table_and_json(cli, run_dir):

@@ -193,6 +193,23 @@ def test_bad_training_input_exits_2(tmp_path, cli, extra, message):
     result = cli("train", model_toml(tmp_path), "--out", tmp_path / "run", *extra)
     assert result.exit_code == 2, result.output
     assert message in result.stderr
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize("command", ["train", "finetune"])
+def test_force_with_a_bad_flag_keeps_the_old_run(tmp_path, corpus, cli, command):
+    """--force replaces an old run only once the new one has passed every check."""
+    pretrain(model_toml(tmp_path), corpus, str(tmp_path / "base"), TrainFlags(**FAST), log=quiet)
+    source = [model_toml(tmp_path)] if command == "train" else [tmp_path / "base", "--method", "lora",
+                                                                               "--task", "lm"]
+    common = ["--data", corpus, "--out", tmp_path / "run", "--steps", 2, "--batch-size", 2, "--seq-len", 16]
+    first = cli(command, *source, *common)
+    assert first.exit_code == 0, first.stderr
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    for bad in (["--lr", "-1"], ["--seq-len", "65"], ["--logger", "wandb"]):
+        result = cli(command, *source, *common, "--force", *bad)
+        assert result.exit_code == 2, result.output
+        assert {p.name: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == before, bad
 
 
 def test_empty_corpus_and_vocab_mismatch_exit_2(tmp_path, cli, corpus):

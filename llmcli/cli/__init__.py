@@ -21,11 +21,13 @@ from llmcli.cli import scaling as scaling_cmd
 from llmcli.cli import tokenizer as tokenizer_cmd
 from llmcli.cli import train as train_cmd
 from llmcli.cli import zoo as zoo_cmd
-from llmcli.errors import UserError
+from llmcli.errors import Stopped, UserError
 
 
 class _Group(TyperGroup):
-    """Turns UserError into exit code 2 and a one-line message (a traceback with LLMCLI_DEBUG=1)."""
+    """Turns UserError into exit code 2 and a one-line message (a traceback with LLMCLI_DEBUG=1), and Ctrl-C
+    into exit code 130 and one line: every output is written to a temporary name and swapped in whole, so an
+    interrupted command leaves each output as it was or complete."""
 
     def invoke(self, ctx):
         try:
@@ -35,6 +37,12 @@ class _Group(TyperGroup):
                 raise
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2) from None
+        except (KeyboardInterrupt, Stopped) as e:
+            if os.environ.get("LLMCLI_DEBUG") == "1":
+                raise
+            typer.echo(f"stopped: {e}" if isinstance(e, Stopped) else
+                       "stopped (Ctrl-C): every output is as it was before this command, or complete", err=True)
+            raise typer.Exit(130) from None
 
 
 app = typer.Typer(cls=_Group, no_args_is_help=True, pretty_exceptions_show_locals=False,

@@ -36,8 +36,11 @@ def bench(
     json_out: bool = typer.Option(False, "--json", help="Print JSON on stdout (every sample kept)."),
 ) -> None:
     """Throughput of training, prefill and decode, llama-bench style: median ± std over repetitions."""
+    from llmcli.charts import check_png_path
     from llmcli.profiling.bench import run_bench, write_bench_png
 
+    if png:
+        check_png_path(png)  # before the benchmark, not after it
     def progress(result) -> None:
         log(f"{result.mode} t{result.threads} b{result.batch_size} s{result.seq_len}: {result.tokens_per_s:,.0f} tok/s"
             + (f" (transformers {result.peer['tokens_per_s']:,.0f})" if result.peer else ""))

@@ -8,7 +8,7 @@ import typer
 from rich import box
 from rich.table import Table
 
-from llmcli.cli.output import console, err_console, human, print_json
+from llmcli.cli.output import console, err_console, human, log, print_json
 
 _WHAT = {
     "weights": "the parameters",
@@ -48,10 +48,15 @@ def memory_estimate(
                                             "(auto: cuda if available)."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
     measure: bool = typer.Option(False, "--measure", help="Also run the real step and report its measured peak."),
+    png: Optional[str] = typer.Option(None, help="Also draw the breakdown as stacked bars, one per phase, beside "
+                                                 "the measured peak (needs the plot extra)."),
 ) -> None:
     """Estimate memory from the config alone: weights, gradients, optimizer, activations, logits, KV cache."""
-    from llmcli.profiling.memory import estimate_memory_of
+    from llmcli.charts import check_png_path
+    from llmcli.profiling.memory import estimate_memory_of, write_memory_png
 
+    if png:
+        check_png_path(png)
     config, estimate, device = estimate_memory_of(
         model, mode, device, batch_size=batch_size, seq_len=seq_len, dtype=dtype, optimizer=optimizer,
         grad_checkpointing=grad_checkpointing, lora_rank=lora_rank, zero_stage=zero_stage, gpus=gpus,
@@ -59,6 +64,8 @@ def memory_estimate(
     result = estimate.to_dict()
     if measure:
         result.update(_measure(config, estimate, device))
+    if png:
+        log(f"wrote {write_memory_png(png, result)}")
     if json_out:
         print_json(result)
         return

@@ -37,18 +37,19 @@ def show(
     console.print("loss by step" + (" (log scale)" if log_x else ""))
     for line in text_chart(run_series(runs), log_x=log_x):
         console.print(line, highlight=False, markup=False)
-    table = Table(title="runs", title_justify="left", box=box.SIMPLE)
-    for column in ("run", "steps", "tokens", "time", "tok/s", "loss", "best val", "at step", "val ppl"):
-        table.add_column(column, justify="left" if column == "run" else "right")
+    table = Table(title="runs", title_justify="left", box=box.SIMPLE, pad_edge=False)
+    for column in ("run", "steps", "tokens", "time", "tok/s", "loss", "best val", "val ppl", "bits/B"):
+        table.add_column(column, justify="left" if column == "run" else "right", no_wrap=column != "run")
 
     def figure(value, form: str) -> str:
         return "-" if value is None else form.format(value)
 
     for r in rows:
+        best = "-" if r["best_val_loss"] is None else f"{r['best_val_loss']:.4f} @{r['best_val_step']}"
         table.add_row(Path(r["run"]).name, str(r["steps"]), figure(r["tokens"], "{:,}"),
                       figure(r["train_time_s"], "{:.1f} s"), human(r["tokens_per_s"]) if r["tokens_per_s"] else "-",
-                      figure(r["final_loss"], "{:.4f}"), figure(r["best_val_loss"], "{:.4f}"),
-                      figure(r["best_val_step"], "{}"), figure(r["best_val_perplexity"], "{:.1f}"))
+                      figure(r["final_loss"], "{:.4f}"), best, figure(r["best_val_perplexity"], "{:.1f}"),
+                      figure(r["best_val_bits_per_byte"], "{:.3f}"))
     console.print(table)
 
 

@@ -24,6 +24,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 
+from llmcli.charts import write_png
 from llmcli.config import ModelConfig, config_from_dict, resolve_config
 from llmcli.errors import UserError
 from llmcli.finetune.lora import DEFAULT_TARGETS, parse_targets
@@ -596,3 +597,32 @@ def _finish(params, trainable, breakdown, per_param, phases, per_layer, referenc
                           activations_per_layer=per_layer, reference_per_layer=reference,
                           attention_kernel=kernel, inputs=inputs, sharding=sharding, notes=notes,
                           sources={t: SOURCES[t] for t in topics})
+
+
+def write_memory_png(path, result: dict):
+    """Each phase of the estimate as a bar stacked by component, the measured peak beside it when there is one."""
+    phases = result["phases"]
+    names = [name for name in COMPONENTS + ("step_temporaries", "gathered_weights", "kept_attention_weights")
+             if any(phase.get(name) for phase in phases.values())]
+    labels = [name.replace("_", "/" if name == "forward_backward" else " ") for name in phases]
+    measured = result.get("measured_bytes")
+    inputs = result["inputs"]
+
+    def draw(axes) -> None:
+        mib = 2**20
+        xs = list(range(len(phases)))
+        bottoms = [0.0] * len(phases)
+        for name in names:
+            heights = [phase.get(name, 0) / mib for phase in phases.values()]
+            axes.bar(xs, heights, 0.6, bottom=bottoms, label=name.replace("_", " "))
+            bottoms = [b + h for b, h in zip(bottoms, heights)]
+        ticks = labels + (["measured peak"] if measured is not None else [])
+        if measured is not None:
+            axes.bar([len(phases)], [measured / mib], 0.6, color="black", label="measured")
+            axes.axhline(result["total_bytes"] / mib, color="grey", linestyle="--", linewidth=1,
+                         label="estimated peak")
+        axes.set_xticks(list(range(len(ticks))), ticks)
+        axes.set(ylabel="MiB", title=f"{inputs['model']} {inputs['mode']}: batch {inputs['batch_size']}, "
+                                     f"seq {inputs['seq_len']}, {inputs['dtype']}, {inputs['device']}")
+        axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return write_png(path, draw, size=(7.5, 4))

@@ -17,7 +17,8 @@ from typing import Callable
 
 from llmcli.config import resolve_config
 from llmcli.data import read_corpus
-from llmcli.errors import UserError
+from llmcli.model_dir import output_lock
+from llmcli.errors import Stopped, UserError
 from llmcli.profiling.counts import count, tokens_for_compute, training_compute
 from llmcli.progress import SILENT, Progress
 from llmcli.runtime import DEFAULT_SEQ_LEN
@@ -87,6 +88,12 @@ def sweep(models: list[str], out: str, tokens: str | None = None, compute: str |
                         "token; sweep models with one vocab_size and tokenizer, or pass --force")
 
     out_dir = Path(out)
+    with output_lock(out_dir):  # one sweep at a time in a directory
+        return _run_plans(plans, out_dir, data, flags, args, seq_len, several_budgets, log, progress)
+
+
+def _run_plans(plans, out_dir: Path, data, flags: TrainFlags, args: TrainArgs, seq_len: int, several_budgets: bool,
+               log: Callable, progress: Progress) -> list[dict]:
     runs_file = out_dir / RUNS_FILE
     if out_dir.exists() and any(out_dir.iterdir()) and not runs_file.is_file():
         raise UserError(f"{out_dir}: exists and is not a sweep directory (no {RUNS_FILE}); choose another --out")
@@ -111,6 +118,9 @@ def sweep(models: list[str], out: str, tokens: str | None = None, compute: str |
         start = time.perf_counter()
         summary = pretrain(plan["ref"], data, str(run_dir), flags.replace(steps=plan["steps"]), log=log,
                            progress=progress, tokenizer_dir=tokenizer_dir)
+        if summary["stopped_early"]:  # Ctrl-C: the finished runs are in runs.jsonl, this one is not
+            raise Stopped(f"{run_name} stopped at step {summary['step']} of {plan['steps']}; the {len(rows)} finished "
+                          f"runs are in {runs_file}; run the same command again to redo {run_name} and go on")
         wall = time.perf_counter() - start
         tokenizer_dir = tokenizer_dir or run_dir
         row = {"name": run_name, "model": config.name, "family": config.family, "n": plan["n"], "d": steps_tokens,

@@ -6,14 +6,13 @@ bits_per_byte = loss / ln 2 x tokens / bytes, so that models with different toke
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from llmcli.data import PretrainingData, document_stream, read_corpus, split_documents
+from llmcli.data import PretrainingData, document_stream, read_corpus, split_documents, text_bytes_per_token
 from llmcli.errors import UserError
 from llmcli.model_dir import load_model, load_tokenizer
-from llmcli.runtime import default_seq_len, evaluate, resolve_device
+from llmcli.runtime import bits_per_byte, default_seq_len, evaluate, resolve_device
 from llmcli.tokenizer import special_ids
 from llmcli.training.run import TRAINING_FILE, read_run
 
@@ -51,14 +50,8 @@ def corpus_batches(directory: Path, config, tokenizer, data: str | None, seq_len
     train_tokens, val_tokens = (document_stream(tokenizer, docs, special) for docs in (train_docs, val_docs))
     dataset = PretrainingData(config.family, train_tokens, special, tokenizer.get_vocab_size(),
                               seq_len, batch_size, seed)
-    val_bytes = sum(len(doc.encode("utf-8")) for doc in val_docs)
     return CorpusBatches(dataset, dataset.eval_batches(val_tokens, val_batches), seq_len,
-                         val_bytes / max(len(val_tokens), 1))
-
-
-def bits_per_byte(loss: float, bytes_per_token: float) -> float:
-    """Nats per token -> bits per byte of text."""
-    return loss / math.log(2) / bytes_per_token
+                         text_bytes_per_token(val_docs, val_tokens))
 
 
 def evaluate_model_dir(model_dir: str, data: str | None, seq_len: int | None, batches: int = 8,

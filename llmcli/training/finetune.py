@@ -31,8 +31,8 @@ from llmcli.progress import SILENT, Progress
 from llmcli.tokenizer import save_tokenizer, special_ids
 from llmcli.training import distributed
 from llmcli.training.loop import Trainer
-from llmcli.training.run import (TRAINING_FILE, TrainFlags, final_validation, in_processes, prepare_run_dir,
-                                 rank_log, read_run, resolve_data)
+from llmcli.training.run import (TRAINING_FILE, TrainFlags, check_run_dir, final_validation, in_processes,
+                                 rank_log, read_run, resolve_data, start_run_dir)
 
 
 DATA_HINTS = {"lm": "a .txt file, a folder of .txt files, or JSONL with a 'text' field",
@@ -108,6 +108,7 @@ def _finetune(base, data, out, flags: TrainFlags, settings, log, progress, on_st
         else:
             if base is None:
                 raise UserError("finetune needs the model directory to start from")
+            check_run_dir(run_dir, resume=False, force=flags.force)
             saved, base = None, Path(base)
             _check_base(base)
             check_outside(base, run_dir)
@@ -135,9 +136,9 @@ def _finetune(base, data, out, flags: TrainFlags, settings, log, progress, on_st
         torch.manual_seed(args.seed)  # the new modules' init
         model = attach(load_model(source), spec, num_labels)
 
-        def start_run_dir() -> None:
+        def start() -> None:
             if not flags.resume:
-                prepare_run_dir(run_dir, resume=False, force=flags.force)
+                start_run_dir(run_dir, resume=False)
                 _link_or_copy(base / WEIGHTS_FILE, run_dir / WEIGHTS_FILE)
                 write_json(run_dir / CONFIG_FILE, config.to_dict())
                 save_tokenizer(tokenizer, run_dir)
@@ -145,7 +146,7 @@ def _finetune(base, data, out, flags: TrainFlags, settings, log, progress, on_st
                                                  "args": args.to_dict(), "finetune": spec.to_dict()})
             flags.write_run_config(run_dir, args, data)
 
-        distributed.on_main(parallel, start_run_dir)
+        distributed.on_main(parallel, start)
         trainable, total = parameter_counts(model)
         trainer = Trainer(model, task.train, task.val_batches, args, run_dir, loss_fn=task.loss_fn,
                           eval_fn=task.eval_fn, on_step=on_step, progress=progress, log=log, parallel=parallel)

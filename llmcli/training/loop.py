@@ -25,7 +25,8 @@ import torch
 
 from llmcli.errors import UserError
 from llmcli.progress import SILENT, Progress
-from llmcli.runtime import autocast, compile_blocks, evaluate, family_loss, resolve_device, resolve_precision
+from llmcli.runtime import (autocast, bits_per_byte, compile_blocks, evaluate, family_loss, resolve_device,
+                            resolve_precision)
 from llmcli.training.checkpoint import complete_checkpoints, is_sharded, load_checkpoint, save_checkpoint
 from llmcli.training.distributed import ShardedData
 from llmcli.training.loggers import METRICS_FILE, open_loggers
@@ -76,6 +77,7 @@ class Trainer:
     progress: Progress = SILENT  # told the step and its figures after every step (rank 0 only)
     log: Callable[[str], None] = lambda message: None  # one-line notices (rank 0 only)
     parallel: object = None  # a distributed.Parallel under torchrun; None for one process
+    val_bytes_per_token: float | None = None  # of the held-out text: validation then logs bits per byte too
     rank: int = field(default_factory=lambda: int(os.environ.get("RANK", 0)))
     step: int = 0
     stop_requested: bool = False
@@ -225,6 +227,8 @@ class Trainer:
     def _evaluate(self, record: dict) -> None:
         metrics = self.eval_fn(self.model, self.val_batches, self.device, self.autocast)
         values = {f"val_{name}": value for name, value in metrics.items() if name != "tokens"}
+        if self.val_bytes_per_token and "loss" in metrics:
+            values["val_bits_per_byte"] = bits_per_byte(metrics["loss"], self.val_bytes_per_token)
         record.update(values)
         self._log({"step": self.step, **values})
 

@@ -14,7 +14,7 @@ from typing import Callable
 from tokenizers import Tokenizer
 
 from llmcli.config import ModelConfig, resolve_config
-from llmcli.data import PretrainingData, document_stream, read_corpus, split_documents
+from llmcli.data import PretrainingData, document_stream, read_corpus, split_documents, text_bytes_per_token
 from llmcli.errors import UserError
 from llmcli.model_dir import (TOKENIZER_FILE, check_outside, load_model, load_tokenizer, output_lock,
                               reporting_disk_full, save_model, write_json)
@@ -24,8 +24,8 @@ from llmcli.tokenizer import save_tokenizer, special_ids, train_tokenizer
 from llmcli.training import distributed
 from llmcli.training.distillation import Distillation, copy_from_teacher
 from llmcli.training.loop import Trainer
-from llmcli.training.run import (TRAINING_FILE, TrainFlags, final_validation, in_processes, prepare_run_dir,
-                                 rank_log, resolve_data)
+from llmcli.training.run import (TRAINING_FILE, TrainFlags, check_run_dir, final_validation, in_processes,
+                                 rank_log, resolve_data, start_run_dir)
 
 
 def load_or_train_tokenizer(config: ModelConfig, directories: list[Path], train_docs: list[str]):
@@ -68,7 +68,7 @@ def _pretrain(model_ref, data, out, flags: TrainFlags, log, progress, on_step, t
     with output_lock(run_dir) if main else contextlib.nullcontext():  # one writer per run directory
         if source_dir is not None and not flags.resume:
             check_outside(source_dir, run_dir)
-        saved = distributed.on_main(parallel, lambda: prepare_run_dir(run_dir, flags.resume, flags.force))
+        saved = distributed.on_main(parallel, lambda: check_run_dir(run_dir, flags.resume, flags.force))
         if flags.resume:
             config, _ = resolve_config(run_dir)  # config.json is written when a run starts
         args = flags.train_args(saved and saved.get("args"), config)
@@ -77,7 +77,7 @@ def _pretrain(model_ref, data, out, flags: TrainFlags, log, progress, on_step, t
         data = resolve_data(data, saved)
 
         train_docs, val_docs = split_documents(read_corpus(data))
-        directories = [d for d in (tokenizer_dir, run_dir, source_dir) if d is not None]
+        directories = [d for d in (tokenizer_dir, run_dir if flags.resume else None, source_dir) if d is not None]
         if parallel:  # one tokenizer, trained once, for every rank
             tokenizer = Tokenizer.from_str(distributed.on_main(
                 parallel, lambda: load_or_train_tokenizer(config, directories, train_docs).to_str()))
@@ -99,16 +99,20 @@ def _pretrain(model_ref, data, out, flags: TrainFlags, log, progress, on_step, t
         if distillation is not None and distillation.init_from_teacher and not flags.resume:
             copied = copy_from_teacher(model, distillation.teacher)
             log(f"initialised {copied} student tensors from the teacher")
-        if main:
+
+        def start() -> None:  # every check has passed: the run directory starts here
+            start_run_dir(run_dir, flags.resume)
             write_json(run_dir / "config.json", config.to_dict())
             save_tokenizer(tokenizer, run_dir)
             record = distillation.record() if distillation is not None else {}
             write_json(run_dir / TRAINING_FILE, {"model": model_name, "data": data, "args": args.to_dict(), **record})
             flags.write_run_config(run_dir, args, data)
+
+        distributed.on_main(parallel, start)
         parameters = model.num_parameters()
         loss = {"loss_fn": distillation.loss} if distillation is not None else {}
         trainer = Trainer(model, dataset, val_batches, args, run_dir, on_step=on_step, progress=progress, log=log,
-                          parallel=parallel, **loss)
+                          parallel=parallel, val_bytes_per_token=text_bytes_per_token(val_docs, val_tokens), **loss)
         if flags.resume:
             log(f"resuming {run_dir} from step {trainer.resume()}")
         where = f"{trainer.device}, {trainer.precision}"
@@ -127,6 +131,7 @@ def _pretrain(model_ref, data, out, flags: TrainFlags, log, progress, on_step, t
                 save_model(trainer.model, run_dir)
         final = final_validation(trainer.history)
         return {"run_dir": str(run_dir), **result, "val_loss": final.get("val_loss"),
-                "val_perplexity": final.get("val_perplexity"), "train_tokens": len(train_tokens),
+                "val_perplexity": final.get("val_perplexity"),
+                "val_bits_per_byte": final.get("val_bits_per_byte"), "train_tokens": len(train_tokens),
                 "val_tokens": len(val_tokens), "device": str(trainer.device), "precision": trainer.precision,
                 "family": config.family}

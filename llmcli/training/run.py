@@ -17,7 +17,7 @@ from typing import Callable, Mapping
 
 from llmcli.config import ModelConfig
 from llmcli.errors import UserError
-from llmcli.runtime import default_seq_len
+from llmcli.runtime import default_seq_len, resolve_device, resolve_precision
 from llmcli.training import distributed
 from llmcli.training.loggers import check_loggers
 from llmcli.training.loop import TrainArgs
@@ -98,6 +98,7 @@ def check_args(args: TrainArgs, config: ModelConfig) -> None:
         if getattr(args, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     check_loggers(args.logger)
+    resolve_precision(args.precision, resolve_device(args.device))  # refused before the run directory is touched
     if args.lr <= 0:
         raise UserError(f"--lr must be positive, got {args.lr}")
     if args.seq_len > config.max_seq_len:
@@ -116,17 +117,24 @@ def read_run(run_dir: Path) -> dict:
         raise UserError(f"{path}: unreadable ({e}); start a new run with --force") from None
 
 
-def prepare_run_dir(run_dir: Path, resume: bool, force: bool) -> dict | None:
-    """Check or clear the run directory; returns the saved training.json of a run being resumed."""
+def check_run_dir(run_dir: Path, resume: bool, force: bool) -> dict | None:
+    """The saved training.json of a run being resumed; refuses a new run over an old one without --force.
+    Reads only: the old run stays until start_run_dir, after every other check has passed."""
     if resume:
         return read_run(run_dir)
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not force:
-            raise UserError(f"{run_dir}: already holds a run; pass --resume to continue it, "
-                            f"--force to start over, or choose another --out")
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if run_dir.exists() and any(run_dir.iterdir()) and not force:
+        raise UserError(f"{run_dir}: already holds a run; pass --resume to continue it, "
+                        f"--force to start over, or choose another --out")
     return None
+
+
+def start_run_dir(run_dir: Path, resume: bool) -> None:
+    """An empty run directory for a new run (an old one, allowed by --force, is removed); a resume keeps its own."""
+    if resume:
+        return
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
 
 
 def resolve_data(data: str | None, saved: dict | None) -> str | None:
