@@ -3,14 +3,16 @@
 1. training step, gpt2-small, batch 4 x 256, AdamW (the same fused make_optimizer for both): llmcli vs
    transformers (its default sdpa attention);
 2. batch-1 greedy decode of --new-tokens tokens after an 8-token prompt, gpt2-small: llmcli's generate_ids
-   (KV cache) vs transformers' generate with its default dynamic cache and with its static cache;
+   (KV cache) vs transformers' generate with its default dynamic cache, with its static cache, and with its
+   static cache and its own torch.compile of the forward (compiled during the warm-up; --no-hf-compile skips it);
 3. weight-only int8 and int4 (round to nearest; groups of 128, or 64 where 128 does not divide) batch-1
    decode vs the fp32 model, on the gpt2-small shape and a Llama-style shape (smollm2-135m), random weights.
 
-fp32 on the CPU, torch's default threads (printed), no torch.compile on either side; llmcli's matrices in
-the order `llmcli generate` loads them (models.layout.store_matrices_transposed); medians of --reps
-interleaved repetitions after a warm-up, with min..max. Appends the tables to RESULTS.md.
-Usage: python benchmarks/speed.py [--reps 5] [--new-tokens 256] [--quantized-tokens 64] [--no-record]
+fp32 on the CPU, torch's default threads (printed), llmcli eager; llmcli's matrices in the order
+`llmcli generate` loads them (models.layout.store_matrices_transposed); medians of --reps interleaved
+repetitions after a warm-up, with min..max. Appends the tables to RESULTS.md.
+Usage: python benchmarks/speed.py [--reps 5] [--new-tokens 256] [--quantized-tokens 64] [--no-hf-compile]
+       [--no-record]
 """
 
 from __future__ import annotations
@@ -54,8 +56,9 @@ def ratio_row(label: str, ours: list[float], theirs: list[float], work: float) -
            f"({min(ratios):.2f}..{max(ratios):.2f}) |"
 
 
-def decode_fns(model_name: str, new_tokens: int):
-    """gpt2-small on both sides with the same weights: llmcli's cached decode, transformers' two caches."""
+def decode_fns(model_name: str, new_tokens: int, hf_compile: bool = True):
+    """gpt2-small on both sides with the same weights: llmcli's cached decode, transformers' two caches and
+    (hf_compile) its static cache with its forward torch.compile'd (compiled during the warm-up)."""
     import transformers
 
     from llmcli import load_model
@@ -75,9 +78,16 @@ def decode_fns(model_name: str, new_tokens: int):
     kwargs = dict(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=False, pad_token_id=0,
                   max_new_tokens=new_tokens, min_new_tokens=new_tokens)
 
+    # transformers compiles its forward for a static cache by itself on GPUs; on the CPU it is asked to (its
+    # flag for that), in inductor's default mode (its own default, reduce-overhead, is CUDA graphs)
+    compiled = transformers.CompileConfig(mode="default")
+    compiled._compile_all_devices = True
+
     @torch.inference_mode()
-    def hf(cache=None):
-        return theirs.generate(**kwargs, **({"cache_implementation": cache} if cache else {}))
+    def hf(cache=None, compile=False):
+        options = {"cache_implementation": cache} if cache else {}
+        return theirs.generate(**kwargs, **options, **({"compile_config": compiled} if compile else
+                                                       {"disable_compile": True}))
 
     @torch.inference_mode()
     def llmcli():
@@ -85,7 +95,11 @@ def decode_fns(model_name: str, new_tokens: int):
 
     first = llmcli()
     assert torch.equal(first, hf()[:, prompt.shape[1]:]), "the two sides do not generate the same tokens"
-    return {"llmcli": llmcli, "transformers": hf, "transformers static": lambda: hf("static")}
+    fns = {"llmcli": llmcli, "transformers": hf, "transformers static": lambda: hf("static")}
+    if hf_compile:
+        fns["transformers static compiled"] = lambda: hf("static", compile=True)
+        assert torch.equal(first, fns["transformers static compiled"]()[:, prompt.shape[1]:]), "compiled differs"
+    return fns
 
 
 def quantized_fns(model_name: str, new_tokens: int):
@@ -116,23 +130,28 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--quantized-tokens", type=int, default=64)
     parser.add_argument("--no-record", action="store_true")
+    parser.add_argument("--no-hf-compile", action="store_true", help="skip transformers' compiled static cache")
     args = parser.parse_args()
 
     _, steps = training_steps("gpt2-small", 4, 256)
     train = interleaved(steps, args.reps)
     del steps
-    decode = interleaved(decode_fns("gpt2-small", args.new_tokens), args.reps)
+    decode = interleaved(decode_fns("gpt2-small", args.new_tokens, not args.no_hf_compile), args.reps)
     lines = [header("Issue 16: llmcli vs transformers, training and decode (gpt2-small, fp32, CPU)"),
              f"Training: one forward + loss + backward + fused AdamW step, batch 4 x 256 tokens. Decode: batch 1, "
              f"an 8-token prompt then {args.new_tokens} greedy tokens (both sides generate the same tokens, "
              f"checked). Tokens/s medians of {args.reps} interleaved repetitions after a warm-up "
-             f"(min..max); the ratio is per repetition. No torch.compile on either side.\n",
+             f"(min..max); the ratio is per repetition. llmcli eager; transformers eager except where the row says "
+             f"compiled (its own torch.compile of the forward with its static cache, compiled in the warm-up).\n",
              "| case | llmcli tokens/s | transformers tokens/s | llmcli / transformers |", "|---|---:|---:|---:|",
              ratio_row("training step", train["llmcli"], train["transformers"], 4 * 256),
              ratio_row("decode, transformers' dynamic cache", decode["llmcli"], decode["transformers"],
                        args.new_tokens),
              ratio_row("decode, transformers' static cache", decode["llmcli"], decode["transformers static"],
                        args.new_tokens)]
+    if "transformers static compiled" in decode:
+        lines.append(ratio_row("decode, transformers' static cache, compiled", decode["llmcli"],
+                               decode["transformers static compiled"], args.new_tokens))
     lines += ["", f"Weight-only quantized decode against the same model in fp32: batch 1, {args.quantized_tokens} "
                   f"greedy tokens, random weights, blocks' projections quantized (RTN; int4 in groups of the largest "
                   f"of 128, 64 that divides the widths), the LM head in fp32.\n",
