@@ -49,7 +49,8 @@ def main() -> None:
              f"{' - ' + ', '.join(failed) if failed else ''}.",
              f"Faults: {kills + interrupts} processes stopped at deterministic points, {kills} by SIGKILL and "
              f"{interrupts} by Ctrl-C (SIGINT). Writers ({', '.join(WRITERS)}): Ctrl-C with the new output half "
-             f"written, SIGKILL just before it replaces the old one. Runs ({', '.join(RUNS)}): SIGKILL half way "
+             f"written, SIGKILL just before it replaces the old one (tokenizer, a first output: SIGKILL while "
+             f"writing). Runs ({', '.join(RUNS)}): SIGKILL half way "
              f"through the second checkpoint, resumed, SIGKILL half way through the final export, resumed again. "
              f"train: Ctrl-C, then a resume. scaling sweep: SIGKILL and Ctrl-C during its second run, then the "
              f"same command again. Also a disk-full error injected while quantize replaces an output and while a "
