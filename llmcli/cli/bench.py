@@ -41,6 +41,7 @@ def bench(
 
     if png:
         check_png_path(png)  # before the benchmark, not after it
+
     def progress(result) -> None:
         log(f"{result.mode} t{result.threads} b{result.batch_size} s{result.seq_len}: {result.tokens_per_s:,.0f} tok/s"
             + (f" (transformers {result.peer['tokens_per_s']:,.0f})" if result.peer else ""))

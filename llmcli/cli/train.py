@@ -55,7 +55,8 @@ def train(
             f"continue with `llmcli train {model} --out {summary['run_dir']} --resume`")
         return
     log(f"done: {summary['step']} steps, validation loss {summary['val_loss']:.4f}, "
-        f"perplexity {summary['val_perplexity']:.2f}, {summary['val_bits_per_byte']:.3f} bits/byte -> {summary['run_dir']}")
+        f"perplexity {summary['val_perplexity']:.2f}, {summary['val_bits_per_byte']:.3f} bits/byte "
+        f"-> {summary['run_dir']}")
     if summary["family"] == "gpt":
         from llmcli.generation import complete
         from llmcli.model_dir import load_model, load_tokenizer

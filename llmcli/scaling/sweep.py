@@ -3,7 +3,8 @@
 Every run is an ordinary `llmcli train` run directory under OUT; OUT/runs.jsonl gets one line per
 finished run with N (non-embedding parameters, Kaplan et al. 2020), D (training tokens), C ≈ 6·N·D,
 the wall time and the final validation loss. All runs share the first run's tokenizer, so their
-losses are per token of the same vocabulary. A sweep re-run skips the runs it already finished.
+losses are per token of the same vocabulary. A sweep re-run skips the runs it already finished; a sweep
+stopped by Ctrl-C or killed records only finished runs, and the re-run redoes the unfinished one.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from typing import Callable
 
 from llmcli.config import resolve_config
 from llmcli.data import read_corpus
-from llmcli.model_dir import output_lock
 from llmcli.errors import Stopped, UserError
+from llmcli.model_dir import output_lock
 from llmcli.profiling.counts import count, tokens_for_compute, training_compute
 from llmcli.progress import SILENT, Progress
 from llmcli.runtime import DEFAULT_SEQ_LEN
