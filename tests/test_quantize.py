@@ -177,7 +177,7 @@ def test_integer_weights_of_the_wrong_dtype_are_refused(tmp_path):
 
 
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
-@pytest.mark.parametrize("shape", [(128, 64), (768, 3072)])
+@pytest.mark.parametrize("shape", [(128, 64), (768, 3072), (128, 100)])  # 100 outputs: int4 packs rows by 16
 def test_cpu_kernels_equal_dequantize_then_matmul(scheme, shape):
     """bf16 and fp32 activations both run ATen's packed kernels (fp32 cast to bf16 and back), within bf16's
     precision of the dequantized fp32 matmul; the portable reference path is exact."""

@@ -228,11 +228,19 @@ def _fbgemm_dynamic(qweight: torch.Tensor, scales: torch.Tensor) -> Callable:
     return lambda x: torch.ops.quantized.linear_dynamic(x.float().contiguous(), packed, True)
 
 
+INT4_PACK_ROWS = 16  # ATen's int4 packing takes output features in multiples of 16
+
+
 def _int4_cpu_kernel(q: torch.Tensor, scales: torch.Tensor, group_size: int, dtype: torch.dtype) -> Callable:
-    """ATen's CPU int4 kernel computes x · ((u - 8) · scale + zero) with u in [0, 15], in its own packed layout."""
+    """ATen's CPU int4 kernel computes x · ((u - 8) · scale + zero) with u in [0, 15], in its own packed layout.
+    Output features are padded with zero rows to a multiple of 16 (a 50,257-token LM head) and cut off again."""
+    out_features = q.shape[0]
+    pad = -out_features % INT4_PACK_ROWS
+    q, scales = F.pad(q, (0, 0, 0, pad)), F.pad(scales, (0, 0, 0, pad))
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32) + 8, 2)  # inner_k_tiles = 2
     scales_and_zeros = torch.stack((scales.t(), torch.zeros_like(scales.t())), dim=-1).to(dtype).contiguous()
-    return lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), packed, group_size, scales_and_zeros)
+    return lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), packed, group_size,
+                                                                 scales_and_zeros)[:, :out_features]
 
 
 
