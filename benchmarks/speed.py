@@ -102,6 +102,9 @@ def decode_fns(model_name: str, new_tokens: int, hf_compile: bool = True):
     return fns
 
 
+QUANTIZED = ("int8", "int4", "int8+head", "int4+head")
+
+
 def quantized_fns(model_name: str, new_tokens: int):
     from llmcli.compression.quantize import quantize_model
     from llmcli.config import resolve_config
@@ -113,10 +116,10 @@ def quantized_fns(model_name: str, new_tokens: int):
     prompt = torch.randint(5, config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0))
     group = next(g for g in (128, 64, 32) if config.d_model % g == 0 and config.d_ff % g == 0)
     models = {"fp32": store_matrices_transposed(build_model(config, seed=0).eval())}
-    for scheme in ("int8", "int4"):
+    for scheme in QUANTIZED:  # "+head": `llmcli quantize --include-head`, the LM head too (the embedding stays fp32)
         model = build_model(config, seed=0).eval()
-        quantize_model(model, scheme, group_size=group)
-        models[scheme] = store_matrices_transposed(model)  # the embedding and LM head stay fp32
+        quantize_model(model, scheme.removesuffix("+head"), group_size=group, include_head=scheme.endswith("+head"))
+        models[scheme] = store_matrices_transposed(model)
 
     def decode(model):
         return torch.inference_mode()(lambda: generate_ids(model, prompt, new_tokens, temperature=0.0))
@@ -130,42 +133,49 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--quantized-tokens", type=int, default=64)
     parser.add_argument("--no-record", action="store_true")
+    parser.add_argument("--parts", default="train,decode,quantized", help="which tables to measure")
     parser.add_argument("--no-hf-compile", action="store_true", help="skip transformers' compiled static cache")
     args = parser.parse_args()
 
-    _, steps = training_steps("gpt2-small", 4, 256)
-    train = interleaved(steps, args.reps)
-    del steps
-    decode = interleaved(decode_fns("gpt2-small", args.new_tokens, not args.no_hf_compile), args.reps)
-    lines = [header("Issue 16: llmcli vs transformers, training and decode (gpt2-small, fp32, CPU)"),
-             f"Training: one forward + loss + backward + fused AdamW step, batch 4 x 256 tokens. Decode: batch 1, "
-             f"an 8-token prompt then {args.new_tokens} greedy tokens (both sides generate the same tokens, "
-             f"checked). Tokens/s medians of {args.reps} interleaved repetitions after a warm-up "
-             f"(min..max); the ratio is per repetition. llmcli eager; transformers eager except where the row says "
-             f"compiled (its own torch.compile of the forward with its static cache, compiled in the warm-up).\n",
-             "| case | llmcli tokens/s | transformers tokens/s | llmcli / transformers |", "|---|---:|---:|---:|",
-             ratio_row("training step", train["llmcli"], train["transformers"], 4 * 256),
-             ratio_row("decode, transformers' dynamic cache", decode["llmcli"], decode["transformers"],
-                       args.new_tokens),
-             ratio_row("decode, transformers' static cache", decode["llmcli"], decode["transformers static"],
-                       args.new_tokens)]
-    if "transformers static compiled" in decode:
-        lines.append(ratio_row("decode, transformers' static cache, compiled", decode["llmcli"],
-                               decode["transformers static compiled"], args.new_tokens))
-    lines += ["", f"Weight-only quantized decode against the same model in fp32: batch 1, {args.quantized_tokens} "
-                  f"greedy tokens, random weights, blocks' projections quantized (RTN; int4 in groups of the largest "
-                  f"of 128, 64 that divides the widths), the LM head in fp32.\n",
-              "| model | int4 group | fp32 tokens/s | int8 tokens/s | int8 / fp32 | int4 tokens/s | int4 / fp32 |",
-              "|---|---:|---:|---:|---:|---:|---:|"]
-    for name in ("gpt2-small", "smollm2-135m"):
-        group, fns = quantized_fns(name, args.quantized_tokens)
-        times = interleaved(fns, args.reps)
-        rates = {k: [args.quantized_tokens / t for t in v] for k, v in times.items()}
-        ratio = {k: statistics.median([f / q for f, q in zip(times["fp32"], times[k])]) for k in ("int8", "int4")}
-        lines.append(f"| {name} | {group} | {spread(rates['fp32'])} | {spread(rates['int8'])} | **{ratio['int8']:.2f}x** | "
-                     f"{spread(rates['int4'])} | **{ratio['int4']:.2f}x** |")
+    parts = args.parts.split(",")
+    lines = [header("Issue 16: llmcli vs transformers, training and decode (gpt2-small, fp32, CPU)")]
+    if "train" in parts or "decode" in parts:
+        rows = []
+        if "train" in parts:
+            _, steps = training_steps("gpt2-small", 4, 256)
+            train = interleaved(steps, args.reps)
+            del steps
+            rows.append(ratio_row("training step", train["llmcli"], train["transformers"], 4 * 256))
+        if "decode" in parts:
+            decode = interleaved(decode_fns("gpt2-small", args.new_tokens, not args.no_hf_compile), args.reps)
+            rows += [ratio_row(f"decode, transformers' {name}", decode["llmcli"], decode[key], args.new_tokens)
+                     for name, key in (("dynamic cache", "transformers"), ("static cache", "transformers static"),
+                                       ("static cache, compiled", "transformers static compiled")) if key in decode]
+        lines += [f"Training: one forward + loss + backward + fused AdamW step, batch 4 x 256 tokens. Decode: batch 1, "
+                  f"an 8-token prompt then {args.new_tokens} greedy tokens (both sides generate the same tokens, "
+                  f"checked). Tokens/s medians of {args.reps} interleaved repetitions after a warm-up "
+                  f"(min..max); the ratio is per repetition. llmcli eager; transformers eager except where the row "
+                  f"says compiled (its own torch.compile of the forward with its static cache, compiled in the "
+                  f"warm-up).\n",
+                  "| case | llmcli tokens/s | transformers tokens/s | llmcli / transformers |", "|---|---:|---:|---:|",
+                  *rows]
+    if "quantized" in parts:
+        lines += ["", f"Weight-only quantized decode against the same model in fp32: batch 1, {args.quantized_tokens} "
+                      f"greedy tokens, random weights, blocks' projections quantized (RTN; int4 in groups of the "
+                      f"largest of 128, 64 that divides the widths); the LM head in fp32, or quantized too (+head, "
+                      f"`llmcli quantize --include-head`).\n",
+                  "| model | int4 group | fp32 tokens/s | "
+                  + " | ".join(f"{q} tokens/s | {q} / fp32" for q in QUANTIZED) + " |",
+                  "|---|---:|---:|" + "---:|---:|" * len(QUANTIZED)]
+        for name in ("gpt2-small", "smollm2-135m"):
+            group, fns = quantized_fns(name, args.quantized_tokens)
+            times = interleaved(fns, args.reps)
+            rates = {k: [args.quantized_tokens / t for t in v] for k, v in times.items()}
+            ratio = {k: statistics.median([f / q for f, q in zip(times["fp32"], times[k])]) for k in QUANTIZED}
+            lines.append(f"| {name} | {group} | {spread(rates['fp32'])} | "
+                         + " | ".join(f"{spread(rates[q])} | **{ratio[q]:.2f}x**" for q in QUANTIZED) + " |")
     lines.append(f"\n`python benchmarks/speed.py --reps {args.reps} --new-tokens {args.new_tokens} "
-                 f"--quantized-tokens {args.quantized_tokens}`, {torch.get_num_threads()} threads")
+                 f"--quantized-tokens {args.quantized_tokens} --parts {args.parts}`, {torch.get_num_threads()} threads")
     record("\n".join(lines), args.no_record)
 
 
