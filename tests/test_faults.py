@@ -64,6 +64,13 @@ def base(tmp_path_factory, corpus):
     return root
 
 
+# The end of every child script below: llmcli with the arguments after the marker and the point to stop at.
+RUN_LLMCLI = """
+from llmcli.cli import main
+sys.argv = ["llmcli", *sys.argv[3:]]
+main()
+"""
+
 # A child llmcli that stops at a chosen point of writing its output, so that the kill lands exactly there:
 # "write": model.safetensors (or tokenizer.json) half written into the temporary directory;
 # "swap": the new output complete in the temporary directory, just before it is exchanged with the old one.
@@ -91,10 +98,7 @@ if where == "write":
 else:
     exchange = m._exchange
     m._exchange = lambda a, b: (pause(), exchange(a, b))[1]
-from llmcli.cli import main
-sys.argv = ["llmcli", *sys.argv[3:]]
-main()
-"""
+""" + RUN_LLMCLI
 WRITERS = ("build", "quantize", "prune", "merge", "from-hf", "to-hf", "tokenizer")
 
 
@@ -210,10 +214,7 @@ def halved(write):
     return half
 
 m.save_file, checkpoint.save_file, saving.save_file = (halved(safetensors.torch.save_file),) * 3
-from llmcli.cli import main
-sys.argv = ["llmcli", *sys.argv[3:]]
-main()
-"""
+""" + RUN_LLMCLI
 RUNS = ("train", "finetune", "distill")
 
 
@@ -261,10 +262,7 @@ def wider_run_waits(ref, data, out, *args, **kwargs):
     return pretrain(ref, data, out, *args, **kwargs, **waits)
 
 sweep.pretrain = wider_run_waits
-from llmcli.cli import main
-sys.argv = ["llmcli", *sys.argv[3:]]
-main()
-"""
+""" + RUN_LLMCLI
 
 
 def test_a_sweep_killed_or_stopped_keeps_its_finished_runs_and_completes_when_run_again(base, tmp_path, corpus, cli):

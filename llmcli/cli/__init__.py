@@ -32,14 +32,12 @@ class _Group(TyperGroup):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except UserError as e:
+        except (UserError, Stopped, KeyboardInterrupt) as e:
             if os.environ.get("LLMCLI_DEBUG") == "1":
                 raise
-            typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(2) from None
-        except (KeyboardInterrupt, Stopped) as e:
-            if os.environ.get("LLMCLI_DEBUG") == "1":
-                raise
+            if isinstance(e, UserError):
+                typer.echo(f"error: {e}", err=True)
+                raise typer.Exit(2) from None
             typer.echo(f"stopped: {e}" if isinstance(e, Stopped) else
                        "stopped (Ctrl-C): every output is as it was before this command, or complete", err=True)
             raise typer.Exit(130) from None

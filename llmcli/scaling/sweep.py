@@ -90,48 +90,45 @@ def sweep(models: list[str], out: str, tokens: str | None = None, compute: str |
 
     out_dir = Path(out)
     with output_lock(out_dir):  # one sweep at a time in a directory
-        return _run_plans(plans, out_dir, data, flags, args, seq_len, several_budgets, log, progress)
-
-
-def _run_plans(plans, out_dir: Path, data, flags: TrainFlags, args: TrainArgs, seq_len: int, several_budgets: bool,
-               log: Callable, progress: Progress) -> list[dict]:
-    runs_file = out_dir / RUNS_FILE
-    if out_dir.exists() and any(out_dir.iterdir()) and not runs_file.is_file():
-        raise UserError(f"{out_dir}: exists and is not a sweep directory (no {RUNS_FILE}); choose another --out")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    rows = [json.loads(line) for line in runs_file.read_text().splitlines() if line.strip()] \
-        if runs_file.is_file() else []
-    dataset = dataset_id(data)
-    tokenizer_dir = None
-    for index, plan in enumerate(plans, 1):
-        config = plan["config"]
-        run_name = f"{config.name}-{plan['budget']:.3g}" if several_budgets else config.name
-        run_dir = out_dir / run_name
-        steps_tokens = plan["steps"] * args.batch_size * seq_len * args.grad_accum
-        done = next((r for r in rows if r["name"] == run_name and r["d"] == steps_tokens and r["dataset"] == dataset
-                     and (run_dir / "model.safetensors").is_file()), None)
-        if done is not None:
-            log(f"[{index}/{len(plans)}] {run_name}: already done (loss {done['loss']:.4f})")
+        runs_file = out_dir / RUNS_FILE
+        if out_dir.exists() and any(out_dir.iterdir()) and not runs_file.is_file():
+            raise UserError(f"{out_dir}: exists and is not a sweep directory (no {RUNS_FILE}); choose another --out")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        rows = [json.loads(line) for line in runs_file.read_text().splitlines() if line.strip()] \
+            if runs_file.is_file() else []
+        dataset = dataset_id(data)
+        tokenizer_dir = None
+        for index, plan in enumerate(plans, 1):
+            config = plan["config"]
+            run_name = f"{config.name}-{plan['budget']:.3g}" if several_budgets else config.name
+            run_dir = out_dir / run_name
+            steps_tokens = plan["steps"] * args.batch_size * seq_len * args.grad_accum
+            done = next((r for r in rows if r["name"] == run_name and r["d"] == steps_tokens
+                         and r["dataset"] == dataset and (run_dir / "model.safetensors").is_file()), None)
+            if done is not None:
+                log(f"[{index}/{len(plans)}] {run_name}: already done (loss {done['loss']:.4f})")
+                tokenizer_dir = tokenizer_dir or run_dir
+                continue
+            log(f"[{index}/{len(plans)}] {run_name}: N {plan['n']:,}, D {steps_tokens:,} tokens "
+                f"({plan['steps']} steps), C {training_compute(plan['n'], steps_tokens):.3g} FLOPs")
+            start = time.perf_counter()
+            summary = pretrain(plan["ref"], data, str(run_dir), flags.replace(steps=plan["steps"]), log=log,
+                               progress=progress, tokenizer_dir=tokenizer_dir)
+            if summary["stopped_early"]:  # Ctrl-C: the finished runs are in runs.jsonl, this one is not
+                raise Stopped(f"{run_name} stopped at step {summary['step']} of {plan['steps']}; the {len(rows)} "
+                              f"finished runs are in {runs_file}; run the same command again to redo {run_name} "
+                              f"and go on")
+            wall = time.perf_counter() - start
             tokenizer_dir = tokenizer_dir or run_dir
-            continue
-        log(f"[{index}/{len(plans)}] {run_name}: N {plan['n']:,}, D {steps_tokens:,} tokens "
-            f"({plan['steps']} steps), C {training_compute(plan['n'], steps_tokens):.3g} FLOPs")
-        start = time.perf_counter()
-        summary = pretrain(plan["ref"], data, str(run_dir), flags.replace(steps=plan["steps"]), log=log,
-                           progress=progress, tokenizer_dir=tokenizer_dir)
-        if summary["stopped_early"]:  # Ctrl-C: the finished runs are in runs.jsonl, this one is not
-            raise Stopped(f"{run_name} stopped at step {summary['step']} of {plan['steps']}; the {len(rows)} finished "
-                          f"runs are in {runs_file}; run the same command again to redo {run_name} and go on")
-        wall = time.perf_counter() - start
-        tokenizer_dir = tokenizer_dir or run_dir
-        row = {"name": run_name, "model": config.name, "family": config.family, "n": plan["n"], "d": steps_tokens,
-               "compute": training_compute(plan["n"], steps_tokens), "steps": plan["steps"], "batch_size": args.batch_size,
-               "seq_len": seq_len, "loss": summary["val_loss"], "perplexity": summary["val_perplexity"],
-               "wall_s": round(wall, 2), "dataset": dataset, "device": summary["device"],
-               "run_dir": str(run_dir), plan["budget_kind"]: plan["budget"]}
-        rows = [r for r in rows if r["name"] != run_name] + [row]
-        _write_rows(runs_file, rows)
-    return rows
+            row = {"name": run_name, "model": config.name, "family": config.family, "n": plan["n"],
+                   "d": steps_tokens, "compute": training_compute(plan["n"], steps_tokens), "steps": plan["steps"],
+                   "batch_size": args.batch_size, "seq_len": seq_len, "loss": summary["val_loss"],
+                   "perplexity": summary["val_perplexity"], "wall_s": round(wall, 2), "dataset": dataset,
+                   "device": summary["device"],
+                   "run_dir": str(run_dir), plan["budget_kind"]: plan["budget"]}
+            rows = [r for r in rows if r["name"] != run_name] + [row]
+            _write_rows(runs_file, rows)
+        return rows
 
 
 def _write_rows(path: Path, rows: list[dict]) -> None:

@@ -138,7 +138,7 @@ def _finetune(base, data, out, flags: TrainFlags, settings, log, progress, on_st
 
         def start() -> None:
             if not flags.resume:
-                start_run_dir(run_dir, resume=False)
+                start_run_dir(run_dir)
                 _link_or_copy(base / WEIGHTS_FILE, run_dir / WEIGHTS_FILE)
                 write_json(run_dir / CONFIG_FILE, config.to_dict())
                 save_tokenizer(tokenizer, run_dir)

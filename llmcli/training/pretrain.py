@@ -101,7 +101,8 @@ def _pretrain(model_ref, data, out, flags: TrainFlags, log, progress, on_step, t
             log(f"initialised {copied} student tensors from the teacher")
 
         def start() -> None:  # every check has passed: the run directory starts here
-            start_run_dir(run_dir, flags.resume)
+            if not flags.resume:
+                start_run_dir(run_dir)
             write_json(run_dir / "config.json", config.to_dict())
             save_tokenizer(tokenizer, run_dir)
             record = distillation.record() if distillation is not None else {}

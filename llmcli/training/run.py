@@ -128,10 +128,8 @@ def check_run_dir(run_dir: Path, resume: bool, force: bool) -> dict | None:
     return None
 
 
-def start_run_dir(run_dir: Path, resume: bool) -> None:
-    """An empty run directory for a new run (an old one, allowed by --force, is removed); a resume keeps its own."""
-    if resume:
-        return
+def start_run_dir(run_dir: Path) -> None:
+    """An empty run directory for a new run (an old one, allowed by --force, is removed)."""
     if run_dir.exists():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
