@@ -4,6 +4,13 @@ from typer.testing import CliRunner
 from llmcli.config import ModelConfig, config_from_dict
 
 
+def pytest_report_header(config):
+    """The CPU and its features head the log: a failure in a kernel says which kernels could have run."""
+    from llmcli.cpu import describe_cpu
+
+    return f"cpu: {describe_cpu()}"
+
+
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory):
     """About 60 kB of the embedded corpus as a .txt file: enough text, quick to tokenize."""

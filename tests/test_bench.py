@@ -30,14 +30,41 @@ def test_bench_sweeps_threads_and_every_row_says_where_it_was_measured(cli):
     rows = json.loads(result.stdout)
     assert [(r["threads"], r["mode"]) for r in rows] == [(1, "prefill"), (1, "decode"), (2, "prefill"), (2, "decode")]
     for row in rows:
-        assert {"llmcli_version", "git_commit", "torch_version", "device", "device_name", "cpu_model", "threads",
-                "timestamp"} <= set(row["provenance"])
+        assert {"llmcli_version", "git_commit", "torch_version", "device", "device_name", "cpu_model", "cpu_features",
+                "torch_cpu_dispatch", "threads", "timestamp"} <= set(row["provenance"])
         assert row["provenance"]["threads"] == row["threads"] and len(row["samples_s"]) == 3
         rates = sorted(row["tokens_per_rep"] / s for s in row["samples_s"])
         assert row["tokens_per_s"] == pytest.approx(rates[1])  # the median of three
     decode = [r for r in rows if r["mode"] == "decode"]
     assert all(0 < r["ttft_s"] < sum(r["samples_s"]) / 3 for r in decode)  # one token costs less than eight
     assert all(r["ttft_s"] is None for r in rows if r["mode"] != "decode")
+
+
+def test_cpu_features_are_read_from_the_machine(monkeypatch):
+    """The features named in provenance are the CPU's own flags (as /proc/cpuinfo lists them), by their usual names;
+    torch's dispatch level follows ATEN_CPU_CAPABILITY."""
+    import subprocess
+    import sys
+
+    from llmcli import cpu
+
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset({"fpu", "avx2", "fma", "avx512f", "avx512_vnni"}))
+    assert cpu.cpu_features() == ["AVX2", "FMA", "AVX-512", "AVX-512-VNNI"]
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset({"avx2", "amx_tile", "amx_bf16", "avx512_bf16"}))
+    assert cpu.cpu_features() == ["AVX2", "AVX-512-BF16", "AMX", "AMX-BF16"]
+    child = subprocess.run([sys.executable, "-c", "from llmcli.cpu import describe_cpu; print(describe_cpu())"],
+                           capture_output=True, text=True, env={**__import__("os").environ,
+                                                                "ATEN_CPU_CAPABILITY": "default"})
+    assert child.stdout.strip().endswith("torch dispatch DEFAULT"), child.stderr
+
+
+def test_default_lengths_leave_out_those_above_the_context(cli):
+    """gpt-nano holds 256 positions: the default 512 is left out with a note, not an error; asked for, it is one."""
+    result = cli("bench", "gpt-nano", "--mode", "decode", "--batch-size", "1", "--reps", "1", "--warmup", "1",
+                 "--device", "cpu", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert [r["seq_len"] for r in json.loads(result.stdout)] == [128]
+    assert "--seq-len 512 left out: above gpt-nano's max_seq_len (256" in result.stderr
 
 
 def test_compare_with_transformers_adds_the_peer(cli):

@@ -4,6 +4,7 @@ instruction tuning masks the prompt, adapters and prompt tuning keep the base fr
 from __future__ import annotations
 
 import json
+import math
 import random
 
 import pytest
@@ -343,3 +344,68 @@ def test_config_replays_a_finetuning_run_bit_identically(tmp_path, cli, gpt_base
     from llmcli.training.replay import read_run_config
 
     assert read_run_config(tmp_path / "a") == read_run_config(tmp_path / "b")
+
+
+@pytest.fixture(scope="module")
+def quantized_base(tmp_path_factory, gpt_base) -> str:
+    """gpt_base with int4 weights (groups of 32), written as `llmcli quantize` writes it."""
+    import shutil
+
+    from llmcli.compression.quantize import quantize_model
+    from llmcli.model_dir import QUANTIZATION_FILE, write_json
+
+    out = tmp_path_factory.mktemp("bases") / "int4"
+    out.mkdir()
+    model = load_model(gpt_base)
+    spec, _ = quantize_model(model, "int4", 32)
+    save_model(model, out)
+    write_json(out / QUANTIZATION_FILE, spec)
+    shutil.copyfile(f"{gpt_base}/tokenizer.json", out / "tokenizer.json")
+    return str(out)
+
+
+def test_lora_on_a_quantized_model_learns_with_its_integers_frozen(tmp_path, quantized_base, gpt_base, cls_data,
+                                                                    probe):
+    """QLoRA: the int4 weights stay as stored, gradients flow through them to the LoRA factors below; the
+    adapter reloads exactly, refuses to fold into integers, and folds into the full-precision base instead."""
+    from llmcli.errors import UserError
+    from llmcli.models.quantized import QuantizedLinear
+
+    out, final = tmp_path / "qlora", {}
+
+    def keep_outputs(trainer):
+        if trainer.step == trainer.args.steps:
+            final["logits"] = outputs(trainer.model, probe)
+            trainer.model.train()
+
+    summary = finetune(quantized_base, cls_data, str(out), TrainFlags(**{**FAST, "steps": 60, "lr": 5e-3}),
+                       {"method": "lora", "task": "classify", "lora_rank": 4, "lora_alpha": 8},
+                       on_step=keep_outputs, log=quiet)
+    assert summary["val_accuracy"] >= 0.8, summary  # chance: 0.5
+    assert load_file(out / "model.safetensors").keys() == load_file(f"{quantized_base}/model.safetensors").keys()
+    for name, tensor in load_file(out / "model.safetensors").items():
+        assert torch.equal(tensor, load_file(f"{quantized_base}/model.safetensors")[name])
+    adapted = load_finetuned(out)
+    assert isinstance(language_model(adapted).decoder.blocks[0].attn.q_proj.base, QuantizedLinear)
+    assert torch.equal(outputs(adapted, probe), final["logits"])
+
+    with pytest.raises(UserError, match="trained on a quantized \\(int4\\) model.*--base FULL_PRECISION_DIR"):
+        merge(out, tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
+    merge(out, tmp_path / "merged", base=gpt_base)  # the same LoRA on the float weights it approximates
+    merged = outputs(load_finetuned(tmp_path / "merged"), probe)
+    assert (merged - final["logits"]).norm() < 0.1 * final["logits"].norm()
+
+
+@pytest.mark.parametrize("method", ["adapter", "prompt"])
+def test_adapters_and_prompts_train_on_a_quantized_model(tmp_path, quantized_base, cls_data, method):
+    summary = finetune(quantized_base, cls_data, str(tmp_path / method), TrainFlags(**{**FAST, "steps": 4}),
+                       {"method": method, "task": "classify"}, log=quiet)
+    assert summary["step"] == 4 and 0 < summary["trainable_share"] < 0.5 and math.isfinite(summary["val_loss"])
+
+
+def test_full_fine_tuning_of_a_quantized_model_is_refused(tmp_path, quantized_base, cls_data, cli):
+    result = cli("finetune", quantized_base, "--method", "full", "--task", "classify", "--data", cls_data,
+                 "--out", tmp_path / "full")
+    assert result.exit_code == 2 and "is quantized (int4), and --method full would train its integer" in result.stderr
+    assert "Traceback" not in result.output and not (tmp_path / "full").exists()

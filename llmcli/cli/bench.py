@@ -23,7 +23,8 @@ def bench(
     model: str = typer.Argument(..., help="Zoo name, TOML file or model directory."),
     mode: str = typer.Option("train,prefill,decode", help="Comma-separated: train, prefill, decode."),
     batch_size: str = typer.Option("1,8", help="Comma-separated batch sizes."),
-    seq_len: str = typer.Option("128,512", help="Comma-separated sequence lengths (decode: new tokens)."),
+    seq_len: str = typer.Option(None, help="Comma-separated sequence lengths (decode: new tokens) "
+                                           "(default: 128,512, those that fit the model's context)."),
     dtype: str = typer.Option("fp32", help="fp32, bf16 or fp16 (train: mixed precision)."),
     device: str = typer.Option("auto", help="cpu, cuda or cuda:N."),
     reps: int = typer.Option(5, help="Timed repetitions per case (the median is reported, with the spread)."),
@@ -37,6 +38,7 @@ def bench(
 ) -> None:
     """Throughput of training, prefill and decode, llama-bench style: median ± std over repetitions."""
     from llmcli.charts import check_png_path
+    from llmcli.cpu import describe_cpu
     from llmcli.profiling.bench import run_bench, write_bench_png
 
     if png:
@@ -46,7 +48,8 @@ def bench(
         log(f"{result.mode} t{result.threads} b{result.batch_size} s{result.seq_len}: {result.tokens_per_s:,.0f} tok/s"
             + (f" (transformers {result.peer['tokens_per_s']:,.0f})" if result.peer else ""))
 
-    results, peaks = run_bench(model, mode.split(","), _ints(batch_size, "--batch-size"), _ints(seq_len, "--seq-len"),
+    seq_lens = _ints(seq_len, "--seq-len") if seq_len else None
+    results, peaks = run_bench(model, mode.split(","), _ints(batch_size, "--batch-size"), seq_lens,
                                dtype, device, reps, warmup, compare, on_result=progress,
                                threads=_ints(threads, "--threads") if threads else None, compile=compile, log=log)
     if png:
@@ -55,7 +58,8 @@ def bench(
         print_json([{**r.to_dict(), "machine": peaks} for r in results])
         return
     log(f"machine: matmul {peaks['matmul_flops'] / 1e9:,.0f} GFLOP/s ({peaks['matmul_dtype']}), "
-        f"copy {peaks['copy_bytes_per_s'] / 1e9:,.1f} GB/s, {peaks['device']}")
+        f"copy {peaks['copy_bytes_per_s'] / 1e9:,.1f} GB/s, {peaks['device']}"
+        + (f"; {describe_cpu()}" if peaks["device"] == "cpu" else ""))
     table = Table(box=box.MARKDOWN, title=f"llmcli bench {model} ({dtype}, {results[0].device if results else device})")
     columns = ["mode", "threads", "batch", "seq", "tokens/s", "ms/step", "TTFT ms", "peak mem", "FLOP util", "GB/s"]
     if any(r.mfu is not None for r in results):

@@ -45,9 +45,9 @@ def add_adapters(model: nn.Module, size: int) -> int:
     in_model = list(blocks(model).values())
     for block in in_model:
         d_model = block.attn.o_proj.out_features
-        weight = block.attn.o_proj.weight
-        block.attn_adapter = Adapter(d_model, size).to(weight.device, weight.dtype)
-        block.ff_adapter = Adapter(d_model, size).to(weight.device, weight.dtype)
+        like = next(p for p in block.parameters() if p.is_floating_point())  # o_proj may hold integers
+        block.attn_adapter = Adapter(d_model, size).to(like.device, like.dtype)
+        block.ff_adapter = Adapter(d_model, size).to(like.device, like.dtype)
         block.attn.register_forward_hook(block.attn_adapter.hook)
         block.ff.register_forward_hook(block.ff_adapter.hook)
     return 2 * len(in_model)

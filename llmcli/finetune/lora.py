@@ -15,21 +15,27 @@ import torch.nn.functional as F
 
 from llmcli.errors import UserError
 from llmcli.models.layout import PROJECTIONS, block_linears, set_submodule
+from llmcli.models.quantized import QuantizedLinear
 
 DEFAULT_TARGETS = ("q", "v")  # Hu et al. 2021, sec. 7.1: adapting W_q and W_v works best for a fixed budget
 
 
 class LoRALinear(nn.Module):
-    """A frozen linear layer plus a trained low-rank update."""
+    """A frozen linear layer plus a trained low-rank update. The frozen layer may be a QuantizedLinear (QLoRA,
+    Dettmers et al. 2023): it is then kept whole as `base`, its integers untouched, the update in float."""
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float) -> None:
+    def __init__(self, base: nn.Linear | QuantizedLinear, rank: int, alpha: float, dropout: float) -> None:
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight = base.weight
-        self.register_parameter("bias", base.bias)
+        if isinstance(base, QuantizedLinear):
+            self.base, self.weight, self.bias = base, None, None
+            like = dict(device=base.scales.device, dtype=base.scales.dtype)
+        else:
+            self.base, self.weight = None, base.weight
+            self.register_parameter("bias", base.bias)
+            like = dict(device=base.weight.device, dtype=base.weight.dtype)
         self.rank, self.alpha = rank, alpha
         self.scaling = alpha / rank
-        like = dict(device=base.weight.device, dtype=base.weight.dtype)
         self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, **like))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, **like))  # zero: training starts at W
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear's own init (and the paper's code)
@@ -37,13 +43,16 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         update = F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)
-        return F.linear(x, self.weight, self.bias) + self.scaling * update
+        frozen = self.base(x) if self.base is not None else F.linear(x, self.weight, self.bias)
+        return frozen + self.scaling * update
 
     def delta_weight(self) -> torch.Tensor:
         """(alpha / r) · B A, the (out × in) update that merging adds to W."""
         return self.scaling * (self.lora_B @ self.lora_A)
 
     def merged(self) -> nn.Linear:
+        if self.base is not None:
+            raise ValueError("a quantized base has no float weight to fold the update into")
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                            device=self.weight.device, dtype=self.weight.dtype)
         with torch.no_grad():
@@ -70,7 +79,7 @@ def parse_targets(text: str | list[str]) -> list[str]:
 def lora_sites(model: nn.Module, targets: list[str]) -> dict[str, nn.Module]:
     """Every target projection by name, in self- and cross-attention and feed-forward."""
     sites = {name: layer for name, layer in block_linears(model, targets).items()
-             if isinstance(layer, (nn.Linear, LoRALinear))}
+             if isinstance(layer, (nn.Linear, QuantizedLinear, LoRALinear))}
     found = {name.rsplit(".", 1)[-1] for name in sites}
     missing = [t for t in targets if PROJECTIONS[t] not in found]
     if missing:

@@ -28,8 +28,8 @@ from llmcli.errors import UserError
 from llmcli.finetune.heads import language_model
 from llmcli.finetune.lora import merge_lora
 from llmcli.finetune.methods import FinetuneSpec, adapter_tensors, attach
-from llmcli.model_dir import (TOKENIZER_FILE, atomic_output_dir, check_outside, load_model, read_safetensors,
-                              save_model, write_json)
+from llmcli.model_dir import (TOKENIZER_FILE, atomic_output_dir, check_outside, load_model, read_quantization_spec,
+                              read_safetensors, save_model, write_json)
 
 ADAPTER_DIR = "adapter"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -159,6 +159,11 @@ def merge(directory: str | Path, out: str | Path, base: str | Path | None = None
     if method in MERGE_REFUSALS:
         raise UserError(f"{directory}: --method {method} {MERGE_REFUSALS[method]}; only LoRA merges into the "
                         f"weights. Load it with llmcli.finetune.load_finetuned instead")
+    quantized = read_quantization_spec(Path(base) if base else directory)
+    if quantized is not None:
+        raise UserError(f"{directory}: its LoRA was trained on a quantized ({quantized.get('scheme')}) model, and "
+                        f"folding it into integer weights would round the update away; merge it into the model "
+                        f"before quantization: `llmcli merge {directory} --base FULL_PRECISION_DIR --out DIR`")
     for source in (directory, *([base] if base else [])):
         check_outside(source, out)
     model = load_finetuned(directory, base)

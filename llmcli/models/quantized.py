@@ -15,6 +15,8 @@ torch 2.13, on a shared machine so ±50%):
 - int8, int4 otherwise (fp32 on CPU, CUDA): the integers become floats in forward, one layer at a time (int8:
   x·qᵀ then the per-channel scales, about 1 ms; int4: the dequantized weight, about 5 ms). The price of storing
   4-8x less: on CPU in fp32 this is slower than the fp32 model.
+- Training through the layer (its integers frozen, e.g. LoRA on a quantized model): always the int8/int4 path above
+  in float activations, which passes gradients to the activations; the packed kernels have no backward.
 - int8-dynamic on CPU: fbgemm's `quantized.linear_dynamic` (activations quantized per call to 7 bits), prepacked
   once per layer from the stored int8 weights: about 0.14 ms decode, 10 ms for 128 tokens (fp32 dense: 0.2-0.8 ms,
   12-19 ms). Elsewhere activations are quantized per token to int8 and multiplied with `torch._int_mm` on CUDA,
@@ -130,8 +132,11 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        fast = self._fast_path(rows)
-        out = fast(rows).to(x.dtype) if fast is not None else self._reference(rows)
+        if torch.is_grad_enabled() and rows.requires_grad:  # training through a frozen quantized layer (QLoRA)
+            out = self._weight_only(rows)
+        else:
+            fast = self._fast_path(rows)
+            out = fast(rows).to(x.dtype) if fast is not None else self._reference(rows)
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)
         return out.reshape(*x.shape[:-1], self.out_features)
@@ -140,6 +145,12 @@ class QuantizedLinear(nn.Module):
         """The portable path: integers become floats of the activations' dtype, one layer at a time."""
         if self.scheme == "int8-dynamic":
             return self._dynamic_reference(rows)
+        return self._weight_only(rows)
+
+    def _weight_only(self, rows: torch.Tensor) -> torch.Tensor:
+        """Float activations times the dequantized weight: differentiable in the activations, so gradients flow
+        through a frozen quantized layer to the trained ones below it. int8-dynamic trains this way too (rounding
+        its activations would pass no gradient)."""
         if self.bits == 8:  # one scale per output channel: scale the outputs, not the weight (2x faster)
             return F.linear(rows, self.qweight.to(rows.dtype)) * self.scales[:, 0].to(rows.dtype)
         return F.linear(rows, self.dequantized_weight(rows.dtype))  # dequantize this one layer's weight
@@ -158,18 +169,22 @@ class QuantizedLinear(nn.Module):
 
     def _fast_path(self, rows: torch.Tensor) -> Callable | None:
         """The prepared CPU kernel for these activations, or None for the reference path. Prepared once per
-        (device, dtype, weights) and kept only if it agrees with the reference on a probe input and is not
-        slower than it there (a single-token row, the decode case)."""
+        (device, dtype, weights): its operands are made to meet the kernel's assumptions first, and the kernel is
+        kept only if it agrees with the reference on a probe input and is not slower than it there (a
+        single-token row, the decode case)."""
         if rows.device.type != "cpu" or rows.dtype not in (torch.float32, torch.bfloat16):
             return None
         if self.scheme == "int8-dynamic" and not _fbgemm_available():
             return None
+        self.qweight = aligned(self.qweight)  # a weight read from a file sits wherever the file put it
         key = (rows.device, rows.dtype, self.qweight.data_ptr(), self.scales.data_ptr())
         if self._kernel is None or self._kernel[0] != key:
             self._kernel = (key, self._prepare_kernel(rows.dtype))
         return self._kernel[1]
 
     def _prepare_kernel(self, dtype: torch.dtype) -> Callable | None:
+        if self.kernel_misfit() is not None:
+            return None
         try:
             fn = self._kernel_for(dtype)
             probe = torch.randn(2, self.in_features, generator=torch.Generator().manual_seed(0)).to(dtype)
@@ -183,14 +198,30 @@ class QuantizedLinear(nn.Module):
         ok = (got - want).norm() <= 0.05 * want.norm() + 1e-6
         return fn if ok and faster else None
 
+    def kernel_misfit(self) -> str | None:
+        """Why this layer's packed CPU kernel cannot run safely, or None. These are the assumptions the kernels'
+        x86 code makes without checking them (PyTorch 2.13, aten/src/ATen/native/cpu/int8mm_kernel.cpp and
+        int4mm_kernel.cpp); breaking one reads out of bounds (a wrong result, or SIGSEGV). Operands are made
+        contiguous and 64-byte aligned by `aligned`, which covers the aligned vector loads."""
+        if self.scheme == "int8-dynamic":
+            return None  # fbgemm packs the weight into its own buffers and quantizes activations into its own
+        if self.bits == 8 and self.in_features % INT8_KERNEL_K_STEP:
+            return (f"{self.in_features} input features: ATen's int8 kernel reads {INT8_KERNEL_K_STEP} at a time "
+                    f"with no remainder loop")
+        if self.bits == 4 and (self.group_size not in INT4_KERNEL_GROUP_SIZES or self.in_features % self.group_size):
+            return f"group size {self.group_size} of {self.in_features} input features: ATen's int4 kernel " \
+                   f"takes whole groups of {'/'.join(map(str, INT4_KERNEL_GROUP_SIZES))}"
+        return None
+
     def _kernel_for(self, dtype: torch.dtype) -> Callable:
         """ATen's packed CPU kernels run bf16 activations (their x86 code for fp32 is scalar): fp32 ones are
-        cast to bf16 and back, which costs bf16's rounding (about 0.3% relative) and runs 2-25x faster."""
+        cast to bf16 and back, which costs bf16's rounding (about 0.3% relative) and runs 2-25x faster. Every
+        operand reaches a kernel through `aligned` (activations too: a row of a larger tensor may start anywhere)."""
         if self.scheme == "int8-dynamic":
             return _fbgemm_dynamic(self.qweight, self.scales[:, 0])
         if self.bits == 8:
             qweight, scales = self.qweight, self.scales[:, 0].to(torch.bfloat16).contiguous()
-            kernel = lambda x: torch.ops.aten._weight_int8pack_mm(x.contiguous(), qweight, scales)  # noqa: E731
+            kernel = lambda x: torch.ops.aten._weight_int8pack_mm(aligned(x), qweight, scales)  # noqa: E731
         else:
             kernel = _int4_cpu_kernel(self.int_weight(), self.scales, self.group_size, torch.bfloat16)
         if dtype == torch.bfloat16:
@@ -199,6 +230,20 @@ class QuantizedLinear(nn.Module):
 
 
 KERNEL_MARGIN = 1.5  # a kernel is dropped only when clearly slower: timing noise must not flip the choice
+KERNEL_ALIGNMENT = 64  # bytes: a cache line; ATen's int8 kernel loads 32 bytes of activations and 16 of weight aligned
+INT8_KERNEL_K_STEP = 16  # input features per step of ATen's AVX-512 int8 loop (8 in its AVX2 one)
+INT4_KERNEL_GROUP_SIZES = (32, 64, 128, 256)
+
+
+def aligned(t: torch.Tensor) -> torch.Tensor:
+    """`t` itself if it is contiguous and starts on a 64-byte boundary, else such a copy. Tensors read from a
+    safetensors file start wherever the file puts them (llmcli's own files: 8 bytes past a boundary)."""
+    if t.is_contiguous() and t.data_ptr() % KERNEL_ALIGNMENT == 0:
+        return t
+    nbytes = t.numel() * t.element_size()
+    buffer = torch.empty(nbytes + KERNEL_ALIGNMENT, dtype=torch.uint8, device=t.device)
+    start = -buffer.data_ptr() % KERNEL_ALIGNMENT
+    return buffer[start:start + nbytes].view(t.dtype).view(t.shape).copy_(t)
 
 
 def _seconds(fn: Callable, x: torch.Tensor, repeats: int = 5) -> float:
@@ -225,7 +270,7 @@ def _fbgemm_dynamic(qweight: torch.Tensor, scales: torch.Tensor) -> Callable:
         weight = torch._make_per_channel_quantized_tensor(qweight, scales.double(), zero_points, 0)
         packed = torch.ops.quantized.linear_prepack(weight, None)
     # reduce_range: 7-bit activations, or fbgemm's u8·s8 pair sums saturate int16 (measured: 10% error, not 2%)
-    return lambda x: torch.ops.quantized.linear_dynamic(x.float().contiguous(), packed, True)
+    return lambda x: torch.ops.quantized.linear_dynamic(aligned(x.float()), packed, True)
 
 
 INT4_PACK_ROWS = 16  # ATen's int4 packing takes output features in multiples of 16
@@ -239,7 +284,7 @@ def _int4_cpu_kernel(q: torch.Tensor, scales: torch.Tensor, group_size: int, dty
     q, scales = F.pad(q, (0, 0, 0, pad)), F.pad(scales, (0, 0, 0, pad))
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32) + 8, 2)  # inner_k_tiles = 2
     scales_and_zeros = torch.stack((scales.t(), torch.zeros_like(scales.t())), dim=-1).to(dtype).contiguous()
-    return lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), packed, group_size,
+    return lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(aligned(x), packed, group_size,
                                                                  scales_and_zeros)[:, :out_features]
 
 

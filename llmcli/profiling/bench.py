@@ -31,6 +31,7 @@ from llmcli.runtime import DTYPES, autocast, compile_blocks, family_loss, resolv
 
 MODES = ("train", "prefill", "decode")
 DECODE_PROMPT = 8  # decode cases start from a prompt this long, then generate seq_len tokens
+DEFAULT_SEQ_LENS = (128, 512)
 # Dense bf16 peak of known accelerators, for MFU (vendor datasheets).
 GPU_PEAK_FLOPS = {"H200": 989.4e12, "H100": 989.4e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
 
@@ -188,13 +189,17 @@ def load_peer(model_dir: Path, family: str, device: torch.device):
 # ---------------------------------------------------------------- the matrix
 
 
-def run_bench(model_ref: str, modes: list[str], batch_sizes: list[int], seq_lens: list[int], dtype: str = "fp32",
+def run_bench(model_ref: str, modes: list[str], batch_sizes: list[int], seq_lens: list[int] | None,
+              dtype: str = "fp32",
               device: str = "auto", reps: int = 5, warmup: int = 2, compare: str | None = None,
               on_result: Callable[[BenchResult], None] | None = None, threads: list[int] | None = None,
               compile: bool = False, log: Callable[[str], None] = print) -> tuple[list[BenchResult], dict]:
-    """The matrix of modes x batch sizes x lengths (x thread counts); returns the rows and the machine's peaks."""
+    """The matrix of modes x batch sizes x lengths (x thread counts); returns the rows and the machine's peaks.
+    seq_lens None: the default lengths that fit the model's context."""
     config, directory = resolve_config(model_ref)
     target = resolve_device(device)
+    if seq_lens is None:
+        seq_lens = default_seq_lens(config, modes, log)
     _check_matrix(config, modes, batch_sizes, seq_lens, dtype, target, reps, warmup, compare)
     if threads is not None and (not threads or any(t <= 0 for t in threads)):
         raise UserError(f"--threads {','.join(map(str, threads))}: give positive thread counts, e.g. 1,2")
@@ -227,6 +232,17 @@ def run_bench(model_ref: str, modes: list[str], batch_sizes: list[int], seq_lens
     finally:
         torch.set_num_threads(default_threads)
     return results, peaks
+
+
+def default_seq_lens(config, modes: list[str], log: Callable[[str], None]) -> list[int]:
+    """DEFAULT_SEQ_LENS without the lengths above the model's context (said once), or the longest that fits."""
+    room = config.max_seq_len - (DECODE_PROMPT if "decode" in modes else 0)
+    fits = [s for s in DEFAULT_SEQ_LENS if s <= room]
+    if len(fits) < len(DEFAULT_SEQ_LENS):
+        log(f"--seq-len {','.join(str(s) for s in DEFAULT_SEQ_LENS if s > room)} left out: above {config.name}'s "
+            f"max_seq_len ({config.max_seq_len}" + (f", less the {DECODE_PROMPT}-token decode prompt)" if
+                                                    "decode" in modes else ")"))
+    return fits or [room]
 
 
 def _check_matrix(config, modes, batch_sizes, seq_lens, dtype, device, reps, warmup, compare) -> None:

@@ -1,4 +1,4 @@
-"""Where a measurement was made: llmcli and torch versions, git commit, device, CPU, threads, time.
+"""Where a measurement was made: llmcli and torch versions, git commit, device, CPU and its features, threads, time.
 
 Every bench row carries this, so that a figure copied out of its run still says how it was obtained.
 """
@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import datetime
 import functools
-import platform
 import subprocess
 from pathlib import Path
 
 import torch
 
 from llmcli import __version__
+from llmcli.cpu import aten_capability, cpu_features, cpu_model
 
 
 @functools.lru_cache(maxsize=1)
@@ -34,21 +34,10 @@ def git_commit() -> str | None:
     return commit.stdout.strip() + ("+" if dirty.stdout.strip() else "")
 
 
-@functools.lru_cache(maxsize=1)
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def provenance(device: torch.device) -> dict:
     return {"llmcli_version": __version__, "git_commit": git_commit(), "torch_version": torch.__version__,
             "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model(),
-            "cpu_model": cpu_model(), "threads": torch.get_num_threads(),
+            "cpu_model": cpu_model(), "cpu_features": cpu_features(),
+            "torch_cpu_dispatch": aten_capability(), "threads": torch.get_num_threads(),
             "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}

@@ -25,8 +25,8 @@ from llmcli.finetune.methods import METHODS, FinetuneSpec, attach, parameter_cou
 from llmcli.finetune.peft_export import PEFT_DIR, export_peft, peft_blocker
 from llmcli.finetune.saving import read_adapter_config, save_adapter
 from llmcli.finetune.tasks import TASKS, build_task
-from llmcli.model_dir import (CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, check_outside, load_model, load_tokenizer,
-                              output_lock, save_model, write_json)
+from llmcli.model_dir import (CONFIG_FILE, QUANTIZATION_FILE, TOKENIZER_FILE, WEIGHTS_FILE, check_outside, load_model,
+                              load_tokenizer, output_lock, read_quantization_spec, save_model, write_json)
 from llmcli.progress import SILENT, Progress
 from llmcli.tokenizer import save_tokenizer, special_ids
 from llmcli.training import distributed
@@ -40,7 +40,7 @@ DATA_HINTS = {"lm": "a .txt file, a folder of .txt files, or JSONL with a 'text'
               "classify": "JSONL with 'text' and 'label' fields"}
 
 
-def _check_base(base: Path) -> None:
+def _check_base(base: Path, method: str) -> None:
     _, directory = resolve_config(base)
     if directory is None:
         raise UserError(f"{base}: fine-tuning starts from a trained model directory (config.json, model.safetensors, "
@@ -48,6 +48,11 @@ def _check_base(base: Path) -> None:
                         f"`llmcli convert from-hf`")
     if not (base / TOKENIZER_FILE).is_file():
         raise UserError(f"{base}: no {TOKENIZER_FILE}; fine-tuning needs the tokenizer the model was trained with")
+    quantized = read_quantization_spec(base)
+    if quantized is not None and method == "full":
+        raise UserError(f"{base}: is quantized ({quantized.get('scheme')}), and --method full would train its integer "
+                        f"weights; fine-tune the full-precision model and quantize after, or train lora, adapter or "
+                        f"prompt on this one (its integers stay frozen)")
     adapter = read_adapter_config(base)
     if adapter is not None and adapter["method"] != "full":  # after full fine-tuning, adapter/ holds only a head
         raise UserError(f"{base}: holds a {adapter['method']} adapter, which fine-tuning would ignore; fine-tune "
@@ -110,9 +115,9 @@ def _finetune(base, data, out, flags: TrainFlags, settings, log, progress, on_st
                 raise UserError("finetune needs the model directory to start from")
             check_run_dir(run_dir, resume=False, force=flags.force)
             saved, base = None, Path(base)
-            _check_base(base)
-            check_outside(base, run_dir)
             spec = _resolve_spec(None, settings)
+            _check_base(base, spec.method)
+            check_outside(base, run_dir)
             if data is None:
                 raise UserError(f"--data is required: {DATA_HINTS[spec.task]}")
             data, source = resolve_data(data, None), base
@@ -140,6 +145,8 @@ def _finetune(base, data, out, flags: TrainFlags, settings, log, progress, on_st
             if not flags.resume:
                 start_run_dir(run_dir)
                 _link_or_copy(base / WEIGHTS_FILE, run_dir / WEIGHTS_FILE)
+                if (base / QUANTIZATION_FILE).is_file():  # a quantized base: its layout goes with its weights
+                    shutil.copyfile(base / QUANTIZATION_FILE, run_dir / QUANTIZATION_FILE)
                 write_json(run_dir / CONFIG_FILE, config.to_dict())
                 save_tokenizer(tokenizer, run_dir)
             write_json(run_dir / TRAINING_FILE, {"model": str(base), "base": str(Path(base).resolve()), "data": data,
