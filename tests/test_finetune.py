@@ -98,10 +98,8 @@ def outputs(model, batch) -> torch.Tensor:
         return model.eval()(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
 
-@pytest.fixture(scope="module")
-def lora_run(tmp_path_factory, gpt_base, cls_data, probe):
-    """LoRA classification on GPT; keeps the outputs of the trained model as training ends."""
-    out = tmp_path_factory.mktemp("runs") / "lora"
+def lora_classifier(base: str, data: str, out, probe) -> tuple[dict, object, torch.Tensor]:
+    """LoRA classification (rank 4, 60 steps); keeps the outputs of the trained model as training ends."""
     final = {}
 
     def keep_outputs(trainer):
@@ -109,10 +107,15 @@ def lora_run(tmp_path_factory, gpt_base, cls_data, probe):
             final["logits"] = outputs(trainer.model, probe)
             trainer.model.train()
 
-    summary = finetune(gpt_base, cls_data, str(out), TrainFlags(**{**FAST, "steps": 60, "lr": 5e-3}),
+    summary = finetune(base, data, str(out), TrainFlags(**{**FAST, "steps": 60, "lr": 5e-3}),
                        {"method": "lora", "task": "classify", "lora_rank": 4, "lora_alpha": 8},
                        on_step=keep_outputs, log=quiet)
     return summary, out, final["logits"]
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, gpt_base, cls_data, probe):
+    return lora_classifier(gpt_base, cls_data, tmp_path_factory.mktemp("runs") / "lora", probe)
 
 
 def test_full_fine_tuning_learns_the_classification_task(tmp_path, gpt_base, cls_data):
@@ -371,30 +374,21 @@ def test_lora_on_a_quantized_model_learns_with_its_integers_frozen(tmp_path, qua
     from llmcli.errors import UserError
     from llmcli.models.quantized import QuantizedLinear
 
-    out, final = tmp_path / "qlora", {}
-
-    def keep_outputs(trainer):
-        if trainer.step == trainer.args.steps:
-            final["logits"] = outputs(trainer.model, probe)
-            trainer.model.train()
-
-    summary = finetune(quantized_base, cls_data, str(out), TrainFlags(**{**FAST, "steps": 60, "lr": 5e-3}),
-                       {"method": "lora", "task": "classify", "lora_rank": 4, "lora_alpha": 8},
-                       on_step=keep_outputs, log=quiet)
+    summary, out, final = lora_classifier(quantized_base, cls_data, tmp_path / "qlora", probe)
     assert summary["val_accuracy"] >= 0.8, summary  # chance: 0.5
     assert load_file(out / "model.safetensors").keys() == load_file(f"{quantized_base}/model.safetensors").keys()
     for name, tensor in load_file(out / "model.safetensors").items():
         assert torch.equal(tensor, load_file(f"{quantized_base}/model.safetensors")[name])
     adapted = load_finetuned(out)
     assert isinstance(language_model(adapted).decoder.blocks[0].attn.q_proj.base, QuantizedLinear)
-    assert torch.equal(outputs(adapted, probe), final["logits"])
+    assert torch.equal(outputs(adapted, probe), final)
 
     with pytest.raises(UserError, match="trained on a quantized \\(int4\\) model.*--base FULL_PRECISION_DIR"):
         merge(out, tmp_path / "merged")
     assert not (tmp_path / "merged").exists()
     merge(out, tmp_path / "merged", base=gpt_base)  # the same LoRA on the float weights it approximates
     merged = outputs(load_finetuned(tmp_path / "merged"), probe)
-    assert (merged - final["logits"]).norm() < 0.1 * final["logits"].norm()
+    assert (merged - final).norm() < 0.1 * final.norm()
 
 
 @pytest.mark.parametrize("method", ["adapter", "prompt"])
