@@ -68,6 +68,8 @@ class ModelConfig:
     relative_buckets: int = 32  # t5 relative attention
     relative_max_distance: int = 128
     rope_base: float = 10000.0
+    rope_scaling: dict | None = None  # context extension: {type = "llama3", factor = 8.0, ...} (ROPE_SCALINGS)
+    rotary_fraction: float = 1.0  # the leading share of each head's dimensions that rotates (Phi-4-mini: 0.75)
     parallel_block: bool = False  # attention and MLP side by side (GPT-J, PaLM)
     tokenizer: str | None = None
     bos_token_id: int | None = None  # a converted checkpoint's own special tokens (its config or
@@ -107,10 +109,19 @@ class ModelConfig:
 
 _FIELD_TYPES = {
     "int": int, "int | None": int, "float": float, "float | None": float,
-    "str": str, "str | None": str, "bool": bool, "bool | None": bool,
+    "str": str, "str | None": str, "bool": bool, "bool | None": bool, "dict | None": dict,
 }
 _CHOICES = {"family": FAMILIES, "activation": ACTIVATIONS, "norm": NORMS,
             "norm_position": NORM_POSITIONS, "position": POSITIONS, "tokenizer": TOKENIZERS}
+# Each rotary scaling's keys (transformers' rope_parameters, original_max_position_embeddings shortened): required,
+# then optional.
+ROPE_SCALINGS = {
+    "linear": (("factor",), ()),
+    "dynamic": (("factor",), ()),
+    "llama3": (("factor", "low_freq_factor", "high_freq_factor", "original_max_seq_len"), ()),
+    "yarn": (("factor", "original_max_seq_len"), ("beta_fast", "beta_slow", "attention_factor", "truncate")),
+    "longrope": (("short_factor", "long_factor", "original_max_seq_len"), ("factor", "attention_factor")),
+}
 REQUIRED = ("name", "family", "vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len")
 
 
@@ -159,6 +170,11 @@ def _check_sizes(cfg: ModelConfig, where: str) -> None:
                         f"use a divisor of n_heads (1 = multi-query)")
     if cfg.position == "rope" and cfg.d_head % 2:
         raise UserError(f"{where}: rotary positions need an even d_head, got {cfg.d_head}")
+    if not 0.0 < cfg.rotary_fraction <= 1.0 or int(cfg.d_head * cfg.rotary_fraction) % 2:
+        raise UserError(f"{where}: 'rotary_fraction' {cfg.rotary_fraction} must be in (0, 1] and leave an even "
+                        f"number of rotating dimensions of d_head {cfg.d_head}")
+    if cfg.rope_scaling is not None:
+        _check_rope_scaling(cfg, where)
     if cfg.position == "sinusoidal" and cfg.d_model % 2:
         raise UserError(f"{where}: sinusoidal positions need an even d_model, got {cfg.d_model}")
     if not 0.0 <= cfg.dropout < 1.0:
@@ -169,6 +185,28 @@ def _check_sizes(cfg: ModelConfig, where: str) -> None:
         raise UserError(f"{where}: 'n_decoder_layers' is only for the t5 family; remove it")
     if cfg.type_vocab_size < 0:
         raise UserError(f"{where}: 'type_vocab_size' must be >= 0, got {cfg.type_vocab_size}")
+
+
+def _check_rope_scaling(cfg: ModelConfig, where: str) -> None:
+    scaling = cfg.rope_scaling
+    kind = scaling.get("type")
+    if kind not in ROPE_SCALINGS:
+        raise UserError(f"{where}: rope_scaling type {kind!r} is not one of {', '.join(ROPE_SCALINGS)}")
+    required, optional = ROPE_SCALINGS[kind]
+    missing = [key for key in required if scaling.get(key) is None]
+    unknown = sorted(set(scaling) - {"type", *required, *optional})
+    if missing or unknown:
+        what = f"needs {', '.join(missing)}" if missing else f"has no key {unknown[0]!r}"
+        raise UserError(f"{where}: rope_scaling {kind!r} {what} (its keys: {', '.join((*required, *optional))})")
+    pairs = len(range(0, int(cfg.d_head * cfg.rotary_fraction), 2))
+    for key in ("short_factor", "long_factor"):
+        if key in scaling and (not isinstance(scaling[key], list) or len(scaling[key]) != pairs):
+            raise UserError(f"{where}: rope_scaling {key} must list {pairs} numbers, one per rotating pair")
+    for key in ("factor", "low_freq_factor", "high_freq_factor", "original_max_seq_len", "beta_fast", "beta_slow",
+                "attention_factor"):
+        value = scaling.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+            raise UserError(f"{where}: rope_scaling {key} must be a positive number, got {value!r}")
 
 
 # ---------------------------------------------------------------- the zoo registry

@@ -1,5 +1,5 @@
-"""The shared blocks every family is built from: norms, feed-forward, positions,
-attention (with its KV cache), the transformer block and the stack of blocks.
+"""The shared blocks every family is built from: norms, feed-forward, attention (with its KV cache), the
+transformer block and the stack of blocks. Positions (rotary, relative, sinusoidal) are models/positions.py.
 
 Read top to bottom: each piece uses only what stands above it.
 """
@@ -15,6 +15,8 @@ import torch.utils.checkpoint
 
 from llmcli.config import ModelConfig
 from llmcli.errors import UserError
+from llmcli.models.positions import (RelativePositionBias, TransformerXLPosition, apply_rope, rope_cos_sin,
+                                     sinusoidal_table)
 
 # ---------------------------------------------------------------- norms
 
@@ -65,97 +67,6 @@ class FeedForward(nn.Module):
         if self.gate is None:
             return self.down(self.act(self.up(x)))
         return self.down(self.act(self.gate(x)) * self.up(x))
-
-
-# ---------------------------------------------------------------- positions
-
-
-def sinusoidal_table(positions: torch.Tensor, dim: int) -> torch.Tensor:
-    """Vaswani et al. 2017: PE[p, 2i] = sin(p / 10000^(2i/d)), PE[p, 2i+1] = cos(...)."""
-    inv_freq = torch.exp(torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32)
-                         * (-math.log(10000.0) / dim))
-    angles = positions.float()[..., None] * inv_freq
-    return torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(-2)
-
-
-def rope_cos_sin(positions: torch.Tensor, d_head: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotary embedding angles (Su et al. 2021), half-split layout as in GPT-NeoX and LLaMA.
-
-    positions: (B, T) -> cos, sin of shape (B, 1, T, d_head).
-    """
-    inv_freq = 1.0 / base ** (torch.arange(0, d_head, 2, device=positions.device, dtype=torch.float32) / d_head)
-    angles = positions.float()[..., None] * inv_freq
-    angles = torch.cat((angles, angles), dim=-1)[:, None]
-    return angles.cos(), angles.sin()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
-
-
-def relative_position_bucket(relative: torch.Tensor, bidirectional: bool, num_buckets: int,
-                             max_distance: int) -> torch.Tensor:
-    """T5's bucketing of key-minus-query distances (Raffel et al. 2020, sec. 2.1).
-
-    Half the buckets are exact small distances, the rest grow logarithmically up to
-    max_distance; bidirectional splits the buckets between the two directions.
-    """
-    bucket = torch.zeros_like(relative)
-    if bidirectional:
-        num_buckets //= 2
-        bucket = (relative > 0).long() * num_buckets
-        distance = relative.abs()
-    else:
-        distance = (-relative).clamp(min=0)
-    max_exact = num_buckets // 2
-    log_ratio = torch.log(distance.clamp(min=1).float() / max_exact) / math.log(max_distance / max_exact)
-    far = (max_exact + (log_ratio * (num_buckets - max_exact)).long()).clamp(max=num_buckets - 1)
-    return bucket + torch.where(distance < max_exact, distance, far)
-
-
-class RelativePositionBias(nn.Module):
-    """A learned scalar per (bucket, head) added to attention scores; one per stack, shared by its layers."""
-
-    def __init__(self, cfg: ModelConfig, bidirectional: bool) -> None:
-        super().__init__()
-        self.bidirectional = bidirectional
-        self.num_buckets = cfg.relative_buckets
-        self.max_distance = cfg.relative_max_distance
-        self.embedding = nn.Embedding(cfg.relative_buckets, cfg.n_heads)
-
-    def forward(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
-        """(Tq,), (Tk,) -> (1, H, Tq, Tk)."""
-        buckets = relative_position_bucket(k_pos[None, :] - q_pos[:, None], self.bidirectional,
-                                           self.num_buckets, self.max_distance)
-        return self.embedding(buckets).permute(2, 0, 1)[None]
-
-
-class TransformerXLPosition(nn.Module):
-    """Relative attention of Dai et al. 2019 (Transformer-XL, used by Gopher), eq. 3 terms (b)-(d):
-
-    scores += q.W_R.R(i-j) + u.k_j + v.W_R.R(i-j), with sinusoidal R and learned u, v per head.
-    """
-
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        self.d_model = cfg.d_model
-        self.n_heads, self.d_head = cfg.n_heads, cfg.d_head
-        self.r_proj = nn.Linear(cfg.d_model, cfg.d_attn, bias=False)
-        self.u = nn.Parameter(torch.zeros(cfg.n_heads, cfg.d_head))
-        self.v = nn.Parameter(torch.zeros(cfg.n_heads, cfg.d_head))
-
-    def forward(self, q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
-        """q: (B, H, Tq, dh), k: (B, H, Tk, dh) -> unscaled score terms (B, H, Tq, Tk)."""
-        distance = q_pos[:, None] - k_pos[None, :]
-        lo = int(distance.min())
-        table = sinusoidal_table(torch.arange(lo, int(distance.max()) + 1, device=q.device), self.d_model)
-        r = self.r_proj(table.to(q.dtype)).view(-1, self.n_heads, self.d_head).transpose(0, 1)  # (H, R, dh)
-        pos_scores = torch.einsum("bhqd,hrd->bhqr", q + self.v[:, None].to(q.dtype), r)
-        index = (distance - lo).expand(q.shape[0], self.n_heads, -1, -1)
-        content_bias = torch.einsum("hd,bhkd->bhk", self.u.to(q.dtype), k)[:, :, None, :]
-        return pos_scores.gather(-1, index) + content_bias
 
 
 # ---------------------------------------------------------------- KV cache
@@ -366,7 +277,7 @@ class TransformerStack(nn.Module):
         x = self.drop(x)
 
         key_pos = torch.arange(offset + length, device=x.device)
-        rope = rope_cos_sin(position_ids, cfg.d_head, cfg.rope_base) if cfg.position == "rope" else None
+        rope = rope_cos_sin(position_ids, cfg) if cfg.position == "rope" else None
         positions = (seq_pos, key_pos) if cfg.position == "transformer_xl" else None
         bias, is_causal = self._attention_bias(seq_pos, key_pos, attention_mask, x.dtype)
         memory_bias = None if memory_mask is None else additive_bias(memory_mask[:, None, None, :] != 0, x.dtype)
