@@ -32,6 +32,18 @@ SHAPES = {  # (model_type, config overrides): GQA and MQA, tied and untied, head
     "mistral-gqa": ("mistral", dict(num_key_value_heads=2, sliding_window=None, tie_word_embeddings=False)),
     "qwen2-tied-qkv-bias": ("qwen2", dict(num_key_value_heads=2, tie_word_embeddings=True)),
     "qwen2-mha-untied": ("qwen2", dict(num_key_value_heads=4, tie_word_embeddings=False, head_dim=32)),
+    # Rotary scalings, each past its original context (16 positions) in the 40-token batch and in generation
+    "llama3-scaled": ("llama", dict(num_key_value_heads=2, rope_parameters=dict(
+        rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=16))),
+    "llama-linear": ("llama", dict(rope_parameters=dict(rope_type="linear", rope_theta=10000.0, factor=2.0))),
+    "llama-dynamic": ("llama", dict(max_position_embeddings=16, rope_parameters=dict(
+        rope_type="dynamic", rope_theta=10000.0, factor=2.0))),
+    "llama-yarn": ("llama", dict(num_key_value_heads=1, rope_parameters=dict(
+        rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=16))),
+    "llama-longrope": ("llama", dict(num_key_value_heads=2, rope_parameters=dict(
+        rope_type="longrope", rope_theta=10000.0, original_max_position_embeddings=16,
+        short_factor=[1.0, 1.1, 1.2, 1.5, 2.0, 3.0, 4.0, 5.0], long_factor=[1.0, 1.5, 2.5, 4.0, 6.0, 8.0, 12.0, 16.0]))),
 }
 
 
@@ -39,10 +51,12 @@ def hf_model(model_type: str, overrides: dict, seed: int = 0):
     config = transformers.AutoConfig.for_model(model_type, **{**SMALL, **overrides})
     torch.manual_seed(seed)
     model = getattr(transformers, CLASSES[model_type])(config).eval()
-    with torch.no_grad():  # biases start at zero in transformers: give them values, so that a mix-up shows
+    with torch.no_grad():  # biases start at zero and norms at one in transformers: spread them, so a mix-up shows
         for name, p in model.named_parameters():
             if name.endswith(".bias"):
                 p.normal_(0.0, 0.1)
+            elif "norm" in name:
+                p.normal_(1.0, 0.2)
     return model
 
 
@@ -58,11 +72,12 @@ def converted(request, tmp_path_factory):
 
 
 def padded_batch(vocab: int = 256):
+    """40 tokens: past the original context of the scaled rotary shapes."""
     generator = torch.Generator().manual_seed(1)
-    ids = torch.randint(3, vocab, (3, 12), generator=generator)
+    ids = torch.randint(3, vocab, (3, 40), generator=generator)
     mask = torch.ones_like(ids)
-    mask[1, 9:] = 0
-    mask[2, 5:] = 0
+    mask[1, 29:] = 0
+    mask[2, 11:] = 0
     return ids, mask
 
 
@@ -115,7 +130,8 @@ def test_generation_config_supplies_eos_and_unsupported_fields_are_named(tmp_pat
     assert (config.bos_token_id, config.eos_token_id, config.n_kv_heads) == (1, 7, 2)
 
     hf_cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
-    for change, named in ((dict(rope_scaling={"rope_type": "llama3", "factor": 8.0}), "rope_scaling"),
+    for change, named in ((dict(rope_scaling={"rope_type": "yarn", "factor": 4.0, "mscale": 0.7}), "mscale"),
+                          (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0}), "low_freq_factor"),
                           (dict(sliding_window=32), "sliding_window"),
                           (dict(architectures=["MixtralForCausalLM"], model_type="mixtral"), "LlamaForCausalLM"),
                           (dict(hidden_act="gelu"), "hidden_act")):

@@ -58,6 +58,6 @@ BERT = Family(
     dropped=r"^cls\.seq_relationship\.",  # BERT's next-sentence head
     fresh=("mlm_head.", "lm_head."),
     # BertForMaskedLM has no pooler: a checkpoint without one becomes pooler = false.
-    extra_from_hf=lambda hf, state: {"pooler": "bert.pooler.dense.weight" in state},
+    extra_from_hf=lambda hf, state, where: {"pooler": "bert.pooler.dense.weight" in state},
     extra_to_hf=lambda cfg: {"attention_probs_dropout_prob": cfg.dropout, "pad_token_id": 0},
 )

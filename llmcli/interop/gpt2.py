@@ -41,7 +41,7 @@ GPT2 = Family(
               "parallel_block": False},
     emb_key="transformer.wte.weight", head_key="lm_head.weight",
     ignored=r"\.attn\.(bias|masked_bias)$",
-    extra_from_hf=lambda hf, state: {"d_ff": hf.get("n_inner") or 4 * hf.get("n_embd", 768)},
+    extra_from_hf=lambda hf, state, where: {"d_ff": hf.get("n_inner") or 4 * hf.get("n_embd", 768)},
     extra_to_hf=lambda cfg: {"n_inner": cfg.d_ff, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout,
                              # GPT-2's <|endoftext|>, where the vocabulary has it
                              "bos_token_id": 50256 if cfg.vocab_size > 50256 else None,

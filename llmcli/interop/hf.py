@@ -158,7 +158,7 @@ def _config_from_hf(spec: Family, hf_cfg: dict, state: dict, name: str, where: s
             "tie_embeddings": _head_is_tied(spec, hf_cfg, state, where)}
     for ours, key, default in spec.fields:
         data[ours] = hf_cfg.get(key, default)
-    data.update(spec.extra_from_hf(hf_cfg, state))
+    data.update(spec.extra_from_hf(hf_cfg, state, where))
     return config_from_dict({k: v for k, v in data.items() if v is not None}, where)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from llmcli.config import ModelConfig
 from llmcli.errors import UserError
+from llmcli.interop.rope import hf_rope, rope_from_hf, rope_to_hf
 from llmcli.interop.tables import Family, Rule, params, stack
 
 
@@ -24,9 +25,9 @@ def _llama_rules(cfg: ModelConfig) -> list[Rule]:
     ]
 
 
-def _llama_config(hf: dict) -> dict:
+def _llama_config(hf: dict, where: str) -> dict:
     """The fields every Llama-style config.json spells alike (Mistral and Qwen2 have no bias flags)."""
-    return {"position": "rope", "rope_base": _rope(hf).get("rope_theta", 10000.0),
+    return {"position": "rope", **rope_from_hf(hf, where),
             "norm": "rmsnorm", "norm_position": "pre", "dropout": 0.0, "bias": False,
             "attention_bias": hf.get("attention_bias", False) or None, "mlp_bias": hf.get("mlp_bias", False) or None,
             "tokenizer": "bpe", "bos_token_id": hf.get("bos_token_id"), "eos_token_id": _first(hf.get("eos_token_id"))}
@@ -39,31 +40,17 @@ def _first(value):
     return value
 
 
-def _rope(hf: dict) -> dict:
-    """Rotary settings: transformers 5 keeps them in rope_parameters, older configs in rope_theta and
-    rope_scaling."""
-    theta = {"rope_theta": hf["rope_theta"]} if "rope_theta" in hf else {}
-    if isinstance(hf.get("rope_parameters"), dict):
-        return {**theta, **hf["rope_parameters"]}
-    scaling = hf.get("rope_scaling") if isinstance(hf.get("rope_scaling"), dict) else {}
-    return {**scaling, **theta}
-
-
 def _llama_to_hf(cfg: ModelConfig) -> dict:
     """Rotary settings in both spellings, so that transformers 4 and 5 read them."""
-    return {"head_dim": cfg.d_head, "rope_theta": cfg.rope_base, "rope_scaling": None,
-            "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_base},
+    return {"head_dim": cfg.d_head, **rope_to_hf(cfg),
             "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pretraining_tp": 1}
 
 
 def _unsupported_llama(hf: dict, where: str) -> None:
     """Refuse what llmcli's blocks do not compute, naming the field (never ignored silently)."""
     problems = []
-    for key in ("rope_scaling", "rope_parameters"):
-        rope = hf.get(key)
-        kind = rope.get("rope_type", rope.get("type")) if isinstance(rope, dict) else rope
-        if rope and kind != "default":
-            problems.append(f"{key} ({kind!r} scaling: llmcli's rotary positions are unscaled)")
+    if hf_rope(hf).get("partial_rotary_factor", 1.0) != 1.0:
+        problems.append("partial_rotary_factor (Llama's attention rotates every dimension)")
     window = hf.get("sliding_window")
     windowed = hf.get("use_sliding_window", hf.get("model_type") != "qwen2")  # Qwen2's default is off
     if window is not None and windowed and window < hf.get("max_position_embeddings", 0):
@@ -113,7 +100,7 @@ def _llama_like(model_type: str, architecture: str, biases: tuple[bool, bool, bo
         biases=check_biases,
         emb_key="model.embed_tokens.weight", head_key="lm_head.weight",
         ignored=r"\.rotary_emb\.inv_freq$", free_head_size=True, grouped_query=True, refuse=_unsupported_llama,
-        extra_from_hf=lambda hf, state: {**_llama_config(hf), **fixed_from_hf},
+        extra_from_hf=lambda hf, state, where: {**_llama_config(hf, where), **fixed_from_hf},
         extra_to_hf=lambda cfg: {**_llama_to_hf(cfg), **(to_hf or {}), **({} if biases is not None else {
             "attention_bias": cfg.projection_bias("o"), "mlp_bias": cfg.projection_bias("up")})})
 

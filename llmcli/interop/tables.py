@@ -77,7 +77,7 @@ class Family:
     fresh: tuple[str, ...] = ()  # llmcli prefixes that may be missing: initialised afresh, with a warning
     free_head_size: bool = False  # d_head may differ from d_model / n_heads
     head_rescaled: bool = False  # T5: a tied head also rescales by d_model**-0.5 (llmcli ties the two)
-    extra_from_hf: Callable[[dict, dict], dict] = lambda hf, state: {}
+    extra_from_hf: Callable[[dict, dict, str], dict] = lambda hf, state, where: {}  # where: for error messages
     extra_to_hf: Callable[[ModelConfig], dict] = lambda cfg: {}
     refuse: Callable[[dict, str], None] = lambda hf, where: None  # raises on config features llmcli lacks
     grouped_query: bool = False  # num_key_value_heads < num_attention_heads can be written
