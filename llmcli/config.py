@@ -19,7 +19,10 @@ from llmcli.errors import UserError
 FAMILIES = ("bert", "gpt", "t5")
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "swiglu", "geglu")
 NORMS = ("layernorm", "rmsnorm")
-NORM_POSITIONS = ("pre", "post")
+# pre: before each sublayer (GPT-2, Llama); post: after each residual add (BERT); output: on each sublayer's output,
+# inside the residual (OLMo 2)
+NORM_POSITIONS = ("pre", "post", "output")
+QK_NORMS = ("head", "projection")  # RMSNorm of q and k per head (Qwen3, Gemma 3) or over the projection (OLMo 2)
 # relative = T5 bucketed bias; transformer_xl = Dai et al. 2019 relative attention (Gopher).
 POSITIONS = ("learned", "sinusoidal", "rope", "relative", "transformer_xl")
 TOKENIZERS = ("bpe", "wordpiece", "unigram")
@@ -69,7 +72,8 @@ class ModelConfig:
     relative_max_distance: int = 128
     rope_base: float = 10000.0
     rope_scaling: dict | None = None  # context extension: {type = "llama3", factor = 8.0, ...} (ROPE_SCALINGS)
-    rotary_fraction: float = 1.0  # the leading share of each head's dimensions that rotates (Phi-4-mini: 0.75)
+    rotary_fraction: float = 1.0
+    qk_norm: str | None = None  # QK_NORMS: q and k normalised before rotary (None: not)  # the leading share of each head's dimensions that rotates (Phi-4-mini: 0.75)
     parallel_block: bool = False  # attention and MLP side by side (GPT-J, PaLM)
     tokenizer: str | None = None
     bos_token_id: int | None = None  # a converted checkpoint's own special tokens (its config or
@@ -112,7 +116,7 @@ _FIELD_TYPES = {
     "str": str, "str | None": str, "bool": bool, "bool | None": bool, "dict | None": dict,
 }
 _CHOICES = {"family": FAMILIES, "activation": ACTIVATIONS, "norm": NORMS,
-            "norm_position": NORM_POSITIONS, "position": POSITIONS, "tokenizer": TOKENIZERS}
+            "norm_position": NORM_POSITIONS, "position": POSITIONS, "tokenizer": TOKENIZERS, "qk_norm": QK_NORMS}
 # Each rotary scaling's keys (transformers' rope_parameters, original_max_position_embeddings shortened): required,
 # then optional.
 ROPE_SCALINGS = {
@@ -181,6 +185,8 @@ def _check_sizes(cfg: ModelConfig, where: str) -> None:
         raise UserError(f"{where}: 'dropout' must be in [0, 1), got {cfg.dropout}")
     if cfg.family == "t5" and cfg.n_decoder_layers <= 0:
         raise UserError(f"{where}: 'n_decoder_layers' must be positive, got {cfg.n_decoder_layers}")
+    if cfg.norm_position == "output" and cfg.family != "gpt":
+        raise UserError(f"{where}: norm_position 'output' (OLMo 2) is for the gpt family; use pre or post")
     if cfg.family != "t5" and cfg.n_decoder_layers is not None:
         raise UserError(f"{where}: 'n_decoder_layers' is only for the t5 family; remove it")
     if cfg.type_vocab_size < 0:

@@ -22,7 +22,8 @@ transformers = pytest.importorskip("transformers")
 def _one_thread():
     yield from one_thread()
 
-CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+           "qwen3": "Qwen3ForCausalLM", "olmo2": "Olmo2ForCausalLM"}
 SMALL = dict(vocab_size=384, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
              max_position_embeddings=128, bos_token_id=1, eos_token_id=2, rms_norm_eps=1e-5)
 SHAPES = {  # (model_type, config overrides): GQA and MQA, tied and untied, head_dim != d_model / heads, biases
@@ -32,6 +33,14 @@ SHAPES = {  # (model_type, config overrides): GQA and MQA, tied and untied, head
     "mistral-gqa": ("mistral", dict(num_key_value_heads=2, sliding_window=None, tie_word_embeddings=False)),
     "qwen2-tied-qkv-bias": ("qwen2", dict(num_key_value_heads=2, tie_word_embeddings=True)),
     "qwen2-mha-untied": ("qwen2", dict(num_key_value_heads=4, tie_word_embeddings=False, head_dim=32)),
+    # QK-norm per head (Qwen3) and over the projection with output norms (OLMo 2)
+    "qwen3-gqa-tied-head_dim": ("qwen3", dict(num_key_value_heads=2, head_dim=24, tie_word_embeddings=True)),
+    "qwen3-mqa-bias-llama3": ("qwen3", dict(num_key_value_heads=1, attention_bias=True, tie_word_embeddings=False,
+                                            rope_parameters=dict(rope_type="llama3", rope_theta=1e6, factor=4.0,
+                                                                 low_freq_factor=1.0, high_freq_factor=4.0,
+                                                                 original_max_position_embeddings=16))),
+    "olmo2-gqa-untied": ("olmo2", dict(num_key_value_heads=2, tie_word_embeddings=False)),
+    "olmo2-mha-bias-tied": ("olmo2", dict(num_key_value_heads=4, attention_bias=True, tie_word_embeddings=True)),
     # Rotary scalings, each past its original context (16 positions) in the 40-token batch and in generation
     "llama3-scaled": ("llama", dict(num_key_value_heads=2, rope_parameters=dict(
         rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
@@ -188,12 +197,13 @@ def test_lora_on_all_projections_exports_a_peft_adapter_that_peft_loads(tmp_path
     assert (want - base)[mask.bool()].abs().max() > 1e-4  # the adapter changed the outputs
 
 
-def test_commands_run_on_a_converted_directory(tmp_path, corpus, cli):
-    """eval, generate (KV cache, GQA), quantize, prune heads (whole kv groups), distill, bench and
-    memory-estimate --measure on a converted Llama-style directory, as on a built one."""
+@pytest.mark.parametrize("model_type", ["llama", "qwen3", "olmo2"])
+def test_commands_run_on_a_converted_directory(tmp_path, corpus, cli, model_type):
+    """eval, generate (KV cache, GQA), quantize, prune heads (whole kv groups, QK-norm weights with them), distill,
+    bench and memory-estimate --measure on a converted Llama-style directory, as on a built one."""
     from llmcli.tokenizer import save_tokenizer, train_tokenizer
 
-    model = hf_model("llama", dict(num_key_value_heads=2, tie_word_embeddings=False))
+    model = hf_model(model_type, dict(num_key_value_heads=2, tie_word_embeddings=False))
     model.save_pretrained(tmp_path / "hf")
     assert cli("convert", "from-hf", tmp_path / "hf", tmp_path / "m").exit_code == 0
     save_tokenizer(train_tokenizer(open(corpus).read().split("\n\n"), "bpe", 320), tmp_path / "m")
@@ -218,6 +228,7 @@ def test_commands_run_on_a_converted_directory(tmp_path, corpus, cli):
     ok("prune", m, "--method", "heads", "--sparsity", 0.5, "--out", tmp_path / "p", "--no-speed", *data)
     pruned = load_model(tmp_path / "p").config
     assert (pruned.n_heads, pruned.n_kv_heads) == (2, 1)  # one of two kv groups, with its two query heads
+    assert json.loads(ok("eval", tmp_path / "p", "--json", *data).stdout)["perplexity"] > 1
     ok("distill", "--teacher", m, "--out", tmp_path / "d", "--steps", 2, "--batch-size", 2, "--no-speed", *data)
     rows = json.loads(ok("bench", m, "--mode", "prefill,decode", "--batch-size", 1, "--seq-len", 8, "--reps", 1,
                          "--compare", "transformers", "--json").stdout)

@@ -330,6 +330,9 @@ def remove_head_groups(attn: Attention, drop: list[int]) -> list[int]:
     _keep_rows(attn.k_proj, kv_index)
     _keep_rows(attn.v_proj, kv_index)
     _keep_columns(attn.o_proj, q_index)
+    if attn.qk_norm == "projection":  # OLMo 2: a weight per channel of q and k, and their RMS over the kept heads
+        attn.q_norm.weight = nn.Parameter(attn.q_norm.weight.detach()[q_index].clone())
+        attn.k_norm.weight = nn.Parameter(attn.k_norm.weight.detach()[kv_index].clone())
     if attn.xl is not None:  # Transformer-XL positions: per-head projection rows and u, v
         _keep_rows(attn.xl.r_proj, q_index)
         attn.xl.u = nn.Parameter(attn.xl.u.detach()[kept_heads].clone())

@@ -35,10 +35,11 @@ class RMSNorm(nn.Module):
         return self.weight * normed.to(x.dtype)
 
 
-def make_norm(cfg: ModelConfig) -> nn.Module:
+def make_norm(cfg: ModelConfig, dim: int | None = None) -> nn.Module:
+    """The config's norm over the last `dim` features (default d_model)."""
     if cfg.norm == "rmsnorm":
-        return RMSNorm(cfg.d_model, cfg.norm_eps)
-    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
+        return RMSNorm(dim or cfg.d_model, cfg.norm_eps)
+    return nn.LayerNorm(dim or cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
 
 
 # ---------------------------------------------------------------- feed-forward
@@ -132,6 +133,11 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.d_head, bias=qkv_bias)
         self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.d_head, bias=qkv_bias)
         self.o_proj = nn.Linear(cfg.d_attn, cfg.d_model, bias=cfg.projection_bias("o"))
+        # QK-norm: per head, over d_head (Qwen3, Gemma 3), or over each whole projection (OLMo 2)
+        self.qk_norm = cfg.qk_norm if not cross else None
+        norm_dims = {"head": (cfg.d_head, cfg.d_head), "projection": (cfg.d_attn, cfg.n_kv_heads * cfg.d_head)}
+        self.q_norm, self.k_norm = ((make_norm(cfg, dim) for dim in norm_dims[self.qk_norm]) if self.qk_norm
+                                    else (None, None))
         self.cross = cross
         self.scale = scale if scale is not None else 1.0 / math.sqrt(cfg.d_head)
         self.dropout = cfg.dropout
@@ -142,18 +148,25 @@ class Attention(nn.Module):
     def _heads(self, x: torch.Tensor, n: int) -> torch.Tensor:
         return x.view(x.shape[0], x.shape[1], n, self.d_head).transpose(1, 2)
 
+    def _normed(self, projected: torch.Tensor, norm: nn.Module | None, n: int) -> torch.Tensor:
+        """q or k as heads, QK-normed where the config asks (before rotary)."""
+        if self.qk_norm == "projection":
+            projected = norm(projected)
+        heads = self._heads(projected, n)
+        return norm(heads) if self.qk_norm == "head" else heads
+
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None, is_causal: bool = False,
                 rope: tuple[torch.Tensor, torch.Tensor] | None = None,
                 positions: tuple[torch.Tensor, torch.Tensor] | None = None,
                 memory: torch.Tensor | None = None,
                 cache: LayerKVCache | CrossKVCache | None = None) -> torch.Tensor:
         """x: (B, T, d). bias: additive (B|1, H|1, T, S) or None. memory: encoder output for cross-attention."""
-        q = self._heads(self.q_proj(x), self.n_heads)
+        q = self._normed(self.q_proj(x), self.q_norm, self.n_heads)
         if self.cross and cache is not None and cache.k is not None:
             k, v = cache.k, cache.v
         else:
             source = memory if self.cross else x
-            k = self._heads(self.k_proj(source), self.n_kv_heads)
+            k = self._normed(self.k_proj(source), self.k_norm, self.n_kv_heads)
             v = self._heads(self.v_proj(source), self.n_kv_heads)
             if rope is not None:
                 q, k = apply_rope(q, *rope), apply_rope(k, *rope)
@@ -191,12 +204,13 @@ class Attention(nn.Module):
 class Block(nn.Module):
     """One layer: self-attention, optional cross-attention, feed-forward, each with a residual.
 
-    Pre-norm (GPT-2, T5), post-norm (BERT) or parallel (GPT-J, PaLM: x + attn(n(x)) + ff(n(x))).
+    Pre-norm (GPT-2, T5), post-norm (BERT), output-norm (OLMo 2: x + n(attn(x))) or parallel (GPT-J, PaLM:
+    x + attn(n(x)) + ff(n(x))).
     """
 
     def __init__(self, cfg: ModelConfig, cross: bool = False, attn_scale: float | None = None) -> None:
         super().__init__()
-        self.post_norm = cfg.norm_position == "post"
+        self.norm_position = cfg.norm_position
         self.parallel = cfg.parallel_block
         self.attn_norm = make_norm(cfg)
         self.attn = Attention(cfg, scale=attn_scale)
@@ -217,7 +231,10 @@ class Block(nn.Module):
         if self.parallel:
             h = self.attn_norm(x)
             return x + attend(h) + self.drop(self.ff(h))
-        if self.post_norm:
+        if self.norm_position == "output":
+            x = x + self.drop(self.attn_norm(self.attn(x, bias, is_causal, rope, positions, cache=cache)))
+            return x + self.drop(self.ff_norm(self.ff(x)))
+        if self.norm_position == "post":
             x = self.attn_norm(x + attend(x))
             if self.cross_attn is not None:
                 x = self.cross_norm(x + cross_attend(x))
