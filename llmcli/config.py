@@ -73,7 +73,9 @@ class ModelConfig:
     rope_base: float = 10000.0
     rope_scaling: dict | None = None  # context extension: {type = "llama3", factor = 8.0, ...} (ROPE_SCALINGS)
     rotary_fraction: float = 1.0
-    qk_norm: str | None = None  # QK_NORMS: q and k normalised before rotary (None: not)  # the leading share of each head's dimensions that rotates (Phi-4-mini: 0.75)
+    qk_norm: str | None = None  # QK_NORMS: q and k normalised before rotary (None: not)
+    sliding_window: int | None = None  # local attention: a query sees the last sliding_window positions (itself too)
+    layer_types: list | None = None  # per layer "full" or "sliding" (default: every layer sliding if a window is set)  # the leading share of each head's dimensions that rotates (Phi-4-mini: 0.75)
     parallel_block: bool = False  # attention and MLP side by side (GPT-J, PaLM)
     tokenizer: str | None = None
     bos_token_id: int | None = None  # a converted checkpoint's own special tokens (its config or
@@ -98,6 +100,12 @@ class ModelConfig:
         """Width of the concatenated attention heads."""
         return self.n_heads * self.d_head
 
+    def window(self, layer: int) -> int | None:
+        """The attention window of decoder layer `layer`, or None where it sees the whole context."""
+        if self.sliding_window is None:
+            return None
+        return self.sliding_window if self.layer_types is None or self.layer_types[layer] == "sliding" else None
+
     def projection_bias(self, kind: str) -> bool:
         """Whether the projection q, k, v, o, up, gate or down has a bias."""
         attention = self.bias if self.attention_bias is None else self.attention_bias
@@ -113,7 +121,7 @@ class ModelConfig:
 
 _FIELD_TYPES = {
     "int": int, "int | None": int, "float": float, "float | None": float,
-    "str": str, "str | None": str, "bool": bool, "bool | None": bool, "dict | None": dict,
+    "str": str, "str | None": str, "bool": bool, "bool | None": bool, "dict | None": dict, "list | None": list,
 }
 _CHOICES = {"family": FAMILIES, "activation": ACTIVATIONS, "norm": NORMS,
             "norm_position": NORM_POSITIONS, "position": POSITIONS, "tokenizer": TOKENIZERS, "qk_norm": QK_NORMS}
@@ -179,6 +187,17 @@ def _check_sizes(cfg: ModelConfig, where: str) -> None:
                         f"number of rotating dimensions of d_head {cfg.d_head}")
     if cfg.rope_scaling is not None:
         _check_rope_scaling(cfg, where)
+    if cfg.sliding_window is not None and cfg.sliding_window <= 0:
+        raise UserError(f"{where}: 'sliding_window' must be positive, got {cfg.sliding_window}")
+    if cfg.layer_types is not None:
+        layers = cfg.n_decoder_layers if cfg.family == "t5" else cfg.n_layers
+        if len(cfg.layer_types) != layers or not set(cfg.layer_types) <= {"full", "sliding"}:
+            raise UserError(f"{where}: 'layer_types' must list \"full\" or \"sliding\" for each of the {layers} "
+                            f"layers")
+        if "sliding" in cfg.layer_types and cfg.sliding_window is None:
+            raise UserError(f"{where}: 'layer_types' has sliding layers but no 'sliding_window'; set the window")
+    if cfg.sliding_window is not None and cfg.family != "gpt":
+        raise UserError(f"{where}: 'sliding_window' is for the gpt family; remove it")
     if cfg.position == "sinusoidal" and cfg.d_model % 2:
         raise UserError(f"{where}: sinusoidal positions need an even d_model, got {cfg.d_model}")
     if not 0.0 <= cfg.dropout < 1.0:

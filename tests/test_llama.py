@@ -23,7 +23,7 @@ def _one_thread():
     yield from one_thread()
 
 CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-           "qwen3": "Qwen3ForCausalLM", "olmo2": "Olmo2ForCausalLM"}
+           "qwen3": "Qwen3ForCausalLM", "olmo2": "Olmo2ForCausalLM", "phi3": "Phi3ForCausalLM"}
 SMALL = dict(vocab_size=384, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
              max_position_embeddings=128, bos_token_id=1, eos_token_id=2, rms_norm_eps=1e-5)
 SHAPES = {  # (model_type, config overrides): GQA and MQA, tied and untied, head_dim != d_model / heads, biases
@@ -41,6 +41,19 @@ SHAPES = {  # (model_type, config overrides): GQA and MQA, tied and untied, head
                                                                  original_max_position_embeddings=16))),
     "olmo2-gqa-untied": ("olmo2", dict(num_key_value_heads=2, tie_word_embeddings=False)),
     "olmo2-mha-bias-tied": ("olmo2", dict(num_key_value_heads=4, attention_bias=True, tie_word_embeddings=True)),
+    # Phi-3's fused qkv_proj (GQA: unequal parts) and gate_up_proj; partial rotation with longrope (Phi-4-mini)
+    "phi3-gqa-window": ("phi3", dict(num_key_value_heads=2, pad_token_id=0, sliding_window=6)),
+    "phi3-partial-longrope": ("phi3", dict(num_key_value_heads=1, pad_token_id=0, tie_word_embeddings=True,
+                                           original_max_position_embeddings=16, rope_parameters=dict(
+                                               rope_type="longrope", rope_theta=10000.0, partial_rotary_factor=0.75,
+                                               short_factor=[1.0, 1.2, 1.5, 2.0, 3.0, 4.0],
+                                               long_factor=[1.0, 2.0, 4.0, 6.0, 8.0, 12.0]))),
+    # Sliding windows shorter than the prompt: every layer (Mistral), chosen layers (Qwen2, Qwen3)
+    "mistral-window": ("mistral", dict(num_key_value_heads=2, sliding_window=4, tie_word_embeddings=False)),
+    "qwen2-window-layer-1": ("qwen2", dict(num_key_value_heads=2, use_sliding_window=True, sliding_window=5,
+                                           max_window_layers=1)),
+    "qwen3-window-layer-0": ("qwen3", dict(num_key_value_heads=4, use_sliding_window=True, sliding_window=3,
+                                           layer_types=["sliding_attention", "full_attention"])),
     # Rotary scalings, each past its original context (16 positions) in the 40-token batch and in generation
     "llama3-scaled": ("llama", dict(num_key_value_heads=2, rope_parameters=dict(
         rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
@@ -141,7 +154,9 @@ def test_generation_config_supplies_eos_and_unsupported_fields_are_named(tmp_pat
     hf_cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
     for change, named in ((dict(rope_scaling={"rope_type": "yarn", "factor": 4.0, "mscale": 0.7}), "mscale"),
                           (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0}), "low_freq_factor"),
-                          (dict(sliding_window=32), "sliding_window"),
+                          (dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], use_sliding_window=True,
+                                sliding_window=8, layer_types=["chunked_attention", "full_attention"]),
+                           "chunked_attention"),
                           (dict(architectures=["MixtralForCausalLM"], model_type="mixtral"), "LlamaForCausalLM"),
                           (dict(hidden_act="gelu"), "hidden_act")):
         bad = tmp_path / f"bad-{named}"
@@ -271,3 +286,27 @@ def test_a_sharded_checkpoint_with_its_own_tokenizer_generates_as_transformers_d
                                 max_new_tokens=10, eos_token_id=2, pad_token_id=2)[0, ids.shape[1]:].tolist()
     until_eos = theirs[:theirs.index(2) + 1] if 2 in theirs else theirs  # both stop at EOS, kept
     assert ours["tokens"] == until_eos
+
+
+def test_a_sliding_layer_caches_only_its_window_and_decodes_as_without_a_cache():
+    """Layer 0 slides over 4 positions, layer 1 sees everything: the cache holds 3 positions for layer 0 (all the
+    next query sees besides itself) and every one for layer 1; greedy decoding 30 tokens past the window gives
+    the same tokens with and without the cache; memory-estimate's formula counts what the cache holds."""
+    from conftest import tiny_config
+
+    from llmcli.models import build_model
+    from llmcli.profiling.counts import kv_cache_bytes
+
+    config = tiny_config("gpt", position="rope", norm="rmsnorm", activation="swiglu", bias=False, n_kv_heads=2,
+                         sliding_window=4, layer_types=["sliding", "full"])
+    model = build_model(config, seed=0).eval()
+    cache = model.new_cache(2, 40)
+    assert [layer.k.shape[2] for layer in cache.layers] == [3, 40]
+    ids = torch.tensor([[0, 0, 5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16, 17, 18]])
+    mask = (torch.arange(8) >= torch.tensor([[2], [0]])).long()
+    cached = generate_ids(model, ids, 30, attention_mask=mask, temperature=0.0, eos_id=None, pad_id=0)
+    uncached = generate_ids(model, ids, 30, attention_mask=mask, temperature=0.0, eos_id=None, pad_id=0,
+                            use_cache=False)
+    assert torch.equal(cached, uncached)
+    per_position = 2 * config.n_kv_heads * config.d_head * 4
+    assert kv_cache_bytes(config, 4, 38) == per_position * (3 + 38)

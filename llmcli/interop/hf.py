@@ -30,11 +30,11 @@ GENERATION_FILE = "generation_config.json"
 
 from llmcli.interop.bert import BERT
 from llmcli.interop.gpt2 import GPT2
-from llmcli.interop.llama import LLAMA, MISTRAL, OLMO2, QWEN2, QWEN3
+from llmcli.interop.llama import LLAMA, MISTRAL, OLMO2, PHI3, QWEN2, QWEN3
 from llmcli.interop.t5 import T5
 from llmcli.interop.tables import Family
 
-SPECS = (GPT2, BERT, T5, LLAMA, MISTRAL, QWEN2, QWEN3, OLMO2)
+SPECS = (GPT2, BERT, T5, LLAMA, MISTRAL, QWEN2, QWEN3, OLMO2, PHI3)
 BY_MODEL_TYPE = {spec.model_type: spec for spec in SPECS}
 BY_ARCHITECTURE = {spec.architecture: spec for spec in SPECS}
 SUPPORTED = ", ".join(arch for spec in SPECS for arch in spec.reads)
@@ -42,13 +42,15 @@ SUPPORTED = ", ".join(arch for spec in SPECS for arch in spec.reads)
 
 def spec_for(config: ModelConfig) -> Family:
     """The Hugging Face layout an llmcli config converts to: the one it came from, else by family and position
-    (a rotary GPT becomes Qwen3 with per-head QK-norm, OLMo 2 with projection QK-norm, Qwen2 with q/k/v biases,
-    Llama without)."""
+    (a rotary GPT becomes Qwen3 with per-head QK-norm, OLMo 2 with projection QK-norm, Phi-3 with partial rotation,
+    Qwen2 with q/k/v biases, Llama without)."""
     if config.hf_architecture in BY_ARCHITECTURE:
         return BY_ARCHITECTURE[config.hf_architecture]
     if config.family == "gpt" and config.position == "rope":
         if config.qk_norm is not None:
             return OLMO2 if config.qk_norm == "projection" else QWEN3
+        if config.rotary_fraction != 1.0:
+            return PHI3
         return QWEN2 if config.projection_bias("q") and not config.projection_bias("o") else LLAMA
     return {"gpt": GPT2, "bert": BERT, "t5": T5}[config.family]
 
@@ -294,8 +296,8 @@ def check_expressible(spec: Family, config: ModelConfig, where: str) -> None:
         problems.append(f"activation = {config.activation!r} (it has {supported})")
     if config.n_kv_heads != config.n_heads and not spec.grouped_query:
         problems.append(f"n_kv_heads = {config.n_kv_heads} (it has no grouped-query attention)")
-    if (bias_problem := spec.biases(config)) is not None:
-        problems.append(bias_problem)
+    if (misfit := spec.misfit(config)) is not None:
+        problems.append(misfit)
     if not spec.free_head_size and config.d_attn != config.d_model:
         problems.append(f"d_head = {config.d_head} (it has d_head = d_model / n_heads = "
                         f"{config.d_model // config.n_heads})")

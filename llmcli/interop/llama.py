@@ -1,4 +1,4 @@
-"""Llama-style decoders (Llama, Mistral, Qwen2, Qwen3, OLMo 2): one layout, told apart by config switches."""
+"""Llama-style decoders (Llama, Mistral, Qwen2, Qwen3, OLMo 2, Phi-3): one layout, told apart by config switches."""
 
 from __future__ import annotations
 
@@ -8,19 +8,27 @@ from llmcli.interop.rope import hf_rope, rope_from_hf, rope_to_hf
 from llmcli.interop.tables import Family, Rule, params, stack
 
 
-def _llama_rules(cfg: ModelConfig) -> list[Rule]:
+def _llama_rules(cfg: ModelConfig, fused: bool = False) -> list[Rule]:
     """LlamaForCausalLM's layout, which Mistral, Qwen2 and Qwen3 (with q_norm, k_norm) share; OLMo 2 norms each
-    sublayer's output instead of its input (post_attention_layernorm, post_feedforward_layernorm)."""
+    sublayer's output instead of its input (post_attention_layernorm, post_feedforward_layernorm); Phi-3 fuses
+    q, k, v into qkv_proj and gate, up into gate_up_proj (fused: no biases there)."""
     norms = (("post_attention_layernorm", "post_feedforward_layernorm") if cfg.norm_position == "output"
              else ("input_layernorm", "post_attention_layernorm"))
-    block = [*params("attn_norm", norms[0], bias=False),
-             *[rule for p in "qkvo" for rule in params(f"attn.{p}_proj", f"self_attn.{p}_proj",
-                                                         bias=cfg.projection_bias(p))],
+    kv = cfg.n_kv_heads * cfg.d_head
+    if fused:
+        projections = [*params(("attn.q_proj", "attn.k_proj", "attn.v_proj"), "self_attn.qkv_proj", bias=False,
+                               sizes=(cfg.d_attn, kv, kv)),
+                       *params("attn.o_proj", "self_attn.o_proj", bias=False)]
+        feed_forward = params(("ff.gate", "ff.up"), "mlp.gate_up_proj", bias=False)
+    else:
+        projections = [rule for p in "qkvo" for rule in params(f"attn.{p}_proj", f"self_attn.{p}_proj",
+                                                                 bias=cfg.projection_bias(p))]
+        feed_forward = [rule for p in ("gate", "up") for rule in params(f"ff.{p}", f"mlp.{p}_proj",
+                                                                         bias=cfg.projection_bias(p))]
+    block = [*params("attn_norm", norms[0], bias=False), *projections,
              *([rule for p in "qk" for rule in params(f"attn.{p}_norm", f"self_attn.{p}_norm", bias=False)]
                if cfg.qk_norm else []),
-             *params("ff_norm", norms[1], bias=False),
-             *params("ff.gate", "mlp.gate_proj", bias=cfg.projection_bias("gate")),
-             *params("ff.up", "mlp.up_proj", bias=cfg.projection_bias("up")),
+             *params("ff_norm", norms[1], bias=False), *feed_forward,
              *params("ff.down", "mlp.down_proj", bias=cfg.projection_bias("down"))]
     return [
         *params("tok_emb", "model.embed_tokens", bias=False),
@@ -51,16 +59,19 @@ def _llama_to_hf(cfg: ModelConfig) -> dict:
             "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pretraining_tp": 1}
 
 
-def _unsupported_llama(hf: dict, where: str) -> None:
+def _phi3_to_hf(cfg: ModelConfig) -> dict:
+    """Phi-3 keeps original_max_position_embeddings at the top, where it overrides the rotary dict's; its padding
+    token defaults to 32000, which a smaller vocabulary does not hold."""
+    return {"original_max_position_embeddings": (cfg.rope_scaling or {}).get("original_max_seq_len",
+                                                                             cfg.max_seq_len),
+            "pad_token_id": 32000 if cfg.vocab_size > 32000 else None}
+
+
+def _unsupported_llama(hf: dict, where: str, partial_rotary: bool = False) -> None:
     """Refuse what llmcli's blocks do not compute, naming the field (never ignored silently)."""
     problems = []
-    if hf_rope(hf).get("partial_rotary_factor", 1.0) != 1.0:
-        problems.append("partial_rotary_factor (Llama's attention rotates every dimension)")
-    window = hf.get("sliding_window")
-    windowed = hf.get("use_sliding_window", hf.get("model_type") not in ("qwen2", "qwen3"))  # their default: off
-    if window is not None and windowed and window < hf.get("max_position_embeddings", 0):
-        problems.append(f"sliding_window = {window} (llmcli attends to the whole context; a checkpoint whose "
-                        f"window covers max_position_embeddings converts)")
+    if not partial_rotary and hf_rope(hf).get("partial_rotary_factor", 1.0) != 1.0:
+        problems.append(f"partial_rotary_factor ({hf.get('model_type')}'s attention rotates every dimension)")
     for key in ("num_local_experts", "num_experts", "moe_intermediate_size"):
         if hf.get(key):
             problems.append(f"{key} = {hf[key]} (mixture of experts)")
@@ -83,10 +94,54 @@ def _projection_biases(cfg: ModelConfig) -> tuple[bool, bool, bool]:
     return cfg.projection_bias("q"), cfg.projection_bias("o"), cfg.projection_bias("up")
 
 
+# Sliding windows in config.json: none (Llama and OLMo 2 have no window), every layer (Mistral's sliding_window,
+# 4096 when left out) or chosen layers (Qwen2 and Qwen3: use_sliding_window, then layer_types or max_window_layers).
+WINDOW_KINDS = ("none", "every layer", "chosen layers")
+HF_LAYER_TYPES = {"full_attention": "full", "sliding_attention": "sliding"}
+
+
+def _windows_from_hf(hf: dict, kind: str, where: str) -> dict:
+    if kind == "every layer":  # left out: Mistral's default window is 4096, Phi-3's none
+        return {"sliding_window": hf.get("sliding_window", 4096 if hf.get("model_type") == "mistral" else None)}
+    if kind == "none" or not hf.get("use_sliding_window") or hf.get("sliding_window") is None:
+        return {}
+    layers = hf.get("num_hidden_layers", 32)
+    types = hf.get("layer_types") or ["sliding_attention" if i >= hf.get("max_window_layers", 28) else "full_attention"
+                                      for i in range(layers)]
+    unknown = sorted(set(types) - set(HF_LAYER_TYPES))
+    if unknown:
+        raise UserError(f"{where}: not supported: layer_types {unknown[0]!r} (llmcli has full and sliding attention)")
+    return {"sliding_window": hf["sliding_window"], "layer_types": [HF_LAYER_TYPES[t] for t in types]}
+
+
+def _windows_to_hf(cfg: ModelConfig, kind: str) -> dict:
+    if kind == "every layer":
+        return {"sliding_window": cfg.sliding_window}
+    if kind == "none":
+        return {}
+    types = [("sliding" if cfg.window(i) else "full") for i in range(cfg.n_layers)]
+    first = types.index("sliding") if "sliding" in types else cfg.n_layers
+    return {"use_sliding_window": cfg.sliding_window is not None, "sliding_window": cfg.sliding_window,
+            "max_window_layers": first, "layer_types": [f"{t}_attention" for t in types]}
+
+
+def _windows_fit(cfg: ModelConfig, kind: str) -> str | None:
+    """Why the architecture cannot hold this config's windows, or None."""
+    if cfg.sliding_window is None or kind == "chosen layers":
+        return None
+    if kind == "none":
+        return f"sliding_window = {cfg.sliding_window} (it attends to the whole context)"
+    if cfg.layer_types is not None and "full" in cfg.layer_types:
+        return "layer_types with full-attention layers (its window covers every layer)"
+    return None
+
+
 def _llama_like(model_type: str, architecture: str, biases: str | tuple[bool, bool, bool], fields=LLAMA_FIELDS,
-                from_hf: dict | None = None, to_hf: dict | None = None) -> Family:
+                from_hf: dict | None = None, to_hf: dict | None = None, windows: str = "none",
+                fused: bool = False) -> Family:
     """biases: "flags" (config.json's attention_bias and mlp_bias), "attention" (attention_bias only, no
     feed-forward bias) or the fixed (q/k/v, o, feed-forward) biases of an architecture without flags.
+    windows: one of WINDOW_KINDS. fused: Phi-3's fused projections, with partial rotation.
     from_hf: this architecture's fixed llmcli fields (its norms); to_hf: its fixed config.json keys."""
     fixed_from_hf = {"hf_architecture": architecture, **(from_hf or {})}
     if isinstance(biases, tuple):  # no bias flags in its config.json: the architecture fixes them
@@ -94,10 +149,14 @@ def _llama_like(model_type: str, architecture: str, biases: str | tuple[bool, bo
     elif biases == "attention":
         fixed_from_hf.update(mlp_bias=None)
 
-    def check_biases(cfg: ModelConfig) -> str | None:
+    def check_fit(cfg: ModelConfig) -> str | None:
         qkv, o, ff = _projection_biases(cfg)
         fits = {"flags": qkv == o, "attention": qkv == o and not ff}.get(biases, (qkv, o, ff) == biases)
-        return None if fits else f"projection biases q/k/v {qkv}, o {o}, feed-forward {ff}"
+        if not fits:
+            return f"projection biases q/k/v {qkv}, o {o}, feed-forward {ff}"
+        if cfg.rotary_fraction != 1.0 and not fused:
+            return f"rotary_fraction = {cfg.rotary_fraction} (it rotates every dimension)"
+        return _windows_fit(cfg, windows)
 
     def bias_flags(cfg: ModelConfig) -> dict:
         flags = {"flags": ("attention_bias", "mlp_bias"), "attention": ("attention_bias",)}.get(biases, ())
@@ -108,15 +167,19 @@ def _llama_like(model_type: str, architecture: str, biases: str | tuple[bool, bo
     return Family(
         family="gpt", model_type=model_type, architecture=architecture,
         reads=(architecture, architecture.replace("ForCausalLM", "Model")), base_prefix="model.",
-        rules=_llama_rules, fields=fields, activation_key="hidden_act", activation_default="silu",
+        rules=lambda cfg: _llama_rules(cfg, fused), fields=fields, activation_key="hidden_act",
+        activation_default="silu",
         activations={"silu": "swiglu"}, fixed={"attention_dropout": 0.0},
         requires={"position": "rope", "norm": "rmsnorm", "parallel_block": False, "norm_position": norms["norm_position"],
                   "qk_norm": norms["qk_norm"]},
-        biases=check_biases,
+        misfit=check_fit,
         emb_key="model.embed_tokens.weight", head_key="lm_head.weight",
-        ignored=r"\.rotary_emb\.inv_freq$", free_head_size=True, grouped_query=True, refuse=_unsupported_llama,
-        extra_from_hf=lambda hf, state, where: {**_llama_config(hf, where), **fixed_from_hf},
-        extra_to_hf=lambda cfg: {**_llama_to_hf(cfg), **(to_hf or {}), **bias_flags(cfg)})
+        ignored=r"\.rotary_emb\.inv_freq$", free_head_size=True, grouped_query=True,
+        refuse=lambda hf, where: _unsupported_llama(hf, where, fused),
+        extra_from_hf=lambda hf, state, where: {**_llama_config(hf, where), **_windows_from_hf(hf, windows, where),
+                                                **fixed_from_hf},
+        extra_to_hf=lambda cfg: {**_llama_to_hf(cfg), **(to_hf or {}), **bias_flags(cfg),
+                                 **_windows_to_hf(cfg, windows), **(_phi3_to_hf(cfg) if fused else {})})
 
 
 def _with(fields: tuple, **defaults) -> tuple:
@@ -128,18 +191,23 @@ MISTRAL = _llama_like(
     "mistral", "MistralForCausalLM", (False, False, False),
     fields=_with(LLAMA_FIELDS, intermediate_size=14336, max_position_embeddings=4096 * 32, rms_norm_eps=1e-6,
                  num_key_value_heads=8),
-    to_hf={"sliding_window": None})
+    windows="every layer")
 QWEN2 = _llama_like(
     "qwen2", "Qwen2ForCausalLM", (True, False, False),
     fields=_with(LLAMA_FIELDS, vocab_size=151936, intermediate_size=22016, max_position_embeddings=32768,
                  num_key_value_heads=32),
-    to_hf={"use_sliding_window": False, "sliding_window": None})
+    windows="chosen layers")
 QWEN3 = _llama_like(
     "qwen3", "Qwen3ForCausalLM", "attention",
     fields=_with(LLAMA_FIELDS, vocab_size=151936, intermediate_size=22016, max_position_embeddings=32768,
                  num_key_value_heads=32, head_dim=128),
-    from_hf={"qk_norm": "head"}, to_hf={"use_sliding_window": False, "sliding_window": None})
+    from_hf={"qk_norm": "head"}, windows="chosen layers")
 OLMO2 = _llama_like(
     "olmo2", "Olmo2ForCausalLM", "attention",
     fields=_with(LLAMA_FIELDS, vocab_size=50304, rms_norm_eps=1e-5),
     from_hf={"qk_norm": "projection", "norm_position": "output"})
+PHI3 = _llama_like(
+    "phi3", "Phi3ForCausalLM", (False, False, False),
+    fields=_with(LLAMA_FIELDS, vocab_size=32064, hidden_size=3072, intermediate_size=8192, max_position_embeddings=4096,
+                 rms_norm_eps=1e-5),
+    windows="every layer", fused=True)

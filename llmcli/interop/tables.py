@@ -16,18 +16,21 @@ from llmcli.config import ModelConfig
 class Rule:
     """One Hugging Face tensor and the llmcli tensor(s) it holds.
 
-    Several llmcli names: HF fuses them along the output dimension (GPT-2's c_attn holds q, k, v).
+    Several llmcli names: HF fuses them along the output dimension (GPT-2's c_attn holds q, k, v), in equal
+    parts or in `sizes` (Phi-3's qkv_proj under grouped-query attention).
     conv1d: HF stores the weight as (in, out), the layout of GPT-2's Conv1D.
     """
 
     ours: tuple[str, ...]
     hf: str
     conv1d: bool = False
+    sizes: tuple[int, ...] | None = None
 
     def to_ours(self, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.conv1d and tensor.dim() == 2:
             tensor = tensor.t()
-        return {name: part.contiguous() for name, part in zip(self.ours, tensor.chunk(len(self.ours)))}
+        parts = tensor.split(list(self.sizes)) if self.sizes else tensor.chunk(len(self.ours))
+        return {name: part.contiguous() for name, part in zip(self.ours, parts)}
 
     def to_hf(self, state: dict[str, torch.Tensor]) -> torch.Tensor:
         tensor = torch.cat([state[name] for name in self.ours])
@@ -36,16 +39,17 @@ class Rule:
         return tensor.contiguous()
 
 
-def params(ours: str | tuple[str, ...], hf: str, bias: bool = True, conv1d: bool = False) -> list[Rule]:
+def params(ours: str | tuple[str, ...], hf: str, bias: bool = True, conv1d: bool = False,
+           sizes: tuple[int, ...] | None = None) -> list[Rule]:
     """The weight (and bias) of one layer; a tuple of llmcli layers is one fused HF layer."""
     layers = (ours,) if isinstance(ours, str) else ours
     kinds = ("weight", "bias") if bias else ("weight",)
-    return [Rule(tuple(f"{layer}.{kind}" for layer in layers), f"{hf}.{kind}", conv1d) for kind in kinds]
+    return [Rule(tuple(f"{layer}.{kind}" for layer in layers), f"{hf}.{kind}", conv1d, sizes) for kind in kinds]
 
 
 def stack(ours: str, hf: str, n_layers: int, block: list[Rule]) -> list[Rule]:
     """A block table repeated for layers 0 .. n_layers-1 under the two prefixes."""
-    return [Rule(tuple(f"{ours}{i}.{name}" for name in rule.ours), f"{hf}{i}.{rule.hf}", rule.conv1d)
+    return [Rule(tuple(f"{ours}{i}.{name}" for name in rule.ours), f"{hf}{i}.{rule.hf}", rule.conv1d, rule.sizes)
             for i in range(n_layers) for rule in block]
 
 
@@ -81,4 +85,4 @@ class Family:
     extra_to_hf: Callable[[ModelConfig], dict] = lambda cfg: {}
     refuse: Callable[[dict, str], None] = lambda hf, where: None  # raises on config features llmcli lacks
     grouped_query: bool = False  # num_key_value_heads < num_attention_heads can be written
-    biases: Callable[[ModelConfig], str | None] = lambda cfg: None  # why the projection biases do not fit
+    misfit: Callable[[ModelConfig], str | None] = lambda cfg: None  # why its biases or windows do not fit

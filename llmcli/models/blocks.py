@@ -74,19 +74,38 @@ class FeedForward(nn.Module):
 
 
 class LayerKVCache:
-    """Preallocated keys and values of one self-attention layer: (B, n_kv_heads, max_len, d_head)."""
+    """Preallocated keys and values of one self-attention layer: (B, n_kv_heads, max_len, d_head).
+
+    A sliding-window layer keeps only its last `window - 1` positions, in order (all that the next query can
+    see besides itself): a call attends to those and its own new keys. `length` counts every position seen.
+    """
 
     def __init__(self, batch: int, n_kv_heads: int, max_len: int, d_head: int,
-                 device: torch.device | str, dtype: torch.dtype) -> None:
-        self.k = torch.zeros(batch, n_kv_heads, max_len, d_head, device=device, dtype=dtype)
+                 device: torch.device | str, dtype: torch.dtype, window: int | None = None) -> None:
+        self.window = window
+        kept = max_len if window is None else min(window - 1, max_len)
+        self.k = torch.zeros(batch, n_kv_heads, kept, d_head, device=device, dtype=dtype)
         self.v = torch.zeros_like(self.k)
+        self.max_len = max_len
         self.length = 0
+
+    def kept(self) -> int:
+        """How many positions the cache holds now."""
+        return self.length if self.window is None else min(self.length, self.window - 1)
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         end = self.length + k.shape[2]
-        if end > self.k.shape[2]:
-            raise UserError(f"KV cache full: {end} positions needed, {self.k.shape[2]} allocated; "
+        if end > self.max_len:
+            raise UserError(f"KV cache full: {end} positions needed, {self.max_len} allocated; "
                             f"ask for fewer new tokens")
+        if self.window is not None:
+            k_all = torch.cat((self.k[:, :, :self.kept()], k), dim=2)
+            v_all = torch.cat((self.v[:, :, :self.kept()], v), dim=2)
+            keep = min(self.window - 1, k_all.shape[2])
+            start = k_all.shape[2] - keep
+            self.k[:, :, :keep], self.v[:, :, :keep] = k_all[:, :, start:], v_all[:, :, start:]
+            self.length = end
+            return k_all, v_all
         self.k[:, :, self.length:end] = k
         self.v[:, :, self.length:end] = v
         self.length = end
@@ -106,8 +125,8 @@ class KVCache:
 
     def __init__(self, cfg: ModelConfig, n_layers: int, batch: int, max_len: int,
                  device: torch.device | str, dtype: torch.dtype, cross: bool = False) -> None:
-        self.layers = [LayerKVCache(batch, cfg.n_kv_heads, max_len, cfg.d_head, device, dtype)
-                       for _ in range(n_layers)]
+        self.layers = [LayerKVCache(batch, cfg.n_kv_heads, max_len, cfg.d_head, device, dtype,
+                                    None if cross else cfg.window(i)) for i in range(n_layers)]
         self.cross = [CrossKVCache() for _ in range(n_layers)] if cross else [None] * n_layers
 
     @property
@@ -296,12 +315,18 @@ class TransformerStack(nn.Module):
         key_pos = torch.arange(offset + length, device=x.device)
         rope = rope_cos_sin(position_ids, cfg) if cfg.position == "rope" else None
         positions = (seq_pos, key_pos) if cfg.position == "transformer_xl" else None
-        bias, is_causal = self._attention_bias(seq_pos, key_pos, attention_mask, x.dtype)
+        masks = {None: self._attention_bias(seq_pos, key_pos, attention_mask, x.dtype)}
         memory_bias = None if memory_mask is None else additive_bias(memory_mask[:, None, None, :] != 0, x.dtype)
 
         for i, block in enumerate(self.blocks):
             layer_cache = cache.layers[i] if cache is not None else None
             cross_cache = cache.cross[i] if cache is not None else None
+            window = cfg.window(i) if self.causal else None
+            if window not in masks:  # a sliding layer: its cache holds only the window before these positions
+                held = min(offset, window - 1) if cache is not None else offset
+                local_keys = torch.arange(offset - held, offset + length, device=x.device)
+                masks[window] = self._attention_bias(seq_pos, local_keys, attention_mask, x.dtype, window)
+            bias, is_causal = masks[window]
             args = (x, bias, is_causal, rope, positions, memory, memory_bias, layer_cache, cross_cache)
             if self.gradient_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
@@ -309,9 +334,12 @@ class TransformerStack(nn.Module):
                 x = block(*args)
         return self.final_norm(x) if self.final_norm is not None else x
 
-    def _attention_bias(self, q_pos, k_pos, attention_mask, dtype):
-        """One additive bias for all layers, or None with is_causal=True where SDPA can mask by itself."""
-        needs_bias = (attention_mask is not None or self.rel_bias is not None
+    def _attention_bias(self, q_pos, k_pos, attention_mask, dtype, window: int | None = None):
+        """One additive bias for all layers (of a window), or None with is_causal=True where SDPA can mask by
+        itself. A window lets a query see the keys at most window - 1 positions back (k > q - window), counted
+        in cache slots as transformers counts them (left padding included)."""
+        window = window if window is not None and int(q_pos[-1] - k_pos[0]) >= window else None  # else all fit
+        needs_bias = (attention_mask is not None or self.rel_bias is not None or window is not None
                       or self.cfg.position == "transformer_xl")
         causal_rows = self.causal and len(q_pos) > 1
         if not needs_bias and (not causal_rows or len(q_pos) == len(k_pos)):
@@ -319,9 +347,11 @@ class TransformerStack(nn.Module):
         allowed = torch.ones(len(q_pos), len(k_pos), dtype=torch.bool, device=q_pos.device)
         if self.causal:
             allowed = k_pos[None, :] <= q_pos[:, None]
+        if window is not None:
+            allowed = allowed & (k_pos[None, :] > q_pos[:, None] - window)
         allowed = allowed[None, None]
         if attention_mask is not None:
-            allowed = allowed & (attention_mask[:, None, None, :] != 0)
+            allowed = allowed & (attention_mask[:, k_pos][:, None, None, :] != 0)
         bias = additive_bias(allowed, dtype)
         if self.rel_bias is not None:
             bias = (bias + self.rel_bias(q_pos, k_pos).to(dtype)).clamp(min=torch.finfo(dtype).min)

@@ -24,7 +24,7 @@ from llmcli.generation import generate_ids
 from llmcli.interop.hf import convert_to_hf
 from llmcli.model_dir import build_model_dir, load_model
 from llmcli.models.layout import store_matrices_transposed
-from llmcli.profiling.counts import count, flops_per_token, kv_cache_bytes_per_token
+from llmcli.profiling.counts import count, flops_per_token, kv_cache_bytes
 from llmcli.profiling.peak import PeakMemory
 from llmcli.profiling.provenance import provenance
 from llmcli.runtime import DTYPES, autocast, compile_blocks, family_loss, resolve_device, torch_dtype
@@ -331,7 +331,7 @@ def _summarise(name, mode, batch_size, seq_len, dtype, device, samples, tokens, 
     if mode == "decode":
         element = torch.finfo(torch_dtype(dtype)).bits // 8
         weights = (counts.non_embedding_params + config.d_model * config.vocab_size) * element
-        per_step = weights + kv_cache_bytes_per_token(config, element) * context * batch_size
+        per_step = weights + kv_cache_bytes(config, element, context) * batch_size
         result.bandwidth_bytes_per_s = per_step * median / batch_size
     return result
 

@@ -1,5 +1,5 @@
 """Counting formulas, each written once: exact parameter counts (the model built on the meta device), FLOPs
-per token, training compute, and KV-cache bytes per token.
+per token, training compute, and KV-cache bytes.
 """
 
 from __future__ import annotations
@@ -54,8 +54,10 @@ def tokens_for_compute(params: float, compute: float) -> float:
     return compute / (6 * params)
 
 
-def kv_cache_bytes_per_token(config: ModelConfig, element_bytes: float) -> float:
-    """K and V of every layer with a self-attention cache (T5: the decoder's) at one position of one sequence:
-    2 · layers · n_kv_heads · d_head · bytes."""
+def kv_cache_bytes(config: ModelConfig, element_bytes: float, context: int) -> float:
+    """K and V that one sequence's cache holds at `context` positions: a full-attention layer keeps them all, a
+    sliding-window layer its last window - 1 (all the next query sees besides itself)."""
     layers = config.n_decoder_layers if config.family == "t5" else config.n_layers
-    return 2 * layers * config.n_kv_heads * config.d_head * element_bytes
+    windows = [config.window(i) for i in range(layers)]
+    positions = sum(context if w is None else min(context, w - 1) for w in windows)
+    return 2 * positions * config.n_kv_heads * config.d_head * element_bytes

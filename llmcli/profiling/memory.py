@@ -32,7 +32,7 @@ from llmcli.model_dir import QUANTIZATION_FILE, stored_tensor_bytes
 from llmcli.models import build_on_meta
 from llmcli.models.layout import PROJECTIONS, block_linears, blocks
 from llmcli.models.quantized import DEFAULT_GROUP_SIZE, quantized_state_bytes
-from llmcli.profiling.counts import count, kv_cache_bytes_per_token
+from llmcli.profiling.counts import count, kv_cache_bytes
 from llmcli.runtime import DTYPES as RUNTIME_DTYPES
 from llmcli.runtime import cross_entropy_chunk_rows, resolve_device
 
@@ -472,11 +472,11 @@ def _infer(config, stats, params, batch, seq_len, dtype, attention, device, new_
                      f"embeddings, norms, biases and heads in fp32; 16-bit compute and KV cache")
     else:
         weights = DTYPES[dtype] * params
-    kv_per_token = kv_cache_bytes_per_token(config, compute)
+    kv_per_token = kv_cache_bytes(config, compute, 1)  # below any sliding window
     e = lambda t: batch * t * config.d_model * compute  # noqa: E731
     if config.family == "gpt":
         prompt = seq_len - new_tokens
-        kv = kv_per_token * batch * seq_len
+        kv = kv_cache_bytes(config, compute, seq_len) * batch
         logits = batch * prompt * config.vocab_size * compute  # the whole prefill's logits stay referenced
         work = _infer_working(config, batch, prompt, prompt, compute, attention)
     elif config.family == "t5":
