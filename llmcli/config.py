@@ -75,7 +75,12 @@ class ModelConfig:
     rotary_fraction: float = 1.0
     qk_norm: str | None = None  # QK_NORMS: q and k normalised before rotary (None: not)
     sliding_window: int | None = None  # local attention: a query sees the last sliding_window positions (itself too)
-    layer_types: list | None = None  # per layer "full" or "sliding" (default: every layer sliding if a window is set)  # the leading share of each head's dimensions that rotates (Phi-4-mini: 0.75)
+    layer_types: list | None = None  # per layer "full" or "sliding" (default: every layer sliding if a window is set)
+    nope_layers: list | None = None  # layers whose attention takes no rotary positions (SmolLM3: every 4th)
+    embedding_multiplier: float = 1.0  # token embeddings times this (Granite)
+    residual_multiplier: float = 1.0  # each sublayer's output times this before the residual add (Granite)
+    attention_multiplier: float | None = None  # the q·kᵀ scale (default 1 / sqrt(d_head); Granite sets its own)
+    logits_divisor: float = 1.0  # LM-head logits divided by this (Granite's logits_scaling)  # the leading share of each head's dimensions that rotates (Phi-4-mini: 0.75)
     parallel_block: bool = False  # attention and MLP side by side (GPT-J, PaLM)
     tokenizer: str | None = None
     bos_token_id: int | None = None  # a converted checkpoint's own special tokens (its config or
@@ -196,6 +201,15 @@ def _check_sizes(cfg: ModelConfig, where: str) -> None:
                             f"layers")
         if "sliding" in cfg.layer_types and cfg.sliding_window is None:
             raise UserError(f"{where}: 'layer_types' has sliding layers but no 'sliding_window'; set the window")
+    layers = cfg.n_decoder_layers if cfg.family == "t5" else cfg.n_layers
+    if cfg.nope_layers is not None and (cfg.position != "rope" or not all(
+            isinstance(i, int) and 0 <= i < layers for i in cfg.nope_layers)):
+        raise UserError(f"{where}: 'nope_layers' must list layer numbers 0..{layers - 1} of a rotary model")
+    for key in ("embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_divisor"):
+        if getattr(cfg, key) is not None and getattr(cfg, key) <= 0:
+            raise UserError(f"{where}: '{key}' must be positive, got {getattr(cfg, key)}")
+    if cfg.residual_multiplier != 1.0 and (cfg.norm_position != "pre" or cfg.parallel_block):
+        raise UserError(f"{where}: 'residual_multiplier' is for pre-norm blocks (Granite); remove it")
     if cfg.sliding_window is not None and cfg.family != "gpt":
         raise UserError(f"{where}: 'sliding_window' is for the gpt family; remove it")
     if cfg.position == "sinusoidal" and cfg.d_model % 2:

@@ -23,7 +23,8 @@ def _one_thread():
     yield from one_thread()
 
 CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-           "qwen3": "Qwen3ForCausalLM", "olmo2": "Olmo2ForCausalLM", "phi3": "Phi3ForCausalLM"}
+           "qwen3": "Qwen3ForCausalLM", "olmo2": "Olmo2ForCausalLM", "phi3": "Phi3ForCausalLM",
+           "smollm3": "SmolLM3ForCausalLM", "granite": "GraniteForCausalLM"}
 SMALL = dict(vocab_size=384, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
              max_position_embeddings=128, bos_token_id=1, eos_token_id=2, rms_norm_eps=1e-5)
 SHAPES = {  # (model_type, config overrides): GQA and MQA, tied and untied, head_dim != d_model / heads, biases
@@ -48,6 +49,11 @@ SHAPES = {  # (model_type, config overrides): GQA and MQA, tied and untied, head
                                                rope_type="longrope", rope_theta=10000.0, partial_rotary_factor=0.75,
                                                short_factor=[1.0, 1.2, 1.5, 2.0, 3.0, 4.0],
                                                long_factor=[1.0, 2.0, 4.0, 6.0, 8.0, 12.0]))),
+    # SmolLM3's NoPE layers (layer 1 of 2 takes no rotary positions); Granite's four multipliers
+    "smollm3-nope": ("smollm3", dict(num_key_value_heads=2, pad_token_id=0, no_rope_layer_interval=2,
+                                     tie_word_embeddings=True)),
+    "granite-multipliers": ("granite", dict(num_key_value_heads=2, embedding_multiplier=12.0, residual_multiplier=0.22,
+                                            attention_multiplier=0.0125, logits_scaling=8.0, attention_bias=True)),
     # Sliding windows shorter than the prompt: every layer (Mistral), chosen layers (Qwen2, Qwen3)
     "mistral-window": ("mistral", dict(num_key_value_heads=2, sliding_window=4, tie_word_embeddings=False)),
     "qwen2-window-layer-1": ("qwen2", dict(num_key_value_heads=2, use_sliding_window=True, sliding_window=5,

@@ -30,11 +30,11 @@ GENERATION_FILE = "generation_config.json"
 
 from llmcli.interop.bert import BERT
 from llmcli.interop.gpt2 import GPT2
-from llmcli.interop.llama import LLAMA, MISTRAL, OLMO2, PHI3, QWEN2, QWEN3
+from llmcli.interop.llama import GRANITE, LLAMA, MISTRAL, OLMO2, PHI3, QWEN2, QWEN3, SMOLLM3
 from llmcli.interop.t5 import T5
 from llmcli.interop.tables import Family
 
-SPECS = (GPT2, BERT, T5, LLAMA, MISTRAL, QWEN2, QWEN3, OLMO2, PHI3)
+SPECS = (GPT2, BERT, T5, LLAMA, MISTRAL, QWEN2, QWEN3, OLMO2, PHI3, SMOLLM3, GRANITE)
 BY_MODEL_TYPE = {spec.model_type: spec for spec in SPECS}
 BY_ARCHITECTURE = {spec.architecture: spec for spec in SPECS}
 SUPPORTED = ", ".join(arch for spec in SPECS for arch in spec.reads)
@@ -43,7 +43,7 @@ SUPPORTED = ", ".join(arch for spec in SPECS for arch in spec.reads)
 def spec_for(config: ModelConfig) -> Family:
     """The Hugging Face layout an llmcli config converts to: the one it came from, else by family and position
     (a rotary GPT becomes Qwen3 with per-head QK-norm, OLMo 2 with projection QK-norm, Phi-3 with partial rotation,
-    Qwen2 with q/k/v biases, Llama without)."""
+    SmolLM3 with NoPE layers, Granite with its multipliers, Qwen2 with q/k/v biases, Llama without)."""
     if config.hf_architecture in BY_ARCHITECTURE:
         return BY_ARCHITECTURE[config.hf_architecture]
     if config.family == "gpt" and config.position == "rope":
@@ -51,6 +51,11 @@ def spec_for(config: ModelConfig) -> Family:
             return OLMO2 if config.qk_norm == "projection" else QWEN3
         if config.rotary_fraction != 1.0:
             return PHI3
+        if config.nope_layers:
+            return SMOLLM3
+        if (config.embedding_multiplier, config.residual_multiplier, config.attention_multiplier,
+                config.logits_divisor) != (1.0, 1.0, None, 1.0):
+            return GRANITE
         return QWEN2 if config.projection_bias("q") and not config.projection_bias("o") else LLAMA
     return {"gpt": GPT2, "bert": BERT, "t5": T5}[config.family]
 

@@ -1,6 +1,10 @@
-"""Llama-style decoders (Llama, Mistral, Qwen2, Qwen3, OLMo 2, Phi-3): one layout, told apart by config switches."""
+"""Llama-style decoders (Llama, Mistral, Qwen2, Qwen3, OLMo 2, Phi-3, SmolLM3, Granite): one layout, told apart by
+config switches."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
 
 from llmcli.config import ModelConfig
 from llmcli.errors import UserError
@@ -54,17 +58,17 @@ def _first(value):
 
 
 def _llama_to_hf(cfg: ModelConfig) -> dict:
-    """Rotary settings in both spellings, so that transformers 4 and 5 read them."""
-    return {"head_dim": cfg.d_head, **rope_to_hf(cfg),
-            "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pretraining_tp": 1}
+    """Rotary settings in both spellings, so that transformers 4 and 5 read them. No padding token: llmcli keeps
+    none (the tokenizer has it), and a class default (Phi-3's 32000, SmolLM3's 128004) may lie outside a smaller
+    vocabulary."""
+    return {"head_dim": cfg.d_head, **rope_to_hf(cfg), "bos_token_id": cfg.bos_token_id,
+            "eos_token_id": cfg.eos_token_id, "pad_token_id": None, "pretraining_tp": 1}
 
 
 def _phi3_to_hf(cfg: ModelConfig) -> dict:
-    """Phi-3 keeps original_max_position_embeddings at the top, where it overrides the rotary dict's; its padding
-    token defaults to 32000, which a smaller vocabulary does not hold."""
+    """Phi-3 keeps original_max_position_embeddings at the top, where it overrides the rotary dict's."""
     return {"original_max_position_embeddings": (cfg.rope_scaling or {}).get("original_max_seq_len",
-                                                                             cfg.max_seq_len),
-            "pad_token_id": 32000 if cfg.vocab_size > 32000 else None}
+                                                                             cfg.max_seq_len)}
 
 
 def _unsupported_llama(hf: dict, where: str, partial_rotary: bool = False) -> None:
@@ -106,8 +110,12 @@ def _windows_from_hf(hf: dict, kind: str, where: str) -> dict:
     if kind == "none" or not hf.get("use_sliding_window") or hf.get("sliding_window") is None:
         return {}
     layers = hf.get("num_hidden_layers", 32)
-    types = hf.get("layer_types") or ["sliding_attention" if i >= hf.get("max_window_layers", 28) else "full_attention"
-                                      for i in range(layers)]
+    if hf.get("model_type") == "smollm3":  # its default: the NoPE layers slide
+        derived = ["full_attention" if rope else "sliding_attention" for rope in _smollm3_rope_flags(hf)]
+    else:
+        derived = ["sliding_attention" if i >= hf.get("max_window_layers", 28) else "full_attention"
+                   for i in range(layers)]
+    types = hf.get("layer_types") or derived
     unknown = sorted(set(types) - set(HF_LAYER_TYPES))
     if unknown:
         raise UserError(f"{where}: not supported: layer_types {unknown[0]!r} (llmcli has full and sliding attention)")
@@ -136,12 +144,47 @@ def _windows_fit(cfg: ModelConfig, kind: str) -> str | None:
     return None
 
 
+def _smollm3_rope_flags(hf: dict) -> list[int]:
+    """SmolLM3's no_rope_layers: 1 where a layer rotates, 0 where it takes no positions (every 4th by default)."""
+    interval = hf.get("no_rope_layer_interval", 4)
+    return hf.get("no_rope_layers") or [int((i + 1) % interval != 0) for i in range(hf.get("num_hidden_layers", 36))]
+
+
+# What one architecture has that the others lack: the llmcli fields it carries (all others stay at their defaults),
+# and how config.json spells them.
+SPECIAL_DEFAULTS = {"rotary_fraction": 1.0, "nope_layers": None, "embedding_multiplier": 1.0,
+                    "residual_multiplier": 1.0, "attention_multiplier": None, "logits_divisor": 1.0}
+
+
+@dataclass(frozen=True)
+class Special:
+    keeps: tuple[str, ...] = ()
+    from_hf: Callable[[dict], dict] = lambda hf: {}
+    to_hf: Callable[[ModelConfig], dict] = lambda cfg: {}
+
+
+PHI3_SPECIAL = Special(keeps=("rotary_fraction",), to_hf=lambda cfg: _phi3_to_hf(cfg))
+SMOLLM3_SPECIAL = Special(
+    keeps=("nope_layers",),
+    from_hf=lambda hf: {"nope_layers": [i for i, rope in enumerate(_smollm3_rope_flags(hf)) if not rope] or None},
+    to_hf=lambda cfg: {"no_rope_layers": [int(i not in (cfg.nope_layers or ())) for i in range(cfg.n_layers)]})
+GRANITE_SPECIAL = Special(
+    keeps=("embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_divisor"),
+    from_hf=lambda hf: {"embedding_multiplier": hf.get("embedding_multiplier", 1.0),
+                        "residual_multiplier": hf.get("residual_multiplier", 1.0),
+                        "attention_multiplier": hf.get("attention_multiplier", 1.0),
+                        "logits_divisor": hf.get("logits_scaling", 1.0)},
+    to_hf=lambda cfg: {"embedding_multiplier": cfg.embedding_multiplier, "residual_multiplier": cfg.residual_multiplier,
+                       "attention_multiplier": cfg.attention_multiplier or cfg.d_head ** -0.5,
+                       "logits_scaling": cfg.logits_divisor})
+
+
 def _llama_like(model_type: str, architecture: str, biases: str | tuple[bool, bool, bool], fields=LLAMA_FIELDS,
                 from_hf: dict | None = None, to_hf: dict | None = None, windows: str = "none",
-                fused: bool = False) -> Family:
+                fused: bool = False, special: Special = Special()) -> Family:
     """biases: "flags" (config.json's attention_bias and mlp_bias), "attention" (attention_bias only, no
     feed-forward bias) or the fixed (q/k/v, o, feed-forward) biases of an architecture without flags.
-    windows: one of WINDOW_KINDS. fused: Phi-3's fused projections, with partial rotation.
+    windows: one of WINDOW_KINDS. fused: Phi-3's fused projections. special: the fields only it has.
     from_hf: this architecture's fixed llmcli fields (its norms); to_hf: its fixed config.json keys."""
     fixed_from_hf = {"hf_architecture": architecture, **(from_hf or {})}
     if isinstance(biases, tuple):  # no bias flags in its config.json: the architecture fixes them
@@ -154,8 +197,9 @@ def _llama_like(model_type: str, architecture: str, biases: str | tuple[bool, bo
         fits = {"flags": qkv == o, "attention": qkv == o and not ff}.get(biases, (qkv, o, ff) == biases)
         if not fits:
             return f"projection biases q/k/v {qkv}, o {o}, feed-forward {ff}"
-        if cfg.rotary_fraction != 1.0 and not fused:
-            return f"rotary_fraction = {cfg.rotary_fraction} (it rotates every dimension)"
+        for key, default in SPECIAL_DEFAULTS.items():
+            if key not in special.keeps and getattr(cfg, key) != default:
+                return f"{key} = {getattr(cfg, key)!r} (it has {default!r})"
         return _windows_fit(cfg, windows)
 
     def bias_flags(cfg: ModelConfig) -> dict:
@@ -175,11 +219,11 @@ def _llama_like(model_type: str, architecture: str, biases: str | tuple[bool, bo
         misfit=check_fit,
         emb_key="model.embed_tokens.weight", head_key="lm_head.weight",
         ignored=r"\.rotary_emb\.inv_freq$", free_head_size=True, grouped_query=True,
-        refuse=lambda hf, where: _unsupported_llama(hf, where, fused),
+        refuse=lambda hf, where: _unsupported_llama(hf, where, "rotary_fraction" in special.keeps),
         extra_from_hf=lambda hf, state, where: {**_llama_config(hf, where), **_windows_from_hf(hf, windows, where),
-                                                **fixed_from_hf},
+                                                **special.from_hf(hf), **fixed_from_hf},
         extra_to_hf=lambda cfg: {**_llama_to_hf(cfg), **(to_hf or {}), **bias_flags(cfg),
-                                 **_windows_to_hf(cfg, windows), **(_phi3_to_hf(cfg) if fused else {})})
+                                 **_windows_to_hf(cfg, windows), **special.to_hf(cfg)})
 
 
 def _with(fields: tuple, **defaults) -> tuple:
@@ -210,4 +254,10 @@ PHI3 = _llama_like(
     "phi3", "Phi3ForCausalLM", (False, False, False),
     fields=_with(LLAMA_FIELDS, vocab_size=32064, hidden_size=3072, intermediate_size=8192, max_position_embeddings=4096,
                  rms_norm_eps=1e-5),
-    windows="every layer", fused=True)
+    windows="every layer", fused=True, special=PHI3_SPECIAL)
+SMOLLM3 = _llama_like(
+    "smollm3", "SmolLM3ForCausalLM", "flags",
+    fields=_with(LLAMA_FIELDS, vocab_size=128256, hidden_size=2048, num_hidden_layers=36, num_attention_heads=16,
+                 num_key_value_heads=4, max_position_embeddings=32768),
+    windows="chosen layers", special=SMOLLM3_SPECIAL)
+GRANITE = _llama_like("granite", "GraniteForCausalLM", "flags", special=GRANITE_SPECIAL)

@@ -59,5 +59,7 @@ class LanguageModel(nn.Module):
 
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.config.tie_embeddings:
-            return nn.functional.linear(hidden, self.tok_emb.weight)
-        return self.lm_head(hidden)
+            logits = nn.functional.linear(hidden, self.tok_emb.weight)
+        else:
+            logits = self.lm_head(hidden)
+        return logits / self.config.logits_divisor if self.config.logits_divisor != 1.0 else logits

@@ -158,7 +158,7 @@ class Attention(nn.Module):
         self.q_norm, self.k_norm = ((make_norm(cfg, dim) for dim in norm_dims[self.qk_norm]) if self.qk_norm
                                     else (None, None))
         self.cross = cross
-        self.scale = scale if scale is not None else 1.0 / math.sqrt(cfg.d_head)
+        self.scale = scale if scale is not None else cfg.attention_multiplier or 1.0 / math.sqrt(cfg.d_head)
         self.dropout = cfg.dropout
         self.xl = TransformerXLPosition(cfg) if cfg.position == "transformer_xl" and not cross else None
         self.record_weights = False
@@ -238,11 +238,13 @@ class Block(nn.Module):
         self.ff_norm = None if self.parallel else make_norm(cfg)
         self.ff = FeedForward(cfg)
         self.drop = nn.Dropout(cfg.dropout)
+        self.residual = cfg.residual_multiplier
 
     def forward(self, x, bias, is_causal, rope, positions, memory=None, memory_bias=None,
                 cache=None, cross_cache=None):
         def attend(h):
-            return self.drop(self.attn(h, bias, is_causal, rope, positions, cache=cache))
+            out = self.drop(self.attn(h, bias, is_causal, rope, positions, cache=cache))
+            return out * self.residual if self.residual != 1.0 else out
 
         def cross_attend(h):
             return self.drop(self.cross_attn(h, memory_bias, memory=memory, cache=cross_cache))
@@ -261,7 +263,8 @@ class Block(nn.Module):
         x = x + attend(self.attn_norm(x))
         if self.cross_attn is not None:
             x = x + cross_attend(self.cross_norm(x))
-        return x + self.drop(self.ff(self.ff_norm(x)))
+        out = self.drop(self.ff(self.ff_norm(x)))
+        return x + (out * self.residual if self.residual != 1.0 else out)
 
 
 def additive_bias(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -327,7 +330,8 @@ class TransformerStack(nn.Module):
                 local_keys = torch.arange(offset - held, offset + length, device=x.device)
                 masks[window] = self._attention_bias(seq_pos, local_keys, attention_mask, x.dtype, window)
             bias, is_causal = masks[window]
-            args = (x, bias, is_causal, rope, positions, memory, memory_bias, layer_cache, cross_cache)
+            layer_rope = None if cfg.nope_layers and i in cfg.nope_layers else rope  # NoPE layers: no positions
+            args = (x, bias, is_causal, layer_rope, positions, memory, memory_bias, layer_cache, cross_cache)
             if self.gradient_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
             else:

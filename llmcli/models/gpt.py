@@ -20,7 +20,10 @@ class GPT(LanguageModel):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cache: KVCache | None = None) -> ModelOutput:
         """With a cache, input_ids are the new tokens and attention_mask covers cached + new positions."""
-        hidden = self.decoder(self.tok_emb(input_ids), attention_mask, position_ids, cache=cache)
+        embedded = self.tok_emb(input_ids)
+        if self.config.embedding_multiplier != 1.0:
+            embedded = embedded * self.config.embedding_multiplier
+        hidden = self.decoder(embedded, attention_mask, position_ids, cache=cache)
         return ModelOutput(logits=self.lm_logits(hidden), hidden_states=hidden)
 
     def new_cache(self, batch: int, max_len: int, device=None, dtype=None) -> KVCache:
