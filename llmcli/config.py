@@ -18,10 +18,10 @@ from llmcli.errors import UserError
 
 FAMILIES = ("bert", "gpt", "t5")
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "swiglu", "geglu")
-NORMS = ("layernorm", "rmsnorm")
+NORMS = ("layernorm", "rmsnorm", "gemma_rmsnorm")  # gemma_rmsnorm: RMSNorm times (1 + w), w starting at 0
 # pre: before each sublayer (GPT-2, Llama); post: after each residual add (BERT); output: on each sublayer's output,
-# inside the residual (OLMo 2)
-NORM_POSITIONS = ("pre", "post", "output")
+# inside the residual (OLMo 2); sandwich: both, four norms a block (Gemma 2, Gemma 3)
+NORM_POSITIONS = ("pre", "post", "output", "sandwich")
 QK_NORMS = ("head", "projection")  # RMSNorm of q and k per head (Qwen3, Gemma 3) or over the projection (OLMo 2)
 # relative = T5 bucketed bias; transformer_xl = Dai et al. 2019 relative attention (Gopher).
 POSITIONS = ("learned", "sinusoidal", "rope", "relative", "transformer_xl")
@@ -80,7 +80,10 @@ class ModelConfig:
     embedding_multiplier: float = 1.0  # token embeddings times this (Granite)
     residual_multiplier: float = 1.0  # each sublayer's output times this before the residual add (Granite)
     attention_multiplier: float | None = None  # the q·kᵀ scale (default 1 / sqrt(d_head); Granite sets its own)
-    logits_divisor: float = 1.0  # LM-head logits divided by this (Granite's logits_scaling)  # the leading share of each head's dimensions that rotates (Phi-4-mini: 0.75)
+    logits_divisor: float = 1.0  # LM-head logits divided by this (Granite's logits_scaling)
+    attention_softcap: float | None = None  # scores -> c·tanh(scores / c) before the softmax (Gemma 2)
+    logits_softcap: float | None = None  # LM-head logits -> c·tanh(logits / c) (Gemma 2)
+    rope_local_base: float | None = None  # rotary base of the sliding-window layers, unscaled (Gemma 3)  # the leading share of each head's dimensions that rotates (Phi-4-mini: 0.75)
     parallel_block: bool = False  # attention and MLP side by side (GPT-J, PaLM)
     tokenizer: str | None = None
     bos_token_id: int | None = None  # a converted checkpoint's own special tokens (its config or
@@ -205,7 +208,8 @@ def _check_sizes(cfg: ModelConfig, where: str) -> None:
     if cfg.nope_layers is not None and (cfg.position != "rope" or not all(
             isinstance(i, int) and 0 <= i < layers for i in cfg.nope_layers)):
         raise UserError(f"{where}: 'nope_layers' must list layer numbers 0..{layers - 1} of a rotary model")
-    for key in ("embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_divisor"):
+    for key in ("embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_divisor",
+                "attention_softcap", "logits_softcap", "rope_local_base"):
         if getattr(cfg, key) is not None and getattr(cfg, key) <= 0:
             raise UserError(f"{where}: '{key}' must be positive, got {getattr(cfg, key)}")
     if cfg.residual_multiplier != 1.0 and (cfg.norm_position != "pre" or cfg.parallel_block):
@@ -218,8 +222,8 @@ def _check_sizes(cfg: ModelConfig, where: str) -> None:
         raise UserError(f"{where}: 'dropout' must be in [0, 1), got {cfg.dropout}")
     if cfg.family == "t5" and cfg.n_decoder_layers <= 0:
         raise UserError(f"{where}: 'n_decoder_layers' must be positive, got {cfg.n_decoder_layers}")
-    if cfg.norm_position == "output" and cfg.family != "gpt":
-        raise UserError(f"{where}: norm_position 'output' (OLMo 2) is for the gpt family; use pre or post")
+    if cfg.norm_position in ("output", "sandwich") and cfg.family != "gpt":
+        raise UserError(f"{where}: norm_position {cfg.norm_position!r} is for the gpt family; use pre or post")
     if cfg.family != "t5" and cfg.n_decoder_layers is not None:
         raise UserError(f"{where}: 'n_decoder_layers' is only for the t5 family; remove it")
     if cfg.type_vocab_size < 0:

@@ -24,7 +24,8 @@ def _one_thread():
 
 CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
            "qwen3": "Qwen3ForCausalLM", "olmo2": "Olmo2ForCausalLM", "phi3": "Phi3ForCausalLM",
-           "smollm3": "SmolLM3ForCausalLM", "granite": "GraniteForCausalLM"}
+           "smollm3": "SmolLM3ForCausalLM", "granite": "GraniteForCausalLM",
+           "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
 SMALL = dict(vocab_size=384, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
              max_position_embeddings=128, bos_token_id=1, eos_token_id=2, rms_norm_eps=1e-5)
 SHAPES = {  # (model_type, config overrides): GQA and MQA, tied and untied, head_dim != d_model / heads, biases
@@ -54,6 +55,17 @@ SHAPES = {  # (model_type, config overrides): GQA and MQA, tied and untied, head
                                      tie_word_embeddings=True)),
     "granite-multipliers": ("granite", dict(num_key_value_heads=2, embedding_multiplier=12.0, residual_multiplier=0.22,
                                             attention_multiplier=0.0125, logits_scaling=8.0, attention_bias=True)),
+    # Gemma 2: alternating windows, softcapped scores and logits; Gemma 3: five local layers to one global, their own
+    # rotary base, per-head QK-norm, a scaled global rotary
+    "gemma2-softcap": ("gemma2", dict(num_hidden_layers=4, num_key_value_heads=2, head_dim=24, sliding_window=5,
+                                      query_pre_attn_scalar=20, attn_logit_softcapping=2.0,
+                                      final_logit_softcapping=3.0, pad_token_id=0)),
+    "gemma3-local-global": ("gemma3_text", dict(num_hidden_layers=6, num_key_value_heads=1, sliding_window=4,
+                                                query_pre_attn_scalar=24, pad_token_id=0, tie_word_embeddings=False,
+                                                rope_parameters={"full_attention": dict(
+                                                    rope_type="linear", rope_theta=1e6, factor=4.0),
+                                                    "sliding_attention": dict(rope_type="default",
+                                                                              rope_theta=10000.0)})),
     # Sliding windows shorter than the prompt: every layer (Mistral), chosen layers (Qwen2, Qwen3)
     "mistral-window": ("mistral", dict(num_key_value_heads=2, sliding_window=4, tie_word_embeddings=False)),
     "qwen2-window-layer-1": ("qwen2", dict(num_key_value_heads=2, use_sliding_window=True, sliding_window=5,
@@ -175,7 +187,9 @@ def test_generation_config_supplies_eos_and_unsupported_fields_are_named(tmp_pat
 
 
 NEW_ENTRIES = ("smollm2-135m", "smollm2-360m", "qwen2.5-0.5b", "tinyllama-1.1b", "llama-2-7b", "llama-3-8b",
-               "mistral-7b", "llama-65b")
+               "mistral-7b", "llama-65b", "llama-3.2-1b", "llama-3.2-3b", "llama-3.1-8b", "qwen3-0.6b", "qwen3-1.7b",
+               "qwen3-4b", "qwen3-8b", "gemma-2-2b", "gemma-3-1b", "gemma-3-4b", "phi-3-mini", "phi-4-mini",
+               "olmo-2-1b", "smollm3-3b", "granite-3.3-2b")
 
 
 @pytest.mark.parametrize("name", NEW_ENTRIES)
@@ -218,13 +232,19 @@ def test_lora_on_all_projections_exports_a_peft_adapter_that_peft_loads(tmp_path
     assert (want - base)[mask.bool()].abs().max() > 1e-4  # the adapter changed the outputs
 
 
-@pytest.mark.parametrize("model_type", ["llama", "qwen3", "olmo2"])
+DOWNSTREAM = {"llama": {}, "qwen3": {}, "olmo2": {}, "phi3": dict(pad_token_id=0, sliding_window=8),
+              "smollm3": dict(pad_token_id=0, no_rope_layer_interval=2), "granite": dict(residual_multiplier=0.5),
+              "gemma2": dict(head_dim=16, pad_token_id=0, sliding_window=8),
+              "gemma3_text": dict(head_dim=16, pad_token_id=0, sliding_window=8)}
+
+
+@pytest.mark.parametrize("model_type", sorted(DOWNSTREAM))
 def test_commands_run_on_a_converted_directory(tmp_path, corpus, cli, model_type):
-    """eval, generate (KV cache, GQA), quantize, prune heads (whole kv groups, QK-norm weights with them), distill,
-    bench and memory-estimate --measure on a converted Llama-style directory, as on a built one."""
+    """eval, generate (KV cache, GQA, windows), quantize, prune heads (whole kv groups, QK-norm weights with them),
+    distill, bench and memory-estimate --measure on a converted directory of each decoder family, as on a built one."""
     from llmcli.tokenizer import save_tokenizer, train_tokenizer
 
-    model = hf_model(model_type, dict(num_key_value_heads=2, tie_word_embeddings=False))
+    model = hf_model(model_type, dict(num_key_value_heads=2, tie_word_embeddings=False, **DOWNSTREAM[model_type]))
     model.save_pretrained(tmp_path / "hf")
     assert cli("convert", "from-hf", tmp_path / "hf", tmp_path / "m").exit_code == 0
     save_tokenizer(train_tokenizer(open(corpus).read().split("\n\n"), "bpe", 320), tmp_path / "m")

@@ -19,7 +19,7 @@ from llmcli.errors import UserError
 from llmcli.model_dir import check_outside, load_model, load_tokenizer, write_json
 from llmcli.progress import SILENT, Progress
 from llmcli.runtime import resolve_device
-from llmcli.training.distillation import Distillation
+from llmcli.training.distillation import Distillation, teacher_layer_map
 from llmcli.training.evaluation import corpus_batches
 from llmcli.training.pretrain import pretrain
 from llmcli.training.run import TrainFlags, read_run
@@ -33,8 +33,13 @@ def half_depth(config: ModelConfig, layers: int | None) -> ModelConfig:
     decoder = None
     if config.n_decoder_layers is not None:
         decoder = max(1, round(config.n_decoder_layers * layers / config.n_layers))
+    # per-layer choices (windows, NoPE) follow the layer each student layer starts from
+    taken = teacher_layer_map(config.n_layers, layers)
+    layer_types = [config.layer_types[t] for t in taken] if config.layer_types else None
+    nope = [i for i, t in enumerate(taken) if t in config.nope_layers] if config.nope_layers else None
     return dataclasses.replace(config, name=f"{config.name}-{layers}l", n_layers=layers, n_decoder_layers=decoder,
-                               published_params=None, source=f"{config.name} with {layers} layers (distillation)")
+                               layer_types=layer_types, nope_layers=nope or None, published_params=None,
+                               source=f"{config.name} with {layers} layers (distillation)")
 
 
 def check_pair(teacher_config: ModelConfig, student_config: ModelConfig, teacher_dir: Path,

@@ -29,12 +29,13 @@ INDEX_FILE = "model.safetensors.index.json"
 GENERATION_FILE = "generation_config.json"
 
 from llmcli.interop.bert import BERT
+from llmcli.interop.gemma import GEMMA2, GEMMA3
 from llmcli.interop.gpt2 import GPT2
 from llmcli.interop.llama import GRANITE, LLAMA, MISTRAL, OLMO2, PHI3, QWEN2, QWEN3, SMOLLM3
 from llmcli.interop.t5 import T5
 from llmcli.interop.tables import Family
 
-SPECS = (GPT2, BERT, T5, LLAMA, MISTRAL, QWEN2, QWEN3, OLMO2, PHI3, SMOLLM3, GRANITE)
+SPECS = (GPT2, BERT, T5, LLAMA, MISTRAL, QWEN2, QWEN3, OLMO2, PHI3, SMOLLM3, GRANITE, GEMMA2, GEMMA3)
 BY_MODEL_TYPE = {spec.model_type: spec for spec in SPECS}
 BY_ARCHITECTURE = {spec.architecture: spec for spec in SPECS}
 SUPPORTED = ", ".join(arch for spec in SPECS for arch in spec.reads)
@@ -47,6 +48,8 @@ def spec_for(config: ModelConfig) -> Family:
     if config.hf_architecture in BY_ARCHITECTURE:
         return BY_ARCHITECTURE[config.hf_architecture]
     if config.family == "gpt" and config.position == "rope":
+        if config.norm_position == "sandwich":
+            return GEMMA3 if config.rope_local_base is not None else GEMMA2
         if config.qk_norm is not None:
             return OLMO2 if config.qk_norm == "projection" else QWEN3
         if config.rotary_fraction != 1.0:

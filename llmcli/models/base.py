@@ -49,7 +49,7 @@ class LanguageModel(nn.Module):
             if isinstance(module, nn.Linear) and module.bias is not None:
                 nn.init.zeros_(module.bias)
             if isinstance(module, (nn.LayerNorm, RMSNorm)):
-                nn.init.ones_(module.weight)
+                (nn.init.zeros_ if getattr(module, "unit_offset", False) else nn.init.ones_)(module.weight)
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
             if isinstance(module, Attention):
@@ -62,4 +62,8 @@ class LanguageModel(nn.Module):
             logits = nn.functional.linear(hidden, self.tok_emb.weight)
         else:
             logits = self.lm_head(hidden)
-        return logits / self.config.logits_divisor if self.config.logits_divisor != 1.0 else logits
+        if self.config.logits_divisor != 1.0:
+            logits = logits / self.config.logits_divisor
+        if self.config.logits_softcap is not None:  # Gemma 2: c·tanh(logits / c)
+            logits = torch.tanh(logits / self.config.logits_softcap) * self.config.logits_softcap
+        return logits

@@ -6,6 +6,7 @@ Read top to bottom: each piece uses only what stands above it.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -22,23 +23,29 @@ from llmcli.models.positions import (RelativePositionBias, TransformerXLPosition
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm (Zhang & Sennrich 2019): no mean subtraction, no bias; stats in fp32."""
+    """Root-mean-square norm (Zhang & Sennrich 2019): no mean subtraction, no bias; stats in fp32.
 
-    def __init__(self, dim: int, eps: float) -> None:
+    unit_offset (Gemma): the scale is 1 + w with w starting at zero, applied in fp32 before the cast back.
+    """
+
+    def __init__(self, dim: int, eps: float, unit_offset: bool = False) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.unit_offset = unit_offset
+        self.weight = nn.Parameter(torch.zeros(dim) if unit_offset else torch.ones(dim))
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.unit_offset:
+            return (normed * (1.0 + self.weight.float())).to(x.dtype)
         return self.weight * normed.to(x.dtype)
 
 
 def make_norm(cfg: ModelConfig, dim: int | None = None) -> nn.Module:
     """The config's norm over the last `dim` features (default d_model)."""
-    if cfg.norm == "rmsnorm":
-        return RMSNorm(dim or cfg.d_model, cfg.norm_eps)
+    if cfg.norm in ("rmsnorm", "gemma_rmsnorm"):
+        return RMSNorm(dim or cfg.d_model, cfg.norm_eps, unit_offset=cfg.norm == "gemma_rmsnorm")
     return nn.LayerNorm(dim or cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
 
 
@@ -160,6 +167,7 @@ class Attention(nn.Module):
         self.cross = cross
         self.scale = scale if scale is not None else cfg.attention_multiplier or 1.0 / math.sqrt(cfg.d_head)
         self.dropout = cfg.dropout
+        self.softcap = cfg.attention_softcap  # SDPA cannot cap scores: such a model takes the eager path
         self.xl = TransformerXLPosition(cfg) if cfg.position == "transformer_xl" and not cross else None
         self.record_weights = False
         self.weights: torch.Tensor | None = None
@@ -197,7 +205,7 @@ class Attention(nn.Module):
             xl = self.xl(q, k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1), *positions)
             bias = xl * self.scale if bias is None else bias + xl * self.scale
         dropout = self.dropout if self.training else 0.0
-        if self.record_weights:
+        if self.record_weights or self.softcap is not None:
             out = self._eager(q, k, v, bias, is_causal, dropout)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout, is_causal=is_causal,
@@ -208,6 +216,8 @@ class Attention(nn.Module):
         repeat = self.n_heads // self.n_kv_heads
         k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
         scores = (q @ k.transpose(-1, -2)).float() * self.scale
+        if self.softcap is not None:
+            scores = torch.tanh(scores / self.softcap) * self.softcap
         if is_causal:
             scores = scores.masked_fill(torch.ones_like(scores, dtype=torch.bool).triu(1), float("-inf"))
         if bias is not None:
@@ -223,8 +233,8 @@ class Attention(nn.Module):
 class Block(nn.Module):
     """One layer: self-attention, optional cross-attention, feed-forward, each with a residual.
 
-    Pre-norm (GPT-2, T5), post-norm (BERT), output-norm (OLMo 2: x + n(attn(x))) or parallel (GPT-J, PaLM:
-    x + attn(n(x)) + ff(n(x))).
+    Pre-norm (GPT-2, T5), post-norm (BERT), output-norm (OLMo 2: x + n(attn(x))), sandwich (Gemma:
+    x + n2(attn(n1(x)))) or parallel (GPT-J, PaLM: x + attn(n(x)) + ff(n(x))).
     """
 
     def __init__(self, cfg: ModelConfig, cross: bool = False, attn_scale: float | None = None) -> None:
@@ -237,6 +247,9 @@ class Block(nn.Module):
         self.cross_attn = Attention(cfg, cross=True, scale=attn_scale) if cross else None
         self.ff_norm = None if self.parallel else make_norm(cfg)
         self.ff = FeedForward(cfg)
+        sandwich = cfg.norm_position == "sandwich"  # Gemma: each sublayer's output normed too, before the add
+        self.attn_post_norm = make_norm(cfg) if sandwich else None
+        self.ff_post_norm = make_norm(cfg) if sandwich else None
         self.drop = nn.Dropout(cfg.dropout)
         self.residual = cfg.residual_multiplier
 
@@ -252,6 +265,10 @@ class Block(nn.Module):
         if self.parallel:
             h = self.attn_norm(x)
             return x + attend(h) + self.drop(self.ff(h))
+        if self.norm_position == "sandwich":
+            x = x + self.drop(self.attn_post_norm(self.attn(self.attn_norm(x), bias, is_causal, rope, positions,
+                                                            cache=cache)))
+            return x + self.drop(self.ff_post_norm(self.ff(self.ff_norm(x))))
         if self.norm_position == "output":
             x = x + self.drop(self.attn_norm(self.attn(x, bias, is_causal, rope, positions, cache=cache)))
             return x + self.drop(self.ff_norm(self.ff(x)))
@@ -293,6 +310,9 @@ class TransformerStack(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, cross, attn_scale) for _ in range(n_layers))
         self.final_norm = None if cfg.norm_position == "post" else make_norm(cfg)
+        # Gemma 3's sliding layers rotate with their own base, unscaled
+        self.local_rope = (dataclasses.replace(cfg, rope_base=cfg.rope_local_base, rope_scaling=None)
+                           if cfg.rope_local_base is not None and cfg.position == "rope" else None)
         self.gradient_checkpointing = False
 
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -317,6 +337,7 @@ class TransformerStack(nn.Module):
 
         key_pos = torch.arange(offset + length, device=x.device)
         rope = rope_cos_sin(position_ids, cfg) if cfg.position == "rope" else None
+        local_rope = rope_cos_sin(position_ids, self.local_rope) if self.local_rope is not None else rope
         positions = (seq_pos, key_pos) if cfg.position == "transformer_xl" else None
         masks = {None: self._attention_bias(seq_pos, key_pos, attention_mask, x.dtype)}
         memory_bias = None if memory_mask is None else additive_bias(memory_mask[:, None, None, :] != 0, x.dtype)
@@ -330,7 +351,9 @@ class TransformerStack(nn.Module):
                 local_keys = torch.arange(offset - held, offset + length, device=x.device)
                 masks[window] = self._attention_bias(seq_pos, local_keys, attention_mask, x.dtype, window)
             bias, is_causal = masks[window]
-            layer_rope = None if cfg.nope_layers and i in cfg.nope_layers else rope  # NoPE layers: no positions
+            layer_rope = local_rope if window is not None else rope  # Gemma 3: its own base on local layers
+            if cfg.nope_layers and i in cfg.nope_layers:  # NoPE layers: no positions
+                layer_rope = None
             args = (x, bias, is_causal, layer_rope, positions, memory, memory_bias, layer_cache, cross_cache)
             if self.gradient_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)

@@ -174,14 +174,16 @@ class HFRunner(Runner):
                             pad_token_id=0)
 
 
-def load_peer(model_dir: Path, family: str, device: torch.device):
+def load_peer(model_dir: Path, family: str, device: torch.device, eager: bool = False):
+    """transformers' model of the same weights, with SDPA attention; eager where the model caps its attention
+    scores (Gemma 2), as llmcli runs it too."""
     try:
         import transformers
     except ImportError:
         raise UserError("--compare transformers needs the transformers package; pip install 'llmcli[bench]'") from None
     classes = {"gpt": transformers.AutoModelForCausalLM, "bert": transformers.AutoModelForMaskedLM,
                "t5": transformers.AutoModelForSeq2SeqLM}
-    model = classes[family].from_pretrained(model_dir, attn_implementation="sdpa").to(device)
+    model = classes[family].from_pretrained(model_dir, attn_implementation="eager" if eager else "sdpa").to(device)
     model.config.family = family
     return model
 
@@ -214,7 +216,8 @@ def run_bench(model_ref: str, modes: list[str], batch_sizes: list[int], seq_lens
             compile_blocks(runners[0].model, target, log)
         if compare:
             convert_to_hf(directory, Path(tmp) / "hf")
-            runners.append(HFRunner(load_peer(Path(tmp) / "hf", config.family, target), target, dtype))
+            runners.append(HFRunner(load_peer(Path(tmp) / "hf", config.family, target,
+                                                 eager=config.attention_softcap is not None), target, dtype))
     results, default_threads = [], torch.get_num_threads()
     try:
         for thread_count in threads or [default_threads]:
