@@ -86,6 +86,12 @@ SHAPES = {  # (model_type, config overrides): GQA and MQA, tied and untied, head
         short_factor=[1.0, 1.1, 1.2, 1.5, 2.0, 3.0, 4.0, 5.0], long_factor=[1.0, 1.5, 2.5, 4.0, 6.0, 8.0, 12.0, 16.0]))),
 }
 
+# Per family, what a small model needs besides SMALL (a padding id inside the vocabulary, a short window, ...)
+DOWNSTREAM = {"llama": {}, "qwen3": {}, "olmo2": {}, "phi3": dict(pad_token_id=0, sliding_window=8),
+              "smollm3": dict(pad_token_id=0, no_rope_layer_interval=2), "granite": dict(residual_multiplier=0.5),
+              "gemma2": dict(head_dim=16, pad_token_id=0, sliding_window=8),
+              "gemma3_text": dict(head_dim=16, pad_token_id=0, sliding_window=8)}
+
 
 def hf_model(model_type: str, overrides: dict, seed: int = 0):
     config = transformers.AutoConfig.for_model(model_type, **{**SMALL, **overrides})
@@ -204,14 +210,18 @@ def test_zoo_counts_equal_transformers_and_the_published_figure(name):
     assert abs(count(config).params / config.published_params - 1) <= 0.01
 
 
-def test_lora_on_all_projections_exports_a_peft_adapter_that_peft_loads(tmp_path, corpus):
+@pytest.mark.parametrize("model_type", ["qwen2", "qwen3", "olmo2", "phi3", "gemma2", "gemma3_text", "granite",
+                                        "smollm3"])
+def test_lora_on_all_projections_exports_a_peft_adapter_that_peft_loads(tmp_path, corpus, model_type):
+    """Phi-3's fused qkv_proj and gate_up_proj take our separate q, k, v, gate and up factors side by side."""
     peft = pytest.importorskip("peft")
     from llmcli.finetune import load_finetuned
     from llmcli.tokenizer import save_tokenizer, train_tokenizer
     from llmcli.training.finetune import finetune
     from llmcli.training.run import TrainFlags
 
-    model = hf_model("qwen2", dict(num_key_value_heads=2, tie_word_embeddings=False))
+    model = hf_model(model_type, dict(num_key_value_heads=2, tie_word_embeddings=False,
+                                      **DOWNSTREAM.get(model_type, {})))
     model.save_pretrained(tmp_path / "hf")
     convert_from_hf(tmp_path / "hf", tmp_path / "base")
     docs = open(corpus).read().split("\n\n")
@@ -221,7 +231,7 @@ def test_lora_on_all_projections_exports_a_peft_adapter_that_peft_loads(tmp_path
              {"method": "lora", "task": "lm", "lora_targets": "q,k,v,o,gate,up,down", "lora_rank": 4},
              log=lambda *a, **k: None)
     convert_to_hf(tmp_path / "base", tmp_path / "base-hf")
-    hf = transformers.Qwen2ForCausalLM.from_pretrained(tmp_path / "base-hf").eval()
+    hf = getattr(transformers, CLASSES[model_type]).from_pretrained(tmp_path / "base-hf").eval()
     ids, mask = padded_batch()
     with torch.no_grad():
         base = hf(input_ids=ids, attention_mask=mask).logits
@@ -230,12 +240,6 @@ def test_lora_on_all_projections_exports_a_peft_adapter_that_peft_loads(tmp_path
         got = with_adapter(input_ids=ids, attention_mask=mask).logits
     assert (got - want)[mask.bool()].abs().max() <= 1e-4
     assert (want - base)[mask.bool()].abs().max() > 1e-4  # the adapter changed the outputs
-
-
-DOWNSTREAM = {"llama": {}, "qwen3": {}, "olmo2": {}, "phi3": dict(pad_token_id=0, sliding_window=8),
-              "smollm3": dict(pad_token_id=0, no_rope_layer_interval=2), "granite": dict(residual_multiplier=0.5),
-              "gemma2": dict(head_dim=16, pad_token_id=0, sliding_window=8),
-              "gemma3_text": dict(head_dim=16, pad_token_id=0, sliding_window=8)}
 
 
 @pytest.mark.parametrize("model_type", sorted(DOWNSTREAM))
