@@ -62,8 +62,10 @@ class LanguageModel(nn.Module):
             logits = nn.functional.linear(hidden, self.tok_emb.weight)
         else:
             logits = self.lm_head(hidden)
-        if self.config.logits_divisor != 1.0:
-            logits = logits / self.config.logits_divisor
-        if self.config.logits_softcap is not None:  # Gemma 2: c·tanh(logits / c)
-            logits = torch.tanh(logits / self.config.logits_softcap) * self.config.logits_softcap
-        return logits
+        divisor, cap = self.config.logits_divisor, self.config.logits_softcap
+        if not torch.is_grad_enabled():  # in place: a prefill's logits are the largest tensor of inference
+            logits = logits.div_(divisor) if divisor != 1.0 else logits
+            return logits.div_(cap).tanh_().mul_(cap) if cap is not None else logits
+        if divisor != 1.0:  # Granite
+            logits = logits / divisor
+        return torch.tanh(logits / cap) * cap if cap is not None else logits  # Gemma 2: c·tanh(logits / c)
