@@ -295,8 +295,9 @@ def additive_bias(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 class TransformerStack(nn.Module):
     """Positions, the blocks and the final norm: everything the three families share.
 
-    Takes embedded tokens, returns final hidden states. Builds one attention bias per call
-    (causal + padding + relative position bias) and hands it to every block.
+    Takes embedded tokens, returns final hidden states. Builds one attention bias per call and window (causal +
+    padding + relative position bias, + the window for sliding layers) and one set of rotary angles per base, and
+    hands each block its own.
     """
 
     def __init__(self, cfg: ModelConfig, n_layers: int, causal: bool, cross: bool = False,
