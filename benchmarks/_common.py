@@ -49,6 +49,13 @@ def record(section: str, dry_run: bool = False) -> None:
         f.write("\n" + section.rstrip() + "\n")
 
 
+def record_table(title: str, intro: str, columns: list[str], rows: list[str], dry_run: bool = False) -> None:
+    """A section: the header (date, commit, machine), a paragraph, and a markdown table of the rows."""
+    aligns = ["---"] * 2 + ["---:"] * (len(columns) - 2)
+    table = "\n".join(["| " + " | ".join(columns) + " |", "|" + "|".join(aligns) + "|", *rows])
+    record(f"{header(title)}\n{intro}\n\n{table}\n", dry_run=dry_run)
+
+
 def training_steps(model: str, batch_size: int, seq_len: int):
     """(config, {"llmcli": step, "transformers": step}): one forward + loss + backward + AdamW step each, on the
     same GPT-2-shaped weights and the same random window (the same make_optimizer for both)."""

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import header, record  # noqa: E402
+from _common import record_table  # noqa: E402
 
 CASES = [("train", "fp32", False), ("train", "fp32", True), ("train", "bf16", False), ("train", "bf16", True),
          ("infer", "fp32", False), ("infer", "bf16", False)]
@@ -53,14 +53,13 @@ def main() -> None:
             rows.append(f"| {name} | {estimate.peak_phase.replace('_', ' ')} | {estimate.total_bytes / 1e6:,.0f} MB "
                         f"| {measured / 1e6:,.0f} MB | {error:+.1%} | {time.perf_counter() - start:.0f} s |")
             progress.advance(task)
-    table = "\n".join(["| case | peak phase (estimate) | estimate | measured | error | run time |",
-                       "|---|---|---:|---:|---:|---:|", *rows])
-    text = (f"{header('memory-estimate vs measured (CPU)')}\n"
-            f"{args.model}, batch {args.batch_size}, seq {args.seq_len} (inference: prompt {args.seq_len - args.new_tokens}"
-            f" + {args.new_tokens} new tokens), AdamW, `--device cpu`. Measured: peak anonymous RSS of a child process"
-            f" above its baseline after a warm-up (llmcli/profiling/memory_measure.py). Goal: within ±20%.\n\n{table}\n")
-    record(text, dry_run=args.no_record)
-
+    record_table("memory-estimate vs measured (CPU)",
+                 f"{args.model}, batch {args.batch_size}, seq {args.seq_len} (inference: prompt "
+                 f"{args.seq_len - args.new_tokens} + {args.new_tokens} new tokens), AdamW, `--device cpu`. Measured: "
+                 f"peak anonymous RSS of a child process above its baseline after a warm-up "
+                 f"(llmcli/profiling/memory_measure.py). Goal: within ±20%.",
+                 ["case", "peak phase (estimate)", "estimate", "measured", "error", "run time"], rows,
+                 dry_run=args.no_record)
 
 if __name__ == "__main__":
     main()

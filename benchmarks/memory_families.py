@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import header, record  # noqa: E402
+from _common import record_table  # noqa: E402
 
 MODELS = ("llama-3.2-1b", "qwen3-0.6b", "olmo-2-1b", "gemma-3-1b", "gemma-2-2b", "granite-3.3-2b", "smollm3-3b",
           "phi-3-mini")
@@ -55,14 +55,12 @@ def main() -> None:
                 rows.append("| " + " | ".join([*cells, f"{time.perf_counter() - start:.0f} s"]) + " |")
                 print(rows[-1], file=sys.stderr, flush=True)
                 progress.advance(task)
-    table = "\n".join(["| model | architecture | batch x positions | estimate | measured | error | run time |",
-                       "|---|---|---|---:|---:|---:|---:|", *rows])
-    text = (f"{header('memory-estimate vs measured: the decoder families (CPU, fp32 inference)')}\n"
-            f"Prefill of positions - {NEW_TOKENS} tokens, then {NEW_TOKENS} decoded with the KV cache, `--device cpu`,"
-            f" random weights. Measured: peak anonymous RSS of a child process above its baseline after a warm-up."
-            f" Goal: within ±20%.\n\n{table}\n")
-    record(text, dry_run=args.no_record)
-
+    record_table("memory-estimate vs measured: the decoder families (CPU, fp32 inference)",
+                 f"Prefill of positions - {NEW_TOKENS} tokens, then {NEW_TOKENS} decoded with the KV cache, "
+                 f"`--device cpu`, random weights. Measured: peak anonymous RSS of a child process above its baseline "
+                 f"after a warm-up. Goal: within ±20%.",
+                 ["model", "architecture", "batch x positions", "estimate", "measured", "error", "run time"], rows,
+                 dry_run=args.no_record)
 
 if __name__ == "__main__":
     main()
