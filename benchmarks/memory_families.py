@@ -46,7 +46,8 @@ def main() -> None:
                 estimate = estimate_memory(config, "infer", batch, positions, "fp32", device="cpu",
                                            new_tokens=NEW_TOKENS)
                 start = time.perf_counter()
-                cells = [name, config.hf_architecture or config.family, f"{batch} x {positions}", f"{estimate.total_bytes / 1e6:,.0f} MB"]
+                cells = [name, config.hf_architecture or config.family, f"{batch} x {positions}",
+                         f"{estimate.total_bytes / 1e6:,.0f} MB"]
                 try:
                     measured = measure_memory(config, estimate, "cpu")["measured_bytes"]
                     cells += [f"{measured / 1e6:,.0f} MB", f"{(estimate.total_bytes - measured) / measured:+.1%}"]
