@@ -296,6 +296,10 @@ def load_config_json(directory: Path) -> ModelConfig:
         raise UserError(f"{path}: corrupt JSON ({e}); rebuild or re-convert the model") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a JSON object of config fields")
+    if "family" not in data and ("model_type" in data or "architectures" in data):
+        what = (data.get("architectures") or [None])[0] or data.get("model_type")
+        raise UserError(f"{directory}: a Hugging Face checkpoint ({what}), not an llmcli model directory; convert it "
+                        f"first: `llmcli convert from-hf {directory} OUT`")
     return config_from_dict(data, str(path))
 
 

@@ -340,3 +340,18 @@ def test_a_sliding_layer_caches_only_its_window_and_decodes_as_without_a_cache()
     assert torch.equal(cached, uncached)
     per_position = 2 * config.n_kv_heads * config.d_head * 4
     assert kv_cache_bytes(config, 4, 38) == per_position * (3 + 38)
+
+
+@pytest.mark.parametrize("command", [["eval"], ["generate", "--prompt", "hi"], ["memory-estimate"],
+                                     ["bench", "--mode", "decode"]])
+def test_a_hugging_face_directory_is_named_as_one_with_the_command_that_converts_it(tmp_path, cli, command):
+    """Until commands read a checkpoint directory directly, they say what it is and how to convert it."""
+    from llmcli.tokenizer import save_tokenizer, train_tokenizer
+
+    hf_model("qwen3", dict(num_key_value_heads=2)).save_pretrained(tmp_path / "hf")
+    save_tokenizer(train_tokenizer(["the cat sat on the mat"] * 20, "bpe", 300), tmp_path / "hf")
+    result = cli(command[0], tmp_path / "hf", *command[1:])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "a Hugging Face checkpoint (Qwen3ForCausalLM)" in result.stderr
+    assert f"llmcli convert from-hf {tmp_path / 'hf'} OUT" in result.stderr
+
