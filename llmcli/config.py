@@ -72,7 +72,7 @@ class ModelConfig:
     relative_max_distance: int = 128
     rope_base: float = 10000.0
     rope_scaling: dict | None = None  # context extension: {type = "llama3", factor = 8.0, ...} (ROPE_SCALINGS)
-    rotary_fraction: float = 1.0
+    rotary_fraction: float = 1.0  # the leading share of each head's dimensions that rotates (Phi-4-mini: 0.75)
     qk_norm: str | None = None  # QK_NORMS: q and k normalised before rotary (None: not)
     sliding_window: int | None = None  # local attention: a query sees the last sliding_window positions (itself too)
     layer_types: list | None = None  # per layer "full" or "sliding" (default: every layer sliding if a window is set)
@@ -83,7 +83,7 @@ class ModelConfig:
     logits_divisor: float = 1.0  # LM-head logits divided by this (Granite's logits_scaling)
     attention_softcap: float | None = None  # scores -> c·tanh(scores / c) before the softmax (Gemma 2)
     logits_softcap: float | None = None  # LM-head logits -> c·tanh(logits / c) (Gemma 2)
-    rope_local_base: float | None = None  # rotary base of the sliding-window layers, unscaled (Gemma 3)  # the leading share of each head's dimensions that rotates (Phi-4-mini: 0.75)
+    rope_local_base: float | None = None  # rotary base of the sliding-window layers, unscaled (Gemma 3)
     parallel_block: bool = False  # attention and MLP side by side (GPT-J, PaLM)
     tokenizer: str | None = None
     bos_token_id: int | None = None  # a converted checkpoint's own special tokens (its config or
@@ -197,14 +197,13 @@ def _check_sizes(cfg: ModelConfig, where: str) -> None:
         _check_rope_scaling(cfg, where)
     if cfg.sliding_window is not None and cfg.sliding_window <= 0:
         raise UserError(f"{where}: 'sliding_window' must be positive, got {cfg.sliding_window}")
+    layers = cfg.n_decoder_layers if cfg.family == "t5" else cfg.n_layers
     if cfg.layer_types is not None:
-        layers = cfg.n_decoder_layers if cfg.family == "t5" else cfg.n_layers
         if len(cfg.layer_types) != layers or not set(cfg.layer_types) <= {"full", "sliding"}:
             raise UserError(f"{where}: 'layer_types' must list \"full\" or \"sliding\" for each of the {layers} "
                             f"layers")
         if "sliding" in cfg.layer_types and cfg.sliding_window is None:
             raise UserError(f"{where}: 'layer_types' has sliding layers but no 'sliding_window'; set the window")
-    layers = cfg.n_decoder_layers if cfg.family == "t5" else cfg.n_layers
     if cfg.nope_layers is not None and (cfg.position != "rope" or not all(
             isinstance(i, int) and 0 <= i < layers for i in cfg.nope_layers)):
         raise UserError(f"{where}: 'nope_layers' must list layer numbers 0..{layers - 1} of a rotary model")
@@ -212,8 +211,6 @@ def _check_sizes(cfg: ModelConfig, where: str) -> None:
                 "attention_softcap", "logits_softcap", "rope_local_base"):
         if getattr(cfg, key) is not None and getattr(cfg, key) <= 0:
             raise UserError(f"{where}: '{key}' must be positive, got {getattr(cfg, key)}")
-    if cfg.residual_multiplier != 1.0 and (cfg.norm_position != "pre" or cfg.parallel_block):
-        raise UserError(f"{where}: 'residual_multiplier' is for pre-norm blocks (Granite); remove it")
     if cfg.sliding_window is not None and cfg.family != "gpt":
         raise UserError(f"{where}: 'sliding_window' is for the gpt family; remove it")
     if cfg.position == "sinusoidal" and cfg.d_model % 2:
@@ -241,7 +238,7 @@ def _check_rope_scaling(cfg: ModelConfig, where: str) -> None:
     if missing or unknown:
         what = f"needs {', '.join(missing)}" if missing else f"has no key {unknown[0]!r}"
         raise UserError(f"{where}: rope_scaling {kind!r} {what} (its keys: {', '.join((*required, *optional))})")
-    pairs = len(range(0, int(cfg.d_head * cfg.rotary_fraction), 2))
+    pairs = int(cfg.d_head * cfg.rotary_fraction) // 2  # rotary_fraction leaves an even number of dimensions
     for key in ("short_factor", "long_factor"):
         if key in scaling and (not isinstance(scaling[key], list) or len(scaling[key]) != pairs):
             raise UserError(f"{where}: rope_scaling {key} must list {pairs} numbers, one per rotating pair")

@@ -39,8 +39,9 @@ def outputs() -> dict[str, list[str]]:
     made = {}
     for name, args in QUANTIZED.items():
         for head in (False, True):
-            made[name + ("+head" if head else "")] = ["quantize", "{base}", *args, *(["--include-head"] if head else []),
-                                                      "--no-speed", "--data", "{data}", "--out", "{out}"]
+            head_flag = ["--include-head"] if head else []
+            made[name + ("+head" if head else "")] = ["quantize", "{base}", *args, *head_flag, "--no-speed", "--data",
+                                                      "{data}", "--out", "{out}"]
     made["pruned-2:4"] = ["prune", "{base}", "--method", "magnitude", "--pattern", "2:4", "--no-speed", "--data",
                           "{data}", "--out", "{out}"]
     made["pruned-heads"] = ["prune", "{base}", "--method", "heads", "--sparsity", "0.5", "--calibration-batches", "2",

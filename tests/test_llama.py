@@ -83,7 +83,8 @@ SHAPES = {  # (model_type, config overrides): GQA and MQA, tied and untied, head
         rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=16))),
     "llama-longrope": ("llama", dict(num_key_value_heads=2, rope_parameters=dict(
         rope_type="longrope", rope_theta=10000.0, original_max_position_embeddings=16,
-        short_factor=[1.0, 1.1, 1.2, 1.5, 2.0, 3.0, 4.0, 5.0], long_factor=[1.0, 1.5, 2.5, 4.0, 6.0, 8.0, 12.0, 16.0]))),
+        short_factor=[1.0, 1.1, 1.2, 1.5, 2.0, 3.0, 4.0, 5.0],
+        long_factor=[1.0, 1.5, 2.5, 4.0, 6.0, 8.0, 12.0, 16.0]))),
 }
 
 # Per family, what a small model needs besides SMALL (a padding id inside the vocabulary, a short window, ...)
@@ -355,3 +356,15 @@ def test_a_hugging_face_directory_is_named_as_one_with_the_command_that_converts
     assert "a Hugging Face checkpoint (Qwen3ForCausalLM)" in result.stderr
     assert f"llmcli convert from-hf {tmp_path / 'hf'} OUT" in result.stderr
 
+
+
+def test_a_field_no_layout_holds_is_refused_on_export_not_dropped():
+    """Gemma's score cap on a pre-norm rotary model: Llama's layout has no place for it, so to-hf names it."""
+    from conftest import tiny_config
+
+    from llmcli.errors import UserError
+
+    config = tiny_config("gpt", position="rope", norm="rmsnorm", activation="swiglu", bias=False,
+                         attention_softcap=5.0)
+    with pytest.raises(UserError, match="LlamaForCausalLM: attention_softcap = 5.0 \\(it has None\\)"):
+        hf_config(config)

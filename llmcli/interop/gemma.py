@@ -8,12 +8,16 @@ import math
 
 from llmcli.config import ModelConfig
 from llmcli.errors import UserError
-from llmcli.interop.llama import HF_LAYER_TYPES, LLAMA_FIELDS, _first, _with
+from llmcli.interop.llama import (LLAMA_FIELDS, first_of, layer_types_from_hf, layer_types_to_hf, specials,
+                                  with_defaults)
 from llmcli.interop.rope import rope_from_hf, rope_to_hf
 from llmcli.interop.tables import Family, Rule, params, stack
 
-GEMMA_FIELDS = _with(LLAMA_FIELDS, vocab_size=256000, hidden_size=2304, num_hidden_layers=26, num_attention_heads=8,
-                     num_key_value_heads=4, head_dim=256, intermediate_size=9216, max_position_embeddings=8192)
+GEMMA_FIELDS = with_defaults(LLAMA_FIELDS, vocab_size=256000, hidden_size=2304, num_hidden_layers=26,
+                             num_attention_heads=8, num_key_value_heads=4, head_dim=256, intermediate_size=9216,
+                             max_position_embeddings=8192)
+GEMMA_KEEPS = ("embedding_multiplier", "attention_multiplier", "attention_softcap", "logits_softcap",
+               "rope_local_base")  # of llama.SPECIAL_FIELDS, those Gemma has
 
 
 def _gemma_rules(cfg: ModelConfig) -> list[Rule]:
@@ -50,21 +54,18 @@ def _rope_from_gemma(hf: dict, where: str, local_layers: bool) -> dict:
                            where), "rope_local_base": local.get("rope_theta", 10000.0)}
 
 
-def _layer_types(hf: dict, pattern: int) -> list[str]:
+def _layer_types(hf: dict, pattern: int, where: str) -> list[str]:
     """Which layers slide: config.json's layer_types, else every layer but each pattern-th (Gemma 2: 2, Gemma 3: 6)."""
     pattern = hf.get("sliding_window_pattern", pattern)
     types = hf.get("layer_types") or ["sliding_attention" if (i + 1) % pattern else "full_attention"
                                       for i in range(hf.get("num_hidden_layers", 26))]
-    return [HF_LAYER_TYPES.get(t, t) for t in types]
+    return layer_types_from_hf(types, where)
 
 
 def _gemma_from_hf(hf: dict, where: str, gemma3: bool) -> dict:
     if hf.get("use_bidirectional_attention"):
         raise UserError(f"{where}: not supported: use_bidirectional_attention (llmcli's decoders are causal)")
-    types = _layer_types(hf, 6 if gemma3 else 2)
-    unknown = sorted(set(types) - {"full", "sliding"})
-    if unknown:
-        raise UserError(f"{where}: not supported: layer_types {unknown[0]!r} (llmcli has full and sliding attention)")
+    types = _layer_types(hf, 6 if gemma3 else 2, where)
     default_caps = (None, None) if gemma3 else (50.0, 30.0)
     return {"position": "rope", **_rope_from_gemma(hf, where, gemma3), "norm": "gemma_rmsnorm",
             "norm_position": "sandwich", "dropout": 0.0, "bias": False, "mlp_bias": None,
@@ -74,7 +75,8 @@ def _gemma_from_hf(hf: dict, where: str, gemma3: bool) -> dict:
             "attention_softcap": hf.get("attn_logit_softcapping", default_caps[0]),
             "logits_softcap": hf.get("final_logit_softcapping", default_caps[1]),
             "sliding_window": hf.get("sliding_window", 4096), "layer_types": types,
-            "tokenizer": "bpe", "bos_token_id": hf.get("bos_token_id"), "eos_token_id": _first(hf.get("eos_token_id")),
+            "tokenizer": "bpe", "bos_token_id": hf.get("bos_token_id"),
+            "eos_token_id": first_of(hf.get("eos_token_id")),
             "hf_architecture": "Gemma3ForCausalLM" if gemma3 else "Gemma2ForCausalLM"}
 
 
@@ -86,15 +88,13 @@ def _query_pre_attn_scalar(cfg: ModelConfig) -> float:
 
 def _gemma_to_hf(cfg: ModelConfig, gemma3: bool) -> dict:
     if gemma3:
-        full = {key: value for key, value in rope_to_hf(cfg)["rope_parameters"].items()}
-        rope = {"rope_parameters": {"full_attention": full, "sliding_attention": {
+        rope = {"rope_parameters": {"full_attention": rope_to_hf(cfg)["rope_parameters"], "sliding_attention": {
             "rope_type": "default", "rope_theta": cfg.rope_local_base}}}
     else:
         rope = rope_to_hf(cfg)
-    windows = cfg.layer_types or ["sliding"] * cfg.n_layers
     return {"head_dim": cfg.d_head, **rope, "query_pre_attn_scalar": _query_pre_attn_scalar(cfg),
             "attn_logit_softcapping": cfg.attention_softcap, "final_logit_softcapping": cfg.logits_softcap,
-            "sliding_window": cfg.sliding_window, "layer_types": [f"{t}_attention" for t in windows],
+            "sliding_window": cfg.sliding_window, "layer_types": layer_types_to_hf(cfg),
             "attention_bias": cfg.projection_bias("o"), "bos_token_id": cfg.bos_token_id,
             "eos_token_id": cfg.eos_token_id, "use_bidirectional_attention": False}
 
@@ -104,8 +104,8 @@ def _gemma_fit(cfg: ModelConfig, gemma3: bool) -> str | None:
     checks = [
         (math.isclose(cfg.embedding_multiplier, cfg.d_model ** 0.5), f"embedding_multiplier = "
          f"{cfg.embedding_multiplier} (it scales embeddings by sqrt(d_model) = {cfg.d_model ** 0.5:g})"),
-        ((cfg.residual_multiplier, cfg.logits_divisor, cfg.rotary_fraction, cfg.nope_layers) == (1.0, 1.0, 1.0, None),
-         "residual_multiplier, logits_divisor, rotary_fraction or nope_layers (it has none of them)"),
+        (not specials(cfg) - set(GEMMA_KEEPS), f"{', '.join(sorted(specials(cfg) - set(GEMMA_KEEPS)))} "
+         f"(it has none of them)"),
         (cfg.projection_bias("q") == cfg.projection_bias("o") and not cfg.projection_bias("up"),
          "projection biases other than attention_bias"),
         (cfg.sliding_window is not None, "no sliding_window (its local layers have one)"),
@@ -120,8 +120,9 @@ def _gemma(gemma3: bool) -> Family:
     return Family(
         family="gpt", model_type=model_type, architecture=architecture,
         reads=(architecture, "Gemma3TextModel" if gemma3 else "Gemma2Model"), base_prefix="model.",
-        rules=_gemma_rules, fields=_with(GEMMA_FIELDS, **({"vocab_size": 262208, "max_position_embeddings": 131072}
-                                                           if gemma3 else {})),
+        rules=_gemma_rules,
+        fields=with_defaults(GEMMA_FIELDS, **({"vocab_size": 262208, "max_position_embeddings": 131072} if gemma3
+                                              else {})),
         activation_key="hidden_activation", activation_default="gelu_pytorch_tanh",
         activations={"gelu_pytorch_tanh": "geglu"}, fixed={"attention_dropout": 0.0},
         requires={"position": "rope", "norm": "gemma_rmsnorm", "norm_position": "sandwich", "parallel_block": False,

@@ -1,9 +1,10 @@
-"""Hugging Face interop: GPT-2, BERT, T5 and Llama-style (Llama, Mistral, Qwen2) checkpoints to and from llmcli
-model directories: the conversion machinery, shared by every architecture.
+"""Hugging Face interop: GPT-2, BERT, T5, Llama-style and Gemma checkpoints to and from llmcli model directories:
+the conversion machinery, shared by every architecture.
 
-Each architecture is described once, in a module of its own (gpt2, bert, t5, llama): a table that pairs llmcli
-tensor names with Hugging Face's, and a table of config fields (llmcli.interop.tables). Both directions read the same tables, and a conversion only
-transposes, splits and concatenates tensors, so llmcli -> HF -> llmcli is bit-identical.
+Each architecture is described once, in a module of its own (gpt2, bert, t5, llama, gemma): a table that pairs
+llmcli tensor names with Hugging Face's, and a table of config fields (llmcli.interop.tables). Both directions read
+the same tables, and a conversion only transposes, splits and concatenates tensors, so llmcli -> HF -> llmcli is
+bit-identical.
 Weights are read from safetensors only; pickle checkpoints are refused, never opened.
 """
 
@@ -23,17 +24,16 @@ from llmcli.errors import UserError
 from llmcli.model_dir import (CONFIG_FILE, PICKLE_SUFFIXES, QUANTIZATION_FILE, TOKENIZER_FILE, WEIGHTS_FILE,
                               atomic_output_dir, check_outside, load_model, read_safetensors, save_model,
                               write_json)
+from llmcli.interop.bert import BERT
+from llmcli.interop.gemma import GEMMA2, GEMMA3
+from llmcli.interop.gpt2 import GPT2
+from llmcli.interop.llama import GRANITE, GRANITE_SPECIAL, LLAMA, MISTRAL, OLMO2, PHI3, QWEN2, QWEN3, SMOLLM3, specials
+from llmcli.interop.t5 import T5
+from llmcli.interop.tables import Family
 from llmcli.models import build_model, build_on_meta
 
 INDEX_FILE = "model.safetensors.index.json"
 GENERATION_FILE = "generation_config.json"
-
-from llmcli.interop.bert import BERT
-from llmcli.interop.gemma import GEMMA2, GEMMA3
-from llmcli.interop.gpt2 import GPT2
-from llmcli.interop.llama import GRANITE, LLAMA, MISTRAL, OLMO2, PHI3, QWEN2, QWEN3, SMOLLM3
-from llmcli.interop.t5 import T5
-from llmcli.interop.tables import Family
 
 SPECS = (GPT2, BERT, T5, LLAMA, MISTRAL, QWEN2, QWEN3, OLMO2, PHI3, SMOLLM3, GRANITE, GEMMA2, GEMMA3)
 BY_MODEL_TYPE = {spec.model_type: spec for spec in SPECS}
@@ -52,12 +52,12 @@ def spec_for(config: ModelConfig) -> Family:
             return GEMMA3 if config.rope_local_base is not None else GEMMA2
         if config.qk_norm is not None:
             return OLMO2 if config.qk_norm == "projection" else QWEN3
-        if config.rotary_fraction != 1.0:
+        extra = specials(config)
+        if "rotary_fraction" in extra:
             return PHI3
-        if config.nope_layers:
+        if "nope_layers" in extra:
             return SMOLLM3
-        if (config.embedding_multiplier, config.residual_multiplier, config.attention_multiplier,
-                config.logits_divisor) != (1.0, 1.0, None, 1.0):
+        if extra & set(GRANITE_SPECIAL.keeps):
             return GRANITE
         return QWEN2 if config.projection_bias("q") and not config.projection_bias("o") else LLAMA
     return {"gpt": GPT2, "bert": BERT, "t5": T5}[config.family]

@@ -3,7 +3,7 @@ config switches."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Callable
 
 from llmcli.config import ModelConfig
@@ -47,10 +47,11 @@ def _llama_config(hf: dict, where: str) -> dict:
     return {"position": "rope", **rope_from_hf(hf, where),
             "norm": "rmsnorm", "norm_position": "pre", "dropout": 0.0, "bias": False,
             "attention_bias": hf.get("attention_bias", False) or None, "mlp_bias": hf.get("mlp_bias", False) or None,
-            "tokenizer": "bpe", "bos_token_id": hf.get("bos_token_id"), "eos_token_id": _first(hf.get("eos_token_id"))}
+            "tokenizer": "bpe", "bos_token_id": hf.get("bos_token_id"),
+            "eos_token_id": first_of(hf.get("eos_token_id"))}
 
 
-def _first(value):
+def first_of(value):
     """Llama 3's eos_token_id may be a list; generation stops at the first of them."""
     if isinstance(value, list):
         return value[0] if value else None
@@ -104,6 +105,18 @@ WINDOW_KINDS = ("none", "every layer", "chosen layers")
 HF_LAYER_TYPES = {"full_attention": "full", "sliding_attention": "sliding"}
 
 
+def layer_types_from_hf(types: list[str], where: str) -> list[str]:
+    """config.json's layer_types as llmcli's "full" and "sliding"; another kind of layer is refused by name."""
+    unknown = sorted(set(types) - set(HF_LAYER_TYPES))
+    if unknown:
+        raise UserError(f"{where}: not supported: layer_types {unknown[0]!r} (llmcli has full and sliding attention)")
+    return [HF_LAYER_TYPES[t] for t in types]
+
+
+def layer_types_to_hf(cfg: ModelConfig) -> list[str]:
+    return [("sliding" if cfg.window(i) else "full") + "_attention" for i in range(cfg.n_layers)]
+
+
 def _windows_from_hf(hf: dict, kind: str, where: str) -> dict:
     if kind == "every layer":  # left out: Mistral's default window is 4096, Phi-3's none
         return {"sliding_window": hf.get("sliding_window", 4096 if hf.get("model_type") == "mistral" else None)}
@@ -115,11 +128,8 @@ def _windows_from_hf(hf: dict, kind: str, where: str) -> dict:
     else:
         derived = ["sliding_attention" if i >= hf.get("max_window_layers", 28) else "full_attention"
                    for i in range(layers)]
-    types = hf.get("layer_types") or derived
-    unknown = sorted(set(types) - set(HF_LAYER_TYPES))
-    if unknown:
-        raise UserError(f"{where}: not supported: layer_types {unknown[0]!r} (llmcli has full and sliding attention)")
-    return {"sliding_window": hf["sliding_window"], "layer_types": [HF_LAYER_TYPES[t] for t in types]}
+    return {"sliding_window": hf["sliding_window"], "layer_types": layer_types_from_hf(hf.get("layer_types") or derived,
+                                                                                       where)}
 
 
 def _windows_to_hf(cfg: ModelConfig, kind: str) -> dict:
@@ -127,10 +137,10 @@ def _windows_to_hf(cfg: ModelConfig, kind: str) -> dict:
         return {"sliding_window": cfg.sliding_window}
     if kind == "none":
         return {}
-    types = [("sliding" if cfg.window(i) else "full") for i in range(cfg.n_layers)]
-    first = types.index("sliding") if "sliding" in types else cfg.n_layers
+    types = layer_types_to_hf(cfg)
+    first = types.index("sliding_attention") if "sliding_attention" in types else cfg.n_layers
     return {"use_sliding_window": cfg.sliding_window is not None, "sliding_window": cfg.sliding_window,
-            "max_window_layers": first, "layer_types": [f"{t}_attention" for t in types]}
+            "max_window_layers": first, "layer_types": types}
 
 
 def _windows_fit(cfg: ModelConfig, kind: str) -> str | None:
@@ -152,8 +162,15 @@ def _smollm3_rope_flags(hf: dict) -> list[int]:
 
 # What one architecture has that the others lack: the llmcli fields it carries (all others stay at their defaults),
 # and how config.json spells them.
-SPECIAL_DEFAULTS = {"rotary_fraction": 1.0, "nope_layers": None, "embedding_multiplier": 1.0,
-                    "residual_multiplier": 1.0, "attention_multiplier": None, "logits_divisor": 1.0}
+SPECIAL_FIELDS = ("rotary_fraction", "nope_layers", "embedding_multiplier", "residual_multiplier",
+                  "attention_multiplier", "logits_divisor", "attention_softcap", "logits_softcap", "rope_local_base")
+DEFAULTS = {f.name: f.default for f in fields(ModelConfig)}
+
+
+def specials(cfg: ModelConfig) -> set[str]:
+    """The architecture-specific fields this config sets away from their defaults."""
+    return {key for key in SPECIAL_FIELDS if getattr(cfg, key) != DEFAULTS[key]}
+
 
 
 @dataclass(frozen=True)
@@ -174,18 +191,19 @@ GRANITE_SPECIAL = Special(
                         "residual_multiplier": hf.get("residual_multiplier", 1.0),
                         "attention_multiplier": hf.get("attention_multiplier", 1.0),
                         "logits_divisor": hf.get("logits_scaling", 1.0)},
-    to_hf=lambda cfg: {"embedding_multiplier": cfg.embedding_multiplier, "residual_multiplier": cfg.residual_multiplier,
+    to_hf=lambda cfg: {"embedding_multiplier": cfg.embedding_multiplier,
+                       "residual_multiplier": cfg.residual_multiplier,
                        "attention_multiplier": cfg.attention_multiplier or cfg.d_head ** -0.5,
                        "logits_scaling": cfg.logits_divisor})
 
 
-def _llama_like(model_type: str, architecture: str, biases: str | tuple[bool, bool, bool], fields=LLAMA_FIELDS,
-                from_hf: dict | None = None, to_hf: dict | None = None, windows: str = "none",
-                fused: bool = False, special: Special = Special()) -> Family:
+def _llama_like(model_type: str, architecture: str, biases: str | tuple[bool, bool, bool], hf_fields=LLAMA_FIELDS,
+                from_hf: dict | None = None, windows: str = "none", fused: bool = False,
+                special: Special = Special()) -> Family:
     """biases: "flags" (config.json's attention_bias and mlp_bias), "attention" (attention_bias only, no
     feed-forward bias) or the fixed (q/k/v, o, feed-forward) biases of an architecture without flags.
     windows: one of WINDOW_KINDS. fused: Phi-3's fused projections. special: the fields only it has.
-    from_hf: this architecture's fixed llmcli fields (its norms); to_hf: its fixed config.json keys."""
+    hf_fields: its config.json fields with their defaults; from_hf: its fixed llmcli fields (its norms)."""
     fixed_from_hf = {"hf_architecture": architecture, **(from_hf or {})}
     if isinstance(biases, tuple):  # no bias flags in its config.json: the architecture fixes them
         fixed_from_hf.update(attention_bias=None, mlp_bias=None, qkv_bias=True if biases[0] else None)
@@ -197,9 +215,9 @@ def _llama_like(model_type: str, architecture: str, biases: str | tuple[bool, bo
         fits = {"flags": qkv == o, "attention": qkv == o and not ff}.get(biases, (qkv, o, ff) == biases)
         if not fits:
             return f"projection biases q/k/v {qkv}, o {o}, feed-forward {ff}"
-        for key, default in SPECIAL_DEFAULTS.items():
-            if key not in special.keeps and getattr(cfg, key) != default:
-                return f"{key} = {getattr(cfg, key)!r} (it has {default!r})"
+        extra = sorted(specials(cfg) - set(special.keeps))
+        if extra:
+            return f"{extra[0]} = {getattr(cfg, extra[0])!r} (it has {DEFAULTS[extra[0]]!r})"
         return _windows_fit(cfg, windows)
 
     def bias_flags(cfg: ModelConfig) -> dict:
@@ -211,53 +229,53 @@ def _llama_like(model_type: str, architecture: str, biases: str | tuple[bool, bo
     return Family(
         family="gpt", model_type=model_type, architecture=architecture,
         reads=(architecture, architecture.replace("ForCausalLM", "Model")), base_prefix="model.",
-        rules=lambda cfg: _llama_rules(cfg, fused), fields=fields, activation_key="hidden_act",
+        rules=lambda cfg: _llama_rules(cfg, fused), fields=hf_fields, activation_key="hidden_act",
         activation_default="silu",
         activations={"silu": "swiglu"}, fixed={"attention_dropout": 0.0},
-        requires={"position": "rope", "norm": "rmsnorm", "parallel_block": False, "norm_position": norms["norm_position"],
-                  "qk_norm": norms["qk_norm"]},
+        requires={"position": "rope", "norm": "rmsnorm", "parallel_block": False,
+                  "norm_position": norms["norm_position"], "qk_norm": norms["qk_norm"]},
         misfit=check_fit,
         emb_key="model.embed_tokens.weight", head_key="lm_head.weight",
         ignored=r"\.rotary_emb\.inv_freq$", free_head_size=True, grouped_query=True,
         refuse=lambda hf, where: _unsupported_llama(hf, where, "rotary_fraction" in special.keeps),
         extra_from_hf=lambda hf, state, where: {**_llama_config(hf, where), **_windows_from_hf(hf, windows, where),
                                                 **special.from_hf(hf), **fixed_from_hf},
-        extra_to_hf=lambda cfg: {**_llama_to_hf(cfg), **(to_hf or {}), **bias_flags(cfg),
+        extra_to_hf=lambda cfg: {**_llama_to_hf(cfg), **bias_flags(cfg),
                                  **_windows_to_hf(cfg, windows), **special.to_hf(cfg)})
 
 
-def _with(fields: tuple, **defaults) -> tuple:
+def with_defaults(fields: tuple, **defaults) -> tuple:
     return tuple((ours, key, defaults.get(key, default)) for ours, key, default in fields)
 
 
 LLAMA = _llama_like("llama", "LlamaForCausalLM", "flags")
 MISTRAL = _llama_like(
     "mistral", "MistralForCausalLM", (False, False, False),
-    fields=_with(LLAMA_FIELDS, intermediate_size=14336, max_position_embeddings=4096 * 32, rms_norm_eps=1e-6,
-                 num_key_value_heads=8),
+    hf_fields=with_defaults(LLAMA_FIELDS, intermediate_size=14336, max_position_embeddings=4096 * 32,
+                            rms_norm_eps=1e-6, num_key_value_heads=8),
     windows="every layer")
 QWEN2 = _llama_like(
     "qwen2", "Qwen2ForCausalLM", (True, False, False),
-    fields=_with(LLAMA_FIELDS, vocab_size=151936, intermediate_size=22016, max_position_embeddings=32768,
-                 num_key_value_heads=32),
+    hf_fields=with_defaults(LLAMA_FIELDS, vocab_size=151936, intermediate_size=22016, max_position_embeddings=32768,
+                            num_key_value_heads=32),
     windows="chosen layers")
 QWEN3 = _llama_like(
     "qwen3", "Qwen3ForCausalLM", "attention",
-    fields=_with(LLAMA_FIELDS, vocab_size=151936, intermediate_size=22016, max_position_embeddings=32768,
-                 num_key_value_heads=32, head_dim=128),
+    hf_fields=with_defaults(LLAMA_FIELDS, vocab_size=151936, intermediate_size=22016, max_position_embeddings=32768,
+                            num_key_value_heads=32, head_dim=128),
     from_hf={"qk_norm": "head"}, windows="chosen layers")
 OLMO2 = _llama_like(
     "olmo2", "Olmo2ForCausalLM", "attention",
-    fields=_with(LLAMA_FIELDS, vocab_size=50304, rms_norm_eps=1e-5),
+    hf_fields=with_defaults(LLAMA_FIELDS, vocab_size=50304, rms_norm_eps=1e-5),
     from_hf={"qk_norm": "projection", "norm_position": "output"})
 PHI3 = _llama_like(
     "phi3", "Phi3ForCausalLM", (False, False, False),
-    fields=_with(LLAMA_FIELDS, vocab_size=32064, hidden_size=3072, intermediate_size=8192, max_position_embeddings=4096,
-                 rms_norm_eps=1e-5),
+    hf_fields=with_defaults(LLAMA_FIELDS, vocab_size=32064, hidden_size=3072, intermediate_size=8192,
+                            max_position_embeddings=4096, rms_norm_eps=1e-5),
     windows="every layer", fused=True, special=PHI3_SPECIAL)
 SMOLLM3 = _llama_like(
     "smollm3", "SmolLM3ForCausalLM", "flags",
-    fields=_with(LLAMA_FIELDS, vocab_size=128256, hidden_size=2048, num_hidden_layers=36, num_attention_heads=16,
-                 num_key_value_heads=4, max_position_embeddings=32768),
+    hf_fields=with_defaults(LLAMA_FIELDS, vocab_size=128256, hidden_size=2048, num_hidden_layers=36,
+                            num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=32768),
     windows="chosen layers", special=SMOLLM3_SPECIAL)
 GRANITE = _llama_like("granite", "GraniteForCausalLM", "flags", special=GRANITE_SPECIAL)

@@ -8,6 +8,7 @@ from llmcli.config import ROPE_SCALINGS, ModelConfig
 from llmcli.errors import UserError
 
 RENAMED = {"original_max_position_embeddings": "original_max_seq_len"}  # HF key -> ours; the rest are alike
+HF_NAMES = {"type": "rope_type", **{ours: hf for hf, ours in RENAMED.items()}}  # ours -> HF
 BESIDE = ("rope_type", "type", "rope_theta", "partial_rotary_factor")  # keys that are not the scaling's own
 
 
@@ -47,8 +48,7 @@ def rope_from_hf(hf: dict, where: str) -> dict:
 
 def rope_to_hf(cfg: ModelConfig) -> dict:
     """The rotary keys of config.json, in both spellings so that transformers 4 and 5 read them."""
-    scaling = {("rope_type" if key == "type" else {v: k for k, v in RENAMED.items()}.get(key, key)): value
-               for key, value in (cfg.rope_scaling or {"type": "default"}).items()}
+    scaling = {HF_NAMES.get(key, key): value for key, value in (cfg.rope_scaling or {"type": "default"}).items()}
     partial = {"partial_rotary_factor": cfg.rotary_fraction} if cfg.rotary_fraction != 1.0 else {}
     return {"rope_theta": cfg.rope_base, "rope_scaling": scaling if cfg.rope_scaling else None,
             "rope_parameters": {**scaling, "rope_theta": cfg.rope_base, **partial}, **partial}

@@ -63,9 +63,9 @@ class LanguageModel(nn.Module):
         else:
             logits = self.lm_head(hidden)
         divisor, cap = self.config.logits_divisor, self.config.logits_softcap
-        if not torch.is_grad_enabled():  # in place: a prefill's logits are the largest tensor of inference
-            logits = logits.div_(divisor) if divisor != 1.0 else logits
-            return logits.div_(cap).tanh_().mul_(cap) if cap is not None else logits
+        in_place = not torch.is_grad_enabled()  # a prefill's logits are the largest tensor of inference
         if divisor != 1.0:  # Granite
-            logits = logits / divisor
-        return torch.tanh(logits / cap) * cap if cap is not None else logits  # Gemma 2: c·tanh(logits / c)
+            logits = logits.div_(divisor) if in_place else logits / divisor
+        if cap is not None:  # Gemma 2: c·tanh(logits / c)
+            logits = logits.div_(cap).tanh_().mul_(cap) if in_place else torch.tanh(logits / cap) * cap
+        return logits

@@ -256,32 +256,33 @@ class Block(nn.Module):
     def forward(self, x, bias, is_causal, rope, positions, memory=None, memory_bias=None,
                 cache=None, cross_cache=None):
         def attend(h):
-            out = self.drop(self.attn(h, bias, is_causal, rope, positions, cache=cache))
-            return out * self.residual if self.residual != 1.0 else out
+            return self.attn(h, bias, is_causal, rope, positions, cache=cache)
 
         def cross_attend(h):
-            return self.drop(self.cross_attn(h, memory_bias, memory=memory, cache=cross_cache))
+            return self.cross_attn(h, memory_bias, memory=memory, cache=cross_cache)
+
+        def residual(out):  # what a sublayer adds to the stream: dropped out, scaled (Granite)
+            out = self.drop(out)
+            return out * self.residual if self.residual != 1.0 else out
 
         if self.parallel:
             h = self.attn_norm(x)
-            return x + attend(h) + self.drop(self.ff(h))
+            return x + residual(attend(h)) + residual(self.ff(h))
         if self.norm_position == "sandwich":
-            x = x + self.drop(self.attn_post_norm(self.attn(self.attn_norm(x), bias, is_causal, rope, positions,
-                                                            cache=cache)))
-            return x + self.drop(self.ff_post_norm(self.ff(self.ff_norm(x))))
+            x = x + residual(self.attn_post_norm(attend(self.attn_norm(x))))
+            return x + residual(self.ff_post_norm(self.ff(self.ff_norm(x))))
         if self.norm_position == "output":
-            x = x + self.drop(self.attn_norm(self.attn(x, bias, is_causal, rope, positions, cache=cache)))
-            return x + self.drop(self.ff_norm(self.ff(x)))
+            x = x + residual(self.attn_norm(attend(x)))
+            return x + residual(self.ff_norm(self.ff(x)))
         if self.norm_position == "post":
-            x = self.attn_norm(x + attend(x))
+            x = self.attn_norm(x + residual(attend(x)))
             if self.cross_attn is not None:
-                x = self.cross_norm(x + cross_attend(x))
-            return self.ff_norm(x + self.drop(self.ff(x)))
-        x = x + attend(self.attn_norm(x))
+                x = self.cross_norm(x + residual(cross_attend(x)))
+            return self.ff_norm(x + residual(self.ff(x)))
+        x = x + residual(attend(self.attn_norm(x)))
         if self.cross_attn is not None:
-            x = x + cross_attend(self.cross_norm(x))
-        out = self.drop(self.ff(self.ff_norm(x)))
-        return x + (out * self.residual if self.residual != 1.0 else out)
+            x = x + residual(cross_attend(self.cross_norm(x)))
+        return x + residual(self.ff(self.ff_norm(x)))
 
 
 def additive_bias(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -183,7 +183,7 @@ class QuantizedLinear(nn.Module):
         return self._kernel[1]
 
     def _prepare_kernel(self, dtype: torch.dtype) -> Callable | None:
-        if self.kernel_misfit() is not None:
+        if not self._kernel_fits():
             return None
         try:
             fn = self._kernel_for(dtype)
@@ -198,20 +198,16 @@ class QuantizedLinear(nn.Module):
         ok = (got - want).norm() <= 0.05 * want.norm() + 1e-6
         return fn if ok and faster else None
 
-    def kernel_misfit(self) -> str | None:
-        """Why this layer's packed CPU kernel cannot run safely, or None. These are the assumptions the kernels'
-        x86 code makes without checking them (PyTorch 2.13, aten/src/ATen/native/cpu/int8mm_kernel.cpp and
-        int4mm_kernel.cpp); breaking one reads out of bounds (a wrong result, or SIGSEGV). Operands are made
-        contiguous and 64-byte aligned by `aligned`, which covers the aligned vector loads."""
-        if self.scheme == "int8-dynamic":
-            return None  # fbgemm packs the weight into its own buffers and quantizes activations into its own
-        if self.bits == 8 and self.in_features % INT8_KERNEL_K_STEP:
-            return (f"{self.in_features} input features: ATen's int8 kernel reads {INT8_KERNEL_K_STEP} at a time "
-                    f"with no remainder loop")
-        if self.bits == 4 and (self.group_size not in INT4_KERNEL_GROUP_SIZES or self.in_features % self.group_size):
-            return f"group size {self.group_size} of {self.in_features} input features: ATen's int4 kernel " \
-                   f"takes whole groups of {'/'.join(map(str, INT4_KERNEL_GROUP_SIZES))}"
-        return None
+    def _kernel_fits(self) -> bool:
+        """Whether this layer meets the assumptions the packed kernels' x86 code makes without checking them
+        (PyTorch 2.13, aten/src/ATen/native/cpu/int8mm_kernel.cpp and int4mm_kernel.cpp); breaking one reads out of
+        bounds (a wrong result, or SIGSEGV). Aligned loads are covered by `aligned`: operands are contiguous and
+        64-byte aligned. fbgemm (int8-dynamic) packs weights and quantizes activations into buffers of its own."""
+        if self.bits == 8 and self.scheme != "int8-dynamic":  # int8 steps through 16 inputs with no remainder loop
+            return self.in_features % INT8_KERNEL_K_STEP == 0
+        if self.bits == 4:  # int4 takes whole groups of its sizes
+            return self.group_size in INT4_KERNEL_GROUP_SIZES and self.in_features % self.group_size == 0
+        return True
 
     def _kernel_for(self, dtype: torch.dtype) -> Callable:
         """ATen's packed CPU kernels run bf16 activations (their x86 code for fp32 is scalar): fp32 ones are
