@@ -65,9 +65,8 @@ def training_steps(model: str, batch_size: int, seq_len: int):
     import transformers
 
     from llmcli import load_model
-    from llmcli.config import resolve_config
     from llmcli.interop.hf import convert_to_hf
-    from llmcli.model_dir import build_model_dir
+    from llmcli.model_dir import build_model_dir, resolve_config
     from llmcli.runtime import family_loss
     from llmcli.training.optim import make_optimizer
 

@@ -41,7 +41,7 @@ def main() -> None:
     if args.worker:
         return worker(args)
 
-    from llmcli.config import resolve_config
+    from llmcli.model_dir import resolve_config
     from llmcli.profiling.memory import estimate_memory
     from llmcli.profiling.memory_measure import MMAP_THRESHOLD
 
@@ -80,7 +80,7 @@ def worker(args) -> None:
     """One rank: warm up on a miniature, then measure one training step of the real model."""
     import torch
 
-    from llmcli.config import resolve_config
+    from llmcli.model_dir import resolve_config
     from llmcli.models import build_model
     from llmcli.profiling.memory_measure import _miniature, _RandomBatches
     from llmcli.profiling.peak import memory_in_use, peak_memory, reset_peak

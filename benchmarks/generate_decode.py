@@ -76,10 +76,9 @@ def main() -> None:
     import transformers
 
     from llmcli import load_model
-    from llmcli.config import resolve_config
     from llmcli.generation import generate_ids
     from llmcli.interop.hf import convert_to_hf
-    from llmcli.model_dir import build_model_dir
+    from llmcli.model_dir import build_model_dir, resolve_config
 
     transformers.logging.set_verbosity_error()
     if args.threads is not None:

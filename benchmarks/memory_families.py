@@ -30,7 +30,7 @@ def main() -> None:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from llmcli.config import resolve_config
+    from llmcli.model_dir import resolve_config
     from llmcli.profiling.memory import estimate_memory
     from llmcli.profiling.memory_measure import measure_memory
 

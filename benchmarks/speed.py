@@ -62,10 +62,9 @@ def decode_fns(model_name: str, new_tokens: int, hf_compile: bool = True):
     import transformers
 
     from llmcli import load_model
-    from llmcli.config import resolve_config
     from llmcli.generation import generate_ids
     from llmcli.interop.hf import convert_to_hf
-    from llmcli.model_dir import build_model_dir
+    from llmcli.model_dir import build_model_dir, resolve_config
     from llmcli.models.layout import store_matrices_transposed
 
     config, _ = resolve_config(model_name)
@@ -107,8 +106,8 @@ QUANTIZED = ("int8", "int4", "int8+head", "int4+head")
 
 def quantized_fns(model_name: str, new_tokens: int):
     from llmcli.compression.quantize import quantize_model
-    from llmcli.config import resolve_config
     from llmcli.generation import generate_ids
+    from llmcli.model_dir import resolve_config
     from llmcli.models import build_model
     from llmcli.models.layout import store_matrices_transposed
 

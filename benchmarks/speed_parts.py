@@ -51,8 +51,8 @@ def main() -> None:
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args()
 
-    from llmcli.config import resolve_config
     from llmcli.generation import generate_ids
+    from llmcli.model_dir import resolve_config
     from llmcli.models import build_model
     from llmcli.models.layout import store_matrices_transposed
     from llmcli.profiling.peak import PeakMemory

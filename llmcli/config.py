@@ -16,6 +16,13 @@ from typing import Any
 
 from llmcli.errors import UserError
 
+# The files of a model directory; a Hugging Face checkpoint names its config and weights the same.
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+TOKENIZER_FILE = "tokenizer.json"
+QUANTIZATION_FILE = "quantization.json"  # only in quantized model directories
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")  # refused, never opened
+
 FAMILIES = ("bert", "gpt", "t5")
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "swiglu", "geglu")
 NORMS = ("layernorm", "rmsnorm", "gemma_rmsnorm")  # gemma_rmsnorm: RMSNorm times (1 + w), w starting at 0
@@ -283,7 +290,7 @@ def load_toml(path: Path) -> ModelConfig:
 
 
 def load_config_json(directory: Path) -> ModelConfig:
-    path = directory / "config.json"
+    path = directory / CONFIG_FILE
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
@@ -293,28 +300,4 @@ def load_config_json(directory: Path) -> ModelConfig:
         raise UserError(f"{path}: corrupt JSON ({e}); rebuild or re-convert the model") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a JSON object of config fields")
-    if "family" not in data and ("model_type" in data or "architectures" in data):
-        what = (data.get("architectures") or [None])[0] or data.get("model_type")
-        raise UserError(f"{directory}: a Hugging Face checkpoint ({what}), not an llmcli model directory; convert it "
-                        f"first: `llmcli convert from-hf {directory} OUT`")
     return config_from_dict(data, str(path))
-
-
-def resolve_config(ref: str | os.PathLike) -> tuple[ModelConfig, Path | None]:
-    """Resolve NAME, a TOML path or a model directory.
-
-    Returns the config and, for a model directory, its path (else None).
-    """
-    path = Path(ref)
-    if path.is_dir():
-        return load_config_json(path), path
-    if path.suffix == ".toml":
-        if not path.is_file():
-            raise UserError(f"{path}: no such file")
-        return load_toml(path), None
-    entries = zoo_entries()
-    if str(ref) in entries:
-        return load_toml(entries[str(ref)]), None
-    close = difflib.get_close_matches(str(ref), list(entries), n=3, cutoff=0.5)
-    hint = f"did you mean {', '.join(close)}?" if close else "see `llmcli zoo list`"
-    raise UserError(f"unknown model '{ref}': not a zoo name, TOML file or model directory; {hint}")

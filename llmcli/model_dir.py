@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import difflib
 import errno
 import fcntl
 import hashlib
@@ -21,20 +22,16 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
-from llmcli.config import ModelConfig, load_config_json, resolve_config
+from llmcli.config import (CONFIG_FILE, PICKLE_SUFFIXES, QUANTIZATION_FILE, TOKENIZER_FILE, WEIGHTS_FILE, ModelConfig,
+                           load_config_json, load_toml, zoo_entries)
 from llmcli.data import read_corpus
 from llmcli.errors import UserError
+from llmcli.interop.reading import hf_checkpoint_config, is_hf_checkpoint, load_hf_model
 from llmcli.models import build_model, build_on_meta
 from llmcli.models.quantized import apply_quantized_layout
 from llmcli.profiling.counts import count
 from llmcli.runtime import machine_memory
 from llmcli.tokenizer import KINDS, encode_plain, save_tokenizer, train_tokenizer
-
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-TOKENIZER_FILE = "tokenizer.json"
-QUANTIZATION_FILE = "quantization.json"  # only in quantized model directories
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
 @contextlib.contextmanager
@@ -162,11 +159,34 @@ def read_safetensors(path: Path) -> dict:
         raise UserError(f"{path}: not a readable safetensors file ({e}); rebuild or re-convert the model") from None
 
 
+def resolve_config(ref: str | os.PathLike) -> tuple[ModelConfig, Path | None]:
+    """Resolve NAME, a TOML path, a model directory or a Hugging Face checkpoint directory.
+
+    Returns the config and, for a directory, its path (else None).
+    """
+    path = Path(ref)
+    if path.is_dir():
+        return (hf_checkpoint_config(path) if is_hf_checkpoint(path) else load_config_json(path)), path
+    if path.suffix == ".toml":
+        if not path.is_file():
+            raise UserError(f"{path}: no such file")
+        return load_toml(path), None
+    entries = zoo_entries()
+    if str(ref) in entries:
+        return load_toml(entries[str(ref)]), None
+    close = difflib.get_close_matches(str(ref), list(entries), n=3, cutoff=0.5)
+    hint = f"did you mean {', '.join(close)}?" if close else "see `llmcli zoo list`"
+    raise UserError(f"unknown model '{ref}': not a zoo name, TOML file or model directory; {hint}")
+
+
 def load_model(ref: str | os.PathLike, device: str | None = None, dtype=None, seed: int | None = None):
-    """Load a model directory, or build a fresh one from a zoo name or TOML path. Returned in eval mode."""
+    """Load a model directory or a Hugging Face checkpoint directory (converted in memory), or build a fresh model
+    from a zoo name or TOML path. Returned in eval mode."""
     config, directory = resolve_config(ref)
     if directory is None:
         model = build_model(config, seed=seed)
+    elif is_hf_checkpoint(directory):
+        model = load_hf_model(directory)
     else:
         model = build_on_meta(config)
         spec = read_quantization_spec(directory)
@@ -225,6 +245,9 @@ def _load_state(model, state: dict, where: Path) -> None:
 def load_tokenizer(ref: str | os.PathLike):
     """The `tokenizers.Tokenizer` of a model directory."""
     path = Path(ref) / TOKENIZER_FILE
+    if not path.is_file() and is_hf_checkpoint(Path(ref)):
+        raise UserError(f"{ref}: a Hugging Face checkpoint without {TOKENIZER_FILE} (llmcli reads the fast-tokenizer "
+                        f"file, not tokenizer.model or vocab files); download {TOKENIZER_FILE} from the model's page")
     if not path.is_file():
         raise UserError(f"{ref}: no {TOKENIZER_FILE}; train one with `llmcli tokenizer train` or `llmcli train`")
     try:

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from llmcli.config import resolve_config
+from llmcli.model_dir import resolve_config
 from llmcli.profiling.counts import flops_per_token
 from llmcli.profiling.counts import count
 

@@ -2,8 +2,9 @@
 
 import pytest
 
-from llmcli.config import FAMILIES, load_toml, resolve_config, zoo_entries
+from llmcli.config import FAMILIES, load_toml, zoo_entries
 from llmcli.errors import UserError
+from llmcli.model_dir import resolve_config
 from llmcli.profiling.counts import count
 
 REQUIRED_ENTRIES = """bert-tiny bert-mini bert-small bert-base bert-large gpt-nano gpt-micro gpt-mini gpt2-small

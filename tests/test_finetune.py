@@ -17,11 +17,11 @@ from llmcli.finetune import load_finetuned, merge
 from llmcli.finetune.heads import language_model
 from llmcli.finetune.lora import LoRALinear, add_lora
 from llmcli.finetune.tasks import build_task, collate, instruction_prompt
-from llmcli.training.finetune import finetune
-from llmcli.training.run import TrainFlags
 from llmcli.model_dir import load_model, load_tokenizer, save_model
 from llmcli.models import build_model
 from llmcli.tokenizer import encode_plain, save_tokenizer, special_ids, train_tokenizer
+from llmcli.training.finetune import finetune
+from llmcli.training.run import TrainFlags
 from conftest import one_thread
 
 FRUIT = ["apple", "pear", "plum", "grape", "melon"]
@@ -245,7 +245,7 @@ def test_lora_exports_in_peft_format_that_peft_loads_with_the_same_outputs(tmp_p
     peft = pytest.importorskip("peft")
     transformers = pytest.importorskip("transformers")
     from llmcli.finetune.peft_export import export_peft
-    from llmcli.interop import convert_to_hf
+    from llmcli.interop.hf import convert_to_hf
 
     transformers.logging.set_verbosity_error()
     targets = {"gpt": ["q", "v", "down"], "bert": ["q", "k", "v", "o", "up", "down"], "t5": ["q", "v", "o", "up"]}

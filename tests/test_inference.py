@@ -63,7 +63,7 @@ def _greedy_config(transformers, **extra):
 
 @pytest.mark.parametrize("shape", GPT2_SHAPES)
 def test_gpt2_greedy_matches_transformers_generate(tmp_path, shape):
-    from llmcli.interop import convert_from_hf
+    from llmcli.interop.hf import convert_from_hf
 
     transformers = pytest.importorskip("transformers")
     transformers.logging.set_verbosity_error()
@@ -92,7 +92,7 @@ T5_SHAPES = {
 
 @pytest.mark.parametrize("shape", T5_SHAPES)
 def test_t5_greedy_matches_transformers_generate_batched(tmp_path, shape):
-    from llmcli.interop import convert_from_hf
+    from llmcli.interop.hf import convert_from_hf
 
     transformers = pytest.importorskip("transformers")
     transformers.logging.set_verbosity_error()

@@ -17,7 +17,7 @@ from llmcli import load_model  # noqa: E402
 from llmcli.cli import app  # noqa: E402
 from llmcli.config import ModelConfig  # noqa: E402
 from llmcli.errors import UserError  # noqa: E402
-from llmcli.interop import convert_from_hf, convert_to_hf  # noqa: E402
+from llmcli.interop.hf import convert_from_hf, convert_to_hf  # noqa: E402
 from llmcli.model_dir import save_model  # noqa: E402
 from llmcli.models import build_model  # noqa: E402
 

@@ -9,10 +9,9 @@ import pytest
 import torch
 from conftest import one_thread
 
-from llmcli.config import resolve_config
 from llmcli.generation import generate_ids
 from llmcli.interop.hf import convert_from_hf, convert_to_hf, hf_config
-from llmcli.model_dir import load_model
+from llmcli.model_dir import load_model, resolve_config
 from llmcli.profiling.counts import count
 
 transformers = pytest.importorskip("transformers")
@@ -343,19 +342,85 @@ def test_a_sliding_layer_caches_only_its_window_and_decodes_as_without_a_cache()
     assert kv_cache_bytes(config, 4, 38) == per_position * (3 + 38)
 
 
-@pytest.mark.parametrize("command", [["eval"], ["generate", "--prompt", "hi"], ["memory-estimate"],
-                                     ["bench", "--mode", "decode"]])
-def test_a_hugging_face_directory_is_named_as_one_with_the_command_that_converts_it(tmp_path, cli, command):
-    """Until commands read a checkpoint directory directly, they say what it is and how to convert it."""
+def test_every_reading_command_takes_a_hugging_face_directory_as_it_is(tmp_path, corpus, cli):
+    """eval, generate, memory-estimate and bench read a checkpoint directory as `convert from-hf` would write it
+    (same figures, same tokens); quantize, finetune and to-hf read it and write llmcli or HF directories beside it,
+    and the checkpoint itself is left as it was."""
     from llmcli.tokenizer import save_tokenizer, train_tokenizer
 
-    hf_model("qwen3", dict(num_key_value_heads=2)).save_pretrained(tmp_path / "hf")
-    save_tokenizer(train_tokenizer(["the cat sat on the mat"] * 20, "bpe", 300), tmp_path / "hf")
-    result = cli(command[0], tmp_path / "hf", *command[1:])
-    assert result.exit_code == 2 and "Traceback" not in result.output
-    assert "a Hugging Face checkpoint (Qwen3ForCausalLM)" in result.stderr
-    assert f"llmcli convert from-hf {tmp_path / 'hf'} OUT" in result.stderr
+    model = hf_model("gemma3_text", dict(num_key_value_heads=2, tie_word_embeddings=False,
+                                         **DOWNSTREAM["gemma3_text"]))
+    model.save_pretrained(tmp_path / "hf")
+    save_tokenizer(train_tokenizer(open(corpus).read().split("\n\n"), "bpe", 320), tmp_path / "hf")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "hf").iterdir()}
+    assert cli("convert", "from-hf", tmp_path / "hf", tmp_path / "m").exit_code == 0
+    hf, m = str(tmp_path / "hf"), str(tmp_path / "m")
+    data = ["--data", corpus, "--seq-len", 32]
 
+    def ok(*args):
+        result = cli(*args)
+        assert result.exit_code == 0, (args, result.stderr[-2000:])
+        return json.loads(result.stdout) if "--json" in args else result
+
+    for command in (["eval", *data], ["generate", "--prompt", "The", "--temperature", 0, "--max-new-tokens", 12],
+                    ["memory-estimate", "--mode", "infer", "--seq-len", 64]):
+        direct, converted = ok(command[0], hf, *command[1:], "--json"), ok(command[0], m, *command[1:], "--json")
+        timed = ("model", "time", "seconds", "tokens_per_s")
+        assert {k: v for k, v in direct.items() if k not in timed} == \
+            {k: v for k, v in converted.items() if k not in timed}, command
+    rows = ok("bench", hf, "--mode", "decode", "--batch-size", 1, "--seq-len", 8, "--reps", 1,
+              "--compare", "transformers", "--json")
+    assert rows[0]["tokens_per_s"] > 0 and rows[0]["peer"]["tokens_per_s"] > 0
+    ok("quantize", hf, "--scheme", "int8", "--out", tmp_path / "q", "--no-speed", *data)
+    assert json.loads((tmp_path / "q" / "config.json").read_text())["family"] == "gpt"
+    ok("finetune", hf, "--method", "lora", "--task", "lm", "--out", tmp_path / "f", "--steps", 2, "--batch-size", 2, *data)
+    assert torch.equal(load_model(tmp_path / "f").lm_head.weight, load_model(m).lm_head.weight)
+    ok("generate", tmp_path / "f", "--prompt", "The", "--max-new-tokens", 4)
+    ok("convert", "to-hf", hf, tmp_path / "back")
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        want, got = model(input_ids=ids, attention_mask=mask).logits, again(input_ids=ids, attention_mask=mask).logits
+    assert torch.equal(got, want)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "hf").iterdir()} == before
+
+
+def test_reading_a_checkpoint_config_reads_only_the_embedding_and_the_head(tmp_path, monkeypatch):
+    """memory-estimate on a checkpoint of many GB needs its config: of the tensors, only the two that say whether
+    the head is tied are read."""
+    from llmcli.interop import reading
+
+    hf_model("qwen3", dict(num_key_value_heads=2, tie_word_embeddings=False)).save_pretrained(tmp_path / "hf")
+    read = []
+    original = reading.CheckpointTensors.__getitem__
+    monkeypatch.setattr(reading.CheckpointTensors, "__getitem__", lambda self, name: read.append(name) or
+                        original(self, name))
+    config = reading.hf_checkpoint_config(tmp_path / "hf")
+    assert config.qk_norm == "head" and not config.tie_embeddings
+    assert sorted(read) == ["lm_head.weight", "model.embed_tokens.weight"]
+    read.clear()
+    reading.load_hf_model(tmp_path / "hf")
+    assert len(read) > 10
+
+
+@pytest.mark.parametrize("case", ["tokenizer", "pickle", "architecture"])
+def test_a_checkpoint_directory_a_command_cannot_read_is_exit_2_with_what_to_do(tmp_path, cli, case):
+    hf_model("llama", {}).save_pretrained(tmp_path / "hf")
+    command = ["memory-estimate", tmp_path / "hf"]
+    if case == "tokenizer":
+        command = ["generate", tmp_path / "hf", "--prompt", "hi"]
+        expected = "a Hugging Face checkpoint without tokenizer.json (llmcli reads the fast-tokenizer file"
+    elif case == "pickle":
+        (tmp_path / "hf" / "model.safetensors").rename(tmp_path / "hf" / "pytorch_model.bin")
+        expected = "pytorch_model.bin: is a pickle checkpoint, which llmcli never opens"
+    else:
+        config = json.loads((tmp_path / "hf" / "config.json").read_text())
+        config.update(architectures=["JambaForCausalLM"], model_type="jamba")
+        (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+        expected = "architecture JambaForCausalLM is not supported; llmcli converts GPT2LMHeadModel"
+    result = cli(*command)
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert expected in result.stderr
 
 
 def test_a_field_no_layout_holds_is_refused_on_export_not_dropped():

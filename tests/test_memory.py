@@ -7,9 +7,9 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from llmcli.config import resolve_config
 from llmcli.errors import UserError
 from llmcli.finetune.lora import add_lora
+from llmcli.model_dir import resolve_config
 from llmcli.models import build_model
 from llmcli.profiling.counts import count
 from llmcli.profiling.memory import COMPONENTS, attention_kernel, estimate_memory

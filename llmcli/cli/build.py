@@ -14,8 +14,7 @@ def build(name: str = typer.Argument(..., help="Zoo name or TOML file."),
           seed: int = typer.Option(0, help="Random seed for the initial weights."),
           force: bool = typer.Option(False, "--force", help="Replace --out if it exists.")) -> None:
     """Build a model with fresh weights and write config.json + model.safetensors."""
-    from llmcli.config import resolve_config
-    from llmcli.model_dir import build_model_dir
+    from llmcli.model_dir import build_model_dir, resolve_config
 
     config, _ = resolve_config(name)
     params = build_model_dir(config, out, seed=seed, force=force)

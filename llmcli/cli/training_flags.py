@@ -66,7 +66,7 @@ def launch(ctx: typer.Context, nproc: int, model_ref: str, run_dir: str | None) 
 
     The command line is rebuilt from the parsed parameters, so it is the same however llmcli was called.
     """
-    from llmcli.config import resolve_config
+    from llmcli.model_dir import resolve_config
     from llmcli.training.distributed import launch as run
 
     config, _ = resolve_config(model_ref)

@@ -50,7 +50,7 @@ def list_models(family: str = typer.Option(None, help="Only this family: bert, g
 def show(name: str = typer.Argument(..., help="Zoo name, TOML file or model directory."),
          json_out: bool = typer.Option(False, "--json", help="Print JSON on stdout.")) -> None:
     """Show one model's full resolved config and its counts."""
-    from llmcli.config import resolve_config
+    from llmcli.model_dir import resolve_config
     from llmcli.profiling.counts import count
 
     config, _ = resolve_config(name)

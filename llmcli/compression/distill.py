@@ -14,9 +14,9 @@ from typing import Callable
 
 from llmcli.compression.directories import REPORT_FILE, full_precision_dir
 from llmcli.compression.snapshot import compare, snapshot
-from llmcli.config import ModelConfig, resolve_config
+from llmcli.config import ModelConfig
 from llmcli.errors import UserError
-from llmcli.model_dir import check_outside, load_model, load_tokenizer, write_json
+from llmcli.model_dir import check_outside, load_model, load_tokenizer, resolve_config, write_json
 from llmcli.progress import SILENT, Progress
 from llmcli.runtime import resolve_device
 from llmcli.training.distillation import Distillation, teacher_layer_map

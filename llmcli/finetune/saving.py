@@ -23,13 +23,13 @@ import torch
 from safetensors.torch import save_file
 import torch.nn as nn
 
-from llmcli.config import ModelConfig, resolve_config
+from llmcli.config import ModelConfig
 from llmcli.errors import UserError
 from llmcli.finetune.heads import language_model
 from llmcli.finetune.lora import merge_lora
 from llmcli.finetune.methods import FinetuneSpec, adapter_tensors, attach
 from llmcli.model_dir import (TOKENIZER_FILE, atomic_output_dir, check_outside, load_model, read_quantization_spec,
-                              read_safetensors, save_model, write_json)
+                              read_safetensors, resolve_config, save_model, write_json)
 
 ADAPTER_DIR = "adapter"
 ADAPTER_CONFIG = "adapter_config.json"

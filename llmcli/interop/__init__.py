@@ -1,5 +1,5 @@
-"""Conversion to and from other libraries' checkpoints (Hugging Face transformers)."""
+"""Conversion to and from other libraries' checkpoints (Hugging Face transformers).
 
-from llmcli.interop.hf import convert_from_hf, convert_to_hf
-
-__all__ = ["convert_from_hf", "convert_to_hf"]
+Its modules sit in two layers (reading a checkpoint in memory below model_dir, writing directories above it),
+so this file imports nothing: import `llmcli.interop.hf` or `llmcli.interop.reading`.
+"""

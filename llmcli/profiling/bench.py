@@ -18,11 +18,10 @@ from typing import Callable
 import torch
 
 from llmcli.charts import write_png
-from llmcli.config import resolve_config
 from llmcli.errors import UserError
 from llmcli.generation import generate_ids
 from llmcli.interop.hf import convert_to_hf
-from llmcli.model_dir import build_model_dir, load_model
+from llmcli.model_dir import build_model_dir, load_model, resolve_config
 from llmcli.models.layout import store_matrices_transposed
 from llmcli.profiling.counts import count, flops_per_token, kv_cache_bytes
 from llmcli.profiling.peak import PeakMemory

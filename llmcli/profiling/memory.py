@@ -25,10 +25,10 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from llmcli.charts import write_png
-from llmcli.config import ModelConfig, config_from_dict, resolve_config
+from llmcli.config import ModelConfig, config_from_dict
 from llmcli.errors import UserError
 from llmcli.finetune.lora import DEFAULT_TARGETS, parse_targets
-from llmcli.model_dir import QUANTIZATION_FILE, stored_tensor_bytes
+from llmcli.model_dir import QUANTIZATION_FILE, resolve_config, stored_tensor_bytes
 from llmcli.models import build_on_meta
 from llmcli.models.layout import PROJECTIONS, block_linears, blocks
 from llmcli.models.quantized import DEFAULT_GROUP_SIZE, quantized_state_bytes

@@ -16,10 +16,9 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from llmcli.config import resolve_config
 from llmcli.data import read_corpus
 from llmcli.errors import Stopped, UserError
-from llmcli.model_dir import output_lock
+from llmcli.model_dir import output_lock, resolve_config
 from llmcli.profiling.counts import count, tokens_for_compute, training_compute
 from llmcli.progress import SILENT, Progress
 from llmcli.runtime import DEFAULT_SEQ_LEN

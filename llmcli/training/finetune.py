@@ -17,7 +17,6 @@ from typing import Callable
 
 import torch
 
-from llmcli.config import resolve_config
 from llmcli.errors import UserError
 from llmcli.finetune.heads import language_model
 from llmcli.finetune.lora import parse_targets
@@ -25,8 +24,10 @@ from llmcli.finetune.methods import METHODS, FinetuneSpec, attach, parameter_cou
 from llmcli.finetune.peft_export import PEFT_DIR, export_peft, peft_blocker
 from llmcli.finetune.saving import read_adapter_config, save_adapter
 from llmcli.finetune.tasks import TASKS, build_task
+from llmcli.interop.reading import is_hf_checkpoint
 from llmcli.model_dir import (CONFIG_FILE, QUANTIZATION_FILE, TOKENIZER_FILE, WEIGHTS_FILE, check_outside, load_model,
-                              load_tokenizer, output_lock, read_quantization_spec, save_model, write_json)
+                              load_tokenizer, output_lock, read_quantization_spec, resolve_config, save_model,
+                              write_json)
 from llmcli.progress import SILENT, Progress
 from llmcli.tokenizer import save_tokenizer, special_ids
 from llmcli.training import distributed
@@ -144,10 +145,13 @@ def _finetune(base, data, out, flags: TrainFlags, settings, log, progress, on_st
         def start() -> None:
             if not flags.resume:
                 start_run_dir(run_dir)
-                _link_or_copy(base / WEIGHTS_FILE, run_dir / WEIGHTS_FILE)
-                if (base / QUANTIZATION_FILE).is_file():  # a quantized base: its layout goes with its weights
-                    shutil.copyfile(base / QUANTIZATION_FILE, run_dir / QUANTIZATION_FILE)
-                write_json(run_dir / CONFIG_FILE, config.to_dict())
+                if is_hf_checkpoint(base):  # the run directory holds the base as llmcli names its tensors
+                    save_model(load_model(base), run_dir)
+                else:
+                    _link_or_copy(base / WEIGHTS_FILE, run_dir / WEIGHTS_FILE)
+                    if (base / QUANTIZATION_FILE).is_file():  # a quantized base: its layout goes with its weights
+                        shutil.copyfile(base / QUANTIZATION_FILE, run_dir / QUANTIZATION_FILE)
+                    write_json(run_dir / CONFIG_FILE, config.to_dict())
                 save_tokenizer(tokenizer, run_dir)
             write_json(run_dir / TRAINING_FILE, {"model": str(base), "base": str(Path(base).resolve()), "data": data,
                                                  "args": args.to_dict(), "finetune": spec.to_dict()})

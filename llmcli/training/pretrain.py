@@ -13,11 +13,11 @@ from typing import Callable
 
 from tokenizers import Tokenizer
 
-from llmcli.config import ModelConfig, resolve_config
+from llmcli.config import ModelConfig
 from llmcli.data import PretrainingData, document_stream, read_corpus, split_documents, text_bytes_per_token
 from llmcli.errors import UserError
 from llmcli.model_dir import (TOKENIZER_FILE, check_outside, load_model, load_tokenizer, output_lock,
-                              reporting_disk_full, save_model, write_json)
+                              reporting_disk_full, resolve_config, save_model, write_json)
 from llmcli.models import build_model, build_on_meta
 from llmcli.progress import SILENT, Progress
 from llmcli.tokenizer import save_tokenizer, special_ids, train_tokenizer
