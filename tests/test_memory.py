@@ -122,6 +122,12 @@ def saved_activation_bytes(model, batch, precision: str) -> int:
 
 
 LLAMA = dict(norm="rmsnorm", activation="swiglu", position="rope", n_kv_heads=2, bias=False, tie_embeddings=False)
+# Gemma 2: four (1 + w) norms per block, capped scores (eager attention) and logits, a sliding layer and a full one
+GEMMA2 = dict(LLAMA, norm="gemma_rmsnorm", norm_position="sandwich", attention_softcap=50.0, logits_softcap=30.0,
+              sliding_window=8, layer_types=["sliding", "full"])
+GEMMA3 = dict(LLAMA, norm="gemma_rmsnorm", norm_position="sandwich", qk_norm="head", sliding_window=8,
+              layer_types=["sliding", "full"], rope_local_base=10000.0)
+OLMO2 = dict(LLAMA, norm_position="output", qk_norm="projection")
 
 
 def random_batch(config, b: int, t: int) -> dict:
@@ -145,6 +151,10 @@ def random_batch(config, b: int, t: int) -> dict:
     ("gpt", "fp32", "eager", dict(LLAMA, parallel_block=True, dropout=0.1)),
     ("t5", "fp32", "sdpa", {}),  # relative bias with a gradient -> math kernel, cross-attention
     ("t5", "bf16", "sdpa", dict(activation="geglu", dropout=0.1)),
+    ("gpt", "fp32", "sdpa", GEMMA2), ("gpt", "bf16", "sdpa", GEMMA2),
+    ("gpt", "fp32", "sdpa", GEMMA3), ("gpt", "bf16", "sdpa", GEMMA3),
+    ("gpt", "bf16", "sdpa", OLMO2),
+    ("gpt", "bf16", "sdpa", dict(LLAMA, rotary_fraction=0.5, sliding_window=8)),  # Phi-4-mini's partial rotation
 ])
 def test_activation_ledger_matches_what_autograd_saves(family, precision, attention, overrides):
     config = tiny_config(family, **overrides)
@@ -159,7 +169,8 @@ def test_activation_ledger_matches_what_autograd_saves(family, precision, attent
 
 
 @pytest.mark.parametrize("family, overrides", [("gpt", dict(dropout=0.1)), ("bert", {}), ("t5", {}),
-                                               ("gpt", dict(LLAMA, parallel_block=True))])
+                                               ("gpt", dict(LLAMA, parallel_block=True)), ("gpt", GEMMA2),
+                                               ("gpt", GEMMA3), ("gpt", OLMO2)])
 def test_lora_activation_ledger_matches_what_autograd_saves(family, overrides):
     config = tiny_config(family, **overrides)
     model = build_model(config, seed=0).train().requires_grad_(False)

@@ -223,7 +223,8 @@ class Attention(nn.Module):
         if bias is not None:
             scores = scores + bias.float()
         weights = scores.softmax(-1)
-        self.weights = weights.detach()
+        if self.record_weights:
+            self.weights = weights.detach()
         return F.dropout(weights, dropout).to(v.dtype) @ v
 
 

@@ -95,7 +95,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     x1, x2 = rotating.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)
     out = (rotating.float() * cos + rotated.float() * sin).to(x.dtype)
-    return torch.cat((out, passing), dim=-1) if passing.shape[-1] else out
+    if not passing.shape[-1]:
+        return out
+    whole = torch.empty_like(x)  # x's layout (torch.cat's would not be), so attention's output reshapes as a view
+    whole[..., :cos.shape[-1]], whole[..., cos.shape[-1]:] = out, passing
+    return whole
 
 
 def relative_position_bucket(relative: torch.Tensor, bidirectional: bool, num_buckets: int,

@@ -31,6 +31,7 @@ from llmcli.finetune.lora import DEFAULT_TARGETS, parse_targets
 from llmcli.model_dir import QUANTIZATION_FILE, resolve_config, stored_tensor_bytes
 from llmcli.models import build_on_meta
 from llmcli.models.layout import PROJECTIONS, block_linears, blocks
+from llmcli.models.positions import rotary_dim
 from llmcli.models.quantized import DEFAULT_GROUP_SIZE, quantized_state_bytes
 from llmcli.profiling.counts import count, kv_cache_bytes
 from llmcli.runtime import DTYPES as RUNTIME_DTYPES
@@ -149,26 +150,32 @@ class _Precision:
         return self.residual != self.compute
 
 
-def attention_kernel(attention: str, device: str, training: bool, dropout: float, bias_needs_grad: bool) -> str:
+def attention_kernel(attention: str, device: str, training: bool, dropout: float, bias_needs_grad: bool,
+                     capped: bool = False) -> str:
     """Which attention runs: 'fused' (flash / memory-efficient), 'math' (SDPA's fallback) or 'eager'.
 
     On CPU, SDPA's flash kernel takes no dropout and no attention bias that needs a gradient (T5's
     relative bias), so training falls back to the math kernel, which keeps the s×s probabilities.
+    Capped scores (Gemma 2's attention softcap) always take the eager path.
     """
-    if attention == "eager":
+    if attention == "eager" or capped:
         return "eager"
     if device == "cpu" and training and (dropout > 0 or bias_needs_grad):
         return "math"
     return "fused"
 
 
-def _norm_saved(cfg: ModelConfig, elements: int, rows: int, p: _Precision, trainable: bool) -> int:
+def _norm_saved(cfg: ModelConfig, elements: int, rows: int, p: _Precision, trainable: bool,
+                held: int | None = None) -> int:
     """LayerNorm keeps its input and fp32 mean and rstd; our RMSNorm keeps its fp32 input, rsqrt and,
-    for the weight's gradient, the normalised tensor."""
+    for the weight's gradient, the normalised tensor (in the input's dtype, `held` bytes; Gemma's in fp32,
+    with its 1 + w)."""
+    held = p.residual if held is None else held
     if cfg.norm == "layernorm":
-        return p.residual * elements + 8 * rows
-    normed = p.residual * elements if trainable else 0
-    return 4 * elements + 4 * rows + normed
+        return held * elements + 8 * rows
+    if cfg.norm == "gemma_rmsnorm":
+        return 4 * elements + 4 * rows + (4 * elements if trainable else 0) + 4 * (elements // rows)
+    return 4 * elements + 4 * rows + (held * elements if trainable else 0)
 
 
 def _linear_inputs(elements: int, readers: int, p: _Precision) -> int:
@@ -191,6 +198,8 @@ def _attention_saved(cfg: ModelConfig, b: int, t: int, s: int, kernel: str, caus
     # eager: q, k and v copies (k and v repeated for GQA), causal bool mask, fp32 softmax, dropout mask and
     # output in fp32, the probabilities cast to the compute dtype for the matmul with v
     saved = c * (q_el + 2 * full_kv_el) + (scores if causal else 0) + 4 * scores
+    if cfg.attention_softcap is not None:  # tanh keeps its fp32 output
+        saved += 4 * scores
     if dropout:
         saved += (1 if p.device == "cuda" else 4) * scores + (4 if c == 4 else c) * scores
     elif c != 4:
@@ -214,6 +223,7 @@ def _block_saved(cfg: ModelConfig, b: int, t: int, p: _Precision, kernel: str, c
 
     saved = _attention_saved(cfg, b, t, t, kernel, causal, p, dropout, o_trainable) + attn_lora + ff_lora
     saved += drop_mask
+    saved += _qk_norms_saved(cfg, b, t, p, trainable, ("q_proj", "k_proj"))
     if gated:  # act(gate(x)) * up(x): the activation's input, both factors of the product, the product
         saved += p.compute * ff * (3 + ("down" in trainable))
     elif cfg.activation == "relu":  # relu keeps its output, which is also down's input
@@ -223,7 +233,12 @@ def _block_saved(cfg: ModelConfig, b: int, t: int, p: _Precision, kernel: str, c
     saved += drop_mask
     if cfg.parallel_block:  # one norm feeds attention and feed-forward
         return saved + norm + _linear_inputs(e, attn_readers + ff_readers, p)
-    saved += 2 * norm + _linear_inputs(e, attn_readers, p) + _linear_inputs(e, ff_readers, p)
+    # norms of the residual stream (before or, post-norm, after each sublayer's sum) and of a sublayer's output,
+    # which is in the compute dtype (OLMo 2's output norms; Gemma's sandwich has both)
+    stream_norms = 0 if cfg.norm_position == "output" else 2
+    output_norms = 2 if cfg.norm_position in ("output", "sandwich") else 0
+    saved += stream_norms * norm + output_norms * _norm_saved(cfg, e, rows, p, "norm" in trainable, held=p.compute)
+    saved += _linear_inputs(e, attn_readers, p) + _linear_inputs(e, ff_readers, p)
     if cross_len is not None:  # T5 decoder: norm, q from x, k and v from the encoder output
         memory = b * cross_len * cfg.d_model
         saved += norm + _linear_inputs(e, "q_proj" in trainable, p) + drop_mask
@@ -233,16 +248,29 @@ def _block_saved(cfg: ModelConfig, b: int, t: int, p: _Precision, kernel: str, c
     return saved
 
 
+def _qk_norms_saved(cfg: ModelConfig, b: int, t: int, p: _Precision, trainable: set[str],
+                    projections: tuple[str, ...]) -> int:
+    """QK-norm: q and k normed (per head or over the projection) from the projections' outputs."""
+    if cfg.qk_norm is None:
+        return 0
+    saved = 0
+    for name in projections:
+        width = cfg.d_attn if name == "q_proj" else cfg.n_kv_heads * cfg.d_head
+        rows = b * t * width // cfg.d_head if cfg.qk_norm == "head" else b * t
+        saved += _norm_saved(cfg, b * t * width, rows, p, "norm" in trainable, held=p.compute)
+    return saved
+
+
 def _first_block_unsaved(cfg: ModelConfig, b: int, t: int, p: _Precision, kernel: str, dropout: bool,
                          trainable: set[str]) -> int:
     """What the first block does not save when its input needs no gradient (frozen embeddings, LoRA).
 
-    Its first norm keeps nothing, nor does a parallel block's feed-forward; with k_proj frozen, q @ k^T
-    keeps no copy of q. (A post-norm stack's embedding norm is left out in _stack_saved.)
+    Its first norm keeps nothing, nor does a parallel block's feed-forward, nor the QK-norm of a frozen
+    projection; with k_proj frozen, q @ k^T keeps no copy of q. (A post-norm stack's embedding norm is left out in _stack_saved.)
     """
     e, q_el = b * t * cfg.d_model, b * t * cfg.d_attn
     unsaved = 0
-    if cfg.norm_position == "pre":
+    if cfg.norm_position in ("pre", "sandwich"):
         unsaved += _norm_saved(cfg, e, b * t, p, "norm" in trainable)
     if cfg.parallel_block and not trainable & {"up", "gate", "down"}:
         ff = b * t * cfg.d_ff
@@ -250,6 +278,7 @@ def _first_block_unsaved(cfg: ModelConfig, b: int, t: int, p: _Precision, kernel
         unsaved += p.mask(p.compute) * e if dropout else 0
     if "k_proj" not in trainable and kernel != "fused":
         unsaved += (4 if kernel == "math" else p.compute) * q_el
+    unsaved += _qk_norms_saved(cfg, b, t, p, trainable, tuple(n for n in ("q_proj", "k_proj") if n not in trainable))
     return unsaved
 
 
@@ -408,8 +437,9 @@ def _train(config, stats, params, batch, seq_len, target_len, dtype, optimizer, 
     train_set = {PROJECTIONS[t] for t in lora_targets} if lora else names
     dropout = config.dropout > 0
     bias_grad = config.position in ("relative", "transformer_xl") and not lora
-    kernel = attention_kernel(attention, device, True, config.dropout, bias_grad)
-    cross_kernel = attention_kernel(attention, device, True, config.dropout, False)
+    capped = config.attention_softcap is not None
+    kernel = attention_kernel(attention, device, True, config.dropout, bias_grad, capped)
+    cross_kernel = attention_kernel(attention, device, True, config.dropout, False, capped)
     if config.position == "transformer_xl":
         notes.append("Transformer-XL position terms are not counted in the activations")
     stacks = _stacks(config, seq_len, target_len)
@@ -472,22 +502,23 @@ def _infer(config, stats, params, batch, seq_len, dtype, attention, device, new_
                      f"embeddings, norms, biases and heads in fp32; 16-bit compute and KV cache")
     else:
         weights = DTYPES[dtype] * params
+    kernel = attention_kernel(attention, device, False, 0.0, False, config.attention_softcap is not None)
     kv_per_token = kv_cache_bytes(config, compute, 1)  # below any sliding window
     e = lambda t: batch * t * config.d_model * compute  # noqa: E731
     if config.family == "gpt":
         prompt = seq_len - new_tokens
         kv = kv_cache_bytes(config, compute, seq_len) * batch
         logits = batch * prompt * config.vocab_size * compute  # the whole prefill's logits stay referenced
-        work = _infer_working(config, batch, prompt, prompt, compute, attention)
+        work = _infer_working(config, batch, prompt, prompt, compute, kernel)
     elif config.family == "t5":
         steps = new_tokens + 1  # the decoder's start token plus the generated ones
         kv = kv_per_token * batch * (steps + seq_len)  # self + cross
         logits = batch * config.vocab_size * compute
-        work = e(seq_len) + _infer_working(config, batch, seq_len, seq_len, compute, attention)  # + encoder output
+        work = e(seq_len) + _infer_working(config, batch, seq_len, seq_len, compute, kernel)  # + encoder output
     else:  # bert: one forward (fill-mask, embed); no cache
         kv = 0
         logits = 2 * batch * seq_len * config.vocab_size * compute  # the head's output, then plus its bias
-        work = _infer_working(config, batch, seq_len, seq_len, compute, attention)
+        work = _infer_working(config, batch, seq_len, seq_len, compute, kernel)
     if attention == "eager":  # every (encoder) layer keeps its prefill probabilities on the module
         t = seq_len - new_tokens if config.family == "gpt" else seq_len
         work += config.n_layers * 4 * batch * config.n_heads * t * t
@@ -495,18 +526,17 @@ def _infer(config, stats, params, batch, seq_len, dtype, attention, device, new_
                      logits=logits, kv_cache=kv)
     phases = {"forward": _phase({k: v for k, v in breakdown.items() if v})}
     per_param = dict(weights=_per(weights, params), gradients=0, master_weights=0, optimizer=0)
-    kernel = attention_kernel(attention, device, False, 0.0, False)
     estimate = _finish(params, 0, breakdown, per_param, phases, {}, {}, kernel, inputs, None, notes)
     if config.family != "bert":
         estimate.kv_bytes_per_token = int(kv_per_token)
     return estimate
 
 
-def _infer_working(cfg: ModelConfig, b: int, t: int, s: int, c: int, attention: str) -> int:
+def _infer_working(cfg: ModelConfig, b: int, t: int, s: int, c: int, kernel: str) -> int:
     """The largest set of tensors alive inside one block during a forward without autograd."""
     e = b * t * cfg.d_model
     attn = c * (2 * e + b * t * (2 * cfg.d_attn + 2 * cfg.n_kv_heads * cfg.d_head))  # x, norm(x), q, k, v, output
-    if attention == "eager":  # scores in the compute dtype and in fp32, the causal mask, the softmax
+    if kernel == "eager":  # scores in the compute dtype and in fp32, the causal mask, the softmax
         attn += b * cfg.n_heads * t * s * (c + 4 + 1 + 4)
     gated = cfg.activation in ("swiglu", "geglu")
     ff = c * (2 * e + b * t * cfg.d_ff * (3 if gated else 2))  # x, norm(x), hidden, activation (and product)
@@ -538,10 +568,15 @@ def _stack_saved(cfg: ModelConfig, b: int, t: int, p: _Precision, kernel: str, d
     embeddings_train = "embedding" in trainable
     if dropout and embeddings_train:
         saved += p.mask(p.residual) * e  # embedding dropout
-    if cfg.norm_position == "pre" or embeddings_train:  # the final norm, or the embedding norm (post-norm)
+    if cfg.norm_position != "post" or embeddings_train:  # the final norm, or the embedding norm (post-norm)
         saved += _norm_saved(cfg, e, rows, p, "norm" in trainable)
-    if cfg.position == "rope":
-        saved += 2 * 4 * b * t * cfg.d_head  # cos and sin, shared by the layers
+    if cfg.position == "rope":  # cos and sin, shared by the layers (and a second pair for Gemma 3's local base)
+        saved += 2 * 4 * b * t * rotary_dim(cfg) * (2 if cfg.rope_local_base is not None else 1)
+    windowed = sum(cfg.window(i) is not None for i in range(cfg.n_layers)) if cfg.family == "gpt" else 0
+    if windowed and kernel == "fused":  # SDPA keeps the window's additive bias: shared, or cast for each layer
+        saved += (p.compute * windowed if p.cast else p.residual) * t * t
+    if windowed and kernel == "eager":  # a windowed layer masks by that bias, not by a causal bool mask
+        saved -= windowed * b * cfg.n_heads * t * t
     if cfg.position == "relative" and embeddings_train:  # bucket ids; the bias (1, H, T, T) before clamp
         saved += 8 * t * t + p.residual * cfg.n_heads * t * t
     if kernel == "fused" and cfg.position == "relative":  # SDPA keeps the attention bias it was given
@@ -570,6 +605,8 @@ def _head_saved(cfg: ModelConfig, b: int, stacks: dict, p: _Precision, trainable
         saved += (4 if p.cast and p.device == "cuda" else p.compute) * e + 8 * b * t
         if cfg.pooler:
             saved += (1 + p.cast) * p.compute * b * cfg.d_model  # tanh's output (and the cast [CLS] row)
+    if cfg.logits_softcap is not None:  # Gemma 2: tanh keeps its output, the size of the logits
+        saved += p.compute * b * t * cfg.vocab_size
     return saved + _linear_inputs(e, int(head), p)
 
 
