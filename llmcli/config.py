@@ -95,6 +95,7 @@ class ModelConfig:
     tokenizer: str | None = None
     bos_token_id: int | None = None  # a converted checkpoint's own special tokens (its config or
     eos_token_id: int | None = None  # generation_config.json); None: found in the tokenizer by name
+    stop_token_ids: list | None = None  # more ids that end a generated sequence (the rest of an EOS list)
     hf_architecture: str | None = None  # what `convert to-hf` writes (default: by family and position)
     published_params: int | None = None
     source: str | None = None
@@ -211,6 +212,9 @@ def _check_sizes(cfg: ModelConfig, where: str) -> None:
                             f"layers")
         if "sliding" in cfg.layer_types and cfg.sliding_window is None:
             raise UserError(f"{where}: 'layer_types' has sliding layers but no 'sliding_window'; set the window")
+    if cfg.stop_token_ids is not None and not all(isinstance(i, int) and 0 <= i < cfg.vocab_size
+                                                  for i in cfg.stop_token_ids):
+        raise UserError(f"{where}: 'stop_token_ids' must list token ids below vocab_size ({cfg.vocab_size})")
     if cfg.nope_layers is not None and (cfg.position != "rope" or not all(
             isinstance(i, int) and 0 <= i < layers for i in cfg.nope_layers)):
         raise UserError(f"{where}: 'nope_layers' must list layer numbers 0..{layers - 1} of a rotary model")

@@ -45,9 +45,13 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
 @torch.no_grad()
 def generate_ids(model, input_ids: torch.Tensor, max_new_tokens: int, attention_mask: torch.Tensor | None = None,
                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                 eos_id: int | None = None, pad_id: int = 0, seed: int | None = None, use_cache: bool = True,
-                 on_token: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
-    """Generate up to max_new_tokens per row; returns (B, n) new ids (pad after a row's eos)."""
+                 eos_id: int | list[int] | None = None, pad_id: int = 0, seed: int | None = None,
+                 use_cache: bool = True, on_token: Callable[[torch.Tensor], None] | None = None,
+                 finished_by: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """Generate up to max_new_tokens per row; returns (B, n) new ids (pad after a row's end).
+
+    eos_id: the id, or ids, that end a row. finished_by(token) -> (B,) bool: rows the caller ends after this token
+    (a stop string)."""
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     batch = input_ids.shape[0]
     if attention_mask is None:
@@ -55,6 +59,8 @@ def generate_ids(model, input_ids: torch.Tensor, max_new_tokens: int, attention_
     step = _t5_steps if model.config.family == "t5" else _gpt_steps
     finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
     new_tokens = []
+    ends = torch.tensor([eos_id] if isinstance(eos_id, int) else eos_id or [], dtype=torch.long,
+                        device=input_ids.device)
     logits_iter = step(model, input_ids, attention_mask, max_new_tokens, use_cache, pad_id)
     logits = next(logits_iter)
     for _ in range(max_new_tokens):
@@ -63,8 +69,9 @@ def generate_ids(model, input_ids: torch.Tensor, max_new_tokens: int, attention_
         new_tokens.append(token)
         if on_token is not None:
             on_token(token)
-        if eos_id is not None:
-            finished |= token == eos_id
+        finished |= torch.isin(token, ends)
+        if finished_by is not None:
+            finished |= finished_by(token)
         if finished.all() or len(new_tokens) == max_new_tokens:
             break
         logits = logits_iter.send(token)
@@ -172,12 +179,14 @@ class TextStreamer:
     """Turns token ids into text as they arrive, for printing while the model generates.
 
     Decodes everything so far and emits what is new, because a byte-level BPE token may hold
-    part of a UTF-8 character: text that ends in U+FFFD waits for the rest of its bytes.
+    part of a UTF-8 character: text that ends in U+FFFD waits for the rest of its bytes. With stop
+    strings, text that may be the start of one waits too, and nothing from a stop string on is emitted.
     """
 
-    def __init__(self, tokenizer, emit: Callable[[str], None]) -> None:
+    def __init__(self, tokenizer, emit: Callable[[str], None], stops: list[str] | tuple = ()) -> None:
         self.tokenizer = tokenizer
         self.emit = emit
+        self.stops = stops
         self.ids: list[int] = []
         self.printed = 0
 
@@ -185,15 +194,24 @@ class TextStreamer:
         self.ids.append(token_id)
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         if not text.endswith("\ufffd"):
-            self._emit(text)
+            cut = before_stop(text, self.stops)
+            held = 0 if cut < len(text) else max((n for stop in self.stops for n in range(1, len(stop))
+                                                  if text.endswith(stop[:n])), default=0)
+            self._emit(text[:cut - held])
 
     def flush(self) -> None:
-        self._emit(self.tokenizer.decode(self.ids, skip_special_tokens=True))
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        self._emit(text[:before_stop(text, self.stops)])
 
     def _emit(self, text: str) -> None:
         if len(text) > self.printed:
             self.emit(text[self.printed:])
             self.printed = len(text)
+
+
+def before_stop(text: str, stops) -> int:
+    """Where the first stop string in `text` starts (its length when there is none)."""
+    return min((i for i in (text.find(stop) for stop in stops) if i >= 0), default=len(text))
 
 
 @dataclass
@@ -203,8 +221,10 @@ class Generation:
     prompt: str
     sample: int  # 0 .. num_samples-1
     text: str  # prompt and completion
-    completion: str
-    tokens: list[int]  # the generated ids, up to and including end-of-sequence
+    completion: str  # up to a stop string (not included)
+    tokens: list[int]  # the generated ids, up to and including the one that ended the sequence
+    prompt_text: str  # what the model was fed, as text (a chat template's rendering of the messages)
+    prompt_ids: list[int]  # and as ids
     prompt_tokens: int
     new_tokens: int
     time: float  # seconds for the batch this sequence was generated in, prefill included
@@ -239,12 +259,14 @@ def require_family(model, families: tuple[str, ...], command: str, hint: str) ->
 def generate_text(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, temperature: float = 1.0,
                   top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
                   num_samples: int = 1, use_cache: bool = True, on_text: Callable[[str], None] | None = None,
-                  on_step: Callable[[], None] | None = None) -> list[Generation]:
+                  on_step: Callable[[], None] | None = None, stop: list[str] | tuple = (),
+                  prompt_ids: list[list[int]] | None = None, echo_prompt: bool = True) -> list[Generation]:
     """Complete every prompt num_samples times in one batch (GPT left-padded, T5 right-padded).
 
     Rows are prompt-major: prompt 1 samples 1..n, then prompt 2. on_text receives the `text` of the
-    result piece by piece, the prompt first, then the completion as it is generated (one sequence
-    only); on_step is called once per decoding step.
+    result piece by piece, the prompt first (unless not echo_prompt), then the completion as it is generated
+    (one sequence only); on_step is called once per decoding step. A sequence ends at any of the model's end
+    ids or at any `stop` string. prompt_ids: the prompts already as ids (a rendered chat), fed as they are.
     """
     require_family(model, ("gpt", "t5"), "generate", "use `llmcli fill-mask` or `llmcli embed` on BERT models")
     check_sampling(max_new_tokens, temperature, top_k, top_p, num_samples)
@@ -254,12 +276,14 @@ def generate_text(model, tokenizer, prompts: list[str], max_new_tokens: int = 64
         if not prompt.strip():
             name = f"prompt {i}" if len(prompts) > 1 else "the prompt"
             raise UserError(f"{name} is empty; pass the text to continue, e.g. --prompt 'Once upon a time'")
+    if any(not text for text in stop):
+        raise UserError("--stop needs a non-empty text")
     family = model.config.family
     special = special_ids(tokenizer, model.config)
     # The tokenizer's post-processor: T5 inputs end with </s>, and a converted Llama-style checkpoint (it names its
     # BOS) starts prompts with <s> as its tokenizer says; other GPT prompts are continued as they are.
     bos_first = family == "gpt" and model.config.bos_token_id is not None
-    encoded = encode_texts(tokenizer, prompts, add_special_tokens=family == "t5" or bos_first)
+    encoded = prompt_ids or encode_texts(tokenizer, prompts, add_special_tokens=family == "t5" or bos_first)
     check_context(model.config, [len(ids) for ids in encoded], max_new_tokens)
     rows = [ids for ids in encoded for _ in range(num_samples)]
     if on_text is not None and len(rows) != 1:
@@ -269,8 +293,19 @@ def generate_text(model, tokenizer, prompts: list[str], max_new_tokens: int = 64
     separator = " " if family == "t5" else ""  # a T5 output is a new sequence, not a continuation
     streamer = None
     if on_text is not None:
-        on_text(prompts[0] + separator)
-        streamer = TextStreamer(tokenizer, on_text)
+        if echo_prompt:
+            on_text(prompts[0] + separator)
+        streamer = TextStreamer(tokenizer, on_text, stop)
+    generated: list[list[int]] = [[] for _ in rows]
+    stopped_at: list[int | None] = [None] * len(rows)  # how many tokens it took to complete a stop string
+
+    def finished_by(token: torch.Tensor) -> torch.Tensor:
+        for row, t in enumerate(token.tolist()):
+            generated[row].append(t)
+            text = tokenizer.decode(generated[row], skip_special_tokens=True)
+            if stopped_at[row] is None and before_stop(text, stop) < len(text):
+                stopped_at[row] = len(generated[row])
+        return torch.tensor([at is not None for at in stopped_at], device=token.device)
 
     def on_token(token: torch.Tensor) -> None:
         if streamer is not None:
@@ -280,25 +315,27 @@ def generate_text(model, tokenizer, prompts: list[str], max_new_tokens: int = 64
 
     start = time.perf_counter()
     new = generate_ids(model, input_ids, max_new_tokens, attention_mask=mask, temperature=temperature,
-                       top_k=top_k, top_p=top_p, eos_id=special.eos, pad_id=special.pad, seed=seed,
-                       use_cache=use_cache, on_token=on_token).tolist()
+                       top_k=top_k, top_p=top_p, eos_id=special.ends(), pad_id=special.pad, seed=seed,
+                       use_cache=use_cache, on_token=on_token, finished_by=finished_by if stop else None).tolist()
     elapsed = time.perf_counter() - start
     if streamer is not None:
         streamer.flush()
 
     results = []
-    for row, generated in enumerate(new):
+    for row, tokens in enumerate(new):
         prompt = prompts[row // num_samples]
-        tokens = _until_eos(generated, special.eos)
+        tokens = _until_end(tokens, special.ends(), stopped_at[row])
         completion = tokenizer.decode(tokens, skip_special_tokens=True)
+        completion = completion[:before_stop(completion, stop)]
         results.append(Generation(prompt=prompt, sample=row % num_samples, text=prompt + separator + completion,
-                                  completion=completion, tokens=tokens, prompt_tokens=len(rows[row]),
-                                  new_tokens=len(tokens), time=elapsed, tokens_per_s=len(tokens) / elapsed))
+                                  completion=completion, tokens=tokens,
+                                  prompt_text=prompt if prompt_ids else tokenizer.decode(rows[row],
+                                                                                         skip_special_tokens=False),
+                                  prompt_ids=rows[row], prompt_tokens=len(rows[row]), new_tokens=len(tokens),
+                                  time=elapsed, tokens_per_s=len(tokens) / elapsed))
     return results
 
 
-def _until_eos(tokens: list[int], eos_id: int | None) -> list[int]:
-    """Drop the padding generate_ids puts after a row's end-of-sequence token (keeping that token)."""
-    if eos_id is not None and eos_id in tokens:
-        return tokens[:tokens.index(eos_id) + 1]
-    return tokens
+def _until_end(tokens: list[int], ends: list[int], stopped_at: int | None) -> list[int]:
+    """Drop the padding generate_ids puts after a row's end (keeping the token that ended it)."""
+    return tokens[:min([tokens.index(i) + 1 for i in ends if i in tokens] + [stopped_at or len(tokens)])]

@@ -22,6 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
+from llmcli.chat_template import SPECIAL_TOKENS_FILE, TEMPLATE_FILE, TOKENIZER_CONFIG_FILE
 from llmcli.config import (CONFIG_FILE, PICKLE_SUFFIXES, QUANTIZATION_FILE, TOKENIZER_FILE, WEIGHTS_FILE, ModelConfig,
                            load_config_json, load_toml, zoo_entries)
 from llmcli.data import read_corpus
@@ -240,6 +241,18 @@ def _load_state(model, state: dict, where: Path) -> None:
             raise UserError(f"{where}: tensor '{name}' is {tensor.dtype}, expected {expected[name].dtype}; "
                             f"the directory mixes files from different models")
     model.load_state_dict(state, strict=True, assign=True)
+
+
+def copy_tokenizer_files(source: Path, out: Path) -> bool:
+    """tokenizer.json and, where the source has them, the chat template and the special tokens' names; returns
+    whether there was a tokenizer.json to copy."""
+    for name in (TOKENIZER_CONFIG_FILE, TEMPLATE_FILE, SPECIAL_TOKENS_FILE):
+        if (source / name).is_file():
+            shutil.copyfile(source / name, out / name)
+    if not (source / TOKENIZER_FILE).is_file():
+        return False
+    shutil.copyfile(source / TOKENIZER_FILE, out / TOKENIZER_FILE)
+    return True
 
 
 def load_tokenizer(ref: str | os.PathLike):

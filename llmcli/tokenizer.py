@@ -181,11 +181,16 @@ class SpecialIds:
     sep: int | None = None
     mask: int | None = None
     sentinels: list[int] = field(default_factory=list)  # <extra_id_0>, <extra_id_1>, ... (T5)
+    stops: list[int] = field(default_factory=list)  # more ids that end generation (the rest of an EOS list)
 
     def all(self) -> list[int]:
         """Every special id: the objectives never mask or corrupt these."""
-        ids = [self.pad, self.eos, self.unk, self.cls, self.sep, self.mask, *self.sentinels]
+        ids = [self.pad, self.eos, self.unk, self.cls, self.sep, self.mask, *self.sentinels, *self.stops]
         return sorted({i for i in ids if i is not None})
+
+    def ends(self) -> list[int]:
+        """Every id that ends a generated sequence."""
+        return [i for i in (self.eos, *self.stops) if i is not None]
 
 
 def tokenizer_kind(tokenizer: Tokenizer) -> str:
@@ -202,7 +207,7 @@ def special_ids(tokenizer: Tokenizer, config=None) -> SpecialIds:
     models, whose tokenizers have no <|endoftext|>), else found in the tokenizer by token string."""
     kind = tokenizer_kind(tokenizer)
     if kind == "bpe" and config is not None and config.eos_token_id is not None:
-        return SpecialIds(pad=config.eos_token_id, eos=config.eos_token_id)
+        return SpecialIds(pad=config.eos_token_id, eos=config.eos_token_id, stops=list(config.stop_token_ids or []))
     missing = [t for t in SPECIAL_TOKENS[kind] if tokenizer.token_to_id(t) is None]
     if missing:
         converted = " (a converted checkpoint names its own: set eos_token_id in config.json)" if kind == "bpe" else ""

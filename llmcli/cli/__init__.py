@@ -9,6 +9,7 @@ from typer.core import TyperGroup
 
 from llmcli.cli import bench as bench_cmd
 from llmcli.cli import build as build_cmd
+from llmcli.cli import chat as chat_cmd
 from llmcli.cli import convert as convert_cmd
 from llmcli.cli import distill as distill_cmd
 from llmcli.cli import finetune as finetune_cmd
@@ -55,6 +56,7 @@ app.command("train")(train_cmd.train)
 app.command("eval")(train_cmd.evaluate)
 app.command("memory-estimate")(memory_cmd.memory_estimate)
 app.command("generate")(infer_cmd.generate)
+app.command("chat")(chat_cmd.chat)
 app.command("fill-mask")(infer_cmd.fill_mask)
 app.command("embed")(infer_cmd.embed)
 app.command("attention")(infer_cmd.attention)

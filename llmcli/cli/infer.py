@@ -18,9 +18,18 @@ DEVICE_HELP = "cpu, cuda, cuda:N, or auto: cuda if available."
 
 
 def generate(
-    model_dir: str = typer.Argument(..., help="GPT or T5 model directory (with tokenizer.json)."),
-    prompt: list[str] = typer.Option(..., "--prompt", help="Text to continue (GPT) or transform (T5); "
-                                                           "repeat for several prompts, generated as one batch."),
+    model_dir: str = typer.Argument(..., help="GPT or T5 model directory (with tokenizer.json), or a Hugging Face "
+                                              "checkpoint directory."),
+    prompt: Optional[list[str]] = typer.Option(None, "--prompt", help="Text to continue (GPT) or transform (T5); "
+                                                                      "repeat for several prompts, generated as one "
+                                                                      "batch."),
+    messages: Optional[Path] = typer.Option(None, "--messages", help="A conversation, a JSON list of {\"role\", "
+                                                                     "\"content\"}: laid out by the model's chat "
+                                                                     "template, the assistant's reply is generated."),
+    template: Optional[Path] = typer.Option(None, "--template", help="A chat template (Jinja) to use instead of the "
+                                                                     "model's own."),
+    stop: Optional[list[str]] = typer.Option(None, "--stop", help="Text that ends a sequence (not included); "
+                                                                  "repeatable. The model's end ids always do."),
     max_new_tokens: int = typer.Option(64, help="Tokens to generate per sequence, at most."),
     temperature: float = typer.Option(1.0, help="Sampling temperature; 0 is greedy decoding."),
     top_k: Optional[int] = typer.Option(None, help="Sample from the k most probable tokens only."),
@@ -34,17 +43,29 @@ def generate(
     compile: bool = typer.Option(False, "--compile", help="torch.compile the transformer blocks (needs g++ on the "
                                                           "CPU); the first tokens include the compile time."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON on stdout: text, completion, tokens, "
+                                                        "prompt_text and prompt_ids (what the model was fed), "
                                                         "tokens_per_s (a list for several sequences)."),
 ) -> None:
     """Generate text with a GPT or T5 model; a single sequence is printed as it is generated."""
+    from llmcli.chat import chat_template_for, render_ids
+    from llmcli.chat_template import read_messages
+    from llmcli.errors import UserError
     from llmcli.generation import generate_text, load_for_inference
     from llmcli.runtime import compile_blocks
 
+    if (prompt is None) == (messages is None):
+        raise UserError("pass either --prompt TEXT (text to continue) or --messages FILE.json (a conversation)")
+    if template is not None and messages is None:
+        raise UserError("--template lays out --messages; pass a conversation with --messages FILE.json")
+    conversation = read_messages(messages) if messages is not None else None
     model, tokenizer = load_for_inference(model_dir, device)
     if compile:
         compile_blocks(model, next(model.parameters()).device, log)
     options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                   num_samples=num_samples, use_cache=not no_cache)
+                   num_samples=num_samples, use_cache=not no_cache, stop=stop or ())
+    if conversation is not None:
+        text, ids = render_ids(chat_template_for(model_dir, model, tokenizer, template), tokenizer, conversation)
+        prompt, options["prompt_ids"], options["echo_prompt"] = [text], [ids], False
     if not json_out and len(prompt) * num_samples == 1:
         results = generate_text(model, tokenizer, prompt, on_text=_write, **options)
         _write("\n")
@@ -59,7 +80,7 @@ def generate(
             for row, r in enumerate(results):
                 label = f"prompt {row // num_samples + 1}" + (f", sample {r.sample + 1}" if num_samples > 1 else "")
                 console.print(f"── {label} ──", style="dim", highlight=False, markup=False)
-                console.print(r.text, highlight=False, markup=False)
+                console.print(r.completion if conversation is not None else r.text, highlight=False, markup=False)
     new_tokens = sum(r.new_tokens for r in results)
     seconds = results[0].time
     log(f"{new_tokens} new tokens in {seconds:.2f} s: {new_tokens / seconds:.1f} tokens/s "

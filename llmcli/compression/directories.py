@@ -4,13 +4,12 @@ directory it writes (config.json, model.safetensors, tokenizer.json, and compres
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import torch
 
 from llmcli.errors import UserError
-from llmcli.model_dir import (QUANTIZATION_FILE, TOKENIZER_FILE, atomic_output_dir, load_model, load_tokenizer,
+from llmcli.model_dir import (QUANTIZATION_FILE, atomic_output_dir, copy_tokenizer_files, load_model, load_tokenizer,
                               save_model, write_json)
 from llmcli.runtime import resolve_device
 from llmcli.training.evaluation import corpus_batches
@@ -45,8 +44,7 @@ def write_compressed(model: torch.nn.Module, source: Path, out: str | Path, repo
     out = Path(out)
     with atomic_output_dir(out, force) as tmp:
         save_model(model, tmp)
-        if (source / TOKENIZER_FILE).is_file():
-            shutil.copy2(source / TOKENIZER_FILE, tmp / TOKENIZER_FILE)
+        copy_tokenizer_files(source, tmp)
         for name, data in (extra_files or {}).items():
             write_json(tmp / name, data)
         write_json(tmp / REPORT_FILE, report)

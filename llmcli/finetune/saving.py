@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -28,8 +27,8 @@ from llmcli.errors import UserError
 from llmcli.finetune.heads import language_model
 from llmcli.finetune.lora import merge_lora
 from llmcli.finetune.methods import FinetuneSpec, adapter_tensors, attach
-from llmcli.model_dir import (TOKENIZER_FILE, atomic_output_dir, check_outside, load_model, read_quantization_spec,
-                              read_safetensors, resolve_config, save_model, write_json)
+from llmcli.model_dir import (atomic_output_dir, check_outside, copy_tokenizer_files, load_model,
+                              read_quantization_spec, read_safetensors, resolve_config, save_model, write_json)
 
 ADAPTER_DIR = "adapter"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -171,8 +170,7 @@ def merge(directory: str | Path, out: str | Path, base: str | Path | None = None
     with atomic_output_dir(out, force) as tmp:
         save_model(lm, tmp)
         for source in (directory, Path(base) if base else directory):
-            if (source / TOKENIZER_FILE).is_file():
-                shutil.copyfile(source / TOKENIZER_FILE, tmp / TOKENIZER_FILE)
+            if copy_tokenizer_files(source, tmp):
                 break
         if meta["task"] == "classify":  # the head and labels stay beside the merged weights
             save_adapter(model, FinetuneSpec("full", "classify"), meta["labels"], lm.config, out, tmp,

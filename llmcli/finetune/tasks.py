@@ -1,4 +1,5 @@
-"""Fine-tuning data: plain text (lm), instruction/response pairs (instruct) and labelled texts (classify).
+"""Fine-tuning data: plain text (lm), instruction/response pairs or conversations (instruct) and labelled texts
+(classify).
 
 Every 10th JSONL line is held out for validation, as `llmcli.data.split_documents` holds out every
 10th document. Batches are a pure function of (seed, step), as in pre-training, so resume is exact.
@@ -14,6 +15,7 @@ from typing import Callable
 import torch
 
 from llmcli.data import IGNORE_INDEX, VAL_EVERY, PretrainingData, document_stream, read_corpus, split_documents
+from llmcli.chat_template import ChatTemplate, check_messages
 from llmcli.errors import UserError
 from llmcli.finetune.heads import classify_eval, classify_loss, text_to_text_eval
 from llmcli.tokenizer import SpecialIds, encode_plain
@@ -186,14 +188,16 @@ class TaskData:
     eval_fn: Callable = evaluate
     labels: list[str] | None = None
     counts: dict = field(default_factory=dict)  # examples or tokens, train and validation
+    prompt_format: str | None = None  # instruct: "alpaca", or "chat template" for conversations
 
 
 def build_task(task: str, family: str, tokenizer, special: SpecialIds, data: str, seq_len: int,
-               batch_size: int, seed: int, eval_batches: int) -> TaskData:
+               batch_size: int, seed: int, eval_batches: int, template: ChatTemplate | None = None) -> TaskData:
+    """template: the model's chat template, which lays out conversations for --task instruct."""
     if task == "lm":
         return _lm_task(family, tokenizer, special, data, seq_len, batch_size, seed, eval_batches)
     if task == "instruct":
-        return _instruct_task(family, tokenizer, special, data, seq_len, batch_size, seed, eval_batches)
+        return _instruct_task(family, tokenizer, special, data, seq_len, batch_size, seed, eval_batches, template)
     return _classify_task(family, tokenizer, special, data, seq_len, batch_size, seed, eval_batches)
 
 
@@ -206,9 +210,12 @@ def _lm_task(family, tokenizer, special, data, seq_len, batch_size, seed, eval_b
                     counts={"train_tokens": len(train_tokens), "val_tokens": len(val_tokens)})
 
 
-def _instruct_task(family, tokenizer, special, data, seq_len, batch_size, seed, eval_batches) -> TaskData:
+def _instruct_task(family, tokenizer, special, data, seq_len, batch_size, seed, eval_batches,
+                   template: ChatTemplate | None) -> TaskData:
     if family == "bert":
         raise UserError(INSTRUCT_ON_BERT)
+    if "messages" in read_records(data, ())[0].fields:
+        return _conversation_task(family, tokenizer, special, data, seq_len, batch_size, seed, eval_batches, template)
     records = read_records(data, ("instruction", "output"), ("input",))
     prompts = encode_plain(tokenizer, [instruction_prompt(r.fields["instruction"], r.fields.get("input") or "")
                                        for r in records])
@@ -223,7 +230,50 @@ def _instruct_task(family, tokenizer, special, data, seq_len, batch_size, seed, 
     train, val = split_records(records)
     dataset = ExampleData([examples[r.line] for r in train], special.pad, batch_size, seed)
     val_batches = dataset.eval_batches([examples[r.line] for r in val], eval_batches)
-    return TaskData(dataset, val_batches, counts={"train_examples": len(train), "val_examples": len(val)})
+    return TaskData(dataset, val_batches, counts={"train_examples": len(train), "val_examples": len(val)},
+                    prompt_format="alpaca")
+
+
+def conversation_example(template: ChatTemplate, tokenizer, messages: list[dict], seq_len: int) -> dict | None:
+    """One conversation as a training example whose loss covers the assistant's turns only: the tokens that start
+    inside a span the template renders for an assistant message (its text and end-of-turn mark). None if none
+    fit in seq_len."""
+    text, spans = template.assistant_spans(messages)
+    encoding = tokenizer.encode(text, add_special_tokens=False)
+    ids = encoding.ids[:seq_len + 1]
+    scored = [any(start <= first < end for start, end in spans) for first, _ in encoding.offsets[:len(ids)]]
+    labels = [token if keep else IGNORE_INDEX for token, keep in zip(ids[1:], scored[1:])]  # i predicts i + 1
+    if all(label == IGNORE_INDEX for label in labels):
+        return None
+    return {"input_ids": ids[:-1], "attention_mask": [1] * (len(ids) - 1), "labels": labels}
+
+
+def _conversation_task(family, tokenizer, special, data, seq_len, batch_size, seed, eval_batches,
+                       template: ChatTemplate | None) -> TaskData:
+    if family != "gpt":
+        raise UserError(f"{data}: conversations are laid out by a chat template for a decoder; --task instruct on "
+                        f"a {family.upper()} model takes 'instruction'/'output' records")
+    if template is None:
+        raise UserError(f"{data}: holds conversations, and the model has no chat template to lay them out; put the "
+                        f"model's chat_template.jinja beside it, or use 'instruction'/'output' records")
+    records = read_records(data, ())
+    examples = {}
+    for record in records:
+        where = f"{data}:{record.line}"
+        messages = check_messages(record.fields.get("messages"), where)
+        if not any(m["role"] == "assistant" for m in messages):
+            raise UserError(f"{where}: the conversation has no assistant message to learn from")
+        example = conversation_example(template, tokenizer, messages, seq_len)
+        if example is None:
+            raise UserError(f"{where}: no assistant token fits in --seq-len {seq_len}; raise --seq-len or shorten "
+                            f"the conversation")
+        examples[record.line] = example
+    train, val = split_records(records)
+    dataset = ExampleData([examples[r.line] for r in train], special.pad, batch_size, seed)
+    val_batches = dataset.eval_batches([examples[r.line] for r in val], eval_batches)
+    scored = sum(sum(label != IGNORE_INDEX for label in e["labels"]) for e in examples.values())
+    return TaskData(dataset, val_batches, counts={"train_examples": len(train), "val_examples": len(val),
+                                                  "scored_tokens": scored}, prompt_format="chat template")
 
 
 def _classify_task(family, tokenizer, special, data, seq_len, batch_size, seed, eval_batches) -> TaskData:

@@ -8,8 +8,8 @@ import math
 
 from llmcli.config import ModelConfig
 from llmcli.errors import UserError
-from llmcli.interop.llama import (LLAMA_FIELDS, first_of, layer_types_from_hf, layer_types_to_hf, specials,
-                                  with_defaults)
+from llmcli.interop.llama import (LLAMA_FIELDS, eos_from_hf, eos_to_hf, layer_types_from_hf, layer_types_to_hf,
+                                  specials, with_defaults)
 from llmcli.interop.rope import rope_from_hf, rope_to_hf
 from llmcli.interop.tables import Family, Rule, params, stack
 
@@ -75,8 +75,7 @@ def _gemma_from_hf(hf: dict, where: str, gemma3: bool) -> dict:
             "attention_softcap": hf.get("attn_logit_softcapping", default_caps[0]),
             "logits_softcap": hf.get("final_logit_softcapping", default_caps[1]),
             "sliding_window": hf.get("sliding_window", 4096), "layer_types": types,
-            "tokenizer": "bpe", "bos_token_id": hf.get("bos_token_id"),
-            "eos_token_id": first_of(hf.get("eos_token_id")),
+            "tokenizer": "bpe", "bos_token_id": hf.get("bos_token_id"), **eos_from_hf(hf.get("eos_token_id")),
             "hf_architecture": "Gemma3ForCausalLM" if gemma3 else "Gemma2ForCausalLM"}
 
 
@@ -96,7 +95,7 @@ def _gemma_to_hf(cfg: ModelConfig, gemma3: bool) -> dict:
             "attn_logit_softcapping": cfg.attention_softcap, "final_logit_softcapping": cfg.logits_softcap,
             "sliding_window": cfg.sliding_window, "layer_types": layer_types_to_hf(cfg),
             "attention_bias": cfg.projection_bias("o"), "bos_token_id": cfg.bos_token_id,
-            "eos_token_id": cfg.eos_token_id, "use_bidirectional_attention": False}
+            "eos_token_id": eos_to_hf(cfg), "use_bidirectional_attention": False}
 
 
 def _gemma_fit(cfg: ModelConfig, gemma3: bool) -> str | None:

@@ -9,7 +9,6 @@ bit-identical.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import torch
@@ -21,11 +20,11 @@ from llmcli.interop.bert import BERT
 from llmcli.interop.gemma import GEMMA2, GEMMA3
 from llmcli.interop.gpt2 import GPT2
 from llmcli.interop.llama import GRANITE, GRANITE_SPECIAL, LLAMA, OLMO2, PHI3, QWEN2, QWEN3, SMOLLM3, specials
-from llmcli.interop.reading import BY_ARCHITECTURE, load_hf_model, not_a_checkpoint, print_warning
+from llmcli.interop.reading import BY_ARCHITECTURE, GENERATION_FILE, load_hf_model, not_a_checkpoint, print_warning
 from llmcli.interop.t5 import T5
 from llmcli.interop.tables import Family
 from llmcli.model_dir import (CONFIG_FILE, QUANTIZATION_FILE, TOKENIZER_FILE, WEIGHTS_FILE, atomic_output_dir,
-                              check_outside, load_model, save_model, write_json)
+                              check_outside, copy_tokenizer_files, load_model, save_model, write_json)
 
 def spec_for(config: ModelConfig) -> Family:
     """The Hugging Face layout an llmcli config converts to: the one it came from, else by family and position
@@ -66,9 +65,7 @@ def convert_from_hf(src_dir: str | Path, out_dir: str | Path, force: bool = Fals
 
 
 def _copy_tokenizer(src: Path, out: Path, warn: bool = False) -> None:
-    if (src / TOKENIZER_FILE).is_file():
-        shutil.copyfile(src / TOKENIZER_FILE, out / TOKENIZER_FILE)
-    elif warn:
+    if not copy_tokenizer_files(src, out) and warn:
         print_warning(f"{src}: no {TOKENIZER_FILE}; the model converts, but eval, generate and training need one: "
                       f"copy the checkpoint's tokenizer.json beside it")
 
@@ -98,7 +95,10 @@ def convert_to_hf(src_dir: str | Path, out_dir: str | Path, force: bool = False)
             raise RuntimeError(f"the {spec.model_type} interop table has no rule for {sorted(unmapped)}")
         tensors = {rule.hf: rule.to_hf(state) for rule in rules}
         tensors.update({copy: tensors[original].clone() for copy, original in spec.copies.items()})
-        write_json(tmp / CONFIG_FILE, _config_to_hf(spec, config, state["tok_emb.weight"].dtype))
+        hf_cfg = _config_to_hf(spec, config, state["tok_emb.weight"].dtype)
+        write_json(tmp / CONFIG_FILE, hf_cfg)
+        if hf_cfg.get("eos_token_id") is not None:  # transformers' generate stops at every id of the list
+            write_json(tmp / GENERATION_FILE, {key: hf_cfg.get(key) for key in ("bos_token_id", "eos_token_id")})
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         _copy_tokenizer(src, tmp)
     return spec.architecture

@@ -47,15 +47,18 @@ def _llama_config(hf: dict, where: str) -> dict:
     return {"position": "rope", **rope_from_hf(hf, where),
             "norm": "rmsnorm", "norm_position": "pre", "dropout": 0.0, "bias": False,
             "attention_bias": hf.get("attention_bias", False) or None, "mlp_bias": hf.get("mlp_bias", False) or None,
-            "tokenizer": "bpe", "bos_token_id": hf.get("bos_token_id"),
-            "eos_token_id": first_of(hf.get("eos_token_id"))}
+            "tokenizer": "bpe", "bos_token_id": hf.get("bos_token_id"), **eos_from_hf(hf.get("eos_token_id"))}
 
 
-def first_of(value):
-    """Llama 3's eos_token_id may be a list; generation stops at the first of them."""
-    if isinstance(value, list):
-        return value[0] if value else None
-    return value
+def eos_from_hf(value) -> dict:
+    """eos_token_id may be a list (Llama 3 Instruct: end of text, end of turn, end of message): the first is the
+    EOS, and generation stops at every one."""
+    ids = value if isinstance(value, list) else [value] if value is not None else []
+    return {"eos_token_id": ids[0] if ids else None, "stop_token_ids": ids[1:] or None}
+
+
+def eos_to_hf(cfg: ModelConfig):
+    return [cfg.eos_token_id, *cfg.stop_token_ids] if cfg.stop_token_ids else cfg.eos_token_id
 
 
 def _llama_to_hf(cfg: ModelConfig) -> dict:
@@ -63,7 +66,7 @@ def _llama_to_hf(cfg: ModelConfig) -> dict:
     none (the tokenizer has it), and a class default (Phi-3's 32000, SmolLM3's 128004) may lie outside a smaller
     vocabulary."""
     return {"head_dim": cfg.d_head, **rope_to_hf(cfg), "bos_token_id": cfg.bos_token_id,
-            "eos_token_id": cfg.eos_token_id, "pad_token_id": None, "pretraining_tp": 1}
+            "eos_token_id": eos_to_hf(cfg), "pad_token_id": None, "pretraining_tp": 1}
 
 
 def _phi3_to_hf(cfg: ModelConfig) -> dict:

@@ -17,6 +17,7 @@ from typing import Callable
 
 import torch
 
+from llmcli.chat_template import model_chat_template
 from llmcli.errors import UserError
 from llmcli.finetune.heads import language_model
 from llmcli.finetune.lora import parse_targets
@@ -25,11 +26,11 @@ from llmcli.finetune.peft_export import PEFT_DIR, export_peft, peft_blocker
 from llmcli.finetune.saving import read_adapter_config, save_adapter
 from llmcli.finetune.tasks import TASKS, build_task
 from llmcli.interop.reading import is_hf_checkpoint
-from llmcli.model_dir import (CONFIG_FILE, QUANTIZATION_FILE, TOKENIZER_FILE, WEIGHTS_FILE, check_outside, load_model,
-                              load_tokenizer, output_lock, read_quantization_spec, resolve_config, save_model,
-                              write_json)
+from llmcli.model_dir import (CONFIG_FILE, QUANTIZATION_FILE, TOKENIZER_FILE, WEIGHTS_FILE, check_outside,
+                              copy_tokenizer_files, load_model, load_tokenizer, output_lock, read_quantization_spec,
+                              resolve_config, save_model, write_json)
 from llmcli.progress import SILENT, Progress
-from llmcli.tokenizer import save_tokenizer, special_ids
+from llmcli.tokenizer import special_ids
 from llmcli.training import distributed
 from llmcli.training.loop import Trainer
 from llmcli.training.run import (TRAINING_FILE, TrainFlags, check_run_dir, final_validation, in_processes,
@@ -136,8 +137,9 @@ def _finetune(base, data, out, flags: TrainFlags, settings, log, progress, on_st
         tokenizer = load_tokenizer(source)
         # Bad data or settings fail here, before anything is written.
         global_batch = args.batch_size * (parallel.dp if parallel else 1)  # each rank takes its rows
+        template = model_chat_template(source, config, tokenizer) if spec.task == "instruct" else None
         task = build_task(spec.task, config.family, tokenizer, special_ids(tokenizer, config), data, args.seq_len,
-                          global_batch, args.seed, args.eval_batches)
+                          global_batch, args.seed, args.eval_batches, template)
         num_labels = len(task.labels) if task.labels else None
         torch.manual_seed(args.seed)  # the new modules' init
         model = attach(load_model(source), spec, num_labels)
@@ -152,7 +154,7 @@ def _finetune(base, data, out, flags: TrainFlags, settings, log, progress, on_st
                     if (base / QUANTIZATION_FILE).is_file():  # a quantized base: its layout goes with its weights
                         shutil.copyfile(base / QUANTIZATION_FILE, run_dir / QUANTIZATION_FILE)
                     write_json(run_dir / CONFIG_FILE, config.to_dict())
-                save_tokenizer(tokenizer, run_dir)
+                copy_tokenizer_files(base, run_dir)
             write_json(run_dir / TRAINING_FILE, {"model": str(base), "base": str(Path(base).resolve()), "data": data,
                                                  "args": args.to_dict(), "finetune": spec.to_dict()})
             flags.write_run_config(run_dir, args, data)
@@ -181,7 +183,7 @@ def _finetune(base, data, out, flags: TrainFlags, settings, log, progress, on_st
         if spec.method == "full":
             save_model(language_model(model), run_dir)
         if spec.method != "full" or spec.task == "classify":
-            save_adapter(model, spec, task.labels, config, base, run_dir)
+            save_adapter(model, spec, task.labels, config, base, run_dir, extra={"template": task.prompt_format})
         peft_note = None
         if spec.method == "lora":
             peft_note = peft_blocker(model, spec.task)
