@@ -88,7 +88,8 @@ def _gpt_steps(model, input_ids, attention_mask, max_new_tokens, use_cache, pad_
     positions = None if mask is None else (mask.cumsum(-1) - 1).clamp(min=0)
     if use_cache:
         cache = model.new_cache(input_ids.shape[0], input_ids.shape[1] + max_new_tokens)
-        logits = model(input_ids, attention_mask=mask, position_ids=positions, cache=cache).logits[:, -1]
+        logits = model(input_ids, attention_mask=mask, position_ids=positions, cache=cache,
+                       last_only=True).logits[:, -1]
         while True:
             token = yield logits
             if mask is not None:
@@ -97,7 +98,7 @@ def _gpt_steps(model, input_ids, attention_mask, max_new_tokens, use_cache, pad_
             logits = model(token[:, None], attention_mask=mask, position_ids=positions, cache=cache).logits[:, -1]
     ids = input_ids
     while True:
-        token = yield model(ids, attention_mask=mask, position_ids=positions).logits[:, -1]
+        token = yield model(ids, attention_mask=mask, position_ids=positions, last_only=True).logits[:, -1]
         ids = torch.cat([ids, token[:, None]], dim=1)
         if mask is not None:
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)

@@ -107,3 +107,51 @@ def test_bench_png_is_an_image_and_leaves_no_temporary_file(cli, model_dirs, tmp
     assert [p.name for p in tmp_path.iterdir()] == ["bench.png"]
     assert cli("bench", model_dirs["gpt"], "--mode", "decode", "--batch-size", 1, "--seq-len", 4, "--reps", 1,
                "--png", tmp_path / "missing" / "b.png").exit_code == 2
+
+
+FAKE_LLAMA_BENCH = """#!{python}
+import json, pathlib, sys
+args = sys.argv[1:]
+get = lambda flag: args[args.index(flag) + 1]
+model = pathlib.Path(get("-m"))
+assert model.read_bytes()[:4] == b"GGUF", model
+with open({log!r}, "a") as log:
+    log.write(json.dumps(args) + "\\n")
+tokens = int(get("-p")) or int(get("-n"))
+print(json.dumps([{{"build_commit": "fake", "cpu_info": "fake cpu", "n_threads": int(get("-t")),
+                    "samples_ns": [tokens * 1_000_000]}}]))
+"""
+
+
+def test_compare_with_llama_cpp_runs_llama_bench_on_the_exported_gguf(cli, tmp_path, monkeypatch):
+    """A stand-in llama-bench (the real one is a separate build) that checks its arguments, records them and
+    reports 1 ms per token: the rows carry its figures, batch-1 prefill and decode only, interleaved rep by rep."""
+    import os
+    import sys
+
+    pytest.importorskip("gguf")
+    (tmp_path / "bin").mkdir()
+    fake = tmp_path / "bin" / "llama-bench"
+    fake.write_text(FAKE_LLAMA_BENCH.format(python=sys.executable, log=str(tmp_path / "calls.jsonl")))
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    result = cli("bench", "gpt-nano", "--mode", "prefill,decode", "--batch-size", "1,2", "--seq-len", "16",
+                 "--reps", "2", "--warmup", "1", "--compare", "llama.cpp", "--json")
+    assert result.exit_code == 0, result.stderr
+    rows = {(r["mode"], r["batch_size"]): r for r in json.loads(result.stdout)}
+    for mode in ("prefill", "decode"):
+        peer = rows[(mode, 1)]["peer"]
+        assert peer["implementation"] == "llama.cpp" and peer["tokens_per_s"] == pytest.approx(1000.0)
+        assert peer["configuration"]["type"] == "f32" and peer["configuration"]["build_commit"] == "fake"
+        assert rows[(mode, 2)]["peer"] is None  # llama-bench times one sequence
+    calls = [json.loads(line) for line in (tmp_path / "calls.jsonl").read_text().splitlines()]
+    assert [c[c.index("-p") + 1] for c in calls] == ["16", "16", "0", "0"]  # -r 1 each: two reps per case
+    assert all(c[c.index("-r") + 1] == "1" for c in calls)
+
+
+def test_compare_with_llama_cpp_without_it_says_how_to_get_it(cli, monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")
+    result = cli("bench", "gpt-nano", "--mode", "decode", "--batch-size", "1", "--seq-len", "8", "--compare",
+                 "llama.cpp")
+    assert result.exit_code == 2 and "llama-bench, which is not on PATH" in result.stderr
+    assert "llama-cpp-python" in result.stderr

@@ -247,6 +247,8 @@ def test_no_template_and_a_template_error_are_exit_2(tmp_path, text, cli):
     (directory / "chat_template.jinja").unlink()
     missing = cli("generate", directory, "--messages", tmp_path / "system.json")
     assert missing.exit_code == 2 and "has no chat template" in missing.stderr and "--template FILE" in missing.stderr
+    chat_missing = cli("chat", directory)
+    assert chat_missing.exit_code == 2 and "--template FILE" in chat_missing.stderr
     (tmp_path / "t.jinja").write_text("{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}assistant:")
     given = cli("generate", directory, "--messages", tmp_path / "system.json", "--template", tmp_path / "t.jinja",
                 "--max-new-tokens", 2, "--json")

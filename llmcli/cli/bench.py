@@ -32,7 +32,9 @@ def bench(
     threads: str = typer.Option(None, help="CPU threads, comma-separated to sweep, e.g. 1,2 (default: torch's)."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile llmcli's blocks (compiled during the "
                                                           "warm-up steps, which are not timed)."),
-    compare: str = typer.Option(None, help="Run the same weights through a peer: transformers."),
+    compare: str = typer.Option(None, help="Run the same weights through a peer, interleaved: transformers, or "
+                                           "llama.cpp (its llama-bench on PATH; batch-1 prefill and decode, the "
+                                           "model exported to GGUF at the matching type)."),
     png: str = typer.Option(None, help="Also draw tokens/s by case, llmcli beside the peer, to this PNG file."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON on stdout (every sample kept)."),
 ) -> None:
@@ -46,7 +48,7 @@ def bench(
 
     def progress(result) -> None:
         log(f"{result.mode} t{result.threads} b{result.batch_size} s{result.seq_len}: {result.tokens_per_s:,.0f} tok/s"
-            + (f" (transformers {result.peer['tokens_per_s']:,.0f})" if result.peer else ""))
+            + (f" ({result.peer['implementation']} {result.peer['tokens_per_s']:,.0f})" if result.peer else ""))
 
     seq_lens = _ints(seq_len, "--seq-len") if seq_len else None
     results, peaks = run_bench(model, mode.split(","), _ints(batch_size, "--batch-size"), seq_lens,
@@ -65,7 +67,7 @@ def bench(
     if any(r.mfu is not None for r in results):
         columns.append("MFU")
     if compare:
-        columns += ["transformers tok/s", "speedup", "peer mem"]
+        columns += [f"{compare} tok/s", "speedup", "peer mem"]
     for column in columns:
         table.add_column(column, justify="left" if column == "mode" else "right", no_wrap=True)
     for r in results:
@@ -79,7 +81,7 @@ def bench(
         if compare:
             peer = r.peer
             row += [f"{peer['tokens_per_s']:,.1f} ± {peer['tokens_per_s_std']:,.1f}", f"{peer['speedup']:.2f}×",
-                    human(peer["peak_memory_bytes"], "B")]
+                    human(peer["peak_memory_bytes"], "B")] if peer else ["-", "-", "-"]
         table.add_row(*row)
     wide = Console(width=max(console.width, 200))  # a markdown table must not wrap, even in a pipe
     wide.print(table)

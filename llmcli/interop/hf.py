@@ -97,11 +97,15 @@ def convert_to_hf(src_dir: str | Path, out_dir: str | Path, force: bool = False)
         tensors.update({copy: tensors[original].clone() for copy, original in spec.copies.items()})
         hf_cfg = _config_to_hf(spec, config, state["tok_emb.weight"].dtype)
         write_json(tmp / CONFIG_FILE, hf_cfg)
-        if hf_cfg.get("eos_token_id") is not None:  # transformers' generate stops at every id of the list
-            write_json(tmp / GENERATION_FILE, {key: hf_cfg.get(key) for key in ("bos_token_id", "eos_token_id")})
+        if isinstance(hf_cfg.get("eos_token_id"), list):  # an EOS list: transformers' generate reads it here
+            write_json(tmp / GENERATION_FILE, {key: hf_cfg[key] for key in GENERATION_KEYS
+                                               if hf_cfg.get(key) is not None})
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         _copy_tokenizer(src, tmp)
     return spec.architecture
+
+
+GENERATION_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
 
 
 def check_expressible(spec: Family, config: ModelConfig, where: str) -> None:

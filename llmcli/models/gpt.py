@@ -18,13 +18,15 @@ class GPT(LanguageModel):
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, cache: KVCache | None = None) -> ModelOutput:
-        """With a cache, input_ids are the new tokens and attention_mask covers cached + new positions."""
+                position_ids: torch.Tensor | None = None, cache: KVCache | None = None,
+                last_only: bool = False) -> ModelOutput:
+        """With a cache, input_ids are the new tokens and attention_mask covers cached + new positions.
+        last_only: logits for the last position alone (all that generation reads of a prompt)."""
         embedded = self.tok_emb(input_ids)
         if self.config.embedding_multiplier != 1.0:
             embedded = embedded * self.config.embedding_multiplier
         hidden = self.decoder(embedded, attention_mask, position_ids, cache=cache)
-        return ModelOutput(logits=self.lm_logits(hidden), hidden_states=hidden)
+        return ModelOutput(logits=self.lm_logits(hidden[:, -1:] if last_only else hidden), hidden_states=hidden)
 
     def new_cache(self, batch: int, max_len: int, device=None, dtype=None) -> KVCache:
         p = self.tok_emb.weight

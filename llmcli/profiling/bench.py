@@ -24,11 +24,13 @@ from llmcli.interop.hf import convert_to_hf
 from llmcli.model_dir import build_model_dir, load_model, resolve_config
 from llmcli.models.layout import store_matrices_transposed
 from llmcli.profiling.counts import count, flops_per_token, kv_cache_bytes
+from llmcli.profiling.llama_cpp import LlamaCppRunner
 from llmcli.profiling.peak import PeakMemory
 from llmcli.profiling.provenance import provenance
 from llmcli.runtime import DTYPES, autocast, compile_blocks, family_loss, resolve_device, torch_dtype
 
 MODES = ("train", "prefill", "decode")
+PEERS = ("transformers", "llama.cpp")
 DECODE_PROMPT = 8  # decode cases start from a prompt this long, then generate seq_len tokens
 DEFAULT_SEQ_LENS = (128, 512)
 # Dense bf16 peak of known accelerators, for MFU (vendor datasheets).
@@ -144,10 +146,11 @@ class Runner:
         return family_loss(self.model, batch)
 
     def prefill(self, ids: torch.Tensor) -> None:
+        """The prompt's pass of generation: logits at the last position only (as llama.cpp and generate compute)."""
         if self.family == "t5":
             self.model(ids, decoder_input_ids=ids[:, :1])
         else:
-            self.model(ids)
+            self.model(ids, last_only=True)
 
     def decode(self, ids: torch.Tensor, new_tokens: int) -> None:
         generate_ids(self.model, ids, new_tokens, temperature=0)
@@ -165,7 +168,7 @@ class HFRunner(Runner):
         if self.family == "t5":
             self.model(input_ids=ids, decoder_input_ids=ids[:, :1], use_cache=False)
         else:
-            self.model(input_ids=ids, use_cache=False)
+            self.model(input_ids=ids, use_cache=False, logits_to_keep=1)
 
     def decode(self, ids: torch.Tensor, new_tokens: int) -> None:
         self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
@@ -213,27 +216,35 @@ def run_bench(model_ref: str, modes: list[str], batch_sizes: list[int], seq_lens
         runners = [Runner(load_model(directory).to(target), target, dtype)]
         if compile:  # compiled on the first warm-up step of each case's shapes
             compile_blocks(runners[0].model, target, log)
-        if compare:
+        if compare == "transformers":
             convert_to_hf(directory, Path(tmp) / "hf")
             runners.append(HFRunner(load_peer(Path(tmp) / "hf", config.family, target,
                                                  eager=config.attention_softcap is not None), target, dtype))
-    results, default_threads = [], torch.get_num_threads()
-    try:
-        for thread_count in threads or [default_threads]:
-            torch.set_num_threads(thread_count)
-            for mode in modes:
-                if mode == "decode" and config.family == "bert":
-                    continue  # an encoder does not generate
-                for batch_size in batch_sizes:
-                    for seq_len in seq_lens:
-                        found = _run_case(runners, mode, batch_size, seq_len, dtype, target, reps, warmup, config,
-                                          counts, peaks)
-                        results.append(found)
-                        if on_result:
-                            on_result(found)
-    finally:
-        torch.set_num_threads(default_threads)
+        elif compare == "llama.cpp":
+            runners.append(LlamaCppRunner(directory, dtype, Path(tmp)))
+        results, default_threads = [], torch.get_num_threads()
+        try:
+            _run_matrix(runners, modes, batch_sizes, seq_lens, dtype, target, reps, warmup, config, counts, peaks,
+                        threads or [default_threads], results, on_result)
+        finally:
+            torch.set_num_threads(default_threads)
     return results, peaks
+
+
+def _run_matrix(runners, modes, batch_sizes, seq_lens, dtype, target, reps, warmup, config, counts, peaks,
+                thread_counts, results, on_result) -> None:
+    for thread_count in thread_counts:
+        torch.set_num_threads(thread_count)
+        for mode in modes:
+            if mode == "decode" and config.family == "bert":
+                continue  # an encoder does not generate
+            for batch_size in batch_sizes:
+                for seq_len in seq_lens:
+                    found = _run_case(runners, mode, batch_size, seq_len, dtype, target, reps, warmup, config,
+                                      counts, peaks)
+                    results.append(found)
+                    if on_result:
+                        on_result(found)
 
 
 def default_seq_lens(config, modes: list[str], log: Callable[[str], None]) -> list[int]:
@@ -262,8 +273,8 @@ def _check_matrix(config, modes, batch_sizes, seq_lens, dtype, device, reps, war
         if longest > config.max_seq_len:
             raise UserError(f"--seq-len {seq_len} needs {longest} positions (decode adds a {DECODE_PROMPT}-token "
                             f"prompt), above {config.name}'s max_seq_len ({config.max_seq_len})")
-    if compare not in (None, "transformers"):
-        raise UserError(f"--compare {compare!r}: the only peer is 'transformers'")
+    if compare not in (None, *PEERS):
+        raise UserError(f"--compare {compare!r}: the peers are {' and '.join(PEERS)}")
 
 
 def _run_case(runners, mode, batch_size, seq_len, dtype, device, reps, warmup, config, counts, peaks) -> BenchResult:
@@ -271,11 +282,15 @@ def _run_case(runners, mode, batch_size, seq_len, dtype, device, reps, warmup, c
     length = DECODE_PROMPT if mode == "decode" else seq_len
     ids = torch.randint(5, config.vocab_size, (batch_size, length), generator=generator).to(device)
     tokens = batch_size * seq_len
+    runners = [r for r in runners if not getattr(r, "external", False) or r.supports(mode, batch_size)]
     samples: dict[str, list[float]] = {r.name: [] for r in runners}
     memory: dict[str, int] = {}
     contexts = {}
     for runner in runners:  # memory: the weights, plus the peak above them over the warm-up steps
         contexts[runner.name] = runner.prepare(mode)
+        if getattr(runner, "external", False):  # another program: it warms up itself; its file is its weights
+            memory[runner.name] = runner.weight_bytes()
+            continue
         with PeakMemory(device) as peak:
             for _ in range(warmup):
                 with contexts[runner.name]():
@@ -287,12 +302,14 @@ def _run_case(runners, mode, batch_size, seq_len, dtype, device, reps, warmup, c
             with contexts[runner.name]():
                 _sync(device)
                 start = time.perf_counter()
-                runner.step(mode, ids, seq_len)
+                measured = runner.step(mode, ids, seq_len)  # an external program's own timing, else None
                 _sync(device)
-            samples[runner.name].append(time.perf_counter() - start)
+            samples[runner.name].append(measured if measured is not None else time.perf_counter() - start)
     first_token: dict[str, list[float]] = {r.name: [] for r in runners}
     for _ in range(reps if mode == "decode" else 0):  # time to first token: prefill and one decode step
         for runner in runners:
+            if getattr(runner, "external", False):
+                continue
             with contexts[runner.name]():
                 _sync(device)
                 start = time.perf_counter()
@@ -309,6 +326,8 @@ def _run_case(runners, mode, batch_size, seq_len, dtype, device, reps, warmup, c
         ours.peer = {k: getattr(peer, k) for k in ("implementation", "tokens_per_s", "tokens_per_s_std",
                                                     "ms_per_step", "peak_memory_bytes", "samples_s", "ttft_s")}
         ours.peer["speedup"] = ours.tokens_per_s / peer.tokens_per_s
+        if getattr(runners[1], "external", False):  # how llama.cpp was built and run; its memory is its file
+            ours.peer["configuration"] = runners[1].build
     return ours
 
 

@@ -508,7 +508,7 @@ def _infer(config, stats, params, batch, seq_len, dtype, attention, device, new_
     if config.family == "gpt":
         prompt = seq_len - new_tokens
         kv = kv_cache_bytes(config, compute, seq_len) * batch
-        logits = batch * prompt * config.vocab_size * compute  # the whole prefill's logits stay referenced
+        logits = batch * config.vocab_size * compute  # the prefill computes the last position's logits only
         work = _infer_working(config, batch, prompt, prompt, compute, kernel)
     elif config.family == "t5":
         steps = new_tokens + 1  # the decoder's start token plus the generated ones

@@ -1,0 +1,108 @@
+"""llmcli against llama.cpp on the same weights, batch 1, in one run: decode at F32, BF16, Q8_0 and Q4_0 (llmcli's
+int8 and int4 group 32 with the LM head quantized too) and a 256-token prefill in bf16, interleaved repetition by
+repetition through `llmcli bench --compare llama.cpp`. Also the machine's read bandwidth (two threads summing a
+512 MB tensor), against which decode's weight streaming is put. Needs llama-bench on PATH (README: Side by side
+with llama.cpp). Usage:
+    python benchmarks/llama_cpp.py [--models gpt2-small,smollm2-135m] [--reps 5] [--no-record]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import record_table  # noqa: E402
+
+CASES = (("fp32", "decode", 128), ("bf16", "decode", 128), ("int8+head", "decode", 128),
+         ("int4 g32+head", "decode", 128), ("bf16", "prefill", 256))
+
+
+def read_bandwidth(threads: int = 2, size: int = 512 * 2**20, repeats: int = 7) -> float:
+    """Bytes per second two threads read summing a tensor far larger than the caches (best of `repeats`)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    data = torch.ones(size // 4, dtype=torch.float32)
+    data.sum()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        data.sum()
+        best = min(best, time.perf_counter() - start)
+    return size / best
+
+
+def quantized_dir(name: str, scheme: str, root: Path) -> Path:
+    """The zoo model with random weights, quantized as `llmcli quantize --include-head` (RTN) writes it."""
+    from llmcli.compression.quantize import quantize_model
+    from llmcli.model_dir import QUANTIZATION_FILE, resolve_config, save_model, write_json
+    from llmcli.models import build_model
+    from llmcli.progress import SILENT
+
+    config, _ = resolve_config(name)
+    model = build_model(config, seed=0).eval()
+    spec, _ = quantize_model(model, scheme, 32, "rtn", True, None, False, SILENT)
+    directory = root / f"{name}-{scheme}"
+    directory.mkdir()
+    save_model(model, directory)
+    write_json(directory / QUANTIZATION_FILE, spec)
+    return directory
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--models", default="gpt2-small,smollm2-135m")
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-record", action="store_true")
+    args = parser.parse_args()
+
+    import torch
+
+    from llmcli.profiling.bench import run_bench
+
+    bandwidth = read_bandwidth(args.threads)
+    print(f"read bandwidth: {bandwidth / 1e9:.1f} GB/s ({args.threads} threads)", file=sys.stderr)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models.split(","):
+            for weights, mode, length in CASES:
+                source, dtype = name, weights if weights in ("fp32", "bf16") else "fp32"
+                if weights.startswith("int"):
+                    source = str(quantized_dir(name, weights.split()[0].removesuffix("+head"), Path(tmp)))
+                results, _ = run_bench(source, [mode], [1], [length], dtype, "cpu", args.reps, 2, "llama.cpp",
+                                       threads=[args.threads], log=lambda m: print(m, file=sys.stderr))
+                r = results[0]
+                peer = r.peer
+                ratios = [theirs / ours for ours, theirs in zip(r.samples_s, peer["samples_s"])]  # per repetition
+                streamed = f"{r.bandwidth_bytes_per_s / 1e9:.1f} ({r.bandwidth_bytes_per_s / bandwidth:.0%})" \
+                    if mode == "decode" and r.bandwidth_bytes_per_s else "-"
+                rows.append(f"| {name} | {weights} / {peer['configuration']['type'].upper()} | {mode} {length} | "
+                            f"{r.tokens_per_s:,.1f} ± {r.tokens_per_s_std:,.1f} | "
+                            f"{peer['tokens_per_s']:,.1f} ± {peer['tokens_per_s_std']:,.1f} | "
+                            f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f}) | {streamed} |")
+                print(rows[-1], file=sys.stderr, flush=True)
+                build = peer["configuration"]
+    torch.set_num_threads(args.threads)
+    record_table(
+        "llmcli against llama.cpp: batch-1 decode and prefill on the same weights (CPU)",
+        f"`llmcli bench --compare llama.cpp`, {args.threads} threads on both sides, {args.reps} repetitions "
+        f"interleaved (llama-bench `-r 1` per repetition, its own warm-up each call), random weights exported to "
+        f"GGUF at the matching type. llmcli: eager PyTorch, KV cache, matrices stored transposed for decode, "
+        f"int8/int4 through ATen's packed kernels where they fit (LM head quantized too), decode from an 8-token "
+        f"prompt; llama.cpp build {build['build_commit']} ({build['backends']}, flash attention "
+        f"{build['flash_attn']}), `-n 128` decode from an empty context, `-p 256` prefill. Ratio: llmcli / "
+        f"llama.cpp, median of per-repetition ratios (min-max). Streamed: the weights a decode step reads times "
+        f"steps/s, and its share of the read bandwidth measured just before ({bandwidth / 1e9:.1f} GB/s, "
+        f"{args.threads} threads summing 512 MB).",
+        ["model", "weights", "case", "llmcli tok/s", "llama.cpp tok/s", "llmcli / llama.cpp", "llmcli GB/s streamed"],
+        rows, dry_run=args.no_record)
+
+
+if __name__ == "__main__":
+    main()
