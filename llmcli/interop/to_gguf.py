@@ -201,7 +201,7 @@ def _write_vocab(writer, gguf, directory: Path | None, config: ModelConfig) -> N
     writer.add_tokenizer_pre("gpt-2")
     writer.add_token_list(tokens)
     writer.add_token_types([gguf.TokenType.CONTROL if t in control else gguf.TokenType.NORMAL for t in tokens])
-    writer.add_token_merges(merges)
+    writer.add_token_merges(merges or [f"{tokens[0]} {tokens[1]}"])  # llama.cpp refuses a BPE vocab without merges
     if config.bos_token_id is not None:
         writer.add_bos_token_id(config.bos_token_id)
     if config.eos_token_id is not None:
