@@ -155,3 +155,26 @@ def test_compare_with_llama_cpp_without_it_says_how_to_get_it(cli, monkeypatch):
                  "llama.cpp")
     assert result.exit_code == 2 and "llama-bench, which is not on PATH" in result.stderr
     assert "llama-cpp-python" in result.stderr
+
+
+def test_decode_reads_the_weights_as_stored():
+    """Bandwidth counts the bytes a decode step reads: a quantized model's integers, not fp32 copies; one row of
+    the position table and of an untied token embedding, the whole token embedding when it is the head."""
+    import torch
+    from conftest import tiny_config
+
+    from llmcli.compression.quantize import quantize_model
+    from llmcli.models import build_model
+    from llmcli.profiling.bench import Runner
+    from llmcli.progress import SILENT
+
+    config = tiny_config("gpt", d_model=64, d_ff=256, vocab_size=128)
+    model = build_model(config, seed=0).eval()
+    every = sum(p.numel() * 4 for p in model.parameters())
+    positions = model.decoder.pos_emb.weight.numel() * 4
+    assert Runner(model, torch.device("cpu"), "fp32").decode_read_bytes() == every - positions  # head = tok_emb
+    quantize_model(model, "int8", 32, "rtn", True, None, False, SILENT)
+    quantized = Runner(model, torch.device("cpu"), "fp32")
+    embedding = model.tok_emb.weight.numel() * 4  # untied by quantizing the head: read one row a step
+    assert quantized.decode_read_bytes() == quantized.weight_bytes() - positions - embedding
+    assert quantized.decode_read_bytes() < (every - positions) / 2

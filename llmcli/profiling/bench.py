@@ -125,6 +125,14 @@ class Runner:
     def weight_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in [*self.model.parameters(), *self.model.buffers()])
 
+    def decode_read_bytes(self) -> int:
+        """The weight bytes one decode step reads, as stored (quantized, bf16, ...): all but the embedding tables,
+        of which it reads one row (a token embedding that is also the output projection is read whole)."""
+        tied = getattr(self.model.config, "tie_embeddings", False)
+        tables = [m.weight for name, m in self.model.named_modules() if isinstance(m, torch.nn.Embedding)
+                  and not (tied and name == "tok_emb")]
+        return self.weight_bytes() - sum(t.numel() * t.element_size() for t in tables)
+
     def finish(self) -> None:
         self.optimizer = None
         self.model.zero_grad(set_to_none=True)
@@ -297,6 +305,7 @@ def _run_case(runners, mode, batch_size, seq_len, dtype, device, reps, warmup, c
                     runner.step(mode, ids, seq_len)
             _sync(device)
         memory[runner.name] = runner.weight_bytes() + peak.peak
+    read_bytes = runners[0].decode_read_bytes()
     for _ in range(reps):  # interleaved: each repetition runs every implementation once
         for runner in runners:
             with contexts[runner.name]():
@@ -319,7 +328,7 @@ def _run_case(runners, mode, batch_size, seq_len, dtype, device, reps, warmup, c
     for runner in runners:
         runner.finish()
     results = [_summarise(r.name, mode, batch_size, seq_len, dtype, device, samples[r.name], tokens,
-                          memory[r.name], config, counts, peaks, first_token[r.name]) for r in runners]
+                          memory[r.name], config, counts, peaks, first_token[r.name], read_bytes) for r in runners]
     ours = results[0]
     if len(results) > 1:
         peer = results[1]
@@ -332,7 +341,7 @@ def _run_case(runners, mode, batch_size, seq_len, dtype, device, reps, warmup, c
 
 
 def _summarise(name, mode, batch_size, seq_len, dtype, device, samples, tokens, peak, config, counts,
-               peaks, first_token: list[float]) -> BenchResult:
+               peaks, first_token: list[float], read_bytes: int) -> BenchResult:
     rates = [tokens / s for s in samples]
     median = statistics.median(rates)
     context = DECODE_PROMPT + seq_len // 2 if mode == "decode" else seq_len
@@ -351,8 +360,7 @@ def _summarise(name, mode, batch_size, seq_len, dtype, device, samples, tokens, 
         result.mfu = flops * median / peak_flops if peak_flops else None
     if mode == "decode":
         element = torch.finfo(torch_dtype(dtype)).bits // 8
-        weights = (counts.non_embedding_params + config.d_model * config.vocab_size) * element
-        per_step = weights + kv_cache_bytes(config, element, context) * batch_size
+        per_step = read_bytes + kv_cache_bytes(config, element, context) * batch_size
         result.bandwidth_bytes_per_s = per_step * median / batch_size
     return result
 
