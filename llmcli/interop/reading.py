@@ -48,8 +48,7 @@ def is_hf_checkpoint(directory: Path) -> bool:
 
 def hf_checkpoint_config(src: Path) -> ModelConfig:
     """The llmcli config of a Hugging Face checkpoint directory, as `convert from-hf` would write it."""
-    spec, tensors, config = _open(src)
-    return config
+    return _open(src)[2]
 
 
 def load_hf_model(src: Path):
