@@ -227,11 +227,18 @@ def _instruct_task(family, tokenizer, special, data, seq_len, batch_size, seed, 
             raise UserError(f"{data}:{record.line}: the prompt alone fills --seq-len {seq_len}, leaving no room "
                             f"for the response; raise --seq-len or shorten the instruction")
         examples[record.line] = example
+    return _examples_task(records, examples, special, batch_size, seed, eval_batches, "alpaca")
+
+
+def _examples_task(records: list[Record], examples: dict[int, dict], special: SpecialIds, batch_size: int, seed: int,
+                   eval_batches: int, prompt_format: str) -> TaskData:
+    """Fixed examples (one per JSONL line), every 10th held out; counts how many, and how many tokens are scored."""
     train, val = split_records(records)
     dataset = ExampleData([examples[r.line] for r in train], special.pad, batch_size, seed)
     val_batches = dataset.eval_batches([examples[r.line] for r in val], eval_batches)
-    return TaskData(dataset, val_batches, counts={"train_examples": len(train), "val_examples": len(val)},
-                    prompt_format="alpaca")
+    scored = sum(sum(label != IGNORE_INDEX for label in e["labels"]) for e in examples.values())
+    return TaskData(dataset, val_batches, counts={"train_examples": len(train), "val_examples": len(val),
+                                                  "scored_tokens": scored}, prompt_format=prompt_format)
 
 
 def conversation_example(template: ChatTemplate, tokenizer, messages: list[dict], seq_len: int) -> dict | None:
@@ -268,12 +275,7 @@ def _conversation_task(family, tokenizer, special, data, seq_len, batch_size, se
             raise UserError(f"{where}: no assistant token fits in --seq-len {seq_len}; raise --seq-len or shorten "
                             f"the conversation")
         examples[record.line] = example
-    train, val = split_records(records)
-    dataset = ExampleData([examples[r.line] for r in train], special.pad, batch_size, seed)
-    val_batches = dataset.eval_batches([examples[r.line] for r in val], eval_batches)
-    scored = sum(sum(label != IGNORE_INDEX for label in e["labels"]) for e in examples.values())
-    return TaskData(dataset, val_batches, counts={"train_examples": len(train), "val_examples": len(val),
-                                                  "scored_tokens": scored}, prompt_format="chat template")
+    return _examples_task(records, examples, special, batch_size, seed, eval_batches, "chat template")
 
 
 def _classify_task(family, tokenizer, special, data, seq_len, batch_size, seed, eval_batches) -> TaskData:

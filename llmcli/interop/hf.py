@@ -26,6 +26,7 @@ from llmcli.interop.tables import Family
 from llmcli.model_dir import (CONFIG_FILE, QUANTIZATION_FILE, TOKENIZER_FILE, WEIGHTS_FILE, atomic_output_dir,
                               check_outside, copy_tokenizer_files, load_model, save_model, write_json)
 
+
 def spec_for(config: ModelConfig) -> Family:
     """The Hugging Face layout an llmcli config converts to: the one it came from, else by family and position
     (a rotary GPT becomes Qwen3 with per-head QK-norm, OLMo 2 with projection QK-norm, Phi-3 with partial rotation,

@@ -377,8 +377,8 @@ def write_bench_png(path, results: list[BenchResult], title: str):
                  yerr=[r.tokens_per_s_std for r in results], capsize=3, label="llmcli")
         if any(peers):
             axes.bar([x + width / 2 for x in xs], [p["tokens_per_s"] if p else 0 for p in peers], width,
-                     yerr=[p["tokens_per_s_std"] if p else 0 for p in peers], capsize=3, label=peers[0]["implementation"]
-                     if peers[0] else "peer")
+                     yerr=[p["tokens_per_s_std"] if p else 0 for p in peers], capsize=3,
+                     label=next(p["implementation"] for p in peers if p))
         axes.set_xticks(list(xs), labels, fontsize=8)
         axes.set(ylabel="tokens/s (median, ± std)", title=title)
         axes.legend()
