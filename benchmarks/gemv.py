@@ -1,0 +1,106 @@
+"""What a single-row matrix product (a decode step's linear layer) reaches on this CPU with what torch already has,
+against the machine's read bandwidth: fp32 and bf16 F.linear (weight (out, in)) and x @ W with the weight stored
+(in, out) as llmcli stores it for decode, and ATen's packed int8 and int4 weight-only kernels as llmcli's quantized
+layer calls them. Each candidate cycles through copies of its weight totalling 256 MB, so that, as in a real
+decode step, the weights come from memory and not from the caches. Usage:
+    python benchmarks/gemv.py [--shapes 768x3072,3072x768] [--threads 2] [--no-record]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import record_table  # noqa: E402
+from llama_cpp import read_bandwidth  # noqa: E402
+
+STREAM_BYTES = 256 * 2**20  # per candidate: well above the last-level cache
+
+
+def candidates(k: int, n: int) -> dict:
+    """name -> (list of calls, one per weight copy; weight bytes each call reads) for x (1, k) through k -> n."""
+    import torch
+    import torch.nn.functional as F
+
+    from llmcli.models.quantized import QuantizedLinear, qrange, scheme_bits, symmetric_scales
+
+    x32, x16 = torch.randn(1, k), torch.randn(1, k).bfloat16()
+    copies = max(1, math.ceil(STREAM_BYTES / (n * k * 4)))
+    weights = [torch.randn(n, k) * 0.02 for _ in range(copies)]
+    found = {
+        "fp32 linear, weight (out, in)": ([lambda w=w: F.linear(x32, w) for w in weights], n * k * 4),
+        "fp32 x @ W, weight stored (in, out)": ([lambda w=w.t().contiguous(): x32 @ w for w in weights], n * k * 4),
+        "bf16 linear, weight (out, in)": ([lambda w=w.bfloat16(): F.linear(x16, w) for w in weights], n * k * 2),
+        "bf16 x @ W, weight stored (in, out)": ([lambda w=w.bfloat16().t().contiguous(): x16 @ w for w in weights],
+                                                n * k * 2),
+    }
+    for scheme, group in (("int8", None), ("int4", 32)):  # llmcli's quantized layer and its ATen packed kernel
+        bits = scheme_bits(scheme)
+        calls, nbytes = [], 0
+        for weight in weights:
+            scales = symmetric_scales(weight, group or k, bits)
+            q = torch.clamp(torch.round(weight.reshape(n, -1, group or k) / scales[..., None]), *qrange(bits))
+            layer = QuantizedLinear.from_linear(torch.nn.Linear(k, n, bias=False), scheme, group, q.reshape(n, k),
+                                                scales)
+            if not layer._kernel_fits():
+                break
+            calls.append(lambda f=layer._kernel_for(torch.bfloat16): f(x16))
+            nbytes = layer.stored_bytes()
+        if calls:
+            found[f"{scheme}{f' g{group}' if group else ''} ATen packed kernel, bf16 x"] = (calls, nbytes)
+    return found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shapes", default="768x3072,3072x768,768x50257,576x1536,1536x576")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--reps", type=int, default=200)
+    parser.add_argument("--no-record", action="store_true")
+    args = parser.parse_args()
+
+    import torch
+
+    bandwidth = read_bandwidth(args.threads)
+    torch.set_num_threads(args.threads)
+    rows = []
+    for shape in args.shapes.split(","):
+        k, n = (int(v) for v in shape.split("x"))
+        found = candidates(k, n)
+        times = {name: [] for name in found}
+        with torch.inference_mode():
+            for calls, _ in found.values():
+                for call in calls[:10]:
+                    call()
+            for rep in range(args.reps):  # interleaved: every candidate once per repetition, the next weight copy
+                for name, (calls, _) in found.items():
+                    call = calls[rep % len(calls)]
+                    start = time.perf_counter()
+                    call()
+                    times[name].append(time.perf_counter() - start)
+        for name, (_, nbytes) in found.items():
+            median = statistics.median(times[name])
+            rate = nbytes / median
+            spread = statistics.quantiles(times[name], n=4)
+            rows.append(f"| {k} x {n} | {name} | {1e6 * median:,.1f} ({1e6 * spread[0]:,.0f}-{1e6 * spread[2]:,.0f}) "
+                        f"| {rate / 1e9:.1f} | {rate / bandwidth:.0%} |")
+            print(rows[-1], file=sys.stderr, flush=True)
+        del found
+    record_table(
+        "Single-row matrix products with what torch has (CPU): weight bytes read per second",
+        f"x (1, in) through a weight in -> out, {args.threads} threads, median of {args.reps} interleaved calls "
+        f"(interquartile range), each call on the next of copies of the weight totalling 256 MB per candidate so that "
+        f"weights stream from memory as in decode; GB/s = the layer's stored bytes (int8: int8 weight + fp32 scale "
+        f"per row; int4: packed nibbles + fp32 scale per group of 32) / median time; share of the read bandwidth "
+        f"measured just before ({bandwidth / 1e9:.1f} GB/s, {args.threads} threads summing 512 MB). Shapes: "
+        f"gpt2-small's MLP and LM head, smollm2-135m's MLP.",
+        ["in x out", "kernel", "us per call (IQR)", "GB/s", "of read bandwidth"], rows, dry_run=args.no_record)
+
+
+if __name__ == "__main__":
+    main()
