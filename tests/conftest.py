@@ -1,7 +1,15 @@
+import os
+import tempfile
+
 import pytest
 from typer.testing import CliRunner
 
 from llmcli.config import ModelConfig, config_from_dict
+
+
+# The machine's measured peaks (bench) are cached under XDG_CACHE_HOME: one fresh cache for the whole run, never the
+# user's own.
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="llmcli-test-cache-")
 
 
 def pytest_report_header(config):

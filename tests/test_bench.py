@@ -178,3 +178,34 @@ def test_decode_reads_the_weights_as_stored():
     embedding = model.tok_emb.weight.numel() * 4  # untied by quantizing the head: read one row a step
     assert quantized.decode_read_bytes() == quantized.weight_bytes() - positions - embedding
     assert quantized.decode_read_bytes() < (every - positions) / 2
+
+
+def test_machine_peaks_are_measured_once_per_machine_and_dtype(tmp_path, monkeypatch):
+    import torch
+
+    from llmcli.profiling import machine
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    measured = []
+    real = machine._measure
+    monkeypatch.setattr(machine, "_measure", lambda device, dtype: measured.append(dtype) or real(device, dtype))
+    cpu = torch.device("cpu")
+    first = machine.machine_peaks(cpu, "fp32")
+    assert machine.machine_peaks(cpu, "fp32") == first and measured == ["fp32"]  # cached
+    bf16 = machine.machine_peaks(cpu, "bf16")
+    assert measured == ["fp32", "bf16"] and bf16["matmul_dtype"] == "bfloat16"
+    machine.machine_peaks(cpu, "fp32", fresh=True)
+    assert measured == ["fp32", "bf16", "fp32"]
+    cached = json.loads((tmp_path / "llmcli" / "machine_peaks.json").read_text())
+    assert len(cached) == 2 and all(p["measured"]["cpu_model"] for p in cached.values())
+    assert first["read_bytes_per_s"] > 1e8 and first["matmul_flops"] > 1e8
+    (tmp_path / "llmcli" / "machine_peaks.json").write_text("not json")  # a broken cache is measured again
+    assert machine.machine_peaks(cpu, "fp32")["read_bytes_per_s"] > 0 and measured[-1] == "fp32"
+
+
+def test_decode_rows_say_their_share_of_the_read_bandwidth(cli):
+    rows = json.loads(cli("bench", "gpt-nano", "--mode", "decode", "--batch-size", "1", "--seq-len", "8", "--reps",
+                          "1", "--warmup", "1", "--json").stdout)
+    row = rows[0]
+    read = row["machine"]["read_bytes_per_s"]
+    assert row["bandwidth_utilization"] == pytest.approx(row["bandwidth_bytes_per_s"] / read)

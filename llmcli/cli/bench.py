@@ -60,10 +60,12 @@ def bench(
         print_json([{**r.to_dict(), "machine": peaks} for r in results])
         return
     log(f"machine: matmul {peaks['matmul_flops'] / 1e9:,.0f} GFLOP/s ({peaks['matmul_dtype']}), "
-        f"copy {peaks['copy_bytes_per_s'] / 1e9:,.1f} GB/s, {peaks['device']}"
+        f"read {peaks['read_bytes_per_s'] / 1e9:,.1f} GB/s, copy {peaks['copy_bytes_per_s'] / 1e9:,.1f} GB/s, "
+        f"{peaks['device']} (measured {peaks['measured']['timestamp'][:10]}, cached)"
         + (f"; {describe_cpu()}" if peaks["device"] == "cpu" else ""))
     table = Table(box=box.MARKDOWN, title=f"llmcli bench {model} ({dtype}, {results[0].device if results else device})")
-    columns = ["mode", "threads", "batch", "seq", "tokens/s", "ms/step", "TTFT ms", "peak mem", "FLOP util", "GB/s"]
+    columns = ["mode", "threads", "batch", "seq", "tokens/s", "ms/step", "TTFT ms", "peak mem", "FLOP util",
+               "GB/s (of read)"]
     if any(r.mfu is not None for r in results):
         columns.append("MFU")
     if compare:
@@ -75,7 +77,8 @@ def bench(
                f"{r.tokens_per_s:,.1f} ± {r.tokens_per_s_std:,.1f}", f"{r.ms_per_step:,.1f}",
                f"{1000 * r.ttft_s:,.1f}" if r.ttft_s is not None else "-", human(r.peak_memory_bytes, "B"),
                f"{100 * r.flops_utilization:.1f}%",
-               f"{r.bandwidth_bytes_per_s / 1e9:.1f}" if r.bandwidth_bytes_per_s else "-"]
+               f"{r.bandwidth_bytes_per_s / 1e9:.1f} ({r.bandwidth_utilization:.0%})" if r.bandwidth_bytes_per_s
+               else "-"]
         if "MFU" in columns:
             row.append(f"{100 * r.mfu:.1f}%" if r.mfu is not None else "-")
         if compare:

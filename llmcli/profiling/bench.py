@@ -25,6 +25,7 @@ from llmcli.model_dir import build_model_dir, load_model, resolve_config
 from llmcli.models.layout import store_matrices_transposed
 from llmcli.profiling.counts import count, flops_per_token, kv_cache_bytes
 from llmcli.profiling.llama_cpp import LlamaCppRunner
+from llmcli.profiling.machine import machine_peaks, sync
 from llmcli.profiling.peak import PeakMemory
 from llmcli.profiling.provenance import provenance
 from llmcli.runtime import DTYPES, autocast, compile_blocks, family_loss, resolve_device, torch_dtype
@@ -52,9 +53,10 @@ class BenchResult:
     samples_s: list[float]  # seconds per repetition
     tokens_per_rep: int
     flops_per_token: float
-    flops_utilization: float | None  # model FLOP/s over the measured matmul FLOP/s
+    flops_utilization: float | None  # model FLOP/s over the measured matmul FLOP/s in the same dtype
     mfu: float | None = None  # over the accelerator's datasheet peak (CUDA only)
     bandwidth_bytes_per_s: float | None = None  # decode: bytes read per step x steps/s
+    bandwidth_utilization: float | None = None  # decode: over the machine's measured read bandwidth
     threads: int = 1
     ttft_s: float | None = None  # decode: median seconds to the first new token (prefill, then its sampling)
     ttft_samples_s: list[float] | None = None
@@ -63,39 +65,6 @@ class BenchResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-# ---------------------------------------------------------------- machine probe
-
-
-def machine_peaks(device: torch.device) -> dict:
-    """Measured matmul FLOP/s (fp32 on CPU, bf16 on CUDA) and copy bandwidth (bytes read + written per s)."""
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    n = 4096 if device.type == "cuda" else 1024
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    matmul = _best_time(lambda: a @ b, device)
-    src = torch.empty(64 * 2**20 if device.type == "cpu" else 512 * 2**20, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    copy = _best_time(lambda: dst.copy_(src), device)
-    return {"device": str(device), "matmul_dtype": str(dtype).replace("torch.", ""),
-            "matmul_flops": 2 * n**3 / matmul, "copy_bytes_per_s": 2 * src.numel() / copy}
-
-
-def _best_time(fn: Callable, device: torch.device, repeats: int = 5) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # ---------------------------------------------------------------- the two implementations
@@ -216,7 +185,7 @@ def run_bench(model_ref: str, modes: list[str], batch_sizes: list[int], seq_lens
     if threads is not None and (not threads or any(t <= 0 for t in threads)):
         raise UserError(f"--threads {','.join(map(str, threads))}: give positive thread counts, e.g. 1,2")
     counts = count(config)
-    peaks = machine_peaks(target)
+    peaks = machine_peaks(target, dtype)
     with tempfile.TemporaryDirectory() as tmp:
         if directory is None:
             directory = Path(tmp) / "model"
@@ -303,16 +272,16 @@ def _run_case(runners, mode, batch_size, seq_len, dtype, device, reps, warmup, c
             for _ in range(warmup):
                 with contexts[runner.name]():
                     runner.step(mode, ids, seq_len)
-            _sync(device)
+            sync(device)
         memory[runner.name] = runner.weight_bytes() + peak.peak
     read_bytes = runners[0].decode_read_bytes()
     for _ in range(reps):  # interleaved: each repetition runs every implementation once
         for runner in runners:
             with contexts[runner.name]():
-                _sync(device)
+                sync(device)
                 start = time.perf_counter()
                 measured = runner.step(mode, ids, seq_len)  # an external program's own timing, else None
-                _sync(device)
+                sync(device)
             samples[runner.name].append(measured if measured is not None else time.perf_counter() - start)
     first_token: dict[str, list[float]] = {r.name: [] for r in runners}
     for _ in range(reps if mode == "decode" else 0):  # time to first token: prefill and one decode step
@@ -320,10 +289,10 @@ def _run_case(runners, mode, batch_size, seq_len, dtype, device, reps, warmup, c
             if getattr(runner, "external", False):
                 continue
             with contexts[runner.name]():
-                _sync(device)
+                sync(device)
                 start = time.perf_counter()
                 runner.step(mode, ids, 1)
-                _sync(device)
+                sync(device)
             first_token[runner.name].append(time.perf_counter() - start)
     for runner in runners:
         runner.finish()
@@ -362,6 +331,7 @@ def _summarise(name, mode, batch_size, seq_len, dtype, device, samples, tokens, 
         element = torch.finfo(torch_dtype(dtype)).bits // 8
         per_step = read_bytes + kv_cache_bytes(config, element, context) * batch_size
         result.bandwidth_bytes_per_s = per_step * median / batch_size
+        result.bandwidth_utilization = result.bandwidth_bytes_per_s / peaks["read_bytes_per_s"]
     return result
 
 

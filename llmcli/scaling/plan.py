@@ -14,7 +14,8 @@ import math
 
 from llmcli.config import load_toml, zoo_entries
 from llmcli.errors import UserError
-from llmcli.profiling.bench import machine_peaks, run_bench
+from llmcli.profiling.bench import run_bench
+from llmcli.profiling.machine import machine_peaks
 from llmcli.profiling.counts import count, tokens_for_compute, training_compute
 from llmcli.profiling.memory import estimate_memory
 from llmcli.runtime import default_seq_len, machine_memory, resolve_device
