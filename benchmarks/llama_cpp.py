@@ -1,6 +1,6 @@
 """llmcli against llama.cpp on the same weights, batch 1, in one run: decode at F32, BF16, Q8_0 and Q4_0 (llmcli's
 int8 and int4 group 32 with the LM head quantized too) and a 256-token prefill in bf16, interleaved repetition by
-repetition through `llmcli bench --compare llama.cpp`. Also the machine's read bandwidth (two threads summing a
+repetition through `llmcli bench --compare llama.cpp`. Also the machine's read bandwidth (the threads summing a
 512 MB tensor), against which decode's weight streaming is put. Needs llama-bench on PATH (README: Side by side
 with llama.cpp). Usage:
     python benchmarks/llama_cpp.py [--models gpt2-small,smollm2-135m] [--reps 5] [--no-record]
@@ -12,7 +12,6 @@ import argparse
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -22,19 +21,14 @@ CASES = (("fp32", "decode", 128), ("bf16", "decode", 128), ("int8+head", "decode
          ("int4 g32+head", "decode", 128), ("bf16", "prefill", 256))
 
 
-def read_bandwidth(threads: int = 2, size: int = 512 * 2**20, repeats: int = 7) -> float:
-    """Bytes per second two threads read summing a tensor far larger than the caches (best of `repeats`)."""
+def read_bandwidth(threads: int) -> float:
+    """The machine's read bandwidth with `threads` threads, measured now (llmcli.profiling.machine)."""
     import torch
 
+    from llmcli.profiling.machine import machine_peaks
+
     torch.set_num_threads(threads)
-    data = torch.ones(size // 4, dtype=torch.float32)
-    data.sum()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        data.sum()
-        best = min(best, time.perf_counter() - start)
-    return size / best
+    return machine_peaks(torch.device("cpu"), "fp32", fresh=True)["read_bytes_per_s"]
 
 
 def quantized_dir(name: str, scheme: str, root: Path) -> Path:
