@@ -19,7 +19,8 @@ from llmcli.finetune.saving import load_finetuned
 from llmcli.model_dir import load_tokenizer
 from llmcli.models.base import LanguageModel
 from llmcli.models.layout import store_matrices_transposed
-from llmcli.runtime import resolve_device
+from llmcli.models.quantized import QuantizedLinear
+from llmcli.runtime import resolve_device, torch_dtype
 from llmcli.tokenizer import encode_texts, special_ids
 
 
@@ -127,10 +128,13 @@ def complete(model, tokenizer, prompt: str, max_new_tokens: int = 64, **sampling
 # ---------------------------------------------------------------- text in, text out
 
 
-def load_for_inference(ref: str | os.PathLike, device: str = "auto"):
-    """A model directory's model (eval mode, on `device`) and tokenizer, checked against each other."""
+def load_for_inference(ref: str | os.PathLike, device: str = "auto", precision: str = "fp32"):
+    """A model directory's model (eval mode, on `device`) and tokenizer, checked against each other. precision
+    bf16 runs a float model in bf16 (a quantized one keeps its integers and computes in bf16 already)."""
     tokenizer = load_tokenizer(ref)  # first: a missing tokenizer.json fails before the weights are read
     model = load_finetuned(ref, device=str(resolve_device(device)))  # a fine-tuning run: base + its adapter
+    if precision != "fp32" and not any(isinstance(m, QuantizedLinear) for m in model.modules()):
+        model.to(torch_dtype(precision))
     if next(model.parameters()).device.type == "cpu":
         store_matrices_transposed(model)  # the faster order for single-token matmuls on a CPU
     if not isinstance(model, LanguageModel):

@@ -14,6 +14,7 @@ import shutil
 
 import torch
 
+from llmcli.cpu import cpu_flags
 from llmcli.errors import UserError
 from llmcli.models.layout import blocks
 
@@ -47,11 +48,28 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # x86 CPUs that multiply bf16 in hardware; others emulate it
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 matmuls run natively here: CUDA that supports bf16, a CPU with AVX-512 BF16 or AMX."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return any(flag in cpu_flags() for flag in NATIVE_BF16_FLAGS)
+
+
 def resolve_precision(name: str, device: torch.device) -> str:
+    """'auto' is bf16 where it is native (weights for inference, autocast for training), fp32 elsewhere;
+    LLMCLI_PRECISION=fp32 (or bf16) makes auto mean that instead."""
     if name not in PRECISIONS:
         raise UserError(f"--precision {name!r} is not one of {', '.join(PRECISIONS)}")
     if name == "auto":
-        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+        forced = os.environ.get("LLMCLI_PRECISION")
+        if forced:
+            if forced not in ("fp32", "bf16"):
+                raise UserError(f"LLMCLI_PRECISION={forced!r}: use fp32 or bf16, or unset it for auto")
+            return forced
+        return "bf16" if native_bf16(device) else "fp32"
     if name == "fp16" and device.type != "cuda":
         raise UserError("--precision fp16 needs CUDA (its gradient scaler is CUDA-only); use bf16 or fp32 on CPU")
     return name

@@ -10,6 +10,9 @@ from llmcli.config import ModelConfig, config_from_dict
 # The machine's measured peaks (bench) are cached under XDG_CACHE_HOME: one fresh cache for the whole run, never the
 # user's own.
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="llmcli-test-cache-")
+# --precision auto means bf16 on CPUs with native bf16: the suite compares with fp32 references, so auto means fp32
+# here, on every machine alike; tests of auto itself unset it.
+os.environ["LLMCLI_PRECISION"] = "fp32"
 
 
 def pytest_report_header(config):

@@ -73,3 +73,35 @@ def test_chunked_cross_entropy_needs_less_memory_than_the_plain_loss():
     assert child.returncode == 0, child.stderr[-2000:]
     peaks = json.loads(child.stdout)
     assert peaks["chunked"] < 0.7 * peaks["plain"], peaks
+
+
+@pytest.mark.parametrize("flags, expected", [({"avx2", "fma"}, "fp32"), ({"avx2", "avx512f", "avx512_bf16"}, "bf16"),
+                                             ({"avx2", "amx_tile", "amx_bf16"}, "bf16")])
+def test_auto_precision_is_bf16_where_the_cpu_multiplies_bf16_natively(monkeypatch, flags, expected):
+    from llmcli.errors import UserError
+
+    monkeypatch.delenv("LLMCLI_PRECISION", raising=False)
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: frozenset(flags))
+    cpu = torch.device("cpu")
+    assert runtime.resolve_precision("auto", cpu) == expected
+    assert runtime.resolve_precision("fp32", cpu) == "fp32"  # one flag away
+    monkeypatch.setenv("LLMCLI_PRECISION", "fp32")
+    assert runtime.resolve_precision("auto", cpu) == "fp32"
+    monkeypatch.setenv("LLMCLI_PRECISION", "fp16")
+    with pytest.raises(UserError, match="LLMCLI_PRECISION='fp16'"):
+        runtime.resolve_precision("auto", cpu)
+
+
+def test_auto_precision_runs_generate_and_training_in_bf16_on_such_a_cpu(monkeypatch, cli, model_dirs, corpus,
+                                                                          tmp_path):
+    monkeypatch.delenv("LLMCLI_PRECISION", raising=False)
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: frozenset({"avx2", "avx512f", "avx512_bf16"}))
+    result = cli("generate", model_dirs["gpt"], "--prompt", "The", "--max-new-tokens", 4, "--json")
+    assert result.exit_code == 0 and "precision bf16 (auto: bf16 is native here" in result.stderr
+    trained = cli("train", "gpt-nano", "--data", corpus, "--steps", 2, "--batch-size", 2, "--seq-len", 16,
+                  "--out", tmp_path / "run")
+    assert trained.exit_code == 0, trained.stderr
+    assert "cpu, bf16" in trained.stderr
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    result = cli("generate", model_dirs["gpt"], "--prompt", "The", "--max-new-tokens", 4, "--json")
+    assert result.exit_code == 0 and "precision" not in result.stderr  # fp32, as without auto

@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 
+from llmcli.cli.infer import DEVICE_HELP, PRECISION_HELP, inference_precision
 from llmcli.cli.output import err_console, log
 
 COMMANDS = "/reset starts over, /exit or Ctrl-D ends"
@@ -24,7 +25,8 @@ def chat(
     top_p: Optional[float] = typer.Option(0.9, help="Nucleus sampling: the smallest set of tokens reaching p."),
     seed: Optional[int] = typer.Option(None, help="Seed for sampling."),
     stop: Optional[list[str]] = typer.Option(None, "--stop", help="Text that ends a reply; repeatable."),
-    device: str = typer.Option("auto", help="cpu, cuda, cuda:N, or auto: cuda if available."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
+    precision: str = typer.Option("auto", help=PRECISION_HELP),
 ) -> None:
     """Chat with an instruct model: replies stream as they are generated; the history is kept (the oldest turns
     go when it no longer fits the context)."""
@@ -33,7 +35,7 @@ def chat(
     from llmcli.generation import check_sampling, load_for_inference
 
     check_sampling(max_new_tokens, temperature, None, top_p, 1)
-    model, tokenizer = load_for_inference(model_dir, device)
+    model, tokenizer = load_for_inference(model_dir, device, inference_precision(precision, device))
     session = ChatSession(model, tokenizer, chat_template_for(model_dir, model, tokenizer, template),
                           system=system, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                           seed=seed, stop=stop or ())

@@ -15,6 +15,18 @@ from rich.text import Text
 from llmcli.cli.output import console, err_console, log, print_json
 
 DEVICE_HELP = "cpu, cuda, cuda:N, or auto: cuda if available."
+PRECISION_HELP = ("auto: bf16 weights where bf16 is native (AVX-512 BF16 or AMX CPUs, CUDA), fp32 elsewhere; "
+                  "or fp32, bf16.")
+
+
+def inference_precision(precision: str, device: str) -> str:
+    """The precision a generating command runs in; said once on stderr when auto picks bf16."""
+    from llmcli.runtime import resolve_device, resolve_precision
+
+    resolved = resolve_precision(precision, resolve_device(device))
+    if precision == "auto" and resolved == "bf16":
+        log("precision bf16 (auto: bf16 is native here; --precision fp32 for fp32 weights)")
+    return resolved
 
 
 def generate(
@@ -40,6 +52,7 @@ def generate(
     no_cache: bool = typer.Option(False, "--no-cache", help="Recompute the whole context at every step "
                                                             "instead of using the KV cache (for comparison)."),
     device: str = typer.Option("auto", help=DEVICE_HELP),
+    precision: str = typer.Option("auto", help=PRECISION_HELP),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the transformer blocks (needs g++ on the "
                                                           "CPU); the first tokens include the compile time."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON on stdout: text, completion, tokens, "
@@ -58,7 +71,7 @@ def generate(
     if template is not None and messages is None:
         raise UserError("--template lays out --messages; pass a conversation with --messages FILE.json")
     conversation = read_messages(messages) if messages is not None else None
-    model, tokenizer = load_for_inference(model_dir, device)
+    model, tokenizer = load_for_inference(model_dir, device, inference_precision(precision, device))
     if compile:
         compile_blocks(model, next(model.parameters()).device, log)
     options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
