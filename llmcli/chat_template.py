@@ -9,6 +9,7 @@ of tokenizer_config.json (bos_token, eos_token, ...) as variables.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from datetime import datetime
@@ -37,8 +38,7 @@ class ChatTemplate:
     def render(self, messages: list[dict], add_generation_prompt: bool = True, tools: list | None = None) -> str:
         """The conversation as the model reads it; with add_generation_prompt, ready for the assistant's reply."""
         try:
-            template = _environment().from_string(self.source)
-            return template.render(messages=messages, add_generation_prompt=add_generation_prompt, tools=tools,
+            return _compiled(self.source).render(messages=messages, add_generation_prompt=add_generation_prompt, tools=tools,
                                    documents=None, **self.special_tokens)
         except jinja2.exceptions.SecurityError as e:
             raise UserError(f"{self.where}: the chat template tried something the sandbox forbids ({e}); use a "
@@ -95,12 +95,14 @@ def _strftime_now(format: str) -> str:
     return datetime.now().strftime(format)
 
 
-def _environment() -> ImmutableSandboxedEnvironment:
+@functools.lru_cache(maxsize=8)
+def _compiled(source: str) -> jinja2.Template:
+    """A template compiled once: a chat renders its conversation every turn, fine-tuning data twice per reply."""
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, loader=jinja2.DictLoader({}),
                                         extensions=[_GenerationBlock, "jinja2.ext.loopcontrols"])
     env.filters["tojson"] = _tojson
     env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now)
-    return env
+    return env.from_string(source)
 
 
 def read_chat_template(directory: Path, template_file: Path | None = None,

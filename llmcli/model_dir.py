@@ -144,10 +144,11 @@ def write_json(path: Path, data: object) -> None:
     tmp.replace(path)
 
 
-def save_model(model, directory: Path) -> None:
-    """Write config.json and model.safetensors into an (already prepared) directory."""
+def save_model(model, directory: Path, state: dict | None = None) -> None:
+    """Write config.json and model.safetensors into an (already prepared) directory. state: the tensors to write
+    instead of the model's own state_dict (one taken before fine-tuning modules were attached to it)."""
     write_json(directory / CONFIG_FILE, model.config.to_dict())
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state = {k: v.detach().contiguous().cpu() for k, v in (state or model.state_dict()).items()}
     tmp = directory / (WEIGHTS_FILE + ".tmp")
     save_file(state, str(tmp), metadata={"format": "pt"})  # one key: safetensors orders metadata at random
     tmp.replace(directory / WEIGHTS_FILE)
@@ -183,11 +184,11 @@ def resolve_config(ref: str | os.PathLike) -> tuple[ModelConfig, Path | None]:
 def load_model(ref: str | os.PathLike, device: str | None = None, dtype=None, seed: int | None = None):
     """Load a model directory or a Hugging Face checkpoint directory (converted in memory), or build a fresh model
     from a zoo name or TOML path. Returned in eval mode."""
+    if Path(ref).is_dir() and is_hf_checkpoint(Path(ref)):  # its config comes with the conversion: read it once
+        return load_hf_model(Path(ref)).eval().to(device=device or "cpu", dtype=dtype)
     config, directory = resolve_config(ref)
     if directory is None:
         model = build_model(config, seed=seed)
-    elif is_hf_checkpoint(directory):
-        model = load_hf_model(directory)
     else:
         model = build_on_meta(config)
         spec = read_quantization_spec(directory)

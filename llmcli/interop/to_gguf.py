@@ -19,6 +19,8 @@ import torch
 
 from llmcli.config import ModelConfig
 from llmcli.errors import UserError
+from llmcli.interop.gpt2 import GPT2
+from llmcli.interop.llama import LLAMA, specials
 from llmcli.interop.tables import Rule, params, stack
 from llmcli.model_dir import check_outside, load_model, load_tokenizer
 from llmcli.models.quantized import QuantizedLinear
@@ -48,19 +50,20 @@ LLAMA_BLOCK = [
 ]
 
 
+# What llama.cpp's two layouts need beyond the Hugging Face layout each mirrors (GPT-2's, Llama's)
+GGUF_LAYOUTS = (("gpt2", GPT2, {"family": "gpt", "activation": "gelu_tanh"}),
+                ("llama", LLAMA, {"family": "gpt", "activation": "swiglu", "bias": False, "attention_bias": None,
+                                  "mlp_bias": None, "qkv_bias": None, "rope_scaling": None, "sliding_window": None}))
+
+
 def gguf_architecture(config: ModelConfig) -> str:
     """llama.cpp's architecture for this config: gpt2 or llama; anything else is refused by name."""
-    gpt2 = dict(family="gpt", position="learned", norm="layernorm", norm_position="pre", activation="gelu_tanh",
-                bias=True, parallel_block=False)
-    llama = dict(family="gpt", position="rope", norm="rmsnorm", norm_position="pre", activation="swiglu", bias=False,
-                 parallel_block=False, qk_norm=None, rope_scaling=None, sliding_window=None, rotary_fraction=1.0,
-                 attention_bias=None, mlp_bias=None, qkv_bias=None, nope_layers=None, embedding_multiplier=1.0,
-                 residual_multiplier=1.0, attention_multiplier=None, logits_divisor=1.0, attention_softcap=None,
-                 logits_softcap=None)
-    for name, wanted in (("gpt2", gpt2), ("llama", llama)):
+    for name, spec, extra in GGUF_LAYOUTS:
+        wanted = {**spec.requires, **extra}
         if config.position == wanted["position"]:
             misfits = [f"{key} = {getattr(config, key)!r}" for key, value in wanted.items()
                        if getattr(config, key) != value]
+            misfits += [f"{key} = {getattr(config, key)!r}" for key in sorted(specials(config))]
             if not misfits:
                 return name
             raise UserError(f"{config.name}: llama.cpp's {name} layout has no place for {'; '.join(misfits)}; "

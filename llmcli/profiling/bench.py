@@ -74,6 +74,7 @@ class Runner:
     """One implementation's train step, prefill and decode on random tokens."""
 
     name = "llmcli"
+    external = False  # True for another program, which times itself (profiling.llama_cpp)
 
     def __init__(self, model, device: torch.device, dtype: str) -> None:
         self.model, self.device, self.dtype = model, device, dtype
@@ -259,13 +260,13 @@ def _run_case(runners, mode, batch_size, seq_len, dtype, device, reps, warmup, c
     length = DECODE_PROMPT if mode == "decode" else seq_len
     ids = torch.randint(5, config.vocab_size, (batch_size, length), generator=generator).to(device)
     tokens = batch_size * seq_len
-    runners = [r for r in runners if not getattr(r, "external", False) or r.supports(mode, batch_size)]
+    runners = [r for r in runners if not r.external or r.supports(mode, batch_size)]
     samples: dict[str, list[float]] = {r.name: [] for r in runners}
     memory: dict[str, int] = {}
     contexts = {}
     for runner in runners:  # memory: the weights, plus the peak above them over the warm-up steps
         contexts[runner.name] = runner.prepare(mode)
-        if getattr(runner, "external", False):  # another program: it warms up itself; its file is its weights
+        if runner.external:  # another program: it warms up itself; its file is its weights
             memory[runner.name] = runner.weight_bytes()
             continue
         with PeakMemory(device) as peak:
@@ -286,7 +287,7 @@ def _run_case(runners, mode, batch_size, seq_len, dtype, device, reps, warmup, c
     first_token: dict[str, list[float]] = {r.name: [] for r in runners}
     for _ in range(reps if mode == "decode" else 0):  # time to first token: prefill and one decode step
         for runner in runners:
-            if getattr(runner, "external", False):
+            if runner.external:
                 continue
             with contexts[runner.name]():
                 sync(device)
@@ -304,7 +305,7 @@ def _run_case(runners, mode, batch_size, seq_len, dtype, device, reps, warmup, c
         ours.peer = {k: getattr(peer, k) for k in ("implementation", "tokens_per_s", "tokens_per_s_std",
                                                     "ms_per_step", "peak_memory_bytes", "samples_s", "ttft_s")}
         ours.peer["speedup"] = ours.tokens_per_s / peer.tokens_per_s
-        if getattr(runners[1], "external", False):  # how llama.cpp was built and run; its memory is its file
+        if runners[1].external:  # how llama.cpp was built and run; its memory is its file
             ours.peer["configuration"] = runners[1].build
     return ours
 

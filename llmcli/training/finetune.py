@@ -142,13 +142,16 @@ def _finetune(base, data, out, flags: TrainFlags, settings, log, progress, on_st
                           global_batch, args.seed, args.eval_batches, template)
         num_labels = len(task.labels) if task.labels else None
         torch.manual_seed(args.seed)  # the new modules' init
-        model = attach(load_model(source), spec, num_labels)
+        loaded = load_model(source)
+        # A checkpoint base is stored in the run directory under llmcli's names: its tensors, before attach wraps them
+        base_state = dict(loaded.state_dict()) if not flags.resume and is_hf_checkpoint(base) else None
+        model = attach(loaded, spec, num_labels)
 
         def start() -> None:
             if not flags.resume:
                 start_run_dir(run_dir)
-                if is_hf_checkpoint(base):  # the run directory holds the base as llmcli names its tensors
-                    save_model(load_model(base), run_dir)
+                if base_state is not None:
+                    save_model(loaded, run_dir, state=base_state)
                 else:
                     _link_or_copy(base / WEIGHTS_FILE, run_dir / WEIGHTS_FILE)
                     if (base / QUANTIZATION_FILE).is_file():  # a quantized base: its layout goes with its weights
