@@ -1,7 +1,7 @@
-"""What a single-row matrix product (a decode step's linear layer) reaches on this CPU with what torch already has,
-against the machine's read bandwidth: fp32 and bf16 F.linear (weight (out, in)) and x @ W with the weight stored
-(in, out) as llmcli stores it for decode, and ATen's packed int8 and int4 weight-only kernels as llmcli's quantized
-layer calls them. Each candidate cycles through copies of its weight totalling 256 MB, so that, as in a real
+"""What a single-row matrix product (a decode step's linear layer) reaches on this CPU, against the machine's read
+bandwidth: with what torch has (fp32 and bf16 F.linear with the weight (out, in), x @ W with the weight stored
+(in, out), ATen's packed int8 and int4 weight-only kernels) and with llmcli's own kernels (models/gemv.cpp: fp32,
+bf16, int8 and int4 g32 weights). Each candidate cycles through copies of its weight totalling 256 MB, so that, as in a real
 decode step, the weights come from memory and not from the caches. Usage:
     python benchmarks/gemv.py [--shapes 768x3072,3072x768] [--threads 2] [--no-record]
 """
@@ -27,6 +27,7 @@ def candidates(k: int, n: int) -> dict:
     import torch
     import torch.nn.functional as F
 
+    from llmcli.models import gemv
     from llmcli.models.quantized import QuantizedLinear, qrange, scheme_bits, symmetric_scales
 
     x32, x16 = torch.randn(1, k), torch.randn(1, k).bfloat16()
@@ -39,6 +40,9 @@ def candidates(k: int, n: int) -> dict:
         "bf16 x @ W, weight stored (in, out)": ([lambda w=w.bfloat16().t().contiguous(): x16 @ w for w in weights],
                                                 n * k * 2),
     }
+    if gemv.extension() is not None:  # llmcli's own kernels (models/gemv.cpp), as DecodeLinear calls them
+        found["fp32 llmcli gemv"] = ([lambda w=w: gemv.linear(x32, w) for w in weights], n * k * 4)
+        found["bf16 llmcli gemv"] = ([lambda w=w.bfloat16(): gemv.linear(x16, w) for w in weights], n * k * 2)
     for scheme, group in (("int8", None), ("int4", 32)):  # llmcli's quantized layer and its ATen packed kernel
         bits = scheme_bits(scheme)
         calls, nbytes = [], 0
@@ -49,10 +53,14 @@ def candidates(k: int, n: int) -> dict:
                                                 scales)
             if not layer._kernel_fits():
                 break
-            calls.append(lambda f=layer._kernel_for(torch.bfloat16): f(x16))
+            calls.append(layer)
             nbytes = layer.stored_bytes()
+        label = f"{scheme}{f' g{group}' if group else ''}"
         if calls:
-            found[f"{scheme}{f' g{group}' if group else ''} ATen packed kernel, bf16 x"] = (calls, nbytes)
+            found[f"{label} ATen packed kernel, bf16 x"] = ([lambda f=layer._aten_kernel(): f(x16) for layer in calls],
+                                                            nbytes)
+        if calls and gemv.extension() is not None:
+            found[f"{label} llmcli gemv, fp32 x"] = ([lambda f=layer._gemv_kernel(): f(x32) for layer in calls], nbytes)
     return found
 
 
@@ -92,7 +100,7 @@ def main() -> None:
             print(rows[-1], file=sys.stderr, flush=True)
         del found
     record_table(
-        "Single-row matrix products with what torch has (CPU): weight bytes read per second",
+        "Single-row matrix products, torch's and llmcli's kernels (CPU): weight bytes read per second",
         f"x (1, in) through a weight in -> out, {args.threads} threads, median of {args.reps} interleaved calls "
         f"(interquartile range), each call on the next of copies of the weight totalling 256 MB per candidate so that "
         f"weights stream from memory as in decode; GB/s = the layer's stored bytes (int8: int8 weight + fp32 scale "

@@ -23,6 +23,11 @@ TOKENIZER_FILE = "tokenizer.json"
 QUANTIZATION_FILE = "quantization.json"  # only in quantized model directories
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")  # refused, never opened
 
+
+def user_cache_dir() -> Path:
+    """llmcli's folder in the user's cache ($XDG_CACHE_HOME, else ~/.cache): measured peaks, compiled kernels."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llmcli"
+
 FAMILIES = ("bert", "gpt", "t5")
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "swiglu", "geglu")
 NORMS = ("layernorm", "rmsnorm", "gemma_rmsnorm")  # gemma_rmsnorm: RMSNorm times (1 + w), w starting at 0

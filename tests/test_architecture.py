@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "llmcli"
 HEAVY = ("torch", "safetensors", "tokenizers", "numpy")  # what `llmcli --help` must not import
 # extras that may be missing: imported where used
-OPTIONAL = ("transformers", "peft", "matplotlib", "pydoc_data", "tensorboard", "torch.utils.tensorboard", "gguf")
+OPTIONAL = ("transformers", "peft", "matplotlib", "pydoc_data", "tensorboard", "torch.utils.tensorboard", "gguf",
+            "torch.utils.cpp_extension")
 
 
 def module_name(path: Path) -> str:

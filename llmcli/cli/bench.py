@@ -62,7 +62,8 @@ def bench(
     log(f"machine: matmul {peaks['matmul_flops'] / 1e9:,.0f} GFLOP/s ({peaks['matmul_dtype']}), "
         f"read {peaks['read_bytes_per_s'] / 1e9:,.1f} GB/s, copy {peaks['copy_bytes_per_s'] / 1e9:,.1f} GB/s, "
         f"{peaks['device']} (measured {peaks['measured']['timestamp'][:10]}, cached)"
-        + (f"; {describe_cpu()}" if peaks["device"] == "cpu" else ""))
+        + (f"; {describe_cpu()}; decode: {results[0].provenance['decode_kernels']}"
+           if peaks["device"] == "cpu" and results else ""))
     table = Table(box=box.MARKDOWN, title=f"llmcli bench {model} ({dtype}, {results[0].device if results else device})")
     columns = ["mode", "threads", "batch", "seq", "tokens/s", "ms/step", "TTFT ms", "peak mem", "FLOP util",
                "GB/s (of read)"]

@@ -25,6 +25,8 @@ class LanguageModel(nn.Module):
 
     # Parameter-name prefixes of task heads that published counts leave out (BERT's MLM transform).
     head_prefixes: tuple[str, ...] = ()
+    # hidden, embedding -> logits when the head is tied; models.gemv.prepare_for_decode swaps in its kernels
+    tied_head = staticmethod(nn.functional.linear)
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -59,7 +61,7 @@ class LanguageModel(nn.Module):
 
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.config.tie_embeddings:
-            logits = nn.functional.linear(hidden, self.tok_emb.weight)
+            logits = self.tied_head(hidden, self.tok_emb.weight)
         else:
             logits = self.lm_head(hidden)
         divisor, cap = self.config.logits_divisor, self.config.logits_softcap

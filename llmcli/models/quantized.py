@@ -7,14 +7,15 @@ model.safetensors and the layout in quantization.json; `apply_quantized_layout` 
 meta-device model so that loading assigns the stored integers straight into place, never expanding to fp32.
 How the integers are chosen (round to nearest, GPTQ) is llmcli.compression.quantize.
 
-Which compute path runs (chosen in QuantizedLinear.forward; timings: one 768x3072 layer, one thread, AVX2 CPU,
-torch 2.13, on a shared machine so ±50%):
-- int8, int4 on CPU with bf16 activations: ATen's `_weight_int8pack_mm` / `_weight_int4pack_mm_for_cpu`
-  (decode: about 0.2 ms int8, 0.5 ms int4, fp32 dense 0.2-0.8 ms). Their x86 vector code is bf16-only: with fp32
-  activations they run scalar code, slower than dequantizing, so fp32 never takes them.
-- int8, int4 otherwise (fp32 on CPU, CUDA): the integers become floats in forward, one layer at a time (int8:
-  x·qᵀ then the per-channel scales, about 1 ms; int4: the dequantized weight, about 5 ms). The price of storing
-  4-8x less: on CPU in fp32 this is slower than the fp32 model.
+Which compute path runs (chosen in QuantizedLinear.forward):
+- int8, int4 on an x86 CPU, a few rows (decode): llmcli's own kernels (models/gemv.cpp), activations quantized to
+  int8 per block of 32, integer dot products (VNNI or AVX2); fp32 or bf16 activations alike. They stream the
+  weights at most of the read bandwidth (benchmarks/gemv.py in RESULTS.md).
+- int8, int4 on CPU otherwise (a prompt), or where our kernels did not build: ATen's `_weight_int8pack_mm` /
+  `_weight_int4pack_mm_for_cpu` in bf16 (fp32 activations are cast to bf16 and back: their x86 vector code is
+  bf16-only, with fp32 they run scalar code), where the layer meets their assumptions.
+- int8, int4 otherwise (CUDA, layers neither kernel takes): the integers become floats in forward, one layer at a
+  time (int8: x·qᵀ then the per-channel scales; int4: the dequantized weight).
 - Training through the layer (its integers frozen, e.g. LoRA on a quantized model): always the int8/int4 path above
   in float activations, which passes gradients to the activations; the packed kernels have no backward.
 - int8-dynamic on CPU: fbgemm's `quantized.linear_dynamic` (activations quantized per call to 7 bits), prepacked
@@ -35,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llmcli.errors import UserError
-from llmcli.models import build_on_meta
+from llmcli.models import build_on_meta, gemv
 from llmcli.models.layout import block_linears, set_submodule
 
 SCHEMES = ("int8", "int4", "int8-dynamic")
@@ -183,10 +184,10 @@ class QuantizedLinear(nn.Module):
         return self._kernel[1]
 
     def _prepare_kernel(self, dtype: torch.dtype) -> Callable | None:
-        if not self._kernel_fits():
-            return None
         try:
             fn = self._kernel_for(dtype)
+            if fn is None:
+                return None
             probe = torch.randn(2, self.in_features, generator=torch.Generator().manual_seed(0)).to(dtype)
             with torch.no_grad():
                 got = fn(probe).float()
@@ -209,20 +210,40 @@ class QuantizedLinear(nn.Module):
             return self.group_size in INT4_KERNEL_GROUP_SIZES and self.in_features % self.group_size == 0
         return True
 
-    def _kernel_for(self, dtype: torch.dtype) -> Callable:
-        """ATen's packed CPU kernels run bf16 activations (their x86 code for fp32 is scalar): fp32 ones are
-        cast to bf16 and back, which costs bf16's rounding (about 0.3% relative) and runs 2-25x faster. Every
-        operand reaches a kernel through `aligned` (activations too: a row of a larger tensor may start anywhere)."""
+    def _kernel_for(self, dtype: torch.dtype) -> Callable | None:
+        """Few rows (decode) go to our kernels (models/gemv.cpp) where they are built; more rows to ATen's packed
+        kernels where the layer fits them, else to the reference path. int8-dynamic: fbgemm for every call."""
         if self.scheme == "int8-dynamic":
             return _fbgemm_dynamic(self.qweight, self.scales[:, 0])
+        packed = self._aten_kernel() if self._kernel_fits() else None
+        if packed is not None and dtype != torch.bfloat16:
+            packed = _through_bf16(packed, dtype)
+        few_rows = self._gemv_kernel()
+        if few_rows is None:
+            return packed
+        many_rows = packed or self._reference
+        return lambda x: few_rows(x) if gemv.fits(x, self.in_features) else many_rows(x)
+
+    def _gemv_kernel(self) -> Callable | None:
+        """Our kernel for this layer (fp32 out), or None: not built here, or inputs not in whole blocks of 32."""
+        if gemv.extension() is None or self.in_features % gemv.BLOCK or self.group_size % gemv.BLOCK:
+            return None
+        qweight, scales, group_size, bits = self.qweight, self.scales.float().contiguous(), self.group_size, self.bits
+        return lambda x: gemv.int_linear(x, qweight, scales, group_size, bits)
+
+    def _aten_kernel(self) -> Callable:
+        """ATen's packed CPU kernels, bf16 activations in (their x86 code for fp32 is scalar). Every operand reaches a
+        kernel through `aligned` (activations too: a row of a larger tensor may start anywhere)."""
         if self.bits == 8:
             qweight, scales = self.qweight, self.scales[:, 0].to(torch.bfloat16).contiguous()
-            kernel = lambda x: torch.ops.aten._weight_int8pack_mm(aligned(x), qweight, scales)  # noqa: E731
-        else:
-            kernel = _int4_cpu_kernel(self.int_weight(), self.scales, self.group_size, torch.bfloat16)
-        if dtype == torch.bfloat16:
-            return kernel
-        return lambda x: kernel(x.to(torch.bfloat16)).to(dtype)
+            return lambda x: torch.ops.aten._weight_int8pack_mm(aligned(x), qweight, scales)
+        return _int4_cpu_kernel(self.int_weight(), self.scales, self.group_size, torch.bfloat16)
+
+
+def _through_bf16(kernel: Callable, dtype: torch.dtype) -> Callable:
+    """fp32 activations cast to bf16 and back around a bf16 kernel: bf16's rounding (about 0.3% relative) for a
+    2-25x faster product."""
+    return lambda x: kernel(x.to(torch.bfloat16)).to(dtype)
 
 
 KERNEL_MARGIN = 1.5  # a kernel is dropped only when clearly slower: timing noise must not flip the choice

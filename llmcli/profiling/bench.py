@@ -22,6 +22,7 @@ from llmcli.errors import UserError
 from llmcli.generation import generate_ids
 from llmcli.interop.hf import convert_to_hf
 from llmcli.model_dir import build_model_dir, load_model, resolve_config
+from llmcli.models.gemv import prepare_for_decode
 from llmcli.models.layout import store_matrices_transposed
 from llmcli.profiling.counts import count, flops_per_token, kv_cache_bytes
 from llmcli.profiling.llama_cpp import LlamaCppRunner
@@ -82,8 +83,10 @@ class Runner:
 
     def prepare(self, mode: str):
         """Put the model in the right precision and state for `mode`; returns a context for each step."""
-        if self.name == "llmcli":  # as `llmcli generate` runs; training keeps the order it was built in
-            store_matrices_transposed(self.model, transposed=mode != "train")
+        if self.name == "llmcli" and mode == "train":  # the order it was built in
+            store_matrices_transposed(self.model, transposed=False)
+        elif self.name == "llmcli":  # as `llmcli generate` runs
+            prepare_for_decode(self.model) if self.device.type == "cpu" else store_matrices_transposed(self.model)
         if mode == "train":
             self.model.to(torch.float32).train()
             self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-5, fused=True)  # the same for both

@@ -13,6 +13,7 @@ from typing import Callable
 
 import torch
 
+from llmcli.config import user_cache_dir
 from llmcli.cpu import cpu_features, cpu_model
 from llmcli.profiling.provenance import provenance
 from llmcli.runtime import torch_dtype
@@ -22,8 +23,7 @@ READ_BYTES = {"cpu": 512 * 2**20, "cuda": 2 * 2**30}  # far above the last-level
 
 
 def cache_file() -> Path:
-    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(root) / "llmcli" / "machine_peaks.json"
+    return user_cache_dir() / "machine_peaks.json"
 
 
 def machine_peaks(device: torch.device, dtype: str = "fp32", fresh: bool = False) -> dict:

@@ -14,6 +14,7 @@ import torch
 
 from llmcli import __version__
 from llmcli.cpu import aten_capability, cpu_features, cpu_model
+from llmcli.models.gemv import kernel_name
 
 
 @functools.lru_cache(maxsize=1)
@@ -40,4 +41,5 @@ def provenance(device: torch.device) -> dict:
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model(),
             "cpu_model": cpu_model(), "cpu_features": cpu_features(),
             "torch_cpu_dispatch": aten_capability(), "threads": torch.get_num_threads(),
+            "decode_kernels": kernel_name() if device.type == "cpu" else "torch",
             "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}

@@ -1,0 +1,388 @@
+// Few-row matrix products for decoding on x86: y (M, N) = x (M, K) · Wᵀ with W (N, K) row-major, every output a
+// dot product over a contiguous row of W, so the weights stream from memory once per call. Weights: fp32, bf16,
+// int8 and int4 (symmetric, a float scale per group of `group` inputs; int4 packs columns 2j and 2j + 1 in the low
+// and high nibble of byte j, stored as q + 8). For the integer weights the activations are quantized to int8 per
+// block of 32 (a float scale each) and the dot products run on integers, as llama.cpp's Q8_0 / Q4_0 do.
+//
+// Each kernel has an AVX-512 body (FMA, BF16 dot products, VNNI) and an AVX2 body, compiled for their own targets;
+// llmcli.models.gemv picks one from the CPU's features at run time (`isa`: 2 = AVX-512, 1 = AVX2). Output rows are
+// split between threads in contiguous ranges; a thread reads its rows of W one after the other, the order memory
+// streams fastest (4 interleaved rows read a third slower, benchmarks/gemv.py), runs every x row over each row
+// while it is in cache, and keeps 4 accumulators per dot product so that the adds do not wait on each other.
+// Preconditions (checked by the caller): contiguous operands, K a multiple of 32, group a multiple of 32.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kBlock = 32;  // inputs per quantized activation block
+
+struct Rows {  // the operands of one call, shared by every task
+  const void* w;
+  const float* scales;  // (N, K / group), integer weights only
+  int64_t group;
+  const void* x;        // f32 (M, K), or bf16 / int8 after the caller's preparation
+  const float* lane_scales;  // int8 activations: per row and vector, each lane's scale (see prepare_int8_rows)
+  const int32_t* lane_fix;   // and each lane's correction
+  float* y;
+  int64_t M, K, N;
+};
+
+#if defined(__x86_64__)
+
+#define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
+#define AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
+#define AVX512_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma,avx2")))
+#define AVX2 __attribute__((target("avx2,fma")))
+
+AVX512 inline float sum512(const __m512 (&acc)[4]) {
+  return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
+}
+
+AVX2 inline float hsum256(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+AVX2 inline float sum256(const __m256 (&acc)[4]) {
+  return hsum256(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+}
+
+// Every body runs `STEP(acc[u], i)` for i = 0 .. steps - 1 over 4 accumulators, 4 steps at a time.
+#define FOUR_WAY(steps, STEP)                                                 \
+  {                                                                           \
+    int64_t i = 0;                                                            \
+    for (; i + 4 <= (steps); i += 4) {                                        \
+      STEP(acc[0], i) STEP(acc[1], i + 1) STEP(acc[2], i + 2) STEP(acc[3], i + 3) \
+    }                                                                         \
+    for (; i < (steps); ++i) { STEP(acc[0], i) }                              \
+  }
+
+// ---- fp32 weights
+
+AVX512 void f32_avx512(const Rows& a, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const float* w = static_cast<const float*>(a.w) + n * a.K;
+    for (int64_t m = 0; m < a.M; ++m) {
+      const float* x = static_cast<const float*>(a.x) + m * a.K;
+      __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+#define STEP(s, i) s = _mm512_fmadd_ps(_mm512_loadu_ps(w + 16 * (i)), _mm512_loadu_ps(x + 16 * (i)), s);
+      FOUR_WAY(a.K / 16, STEP)
+#undef STEP
+      a.y[m * a.N + n] = sum512(acc);
+    }
+  }
+}
+
+AVX2 void f32_avx2(const Rows& a, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const float* w = static_cast<const float*>(a.w) + n * a.K;
+    for (int64_t m = 0; m < a.M; ++m) {
+      const float* x = static_cast<const float*>(a.x) + m * a.K;
+      __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+#define STEP(s, i) s = _mm256_fmadd_ps(_mm256_loadu_ps(w + 8 * (i)), _mm256_loadu_ps(x + 8 * (i)), s);
+      FOUR_WAY(a.K / 8, STEP)
+#undef STEP
+      a.y[m * a.N + n] = sum256(acc);
+    }
+  }
+}
+
+// ---- bf16 weights: AVX-512 BF16 multiplies bf16 pairs (x rounded to bf16 by the caller); AVX2 widens W to fp32
+
+AVX512_BF16 void bf16_avx512(const Rows& a, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint16_t* w = static_cast<const uint16_t*>(a.w) + n * a.K;
+    for (int64_t m = 0; m < a.M; ++m) {
+      const uint16_t* x = static_cast<const uint16_t*>(a.x) + m * a.K;
+      __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+#define STEP(s, i) \
+  s = _mm512_dpbf16_ps(s, (__m512bh)_mm512_loadu_si512(w + 32 * (i)), (__m512bh)_mm512_loadu_si512(x + 32 * (i)));
+      FOUR_WAY(a.K / 32, STEP)
+#undef STEP
+      a.y[m * a.N + n] = sum512(acc);
+    }
+  }
+}
+
+AVX2 inline __m256 widen_bf16(const uint16_t* p) {
+  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+
+AVX2 void bf16_avx2(const Rows& a, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint16_t* w = static_cast<const uint16_t*>(a.w) + n * a.K;
+    for (int64_t m = 0; m < a.M; ++m) {
+      const float* x = static_cast<const float*>(a.x) + m * a.K;
+      __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+#define STEP(s, i) s = _mm256_fmadd_ps(widen_bf16(w + 8 * (i)), _mm256_loadu_ps(x + 8 * (i)), s);
+      FOUR_WAY(a.K / 8, STEP)
+#undef STEP
+      a.y[m * a.N + n] = sum256(acc);
+    }
+  }
+}
+
+// ---- int8 and int4 weights against int8 activation blocks of 32. One vector holds `vb` blocks (2 in 512 bits, 1
+// in 256); its integer dot products land in 32-bit lanes, each lane belonging to one block, and are scaled by the
+// lane's activation scale (lane_scales, laid out by the caller to match) before joining a float accumulator.
+// int8 weights have one scale per row, applied at the end; int4 ones one per group, applied per block.
+
+// The lanes of a 512-bit vector that hold the second of its two blocks: int8 keeps a block's 32 bytes together,
+// int4 unpacks 32 packed bytes to [low nibbles of both blocks | high nibbles of both blocks].
+template <int Bits>
+constexpr __mmask16 second_block_lanes() { return Bits == 8 ? 0xFF00 : 0xF0F0; }
+
+// Vector v of row `row` as the bytes VNNI multiplies: unsigned int8 weights w + 128 (w xor 0x80), int4 ones q + 8
+// (as stored) unpacked; the last vector of an odd block count holds one block, the rest zero.
+template <int Bits>
+AVX512_VNNI inline __m512i weight_vector512(const Rows& a, int64_t row, int64_t v, int64_t blocks) {
+  const bool pair = 2 * v + 1 < blocks;
+  if (Bits == 8) {
+    const int8_t* p = static_cast<const int8_t*>(a.w) + row * a.K + v * 2 * kBlock;
+    const __m512i w = pair ? _mm512_loadu_si512(p) : _mm512_zextsi256_si512(_mm256_loadu_si256((const __m256i*)p));
+    return _mm512_xor_si512(w, _mm512_set1_epi8(static_cast<char>(0x80)));
+  }
+  const uint8_t* p = static_cast<const uint8_t*>(a.w) + row * (a.K / 2) + v * kBlock;
+  const __m256i bytes = pair ? _mm256_loadu_si256((const __m256i*)p)
+                             : _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i*)p));
+  const __m256i nibble = _mm256_set1_epi8(0x0F);
+  return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(bytes, nibble)),
+                            _mm256_and_si256(_mm256_srli_epi16(bytes, 4), nibble), 1);
+}
+
+// int4: each lane's weight scale (its block's group) times its activation scale.
+AVX512_VNNI inline __m512 int4_scales512(const Rows& a, const float* xs, int64_t row, int64_t v, int64_t blocks) {
+  const float* ws = a.scales + row * (a.K / a.group);
+  const int64_t b = 2 * v, per_group = a.group / kBlock, second = b + 1 < blocks ? b + 1 : b;
+  const __m512 w = _mm512_mask_blend_ps(second_block_lanes<4>(), _mm512_set1_ps(ws[b / per_group]),
+                                        _mm512_set1_ps(ws[second / per_group]));
+  return _mm512_mul_ps(_mm512_loadu_ps(xs + 16 * v), w);
+}
+
+// lane_fix holds -128 (or -8) times each block's activation sum in one lane: the unsigned offsets cancel.
+template <int Bits>
+AVX512_VNNI void int_avx512(const Rows& a, int64_t n0, int64_t n1) {
+  const int64_t blocks = a.K / kBlock, vectors = (blocks + 1) / 2;
+  for (int64_t n = n0; n < n1; ++n) {
+    for (int64_t m = 0; m < a.M; ++m) {
+      const int8_t* x = static_cast<const int8_t*>(a.x) + m * vectors * 64;
+      const float* xs = a.lane_scales + m * vectors * 16;
+      const int32_t* fix = a.lane_fix + m * vectors * 16;
+      __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+#define STEP(s, i)                                                                                                \
+  {                                                                                                               \
+    const __m512i dot = _mm512_dpbusd_epi32(_mm512_loadu_si512(fix + 16 * (i)), weight_vector512<Bits>(a, n, i, blocks), \
+                                            _mm512_loadu_si512(x + 64 * (i)));                                    \
+    const __m512 scale = Bits == 8 ? _mm512_loadu_ps(xs + 16 * (i)) : int4_scales512(a, xs, n, i, blocks);       \
+    s = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, s);                                                       \
+  }
+      FOUR_WAY(vectors, STEP)
+#undef STEP
+      a.y[m * a.N + n] = sum512(acc) * (Bits == 8 ? a.scales[n] : 1.f);
+    }
+  }
+}
+
+// 16 packed bytes (a block of int4) as [low nibbles | high nibbles]: columns 0, 2, .., 30 then 1, 3, .., 31.
+AVX2 inline __m256i int4_block(const uint8_t* packed) {
+  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(packed));
+  const __m128i nibble = _mm_set1_epi8(0x0F);
+  return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(bytes, 4), nibble), _mm_and_si128(bytes, nibble));
+}
+
+// One block's dot product in 8 lanes. AVX2 multiplies unsigned by signed bytes into saturating int16 pairs: int8
+// weights enter as |w| against x with w's sign (|w|·|x| ≤ 128·127, pairs fit), int4 ones as q + 8 ≤ 15 (the lane
+// correction takes the offset back out).
+template <int Bits>
+AVX2 inline __m256i block_dot256(const Rows& a, int64_t row, int64_t b, __m256i x, const int32_t* fix) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  if (Bits == 8) {
+    const __m256i w = _mm256_loadu_si256(
+        reinterpret_cast<const __m256i*>(static_cast<const int8_t*>(a.w) + row * a.K + b * kBlock));
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w)), ones);
+  }
+  const __m256i w = int4_block(static_cast<const uint8_t*>(a.w) + row * (a.K / 2) + b * (kBlock / 2));
+  return _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(w, x), ones),
+                          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(fix + 8 * b)));
+}
+
+template <int Bits>
+AVX2 void int_avx2(const Rows& a, int64_t n0, int64_t n1) {
+  const int64_t blocks = a.K / kBlock, per_group = a.group / kBlock;
+  for (int64_t n = n0; n < n1; ++n) {
+    const float* ws = a.scales + n * (a.K / a.group);
+    for (int64_t m = 0; m < a.M; ++m) {
+      const int8_t* x = static_cast<const int8_t*>(a.x) + m * blocks * kBlock;
+      const float* xs = a.lane_scales + m * blocks * 8;
+      const int32_t* fix = a.lane_fix + m * blocks * 8;
+      __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+#define STEP(s, i)                                                                                                \
+  {                                                                                                               \
+    const __m256i dot = block_dot256<Bits>(a, n, i, _mm256_loadu_si256((const __m256i*)(x + kBlock * (i))), fix); \
+    __m256 scale = _mm256_loadu_ps(xs + 8 * (i));                                                                 \
+    if (Bits == 4) scale = _mm256_mul_ps(scale, _mm256_set1_ps(ws[(i) / per_group]));                            \
+    s = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, s);                                                       \
+  }
+      FOUR_WAY(blocks, STEP)
+#undef STEP
+      a.y[m * a.N + n] = sum256(acc) * (Bits == 8 ? a.scales[n] : 1.f);
+    }
+  }
+}
+
+// One block of 32 activations -> int8 (scale = absmax / 127, rounded to nearest even), in natural order.
+AVX2 void quantize_block(const float* in, int32_t* q, float* scale, int32_t* sum) {
+  const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  __m256 v[4], top = _mm256_setzero_ps();
+  for (int i = 0; i < 4; ++i) {
+    v[i] = _mm256_loadu_ps(in + 8 * i);
+    top = _mm256_max_ps(top, _mm256_and_ps(v[i], magnitude));
+  }
+  __m128 t = _mm_max_ps(_mm256_castps256_ps128(top), _mm256_extractf128_ps(top, 1));
+  t = _mm_max_ps(t, _mm_movehl_ps(t, t));
+  t = _mm_max_ss(t, _mm_movehdup_ps(t));
+  const float absmax = _mm_cvtss_f32(t);
+  const __m256 inverse = _mm256_set1_ps(absmax > 0.f ? 127.f / absmax : 0.f);
+  __m256i total = _mm256_setzero_si256();
+  for (int i = 0; i < 4; ++i) {
+    const __m256i qi = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inverse));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + 8 * i), qi);
+    total = _mm256_add_epi32(total, qi);
+  }
+  alignas(32) int32_t lanes[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), total);
+  *sum = lanes[0] + lanes[1] + lanes[2] + lanes[3] + lanes[4] + lanes[5] + lanes[6] + lanes[7];
+  *scale = absmax / 127.f;
+}
+
+#endif  // __x86_64__
+
+using Body = void (*)(const Rows&, int64_t, int64_t);
+
+torch::Tensor run(Body body, Rows rows) {
+  auto y = torch::empty({rows.M, rows.N}, torch::kFloat32);
+  rows.y = y.data_ptr<float>();
+  at::parallel_for(0, rows.N, 64, [&](int64_t begin, int64_t end) { body(rows, begin, end); });
+  return y;
+}
+
+void check(const torch::Tensor& x, const torch::Tensor& w, int64_t k, int64_t isa) {
+#if !defined(__x86_64__)
+  TORCH_CHECK(false, "llmcli's kernels are x86 only");
+#endif
+  TORCH_CHECK(isa == 1 || isa == 2, "isa is 1 (AVX2) or 2 (AVX-512)");
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.is_contiguous() && w.is_contiguous(), "contiguous 2-d operands");
+  TORCH_CHECK(x.size(1) == k && k % kBlock == 0, "K must match and be a multiple of 32");
+}
+
+// Activations (M, K) fp32 -> what the integer bodies read per x row: int8 blocks of 32 placed as the weights'
+// bytes are (int4: a vector's low nibbles, then its high ones), zero-padded to whole vectors; per vector, each
+// lane's activation scale and correction (-offset · the block's sum, in the block's first lane; offset 128 or 8,
+// or 0 when the body needs none). isa 2: vectors of 2 blocks and 16 lanes; isa 1: 1 block and 8 lanes.
+void prepare_int8_rows(const torch::Tensor& x, int64_t bits, int64_t isa, int32_t offset, torch::Tensor& xq,
+                       torch::Tensor& lane_scales, torch::Tensor& lane_fix) {
+  const int64_t M = x.size(0), K = x.size(1), blocks = K / kBlock;
+  const int64_t per_vector = isa == 2 ? 2 : 1, lanes = 8 * per_vector, vectors = (blocks + per_vector - 1) / per_vector;
+  const int64_t vector_bytes = per_vector * kBlock;
+  xq = torch::zeros({M, vectors * vector_bytes}, torch::kInt8);
+  lane_scales = torch::zeros({M, vectors, lanes}, torch::kFloat32);
+  lane_fix = torch::zeros({M, vectors, lanes}, torch::kInt32);
+  const float* xp = x.data_ptr<float>();
+  int8_t* q = xq.data_ptr<int8_t>();
+  float* ls = lane_scales.data_ptr<float>();
+  int32_t* lf = lane_fix.data_ptr<int32_t>();
+  alignas(32) int32_t values[kBlock];
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t b = 0; b < blocks; ++b) {
+      float scale;
+      int32_t sum;
+#if defined(__x86_64__)
+      quantize_block(xp + m * K + b * kBlock, values, &scale, &sum);
+#endif
+      const int64_t v = b / per_vector, j = b % per_vector;  // vector, and which of its blocks
+      int8_t* out = q + m * vectors * vector_bytes + v * vector_bytes;
+      for (int64_t i = 0; i < kBlock; ++i) {
+        // int4: even columns sit in quarter j, odd ones in quarter per_vector + j (16 bytes each)
+        const int64_t at = bits == 8 ? j * kBlock + i : (i % 2 ? per_vector + j : j) * 16 + i / 2;
+        out[at] = static_cast<int8_t>(values[i]);
+      }
+      for (int64_t lane = 0; lane < lanes; ++lane) {
+        const int64_t byte = 4 * lane;
+        const int64_t owner = bits == 8 ? byte / kBlock : (byte / 16) % per_vector;
+        if (owner != j) continue;
+        const int64_t at = (m * vectors + v) * lanes + lane;
+        ls[at] = scale;
+        if (lane == (bits == 8 ? j * 8 : j * 4)) lf[at] = -offset * sum;  // the block's first lane
+      }
+    }
+  }
+}
+
+}  // namespace
+
+torch::Tensor linear_f32(torch::Tensor x, torch::Tensor w, int64_t isa) {
+  check(x, w, w.size(1), isa);
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && w.scalar_type() == torch::kFloat32, "fp32 x and W");
+#if defined(__x86_64__)
+  return run(isa == 2 ? f32_avx512 : f32_avx2,
+             {w.data_ptr(), nullptr, 0, x.data_ptr(), nullptr, nullptr, nullptr, x.size(0), x.size(1), w.size(0)});
+#else
+  return {};
+#endif
+}
+
+// x: bf16 for the AVX-512 BF16 body, fp32 for the AVX2 one.
+torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor w, int64_t isa) {
+  check(x, w, w.size(1), isa);
+  TORCH_CHECK(w.scalar_type() == torch::kBFloat16, "bf16 W");
+  TORCH_CHECK(x.scalar_type() == (isa == 2 ? torch::kBFloat16 : torch::kFloat32), "x: bf16 for isa 2, fp32 for 1");
+#if defined(__x86_64__)
+  return run(isa == 2 ? bf16_avx512 : bf16_avx2,
+             {w.data_ptr(), nullptr, 0, x.data_ptr(), nullptr, nullptr, nullptr, x.size(0), x.size(1), w.size(0)});
+#else
+  return {};
+#endif
+}
+
+// qweight: int8 (N, K) with scales (N, 1), or uint8 (N, K / 2) with bits = 4 and scales (N, K / group); x fp32.
+torch::Tensor linear_int(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales, int64_t group, int64_t bits,
+                         int64_t isa) {
+  const int64_t K = bits == 4 ? qweight.size(1) * 2 : qweight.size(1);
+  check(x, qweight, K, isa);
+  TORCH_CHECK(bits == 4 || bits == 8, "bits is 4 or 8");
+  TORCH_CHECK(qweight.scalar_type() == (bits == 4 ? torch::kUInt8 : torch::kInt8), "int8, or uint8 nibbles");
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && scales.scalar_type() == torch::kFloat32, "fp32 x and scales");
+  TORCH_CHECK(bits == 4 || group == K, "int8 takes one scale per row (group = K)");
+  TORCH_CHECK(group % kBlock == 0 && K % group == 0 && scales.is_contiguous() && scales.size(0) == qweight.size(0) &&
+                  scales.size(1) == K / group, "scales (N, K / group), group a multiple of 32");
+#if defined(__x86_64__)
+  const int32_t offset = bits == 4 ? 8 : (isa == 2 ? 128 : 0);
+  torch::Tensor xq, lane_scales, lane_fix;
+  prepare_int8_rows(x, bits, isa, offset, xq, lane_scales, lane_fix);
+  const Rows rows{qweight.data_ptr(), scales.data_ptr<float>(), group, xq.data_ptr(), lane_scales.data_ptr<float>(),
+                  lane_fix.data_ptr<int32_t>(), nullptr, x.size(0), K, qweight.size(0)};
+  if (isa == 2) return run(bits == 4 ? int_avx512<4> : int_avx512<8>, rows);
+  return run(bits == 4 ? int_avx2<4> : int_avx2<8>, rows);
+#else
+  return {};
+#endif
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("linear_f32", &linear_f32, "y = x Wᵀ, fp32 W (N, K)");
+  m.def("linear_bf16", &linear_bf16, "y = x Wᵀ, bf16 W (N, K)");
+  m.def("linear_int", &linear_int, "y = x Wᵀ, int8 or int4 W with group scales, x quantized per 32");
+}

@@ -1,0 +1,145 @@
+"""Our own few-row matrix products for decoding on x86 CPUs (gemv.cpp), and readying a model to decode with them.
+
+A decode step multiplies one row per sequence by every weight matrix: its speed is how fast the weights stream
+from memory. torch's single-row paths stream them at a third to a half of the machine's read bandwidth
+(benchmarks/gemv.py); gemv.cpp's kernels read each matrix once per call, four rows at a time, for fp32, bf16, int8
+and int4 weights (the integer ones against int8 activation blocks, with VNNI or AVX2's byte products).
+
+The C++ is compiled with torch.utils.cpp_extension at first use (once per source and torch version, about 30 s,
+said on stderr) and cached in the user's cache directory. Which body runs is read from the CPU's features at run
+time. Without a compiler, setuptools or an x86 CPU, or with LLMCLI_KERNELS=0, decoding takes torch's path, as it
+did before: `kernel_name()` says which.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import platform
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from llmcli.config import user_cache_dir
+from llmcli.cpu import cpu_flags
+from llmcli.models.layout import set_submodule, store_matrices_transposed
+
+SOURCE = Path(__file__).with_name("gemv.cpp")
+MAX_ROWS = 8  # more rows (a prompt) are a matrix product: torch's GEMM does those
+BLOCK = 32  # inputs per activation block; every kernel takes K in whole blocks
+AVX512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"}
+AVX2 = {"avx2", "fma"}
+# weight kind -> (the AVX-512 feature its fast body needs besides AVX512, the name it goes by)
+BODIES = {"fp32": (None, "AVX-512"), "bf16": ("avx512_bf16", "AVX-512-BF16"), "int": ("avx512_vnni", "AVX-512-VNNI")}
+
+
+@functools.lru_cache(maxsize=None)
+def isa(kind: str) -> int | None:
+    """Which body of gemv.cpp runs `kind` ("fp32", "bf16", "int") here: 2 AVX-512, 1 AVX2, None neither."""
+    flags = cpu_flags()
+    extra, _ = BODIES[kind]
+    if AVX512 <= flags and (extra is None or extra in flags):
+        return 2
+    return 1 if AVX2 <= flags else None
+
+
+@functools.lru_cache(maxsize=1)
+def extension():
+    """The compiled kernels, or None where they cannot run here (said once on stderr when a build fails)."""
+    if os.environ.get("LLMCLI_KERNELS", "1") == "0" or platform.machine() not in ("x86_64", "AMD64"):
+        return None
+    if isa("fp32") is None:
+        return None
+    source = SOURCE.read_bytes()
+    digest = hashlib.sha256(source + torch.__version__.encode()).hexdigest()[:12]
+    name = f"llmcli_gemv_{digest}"
+    build = user_cache_dir() / "kernels" / name
+    if not (build / f"{name}.so").exists():
+        print("llmcli: compiling the CPU decode kernels (once per torch version, about 30 s)", file=sys.stderr)
+    try:
+        build.mkdir(parents=True, exist_ok=True)
+        from torch.utils.cpp_extension import load  # needs setuptools and a C++ compiler
+
+        return load(name, [str(SOURCE)], extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
+                    build_directory=str(build), verbose=False)
+    except (ImportError, OSError, RuntimeError, SystemExit) as error:  # cpp_extension raises each of these
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+        reason = next((line for line in lines if "error:" in line), lines[-1])[:200]  # the compiler's first error
+        print(f"llmcli: the CPU decode kernels did not build ({reason}); decoding takes torch's path",
+              file=sys.stderr)
+        return None
+
+
+def kernel_name() -> str:
+    """What few-row products run on here, for provenance: e.g. 'llmcli gemv (fp32 AVX-512, bf16 AVX-512-BF16,
+    int AVX-512-VNNI)' or "torch (llmcli's kernels off)"."""
+    if extension() is None:
+        return "torch (llmcli's kernels off)"
+    bodies = [f"{kind} {BODIES[kind][1] if isa(kind) == 2 else 'AVX2'}" for kind in BODIES]
+    return f"llmcli gemv ({', '.join(bodies)})"
+
+
+def fits(x: torch.Tensor, in_features: int) -> bool:
+    """Whether a call with activations `x` is one our kernels take: no autograd, CPU, few rows, whole blocks."""
+    return (x.device.type == "cpu" and not torch.is_grad_enabled() and in_features % BLOCK == 0
+            and x.numel() <= MAX_ROWS * in_features and x.dtype in (torch.float32, torch.bfloat16))
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias), through our kernels where they apply (see `fits`; fp32 or bf16 weight in its
+    (out, in) order), else torch's."""
+    ext = extension() if fits(x, weight.shape[-1]) and weight.is_contiguous() else None
+    if ext is None or weight.dtype not in (torch.float32, torch.bfloat16):
+        return F.linear(x, weight, bias)
+    rows = x.reshape(-1, weight.shape[1])
+    if weight.dtype == torch.float32:
+        out = ext.linear_f32(rows.float().contiguous(), weight, isa("fp32"))
+    else:
+        level = isa("bf16")
+        out = ext.linear_bf16(rows.to(torch.bfloat16 if level == 2 else torch.float32).contiguous(), weight, level)
+    out = out.to(x.dtype)
+    if bias is not None:
+        out += bias.to(out.dtype)
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def int_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int,
+               bits: int) -> torch.Tensor:
+    """x · (q · scale)ᵀ for int8 (N, K) or packed int4 (N, K / 2) weights with fp32 scales (N, K / group_size),
+    the activations quantized to int8 per block of 32 inside the kernel. The caller checks `fits` and that
+    extension() is there; group_size must be a multiple of 32. Returns fp32."""
+    rows = x.reshape(-1, x.shape[-1]).float().contiguous()
+    return extension().linear_int(rows, qweight, scales, group_size, bits, isa("int"))
+
+
+class DecodeLinear(nn.Linear):
+    """nn.Linear whose inference calls of few rows go through our kernels (same parameters and state dict)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+    @classmethod
+    def wrapping(cls, module: nn.Linear) -> DecodeLinear:
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.in_features, layer.out_features = module.in_features, module.out_features
+        layer.weight, layer.bias = module.weight, module.bias  # the same Parameter objects
+        return layer
+
+
+def prepare_for_decode(model: nn.Module) -> nn.Module:
+    """Ready a CPU model for generation. With our kernels: every nn.Linear becomes a DecodeLinear and a tied LM head
+    runs through `linear`, weights kept in their (out, in) order, which the kernels read. Without them: matrices
+    stored transposed, the order torch's single-row product reads fastest. In place; returns `model`."""
+    if extension() is None:
+        return store_matrices_transposed(model)
+    store_matrices_transposed(model, transposed=False)
+    for name, module in list(model.named_modules()):
+        if type(module) is nn.Linear:
+            set_submodule(model, name, DecodeLinear.wrapping(module))
+    model.tied_head = linear
+    return model

@@ -1,0 +1,165 @@
+"""llmcli's own few-row kernels (models/gemv.cpp): every body this CPU can run against a reference computed another
+way, and a model readied for decoding with them computing what it computed before."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from llmcli.models import build_model, gemv
+from llmcli.models.quantized import QuantizedLinear, dequantize, pack_int4, qrange, symmetric_scales
+from conftest import tiny_config
+
+pytestmark = pytest.mark.skipif(gemv.isa("fp32") is None, reason="the kernels need an x86 CPU with AVX2")
+
+# (rows, in, out): one and several rows, out not a multiple of the 4-row tile, in of 1, 3 and 24 blocks
+SHAPES = [(1, 32, 5), (3, 96, 33), (8, 768, 771)]
+
+
+def levels(kind: str) -> list[int]:
+    """The bodies this CPU runs for `kind`: AVX2 always, AVX-512 where it has the features."""
+    return [1, 2] if gemv.isa(kind) == 2 else [1]
+
+
+@pytest.fixture(scope="module")
+def ext():
+    built = gemv.extension()
+    if built is None:
+        pytest.fail("the kernels did not build on an x86 CPU with AVX2: see the line on stderr")
+    return built
+
+
+def operands(m: int, k: int, n: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(m, k, generator=g), torch.randn(n, k, generator=g) * 0.05
+
+
+def relative(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got - want).norm() / want.norm()).item()
+
+
+@pytest.mark.parametrize("m,k,n", SHAPES)
+def test_fp32_and_bf16_kernels_match_torch(ext, m, k, n):
+    x, w = operands(m, k, n)
+    for level in levels("fp32"):
+        assert relative(ext.linear_f32(x, w, level), F.linear(x, w)) < 1e-6
+    w16, x16 = w.bfloat16(), x.bfloat16()
+    want = F.linear(x16.double(), w16.double()).float()  # the same bf16 operands, summed in double
+    for level in levels("bf16"):
+        got = ext.linear_bf16(x16 if level == 2 else x16.float(), w16, level)
+        assert relative(got, want) < 1e-6
+
+
+def quantize_weight(w: torch.Tensor, bits: int, group: int):
+    scales = symmetric_scales(w, group, bits)
+    q = (w.reshape(w.shape[0], -1, group) / scales[..., None]).round().clamp(*qrange(bits))
+    return q.reshape(w.shape).to(torch.int8), scales
+
+
+def blockwise_int8(x: torch.Tensor) -> torch.Tensor:
+    """The activations as the kernels see them: int8 per block of 32, scale = absmax / 127, back in floats."""
+    blocks = x.reshape(x.shape[0], -1, 32)
+    scale = blocks.abs().amax(-1, keepdim=True) / 127
+    return (torch.round(blocks / torch.where(scale > 0, scale, 1)) * scale).reshape(x.shape)
+
+
+@pytest.mark.parametrize("m,k,n", SHAPES)
+@pytest.mark.parametrize("bits,group", [(8, None), (4, 32), (4, 96)])
+def test_integer_kernels_match_dequantize_then_matmul(ext, m, k, n, bits, group):
+    """Exact against the same quantized activations times the dequantized weight (integer sums are exact), and within
+    2% of the unquantized activations' product (what the activation blocks cost)."""
+    group = group or k  # int8: one scale per output row
+    if k % group:
+        pytest.skip("the group does not divide the inputs")
+    x, w = operands(m, k, n, seed=bits)
+    q, scales = quantize_weight(w, bits, group)
+    weight = dequantize(q, scales, group).double()
+    exact = F.linear(blockwise_int8(x).double(), weight).float()
+    plain = F.linear(x.double(), weight).float()
+    stored = pack_int4(q) if bits == 4 else q
+    for level in levels("int"):
+        got = ext.linear_int(x, stored, scales.float().contiguous(), group, bits, level)
+        assert relative(got, exact) < 1e-5
+        assert relative(got, plain) < 0.02
+
+
+def test_kernels_refuse_what_they_cannot_take(ext):
+    """Broken preconditions are errors, never out-of-bounds reads: the Python side only calls within them."""
+    x, w = operands(1, 40, 8)
+    with pytest.raises(RuntimeError, match="multiple of 32"):
+        ext.linear_f32(x, w, 1)
+    x, w = operands(1, 64, 8)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        ext.linear_f32(x, w.t().contiguous().t(), 1)
+    transposed = w.t().contiguous().t()
+    assert torch.equal(gemv.linear(x, transposed), F.linear(x, transposed))  # torch's path takes it instead
+
+
+def test_a_model_readied_for_decoding_computes_the_same(ext):
+    """prepare_for_decode changes no name, no saved byte and (within fp32 summation order) no logit; greedy tokens
+    are those of the model as built, and a training step still gets gradients through torch's path."""
+    from llmcli.generation import generate_ids
+
+    config = tiny_config("gpt", d_model=64, n_heads=4, d_ff=128, tie_embeddings=True)
+    model = build_model(config, seed=0).eval()
+    reference = build_model(config, seed=0).eval()
+    before = {name: t.clone() for name, t in model.state_dict().items()}
+    gemv.prepare_for_decode(model)
+    assert sum(isinstance(m, gemv.DecodeLinear) for m in model.modules()) == sum(
+        type(m) is nn.Linear for m in reference.modules())
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(before[name], t) for name, t in model.state_dict().items())
+    ids = torch.randint(0, config.vocab_size, (2, 6), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        for step in range(1, 3):  # one-row calls: the kernels run
+            assert torch.allclose(model(ids[:1, :step]).logits, reference(ids[:1, :step]).logits, atol=1e-5)
+        assert torch.equal(generate_ids(model, ids, 8, temperature=0), generate_ids(reference, ids, 8, temperature=0))
+    model.train()
+    model(ids).logits.square().mean().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_quantized_layer_takes_the_kernel_for_few_rows(ext):
+    x, w = operands(1, 128, 40, seed=3)
+    for scheme, group in (("int8", None), ("int4", 32)):
+        bits = 4 if scheme == "int4" else 8
+        q, scales = quantize_weight(w, bits, group or 128)
+        layer = QuantizedLinear.from_linear(nn.Linear(128, 40, bias=True), scheme, group, q, scales)
+        with torch.no_grad():
+            got = layer(x)
+            want = F.linear(blockwise_int8(x), layer.dequantized_weight(), layer.bias)
+            assert torch.allclose(got, want, atol=1e-5), scheme
+            assert layer._kernel[1] is not None  # the prepared path, not the reference
+
+
+def test_without_kernels_decoding_takes_torchs_path():
+    """LLMCLI_KERNELS=0: no build, the present path (matrices stored transposed), provenance says so."""
+    code = ("from llmcli.models import build_model, gemv; from conftest import tiny_config\n"
+            "m = gemv.prepare_for_decode(build_model(tiny_config('gpt', d_model=64, n_heads=4), seed=0))\n"
+            "print(gemv.kernel_name(), any(isinstance(x, gemv.DecodeLinear) for x in m.modules()),"
+            " m.tok_emb.weight.t().is_contiguous())")
+    env = {**os.environ, "LLMCLI_KERNELS": "0", "PYTHONPATH": os.path.dirname(__file__)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["torch", "(llmcli's", "kernels", "off)", "False", "True"]
+    assert "compiling" not in out.stderr
+
+
+def test_a_failed_build_is_one_line_and_torchs_path(tmp_path, monkeypatch, capsys):
+    broken = tmp_path / "gemv.cpp"
+    broken.write_text("this is not C++\n")
+    monkeypatch.setattr(gemv, "SOURCE", broken)
+    gemv.extension.cache_clear()
+    try:
+        assert gemv.extension() is None
+        x, w = operands(1, 64, 8)
+        assert torch.equal(gemv.linear(x, w), F.linear(x, w))
+    finally:
+        gemv.extension.cache_clear()
+    err = capsys.readouterr().err
+    assert "did not build" in err and "torch's path" in err and "Traceback" not in err
