@@ -81,15 +81,15 @@ def main() -> None:
                             f"{peer['tokens_per_s']:,.1f} ± {peer['tokens_per_s_std']:,.1f} | "
                             f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f}) | {streamed} |")
                 print(rows[-1], file=sys.stderr, flush=True)
-                build = peer["configuration"]
+                build, kernels = peer["configuration"], r.provenance["decode_kernels"]
     torch.set_num_threads(args.threads)
     record_table(
         "llmcli against llama.cpp: batch-1 decode and prefill on the same weights (CPU)",
         f"`llmcli bench --compare llama.cpp`, {args.threads} threads on both sides, {args.reps} repetitions "
         f"interleaved (llama-bench `-r 1` per repetition, its own warm-up each call), random weights exported to "
-        f"GGUF at the matching type. llmcli: eager PyTorch, KV cache, matrices stored transposed for decode, "
-        f"int8/int4 through ATen's packed kernels where they fit (LM head quantized too), decode from an 8-token "
-        f"prompt; llama.cpp build {build['build_commit']} ({build['backends']}, flash attention "
+        f"GGUF at the matching type. llmcli: eager PyTorch, KV cache, decode's matrix products by {kernels} (int8/int4: "
+        f"activations quantized to int8 per block of 32; LM head quantized too), prefill's by torch, decode from an "
+        f"8-token prompt; llama.cpp build {build['build_commit']} ({build['backends']}, flash attention "
         f"{build['flash_attn']}), `-n 128` decode from an empty context, `-p 256` prefill. Ratio: llmcli / "
         f"llama.cpp, median of per-repetition ratios (min-max). Streamed: the weights a decode step reads times "
         f"steps/s, and its share of the read bandwidth measured just before ({bandwidth / 1e9:.1f} GB/s, "

@@ -140,11 +140,6 @@ AVX2 void bf16_avx2(const Rows& a, int64_t n0, int64_t n1) {
 // lane's activation scale (lane_scales, laid out by the caller to match) before joining a float accumulator.
 // int8 weights have one scale per row, applied at the end; int4 ones one per group, applied per block.
 
-// The lanes of a 512-bit vector that hold the second of its two blocks: int8 keeps a block's 32 bytes together,
-// int4 unpacks 32 packed bytes to [low nibbles of both blocks | high nibbles of both blocks].
-template <int Bits>
-constexpr __mmask16 second_block_lanes() { return Bits == 8 ? 0xFF00 : 0xF0F0; }
-
 // Vector v of row `row` as the bytes VNNI multiplies: unsigned int8 weights w + 128 (w xor 0x80), int4 ones q + 8
 // (as stored) unpacked; the last vector of an odd block count holds one block, the rest zero.
 template <int Bits>
@@ -163,13 +158,18 @@ AVX512_VNNI inline __m512i weight_vector512(const Rows& a, int64_t row, int64_t 
                             _mm256_and_si256(_mm256_srli_epi16(bytes, 4), nibble), 1);
 }
 
-// int4: each lane's weight scale (its block's group) times its activation scale.
+// int4: each lane's weight scale (its block's group) times its activation scale. The two blocks' scales are read
+// as one 8-byte pair and spread to their lanes ([first x4, second x4] twice) by one permute.
 AVX512_VNNI inline __m512 int4_scales512(const Rows& a, const float* xs, int64_t row, int64_t v, int64_t blocks) {
+  const int64_t b = 2 * v, per_group = a.group / kBlock;
   const float* ws = a.scales + row * (a.K / a.group);
-  const int64_t b = 2 * v, per_group = a.group / kBlock, second = b + 1 < blocks ? b + 1 : b;
-  const __m512 w = _mm512_mask_blend_ps(second_block_lanes<4>(), _mm512_set1_ps(ws[b / per_group]),
-                                        _mm512_set1_ps(ws[second / per_group]));
-  return _mm512_mul_ps(_mm512_loadu_ps(xs + 16 * v), w);
+  __m128 pair;
+  if (per_group == 1 && b + 1 < blocks)
+    pair = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(ws + b)));
+  else
+    pair = _mm_setr_ps(ws[b / per_group], ws[(b + 1 < blocks ? b + 1 : b) / per_group], 0.f, 0.f);
+  const __m512i spread = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1);
+  return _mm512_mul_ps(_mm512_loadu_ps(xs + 16 * v), _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(pair)));
 }
 
 // lane_fix holds -128 (or -8) times each block's activation sum in one lane: the unsigned offsets cancel.
