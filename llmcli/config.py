@@ -97,6 +97,10 @@ class ModelConfig:
     logits_softcap: float | None = None  # LM-head logits -> c·tanh(logits / c) (Gemma 2)
     rope_local_base: float | None = None  # rotary base of the sliding-window layers, unscaled (Gemma 3)
     parallel_block: bool = False  # attention and MLP side by side (GPT-J, PaLM)
+    n_experts: int = 0  # > 0: each block's feed-forward is a mixture of this many experts (gpt family)
+    experts_per_token: int = 2  # the k of top-k routing
+    d_expert: int | None = None  # an expert's hidden width (default d_ff)
+    norm_topk_prob: bool = False  # the top-k router probabilities renormalised to sum to 1 (Mixtral, Qwen3-MoE)
     tokenizer: str | None = None
     bos_token_id: int | None = None  # a converted checkpoint's own special tokens (its config or
     eos_token_id: int | None = None  # generation_config.json); None: found in the tokenizer by name
@@ -115,6 +119,10 @@ class ModelConfig:
             self.d_head = self.d_model // self.n_heads
         if self.family == "t5" and self.n_decoder_layers is None:
             self.n_decoder_layers = self.n_layers
+
+    @property
+    def expert_width(self) -> int:
+        return self.d_expert or self.d_ff
 
     @property
     def d_attn(self) -> int:
@@ -241,6 +249,14 @@ def _check_sizes(cfg: ModelConfig, where: str) -> None:
         raise UserError(f"{where}: 'n_decoder_layers' is only for the t5 family; remove it")
     if cfg.type_vocab_size < 0:
         raise UserError(f"{where}: 'type_vocab_size' must be >= 0, got {cfg.type_vocab_size}")
+    if cfg.n_experts:
+        if cfg.family != "gpt" or cfg.parallel_block:
+            raise UserError(f"{where}: 'n_experts' is for the gpt family with sequential blocks; remove it")
+        if cfg.n_experts < 0 or not 1 <= cfg.experts_per_token <= cfg.n_experts:
+            raise UserError(f"{where}: 'experts_per_token' ({cfg.experts_per_token}) must be between 1 and "
+                            f"n_experts ({cfg.n_experts})")
+        if cfg.d_expert is not None and cfg.d_expert <= 0:
+            raise UserError(f"{where}: 'd_expert' must be positive, got {cfg.d_expert}")
 
 
 def _check_rope_scaling(cfg: ModelConfig, where: str) -> None:

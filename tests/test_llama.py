@@ -24,7 +24,8 @@ def _one_thread():
 CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
            "qwen3": "Qwen3ForCausalLM", "olmo2": "Olmo2ForCausalLM", "phi3": "Phi3ForCausalLM",
            "smollm3": "SmolLM3ForCausalLM", "granite": "GraniteForCausalLM",
-           "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
+           "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM", "mixtral": "MixtralForCausalLM",
+           "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM"}
 SMALL = dict(vocab_size=384, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
              max_position_embeddings=128, bos_token_id=1, eos_token_id=2, rms_norm_eps=1e-5)
 SHAPES = {  # (model_type, config overrides): GQA and MQA, tied and untied, head_dim != d_model / heads, biases
@@ -71,6 +72,18 @@ SHAPES = {  # (model_type, config overrides): GQA and MQA, tied and untied, head
                                            max_window_layers=1)),
     "qwen3-window-layer-0": ("qwen3", dict(num_key_value_heads=4, use_sliding_window=True, sliding_window=3,
                                            layer_types=["sliding_attention", "full_attention"])),
+    # Mixtures of experts: top-1 and top-2, 4 and 8 experts, the top-k probabilities renormalised (Mixtral always,
+    # Qwen3-MoE and OLMoE by norm_topk_prob) or not, an expert width of its own (Qwen3-MoE)
+    "mixtral-8-top2": ("mixtral", dict(num_local_experts=8, num_experts_per_tok=2, num_key_value_heads=2,
+                                       tie_word_embeddings=False)),
+    "mixtral-4-top1": ("mixtral", dict(num_local_experts=4, num_experts_per_tok=1, num_key_value_heads=2)),
+    "qwen3moe-4-top2-norm": ("qwen3_moe", dict(num_experts=4, num_experts_per_tok=2, norm_topk_prob=True,
+                                               moe_intermediate_size=48, num_key_value_heads=2, head_dim=24)),
+    "qwen3moe-8-top1": ("qwen3_moe", dict(num_experts=8, num_experts_per_tok=1, norm_topk_prob=False,
+                                          moe_intermediate_size=32, num_key_value_heads=2)),
+    "olmoe-8-top2": ("olmoe", dict(num_experts=8, num_experts_per_tok=2, num_key_value_heads=2)),
+    "olmoe-4-top1-norm": ("olmoe", dict(num_experts=4, num_experts_per_tok=1, norm_topk_prob=True,
+                                        num_key_value_heads=4)),
     # Rotary scalings, each past its original context (16 positions) in the 40-token batch and in generation
     "llama3-scaled": ("llama", dict(num_key_value_heads=2, rope_parameters=dict(
         rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,

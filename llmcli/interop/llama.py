@@ -1,5 +1,5 @@
-"""Llama-style decoders (Llama, Mistral, Qwen2, Qwen3, OLMo 2, Phi-3, SmolLM3, Granite): one layout, told apart by
-config switches."""
+"""Llama-style decoders (Llama, Mistral, Qwen2, Qwen3, OLMo 2, Phi-3, SmolLM3, Granite, and the mixtures of experts
+Mixtral, Qwen3-MoE, OLMoE): one layout, told apart by config switches."""
 
 from __future__ import annotations
 
@@ -12,10 +12,56 @@ from llmcli.interop.rope import hf_rope, rope_from_hf, rope_to_hf
 from llmcli.interop.tables import Family, Rule, params, stack
 
 
-def _llama_rules(cfg: ModelConfig, fused: bool = False) -> list[Rule]:
+@dataclass(frozen=True)
+class Experts:
+    """How a mixture-of-experts architecture names its router and experts and spells their settings."""
+
+    router: str  # the router's HF layer, e.g. "mlp.gate"
+    experts: str  # the experts' HF prefix, e.g. "mlp.experts"
+    names: tuple[str, str, str]  # an expert's gate, up and down projections
+    count_key: str  # config.json's number of experts
+    defaults: tuple[int, int]  # its class defaults: experts, experts per token
+    width_key: str | None = None  # an expert's width, when it is not intermediate_size (Qwen3-MoE)
+    norm_topk_prob: bool | None = None  # fixed by the architecture (Mixtral), else config.json's (default False)
+    extra_to_hf: tuple[tuple[str, object], ...] = ()  # settings it writes as llmcli computes them
+
+    def rules(self, cfg: ModelConfig) -> list[Rule]:
+        return [*params("ff.router", self.router, bias=False),
+                *(rule for e in range(cfg.n_experts) for ours, theirs in zip(("gate", "up", "down"), self.names)
+                  for rule in params(f"ff.experts.{e}.{ours}", f"{self.experts}.{e}.{theirs}", bias=False))]
+
+    def from_hf(self, hf: dict) -> dict:
+        experts, per_token = self.defaults
+        count = hf.get(self.count_key, hf.get("num_local_experts", hf.get("num_experts", experts)))  # 5.x renames
+        return {"n_experts": count, "experts_per_token": hf.get("num_experts_per_tok", per_token),
+                "d_expert": hf.get(self.width_key) if self.width_key else None,
+                "norm_topk_prob": (self.norm_topk_prob if self.norm_topk_prob is not None
+                                   else bool(hf.get("norm_topk_prob", False)))}
+
+    def to_hf(self, cfg: ModelConfig) -> dict:
+        out = {self.count_key: cfg.n_experts, "num_experts_per_tok": cfg.experts_per_token,
+               "output_router_logits": False, **dict(self.extra_to_hf)}
+        if self.width_key:
+            out[self.width_key] = cfg.expert_width
+        if self.norm_topk_prob is None:
+            out["norm_topk_prob"] = cfg.norm_topk_prob
+        return out
+
+    def misfit(self, cfg: ModelConfig) -> str | None:
+        if not cfg.n_experts:
+            return "n_experts = 0 (it is a mixture of experts)"
+        if self.width_key is None and cfg.d_expert not in (None, cfg.d_ff):
+            return f"d_expert = {cfg.d_expert} (its experts are d_ff = {cfg.d_ff} wide)"
+        if self.norm_topk_prob is not None and cfg.norm_topk_prob != self.norm_topk_prob:
+            return f"norm_topk_prob = {cfg.norm_topk_prob} (it has {self.norm_topk_prob})"
+        return None
+
+
+def _llama_rules(cfg: ModelConfig, fused: bool = False, experts: Experts | None = None) -> list[Rule]:
     """LlamaForCausalLM's layout, which Mistral, Qwen2 and Qwen3 (with q_norm, k_norm) share; OLMo 2 norms each
     sublayer's output instead of its input (post_attention_layernorm, post_feedforward_layernorm); Phi-3 fuses
-    q, k, v into qkv_proj and gate, up into gate_up_proj (fused: no biases there)."""
+    q, k, v into qkv_proj and gate, up into gate_up_proj (fused: no biases there); a mixture of experts has a
+    router and experts where the others have one feed-forward."""
     norms = (("post_attention_layernorm", "post_feedforward_layernorm") if cfg.norm_position == "output"
              else ("input_layernorm", "post_attention_layernorm"))
     kv = cfg.n_kv_heads * cfg.d_head
@@ -32,8 +78,9 @@ def _llama_rules(cfg: ModelConfig, fused: bool = False) -> list[Rule]:
     block = [*params("attn_norm", norms[0], bias=False), *projections,
              *([rule for p in "qk" for rule in params(f"attn.{p}_norm", f"self_attn.{p}_norm", bias=False)]
                if cfg.qk_norm else []),
-             *params("ff_norm", norms[1], bias=False), *feed_forward,
-             *params("ff.down", "mlp.down_proj", bias=cfg.projection_bias("down"))]
+             *params("ff_norm", norms[1], bias=False),
+             *(experts.rules(cfg) if experts else
+               [*feed_forward, *params("ff.down", "mlp.down_proj", bias=cfg.projection_bias("down"))])]
     return [
         *params("tok_emb", "model.embed_tokens", bias=False),
         *stack("decoder.blocks.", "model.layers.", cfg.n_layers, block),
@@ -75,14 +122,19 @@ def _phi3_to_hf(cfg: ModelConfig) -> dict:
                                                                              cfg.max_seq_len)}
 
 
-def _unsupported_llama(hf: dict, where: str, partial_rotary: bool = False) -> None:
+def _unsupported_llama(hf: dict, where: str, partial_rotary: bool = False, moe: bool = False) -> None:
     """Refuse what llmcli's blocks do not compute, naming the field (never ignored silently)."""
     problems = []
     if not partial_rotary and hf_rope(hf).get("partial_rotary_factor", 1.0) != 1.0:
         problems.append(f"partial_rotary_factor ({hf.get('model_type')}'s attention rotates every dimension)")
     for key in ("num_local_experts", "num_experts", "moe_intermediate_size"):
-        if hf.get(key):
+        if hf.get(key) and not moe:
             problems.append(f"{key} = {hf[key]} (mixture of experts)")
+    if hf.get("mlp_only_layers") or hf.get("decoder_sparse_step", 1) != 1:
+        problems.append("mlp_only_layers / decoder_sparse_step (dense layers among the experts' layers)")
+    for key in ("shared_expert_intermediate_size", "n_shared_experts", "clip_qkv"):
+        if hf.get(key):
+            problems.append(f"{key} = {hf[key]}")
     if hf.get("pretraining_tp", 1) != 1:
         problems.append(f"pretraining_tp = {hf['pretraining_tp']} (use 1)")
     if problems:
@@ -202,11 +254,12 @@ GRANITE_SPECIAL = Special(
 
 def _llama_like(model_type: str, architecture: str, biases: str | tuple[bool, bool, bool], hf_fields=LLAMA_FIELDS,
                 from_hf: dict | None = None, windows: str = "none", fused: bool = False,
-                special: Special = Special()) -> Family:
+                special: Special = Special(), experts: Experts | None = None) -> Family:
     """biases: "flags" (config.json's attention_bias and mlp_bias), "attention" (attention_bias only, no
     feed-forward bias) or the fixed (q/k/v, o, feed-forward) biases of an architecture without flags.
     windows: one of WINDOW_KINDS. fused: Phi-3's fused projections. special: the fields only it has.
-    hf_fields: its config.json fields with their defaults; from_hf: its fixed llmcli fields (its norms)."""
+    hf_fields: its config.json fields with their defaults; from_hf: its fixed llmcli fields (its norms).
+    experts: a mixture of experts' names and settings."""
     fixed_from_hf = {"hf_architecture": architecture, **(from_hf or {})}
     if isinstance(biases, tuple):  # no bias flags in its config.json: the architecture fixes them
         fixed_from_hf.update(attention_bias=None, mlp_bias=None, qkv_bias=True if biases[0] else None)
@@ -221,6 +274,8 @@ def _llama_like(model_type: str, architecture: str, biases: str | tuple[bool, bo
         extra = sorted(specials(cfg) - set(special.keeps))
         if extra:
             return f"{extra[0]} = {getattr(cfg, extra[0])!r} (it has {DEFAULTS[extra[0]]!r})"
+        if experts is not None and (problem := experts.misfit(cfg)):
+            return problem
         return _windows_fit(cfg, windows)
 
     def bias_flags(cfg: ModelConfig) -> dict:
@@ -232,7 +287,7 @@ def _llama_like(model_type: str, architecture: str, biases: str | tuple[bool, bo
     return Family(
         family="gpt", model_type=model_type, architecture=architecture,
         reads=(architecture, architecture.replace("ForCausalLM", "Model")), base_prefix="model.",
-        rules=lambda cfg: _llama_rules(cfg, fused), fields=hf_fields, activation_key="hidden_act",
+        rules=lambda cfg: _llama_rules(cfg, fused, experts), fields=hf_fields, activation_key="hidden_act",
         activation_default="silu",
         activations={"silu": "swiglu"}, fixed={"attention_dropout": 0.0},
         requires={"position": "rope", "norm": "rmsnorm", "parallel_block": False,
@@ -240,11 +295,13 @@ def _llama_like(model_type: str, architecture: str, biases: str | tuple[bool, bo
         misfit=check_fit,
         emb_key="model.embed_tokens.weight", head_key="lm_head.weight",
         ignored=r"\.rotary_emb\.inv_freq$", free_head_size=True, grouped_query=True,
-        refuse=lambda hf, where: _unsupported_llama(hf, where, "rotary_fraction" in special.keeps),
+        refuse=lambda hf, where: _unsupported_llama(hf, where, "rotary_fraction" in special.keeps, experts is not None),
         extra_from_hf=lambda hf, state, where: {**_llama_config(hf, where), **_windows_from_hf(hf, windows, where),
-                                                **special.from_hf(hf), **fixed_from_hf},
-        extra_to_hf=lambda cfg: {**_llama_to_hf(cfg), **bias_flags(cfg),
-                                 **_windows_to_hf(cfg, windows), **special.to_hf(cfg)})
+                                                **special.from_hf(hf), **(experts.from_hf(hf) if experts else {}),
+                                                **fixed_from_hf},
+        extra_to_hf=lambda cfg: {**_llama_to_hf(cfg), **bias_flags(cfg), **_windows_to_hf(cfg, windows),
+                                 **special.to_hf(cfg), **(experts.to_hf(cfg) if experts else {})},
+        moe=experts is not None)
 
 
 def with_defaults(fields: tuple, **defaults) -> tuple:
@@ -282,3 +339,25 @@ SMOLLM3 = _llama_like(
                             num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=32768),
     windows="chosen layers", special=SMOLLM3_SPECIAL)
 GRANITE = _llama_like("granite", "GraniteForCausalLM", "flags", special=GRANITE_SPECIAL)
+MIXTRAL = _llama_like(
+    "mixtral", "MixtralForCausalLM", (False, False, False),
+    hf_fields=with_defaults(LLAMA_FIELDS, intermediate_size=14336, max_position_embeddings=4096 * 32,
+                            rms_norm_eps=1e-5, num_key_value_heads=8),
+    windows="every layer",
+    experts=Experts("block_sparse_moe.gate", "block_sparse_moe.experts", ("w1", "w3", "w2"), "num_local_experts",
+                    (8, 2), norm_topk_prob=True))
+QWEN3_MOE = _llama_like(
+    "qwen3_moe", "Qwen3MoeForCausalLM", "attention",
+    hf_fields=with_defaults(LLAMA_FIELDS, vocab_size=151936, hidden_size=2048, intermediate_size=6144,
+                            num_hidden_layers=24, num_attention_heads=32, num_key_value_heads=4,
+                            max_position_embeddings=32768),
+    from_hf={"qk_norm": "head"}, windows="chosen layers",
+    experts=Experts("mlp.gate", "mlp.experts", ("gate_proj", "up_proj", "down_proj"), "num_experts", (128, 8),
+                    width_key="moe_intermediate_size", extra_to_hf=(("decoder_sparse_step", 1), ("mlp_only_layers", []))))
+OLMOE = _llama_like(
+    "olmoe", "OlmoeForCausalLM", "attention",
+    hf_fields=with_defaults(LLAMA_FIELDS, vocab_size=50304, hidden_size=2048, intermediate_size=2048,
+                            num_hidden_layers=16, num_attention_heads=16, max_position_embeddings=4096,
+                            rms_norm_eps=1e-5),
+    from_hf={"qk_norm": "projection"},
+    experts=Experts("mlp.gate", "mlp.experts", ("gate_proj", "up_proj", "down_proj"), "num_experts", (64, 8)))

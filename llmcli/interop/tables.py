@@ -86,3 +86,4 @@ class Family:
     refuse: Callable[[dict, str], None] = lambda hf, where: None  # raises on config features llmcli lacks
     grouped_query: bool = False  # num_key_value_heads < num_attention_heads can be written
     misfit: Callable[[ModelConfig], str | None] = lambda cfg: None  # why its biases or windows do not fit
+    moe: bool = False  # its feed-forwards are mixtures of experts

@@ -63,18 +63,62 @@ ACTIVATIONS = {
 class FeedForward(nn.Module):
     """down(act(up(x))), or down(act(gate(x)) * up(x)) for the gated variants (SwiGLU, GeGLU)."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, width: int | None = None) -> None:
         super().__init__()
         self.act = ACTIVATIONS[cfg.activation]
-        bias = cfg.projection_bias("up")
-        self.up = nn.Linear(cfg.d_model, cfg.d_ff, bias=bias)
-        self.gate = nn.Linear(cfg.d_model, cfg.d_ff, bias=bias) if cfg.activation in ("swiglu", "geglu") else None
-        self.down = nn.Linear(cfg.d_ff, cfg.d_model, bias=bias)
+        bias, width = cfg.projection_bias("up"), width or cfg.d_ff
+        self.up = nn.Linear(cfg.d_model, width, bias=bias)
+        self.gate = nn.Linear(cfg.d_model, width, bias=bias) if cfg.activation in ("swiglu", "geglu") else None
+        self.down = nn.Linear(width, cfg.d_model, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate is None:
             return self.down(self.act(self.up(x)))
         return self.down(self.act(self.gate(x)) * self.up(x))
+
+
+class MixtureOfExperts(nn.Module):
+    """A router and `n_experts` feed-forwards; each token goes to its top-k experts, weighted by the router's
+    softmax probabilities (renormalised over the k with norm_topk_prob: Mixtral, Qwen3-MoE; not: OLMoE).
+
+    Tokens are grouped by expert and each expert runs once over its tokens. After each call `expert_load` (tokens
+    routed to each expert) stays on the module for the load statistics, and, when autograd is on (training),
+    `router_logits` ((tokens, n_experts), fp32) for the router's losses."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.top_k, self.norm_topk_prob = cfg.experts_per_token, cfg.norm_topk_prob
+        self.router = nn.Linear(cfg.d_model, cfg.n_experts, bias=False)
+        self.experts = nn.ModuleList(FeedForward(cfg, cfg.expert_width) for _ in range(cfg.n_experts))
+        self.router_logits: torch.Tensor | None = None
+        self.expert_load: torch.Tensor | None = None
+
+    def route(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(router logits in fp32, the k weights per token in the tokens' dtype, the k experts per token)."""
+        logits = self.router(tokens).float()
+        weights, chosen = logits.softmax(-1).topk(self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(-1, keepdim=True)
+        return logits, weights.to(tokens.dtype), chosen
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = x.reshape(-1, x.shape[-1])
+        logits, weights, chosen = self.route(tokens)
+        flat = chosen.reshape(-1)
+        order = flat.argsort(stable=True)  # the (token, slot) pairs grouped by expert
+        load = torch.bincount(flat, minlength=len(self.experts))
+        token_of = order // self.top_k
+        out = torch.zeros_like(tokens)
+        start = 0
+        for expert, count in zip(self.experts, load.tolist()):
+            if count:
+                rows = token_of[start:start + count]
+                routed = expert(tokens[rows]) * weights.reshape(-1)[order[start:start + count], None]
+                out.index_add_(0, rows, routed)
+                start += count
+        self.router_logits = logits if torch.is_grad_enabled() else None
+        self.expert_load = load.detach()
+        return out.reshape(x.shape)
 
 
 # ---------------------------------------------------------------- KV cache
@@ -247,7 +291,7 @@ class Block(nn.Module):
         self.cross_norm = make_norm(cfg) if cross else None
         self.cross_attn = Attention(cfg, cross=True, scale=attn_scale) if cross else None
         self.ff_norm = None if self.parallel else make_norm(cfg)
-        self.ff = FeedForward(cfg)
+        self.ff = MixtureOfExperts(cfg) if cfg.n_experts else FeedForward(cfg)
         sandwich = cfg.norm_position == "sandwich"  # Gemma: each sublayer's output normed too, before the add
         self.attn_post_norm = make_norm(cfg) if sandwich else None
         self.ff_post_norm = make_norm(cfg) if sandwich else None
