@@ -107,6 +107,7 @@ class ModelConfig:
     stop_token_ids: list | None = None  # more ids that end a generated sequence (the rest of an EOS list)
     hf_architecture: str | None = None  # what `convert to-hf` writes (default: by family and position)
     published_params: int | None = None
+    published_active_params: int | None = None  # a mixture of experts: the parameters one token uses
     source: str | None = None
 
     def __post_init__(self) -> None:

@@ -17,7 +17,8 @@ def _row(config) -> dict:
     counts = count(config)
     return {"name": config.name, "family": config.family, "n_layers": config.n_layers,
             "d_model": config.d_model, "n_heads": config.n_heads, **counts.to_dict(),
-            "published_params": config.published_params, "source": config.source}
+            "published_params": config.published_params,
+            "published_active_params": config.published_active_params, "source": config.source}
 
 
 @app.command("list")
@@ -36,13 +37,19 @@ def list_models(family: str = typer.Option(None, help="Only this family: bert, g
         print_json(rows)
         return
     table = Table(title="llmcli zoo", box=box.SIMPLE_HEAD, padding=(0, 1), collapse_padding=True, pad_edge=False,
-                  caption="L layers, H heads; FLOP/tok: forward pass at the full context (PaLM, Chowdhery et al. 2022)")
-    for column in ("name", "family", "L", "d_model", "H", "params", "published", "FLOP/tok", "fp16 size"):
+                  caption="L layers, H heads; active: what one token uses (a mixture of experts: its top-k experts); "
+                          "FLOP/tok: forward pass at the full context, from the active parameters (PaLM, Chowdhery "
+                          "et al. 2022)")
+    for column in ("name", "family", "L", "d_model", "H", "params", "active", "published", "FLOP/tok", "fp16 size"):
         table.add_column(column, justify="left" if column in ("name", "family") else "right", no_wrap=True)
     for r in rows:
         published = human(r["published_params"]) if r["published_params"] else "-"
+        if r["published_active_params"]:
+            published += f" ({human(r['published_active_params'])})"
+        active = human(r["active_params"]) if r["active_params"] != r["params"] else "-"
         table.add_row(r["name"], r["family"], str(r["n_layers"]), str(r["d_model"]), str(r["n_heads"]),
-                      human(r["params"]), published, human(r["flops_per_token"]), human(r["fp16_weight_bytes"], "B"))
+                      human(r["params"]), active, published, human(r["flops_per_token"]),
+                      human(r["fp16_weight_bytes"], "B"))
     console.print(table)
 
 
