@@ -1,7 +1,8 @@
-"""Looking inside a model: BERT's masked-token predictions, sentence embeddings, attention maps.
+"""Looking inside a model: BERT's masked-token predictions, sentence embeddings, attention maps, a mixture of
+experts' routing.
 
 Each function takes a loaded model and tokenizer and returns plain data; `llmcli fill-mask`,
-`llmcli embed` and `llmcli attention` render it.
+`llmcli embed`, `llmcli attention` and `llmcli experts` render it.
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
+from llmcli.charts import write_png
 from llmcli.errors import UserError
 from llmcli.generation import check_context, generate_ids, pad_batch, require_family
+from llmcli.models.blocks import MixtureOfExperts
 from llmcli.tokenizer import encode_texts, special_ids
 
 ATTENTION_KINDS = ("self", "decoder-self", "cross")
@@ -254,3 +257,70 @@ def save_attention_png(attention: AttentionMap, path: str | Path, title: str) ->
     except OSError as e:
         raise UserError(f"{path}: cannot write the image ({e.strerror}); choose another --png path") from None
     tmp.replace(path)
+
+
+# ---------------------------------------------------------------- expert routing
+
+
+@dataclass
+class ExpertRouting:
+    """How one text's tokens spread over a mixture of experts: per layer, each expert's share of the routed
+    (token, slot) pairs, and the tokens each expert took most often."""
+
+    tokens: list[str]
+    load: list[list[float]]  # layer -> expert -> share of routed pairs (a layer sums to 1)
+    top_tokens: list[list[list[tuple[str, int]]]]  # layer -> expert -> (token, times), most taken first
+    experts_per_token: int
+
+    def to_dict(self) -> dict:
+        return {"tokens": self.tokens, "load": self.load, "experts_per_token": self.experts_per_token,
+                "top_tokens": [[[{"token": t, "count": n} for t, n in expert] for expert in layer]
+                               for layer in self.top_tokens]}
+
+
+def expert_routing(model, tokenizer, text: str, top: int = 5) -> ExpertRouting:
+    """Run `text` through a mixture-of-experts model and read each layer's router choices."""
+    layers = [m for m in model.modules() if isinstance(m, MixtureOfExperts)]
+    if not layers:
+        raise UserError(f"{model.config.name} has no mixture of experts (n_experts = 0); this shows routing of "
+                        f"models such as moe-micro, Mixtral, Qwen3-MoE or OLMoE")
+    ids = _encode_checked(model, tokenizer, [text], "--text")[0]
+    chosen: list[torch.Tensor] = []
+
+    def record(module, inputs, output):
+        _, _, experts = module.route(inputs[0].reshape(-1, inputs[0].shape[-1]))
+        chosen.append(experts.cpu())
+
+    handles = [m.register_forward_hook(record) for m in layers]
+    try:
+        with torch.no_grad():
+            model(torch.tensor([ids], device=_device(model)))
+    finally:
+        for handle in handles:
+            handle.remove()
+    tokens = [_label(tokenizer, i) for i in ids]
+    load, top_tokens = [], []
+    for experts in chosen:
+        counts = torch.bincount(experts.reshape(-1), minlength=len(layers[0].experts))
+        load.append((counts / counts.sum()).tolist())
+        per_expert = []
+        for e in range(len(counts)):
+            taken: dict[str, int] = {}
+            for position in (experts == e).any(-1).nonzero().reshape(-1).tolist():
+                taken[tokens[position]] = taken.get(tokens[position], 0) + 1
+            per_expert.append(sorted(taken.items(), key=lambda item: -item[1])[:top])
+        top_tokens.append(per_expert)
+    return ExpertRouting(tokens, load, top_tokens, layers[0].top_k)
+
+
+def save_routing_png(routing: ExpertRouting, path: str | Path, title: str) -> None:
+    """Layers by experts, coloured by share of routed tokens (matplotlib: the optional `plot` extra)."""
+    def draw(axes) -> None:
+        image = axes.imshow(torch.tensor(routing.load).numpy(), cmap="viridis", vmin=0.0, aspect="auto")
+        axes.set_xlabel("expert")
+        axes.set_ylabel("layer")
+        axes.set_title(title.replace("$", r"\$"), fontsize=9)
+        axes.figure.colorbar(image, ax=axes, label="share of routed tokens")
+
+    experts, layers = len(routing.load[0]), len(routing.load)
+    write_png(path, draw, size=(max(4.0, 0.3 * experts + 2), max(3.0, 0.3 * layers + 1.5)))

@@ -1,7 +1,8 @@
 """A finished (or running) run directory as figures: its metrics.jsonl curves and a summary of each run.
 
 metrics.jsonl holds one JSON object per line: training records {"step", "loss", "lr", "grad_norm", "tokens",
-"tokens_per_s"} every log_every steps, and validation records {"step", "val_loss", "val_perplexity", ...}.
+"tokens_per_s"; a mixture of experts also "router_balance_loss", "router_z_loss" and "expert_load", per layer the
+share of the step's routed tokens each expert took} every log_every steps, and validation records {"step", "val_loss", "val_perplexity", ...}.
 """
 
 from __future__ import annotations
@@ -62,7 +63,8 @@ def summarize(run_dir: str | Path, records: list[dict]) -> dict:
     row = {"run": str(run_dir), "model": None, "steps": max((r["step"] for r in records), default=0),
            "tokens": training[-1].get("tokens") if training else None, "train_time_s": None, "tokens_per_s": None,
            "final_loss": training[-1]["loss"] if training else None, "best_val_loss": None, "best_val_step": None,
-           "best_val_perplexity": None, "best_val_bits_per_byte": None}
+           "best_val_perplexity": None, "best_val_bits_per_byte": None,
+           "expert_load": next((r["expert_load"] for r in reversed(training) if "expert_load" in r), None)}
     try:
         row["model"] = json.loads((run_dir / TRAINING_FILE).read_text()).get("model")
     except (OSError, json.JSONDecodeError):

@@ -103,7 +103,9 @@ SHAPES = {  # (model_type, config overrides): GQA and MQA, tied and untied, head
 DOWNSTREAM = {"llama": {}, "qwen3": {}, "olmo2": {}, "phi3": dict(pad_token_id=0, sliding_window=8),
               "smollm3": dict(pad_token_id=0, no_rope_layer_interval=2), "granite": dict(residual_multiplier=0.5),
               "gemma2": dict(head_dim=16, pad_token_id=0, sliding_window=8),
-              "gemma3_text": dict(head_dim=16, pad_token_id=0, sliding_window=8)}
+              "gemma3_text": dict(head_dim=16, pad_token_id=0, sliding_window=8),
+              "mixtral": dict(num_local_experts=4, num_experts_per_tok=2), "olmoe": dict(num_experts=4,
+                                                                                      num_experts_per_tok=2)}
 
 
 def hf_model(model_type: str, overrides: dict, seed: int = 0):

@@ -12,7 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from llmcli.cli.output import console, err_console, log, print_json
+from llmcli.cli.output import console, err_console, heatmap, log, print_json
 
 DEVICE_HELP = "cpu, cuda, cuda:N, or auto: cuda if available."
 PRECISION_HELP = ("auto: bf16 weights where bf16 is native (AVX-512 BF16 or AMX CPUs, CUDA), fp32 elsewhere; "
@@ -209,53 +209,49 @@ def attention(
         log(f"wrote {png}")
 
 
-# Viridis (matplotlib's default colormap) at 0, 1/4, 1/2, 3/4 and 1: dark blue to yellow, readable in print.
-VIRIDIS = ((68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37))
-SHADES = " ░▒▓█"  # for terminals without colour
-ROW_LABEL = 12  # characters of a query label
-COLUMN_LABEL = 6  # characters of a key label, written top to bottom
+def experts(
+    model_dir: str = typer.Argument(..., help="Model directory or checkpoint of a mixture of experts."),
+    text: str = typer.Option(..., "--text", help="The text whose tokens are routed."),
+    top: int = typer.Option(5, help="Tokens listed per expert: those it took most often."),
+    layer: Optional[int] = typer.Option(None, help="The layer whose experts are listed (default: the last)."),
+    png: Optional[Path] = typer.Option(None, help="Also draw layers by experts into this PNG file (needs the "
+                                                  "'plot' extra)."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
+) -> None:
+    """How a mixture of experts routes a text: each layer's share of tokens per expert (a heatmap), and the tokens
+    each expert of one layer takes most."""
+    from llmcli.charts import check_png_path
+    from llmcli.errors import UserError
+    from llmcli.generation import load_for_inference
+    from llmcli.inspection import expert_routing, save_routing_png
 
-
-def _viridis(x: float) -> str:
-    x = min(max(x, 0.0), 1.0) * (len(VIRIDIS) - 1)
-    i = min(int(x), len(VIRIDIS) - 2)
-    f = x - i
-    r, g, b = (round(a + (b - a) * f) for a, b in zip(VIRIDIS[i], VIRIDIS[i + 1]))
-    return f"rgb({r},{g},{b})"
-
-
-def _cell(value: float, color: bool) -> Text:
-    if color:
-        return Text("██", style=_viridis(value))
-    return Text(SHADES[round(value * (len(SHADES) - 1))] * 2)
-
-
-def _short(label: str, width: int) -> str:
-    label = label.replace("\n", "\\n").replace("\t", "\\t")
-    return label if len(label) <= width else label[:width - 1] + "…"
-
-
-def heatmap(weights: list[list[float]], queries: list[str], keys: list[str], color: bool) -> Text:
-    """Rows are queries, columns keys, two characters a cell.
-
-    Each row is scaled to its own largest weight: a query over 30 keys spreads thinner than the
-    first query of a causal decoder (which can only attend to itself), and should still show where it looks.
-    """
-    rows = [_short(q, ROW_LABEL) for q in queries]
-    cols = [_short(k, COLUMN_LABEL) for k in keys]
-    indent = max(len(r) for r in rows) + 1
-    out = Text()
-    for line in range(max(len(c) for c in cols)):
-        out.append(" " * indent + "".join((c[line] if line < len(c) else " ") + " " for c in cols) + "\n",
-                   style="cyan")
-    for label, row in zip(rows, weights):
-        out.append(label.rjust(indent - 1) + " ", style="cyan")
-        top = max(row) or 1.0
-        for value in row:
-            out.append_text(_cell(value / top, color))
-        out.append("\n")
-    out.append(" " * indent + "0 ")
-    for step in range(8):
-        out.append_text(_cell(step / 7, color))
-    out.append(" the row's largest weight (each row sums to 1)")
-    return out
+    if png is not None:
+        check_png_path(png)
+    if top <= 0:
+        raise UserError(f"--top must be positive, got {top}")
+    model, tokenizer = load_for_inference(model_dir, device)
+    routing = expert_routing(model, tokenizer, text, top)
+    layers = len(routing.load)
+    shown = layers - 1 if layer is None else layer
+    if not 0 <= shown < layers:
+        raise UserError(f"--layer {layer} is out of range: {model.config.name} has {layers} layers of experts; "
+                        f"use --layer 0 to {layers - 1}")
+    title = f"{model.config.name}: {len(routing.tokens)} tokens, top-{routing.experts_per_token} of " \
+            f"{len(routing.load[0])} experts"
+    if png is not None:
+        save_routing_png(routing, png, title)
+        log(f"wrote {png}")
+    if json_out:
+        print_json(routing.to_dict())
+        return
+    console.print(Text(title + " (share of routed tokens per layer)", style="bold"))
+    console.print(heatmap(routing.load, [f"layer {i}" for i in range(layers)],
+                          [str(e) for e in range(len(routing.load[0]))], color=console.color_system is not None,
+                          legend="the layer's busiest expert"), soft_wrap=True)
+    table = Table(title=f"layer {shown}: the tokens each expert took most", box=box.SIMPLE, title_justify="left")
+    for column in ("expert", "share", "tokens (times)"):
+        table.add_column(column, justify="left" if column == "tokens (times)" else "right")
+    for e, (share, taken) in enumerate(zip(routing.load[shown], routing.top_tokens[shown])):
+        table.add_row(str(e), f"{share:.3f}", ", ".join(f"{t!r} ({n})" for t, n in taken) or "-")
+    console.print(table)

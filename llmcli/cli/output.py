@@ -7,6 +7,7 @@ import sys
 import time
 
 from rich.console import Console
+from rich.text import Text
 
 console = Console()
 err_console = Console(stderr=True)
@@ -72,3 +73,56 @@ class _BarTask:
 
     def close(self) -> None:
         self.bar.stop()
+
+
+# Viridis (matplotlib's default colormap) at 0, 1/4, 1/2, 3/4 and 1: dark blue to yellow, readable in print.
+VIRIDIS = ((68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37))
+SHADES = " ░▒▓█"  # for terminals without colour
+ROW_LABEL = 12  # characters of a query label
+COLUMN_LABEL = 6  # characters of a key label, written top to bottom
+
+
+def _viridis(x: float) -> str:
+    x = min(max(x, 0.0), 1.0) * (len(VIRIDIS) - 1)
+    i = min(int(x), len(VIRIDIS) - 2)
+    f = x - i
+    r, g, b = (round(a + (b - a) * f) for a, b in zip(VIRIDIS[i], VIRIDIS[i + 1]))
+    return f"rgb({r},{g},{b})"
+
+
+def _cell(value: float, color: bool) -> Text:
+    if color:
+        return Text("██", style=_viridis(value))
+    return Text(SHADES[round(value * (len(SHADES) - 1))] * 2)
+
+
+def _short(label: str, width: int) -> str:
+    label = label.replace("\n", "\\n").replace("\t", "\\t")
+    return label if len(label) <= width else label[:width - 1] + "…"
+
+
+def heatmap(weights: list[list[float]], queries: list[str], keys: list[str], color: bool,
+            legend: str = "the row's largest weight (each row sums to 1)") -> Text:
+    """Rows (queries, layers) by columns (keys, experts), two characters a cell.
+
+    Each row is scaled to its own largest weight: a query over 30 keys spreads thinner than the
+    first query of a causal decoder (which can only attend to itself), and should still show where it looks.
+    """
+    rows = [_short(q, ROW_LABEL) for q in queries]
+    cols = [_short(k, COLUMN_LABEL) for k in keys]
+    indent = max(len(r) for r in rows) + 1
+    out = Text()
+    for line in range(max(len(c) for c in cols)):
+        out.append(" " * indent + "".join((c[line] if line < len(c) else " ") + " " for c in cols) + "\n",
+                   style="cyan")
+    for label, row in zip(rows, weights):
+        out.append(label.rjust(indent - 1) + " ", style="cyan")
+        top = max(row) or 1.0
+        for value in row:
+            out.append_text(_cell(value / top, color))
+        out.append("\n")
+    out.append(" " * indent + "0 ")
+    for step in range(8):
+        out.append_text(_cell(step / 7, color))
+    out.append(f" {legend}")
+    return out

@@ -9,7 +9,7 @@ import typer
 from rich import box
 from rich.table import Table
 
-from llmcli.cli.output import console, human, log, print_json
+from llmcli.cli.output import console, heatmap, human, log, print_json
 
 app = typer.Typer(no_args_is_help=True, help="Look at training runs: loss curves and a summary table.")
 
@@ -51,6 +51,14 @@ def show(
                       figure(r["final_loss"], "{:.4f}"), best, figure(r["best_val_perplexity"], "{:.1f}"),
                       figure(r["best_val_bits_per_byte"], "{:.3f}"))
     console.print(table)
+    for r in rows:
+        if r["expert_load"]:
+            load = r["expert_load"]
+            console.print(f"{Path(r['run']).name}: expert load at its last logged step (share of routed tokens; "
+                          f"even would be {1 / len(load[0]):.3f} each)")
+            console.print(heatmap(load, [f"layer {i}" for i in range(len(load))], [str(e) for e in range(len(load[0]))],
+                                  color=console.color_system is not None, legend="the layer's busiest expert"),
+                          soft_wrap=True)
 
 
 @app.command("diff")

@@ -23,6 +23,8 @@ def train(
     lr: flags.Lr = None,
     warmup: flags.Warmup = None,
     weight_decay: flags.WeightDecay = None,
+    router_aux_weight: flags.RouterAuxWeight = None,
+    router_z_weight: flags.RouterZWeight = None,
     precision: flags.Precision = None,
     grad_checkpointing: flags.GradCheckpointing = None,
     compile: flags.Compile = None,

@@ -20,6 +20,10 @@ SeqLen = Annotated[Optional[int], typer.Option(help="Tokens per sequence, longer
 Lr = Annotated[Optional[float], typer.Option(help="Peak learning rate (default: 2e-3).")]
 Warmup = Annotated[Optional[int], typer.Option(help="Warm-up steps (default: 5% of steps).")]
 WeightDecay = Annotated[Optional[float], typer.Option(help="AdamW weight decay on matrices (default: 0.1).")]
+RouterAuxWeight = Annotated[Optional[float], typer.Option(
+    help="Mixture of experts: weight of the Switch load-balancing loss (default: 0.01; 0 turns it off).")]
+RouterZWeight = Annotated[Optional[float], typer.Option(
+    help="Mixture of experts: weight of the ST-MoE router z-loss (default: 0.001).")]
 Precision = Annotated[Optional[str], typer.Option(help="fp32, bf16 or fp16 (default: bf16 on CUDA, else fp32).")]
 GradCheckpointing = Annotated[Optional[bool], typer.Option("--grad-checkpointing/--no-grad-checkpointing",
                                                            help="Recompute activations in the backward pass.")]

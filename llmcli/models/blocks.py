@@ -83,7 +83,7 @@ class MixtureOfExperts(nn.Module):
 
     Tokens are grouped by expert and each expert runs once over its tokens. After each call `expert_load` (tokens
     routed to each expert) stays on the module for the load statistics, and, when autograd is on (training),
-    `router_logits` ((tokens, n_experts), fp32) for the router's losses."""
+    `router_logits` ((tokens, n_experts), fp32) and `chosen` ((tokens, k)) for the router's losses."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -91,6 +91,7 @@ class MixtureOfExperts(nn.Module):
         self.router = nn.Linear(cfg.d_model, cfg.n_experts, bias=False)
         self.experts = nn.ModuleList(FeedForward(cfg, cfg.expert_width) for _ in range(cfg.n_experts))
         self.router_logits: torch.Tensor | None = None
+        self.chosen: torch.Tensor | None = None
         self.expert_load: torch.Tensor | None = None
 
     def route(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -116,9 +117,40 @@ class MixtureOfExperts(nn.Module):
                 routed = expert(tokens[rows]) * weights.reshape(-1)[order[start:start + count], None]
                 out.index_add_(0, rows, routed)
                 start += count
-        self.router_logits = logits if torch.is_grad_enabled() else None
+        self.router_logits, self.chosen = (logits, chosen) if torch.is_grad_enabled() else (None, None)
         self.expert_load = load.detach()
         return out.reshape(x.shape)
+
+
+def load_balancing_loss(logits: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    """Switch Transformer's auxiliary loss (Fedus et al. 2021, eq. 4): E · Σ_e f_e · P_e, with f_e the share of
+    the routed (token, slot) pairs that went to expert e (no gradient) and P_e the mean router probability of e.
+    1 when tokens and probability spread evenly, E when one expert takes everything."""
+    n_experts = logits.shape[-1]
+    share = torch.bincount(chosen.reshape(-1), minlength=n_experts).to(logits.dtype) / chosen.numel()
+    return n_experts * (share * logits.softmax(-1).mean(0)).sum()
+
+
+def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
+    """ST-MoE's router z-loss (Zoph et al. 2022, eq. 5): the mean over tokens of logsumexp(logits)², which keeps
+    the router's logits small."""
+    return logits.logsumexp(-1).square().mean()
+
+
+def router_losses(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The load-balancing and z losses of the last forward with autograd, each averaged over the mixtures of
+    experts; None for a model without experts."""
+    layers = [m for m in model.modules() if isinstance(m, MixtureOfExperts) and m.router_logits is not None]
+    if not layers:
+        return None
+    balance = torch.stack([load_balancing_loss(m.router_logits, m.chosen) for m in layers]).mean()
+    return balance, torch.stack([router_z_loss(m.router_logits) for m in layers]).mean()
+
+
+def expert_loads(model: nn.Module) -> list[list[float]]:
+    """Per mixture of experts (in forward order), the share of the last forward's routed tokens each expert took."""
+    return [(m.expert_load / m.expert_load.sum().clamp(min=1)).tolist() for m in model.modules()
+            if isinstance(m, MixtureOfExperts) and m.expert_load is not None]
 
 
 # ---------------------------------------------------------------- KV cache

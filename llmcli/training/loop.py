@@ -24,6 +24,7 @@ from typing import Callable
 import torch
 
 from llmcli.errors import UserError
+from llmcli.models.blocks import expert_loads, router_losses
 from llmcli.progress import SILENT, Progress
 from llmcli.runtime import (autocast, bits_per_byte, compile_blocks, evaluate, family_loss, resolve_device,
                             resolve_precision)
@@ -53,6 +54,8 @@ class TrainArgs:
     log_every: int = 10
     device: str = "auto"
     logger: list[str] = field(default_factory=lambda: ["jsonl"])  # metrics.jsonl always; also csv, tensorboard
+    router_aux_weight: float = 0.01  # a mixture of experts: Switch load-balancing loss weight (Fedus et al. 2021)
+    router_z_weight: float = 0.001  # and ST-MoE router z-loss weight (Zoph et al. 2022)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -94,6 +97,7 @@ class Trainer:
                 module.gradient_checkpointing = self.args.grad_checkpointing
         self.autocast = self.precision
         self.compiled = False
+        self.router_record: dict = {}  # a mixture of experts' router losses and expert load, for the log
         if self.args.compile:
             if parallel:
                 raise UserError("--compile with several processes is not supported yet; drop --compile or --nproc")
@@ -148,7 +152,8 @@ class Trainer:
             with self.parallel.no_sync(self.model, final_micro) if self.parallel else contextlib.nullcontext():
                 with autocast(self.device, self.autocast):
                     loss = self.loss_fn(self.model, batch) / self.args.grad_accum
-                (self.scaler.scale(loss) if self.scaler else loss).backward()
+                    objective = loss + self._router_objective() / self.args.grad_accum
+                (self.scaler.scale(objective) if self.scaler else objective).backward()
             total += loss.item()
         if self.parallel:  # every rank logs, and stops on, the same figure
             total = self.parallel.mean(total)
@@ -169,6 +174,17 @@ class Trainer:
         self.scheduler.step()
         self.step += 1
         return total
+
+    def _router_objective(self) -> torch.Tensor | float:
+        """A mixture of experts' weighted load-balancing and z losses of the forward just run (0 without experts);
+        their values and each layer's expert load are kept for the log."""
+        routed = router_losses(self.model)
+        if routed is None:
+            return 0.0
+        balance, z = routed
+        self.router_record = {"router_balance_loss": balance.item(), "router_z_loss": z.item(),
+                              "expert_load": [[round(share, 4) for share in layer] for layer in expert_loads(self.model)]}
+        return self.args.router_aux_weight * balance + self.args.router_z_weight * z
 
     def fit(self) -> dict:
         """Train to args.steps. The first Ctrl-C finishes the current step, saves and returns."""
@@ -193,7 +209,8 @@ class Trainer:
                                  f"tokens/s count from the next")
                         window_start, window_steps = time.perf_counter(), 0
                     record = {"step": self.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0],
-                              "grad_norm": self.grad_norm, "tokens": self.step * tokens_per_step}
+                              "grad_norm": self.grad_norm, "tokens": self.step * tokens_per_step,
+                              **self.router_record}
                     if self.step % args.log_every == 0 or self.step == args.steps:
                         elapsed = time.perf_counter() - window_start
                         if window_steps:  # none right after the compiling step

@@ -51,6 +51,8 @@ class TrainFlags:
     log_every: int | None = None
     device: str | None = None
     logger: list[str] | None = None
+    router_aux_weight: float | None = None
+    router_z_weight: float | None = None
     resume: bool = False
     force: bool = False
     strategy: str | None = None
@@ -101,6 +103,9 @@ def check_args(args: TrainArgs, config: ModelConfig) -> None:
     resolve_precision(args.precision, resolve_device(args.device))  # refused before the run directory is touched
     if args.lr <= 0:
         raise UserError(f"--lr must be positive, got {args.lr}")
+    for name in ("router_aux_weight", "router_z_weight"):
+        if getattr(args, name) < 0:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if args.seq_len > config.max_seq_len:
         raise UserError(f"--seq-len {args.seq_len} is above {config.name}'s max_seq_len ({config.max_seq_len}); "
                         f"use --seq-len {config.max_seq_len} or less")
