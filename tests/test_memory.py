@@ -128,6 +128,7 @@ GEMMA2 = dict(LLAMA, norm="gemma_rmsnorm", norm_position="sandwich", attention_s
 GEMMA3 = dict(LLAMA, norm="gemma_rmsnorm", norm_position="sandwich", qk_norm="head", sliding_window=8,
               layer_types=["sliding", "full"], rope_local_base=10000.0)
 OLMO2 = dict(LLAMA, norm_position="output", qk_norm="projection")
+MOE = dict(LLAMA, n_experts=4, experts_per_token=2, d_expert=24, norm_topk_prob=True)  # Mixtral-like, narrow experts
 
 
 def random_batch(config, b: int, t: int) -> dict:
@@ -155,6 +156,8 @@ def random_batch(config, b: int, t: int) -> dict:
     ("gpt", "fp32", "sdpa", GEMMA3), ("gpt", "bf16", "sdpa", GEMMA3),
     ("gpt", "bf16", "sdpa", OLMO2),
     ("gpt", "bf16", "sdpa", dict(LLAMA, rotary_fraction=0.5, sliding_window=8)),  # Phi-4-mini's partial rotation
+    ("gpt", "fp32", "sdpa", MOE), ("gpt", "bf16", "sdpa", MOE),
+    ("gpt", "fp32", "sdpa", dict(n_experts=4, experts_per_token=1, dropout=0.1)),  # top-1, gelu, biases
 ])
 def test_activation_ledger_matches_what_autograd_saves(family, precision, attention, overrides):
     config = tiny_config(family, **overrides)
@@ -170,7 +173,7 @@ def test_activation_ledger_matches_what_autograd_saves(family, precision, attent
 
 @pytest.mark.parametrize("family, overrides", [("gpt", dict(dropout=0.1)), ("bert", {}), ("t5", {}),
                                                ("gpt", dict(LLAMA, parallel_block=True)), ("gpt", GEMMA2),
-                                               ("gpt", GEMMA3), ("gpt", OLMO2)])
+                                               ("gpt", GEMMA3), ("gpt", OLMO2), ("gpt", MOE)])
 def test_lora_activation_ledger_matches_what_autograd_saves(family, overrides):
     config = tiny_config(family, **overrides)
     model = build_model(config, seed=0).train().requires_grad_(False)

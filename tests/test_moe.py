@@ -188,3 +188,25 @@ def test_quantize_takes_every_expert_and_keeps_the_router(cli, moe_dir, corpus, 
     assert all(type(m.router) is torch.nn.Linear for m in layers)
     generated = cli("generate", tmp_path / "q", "--prompt", "The", "--max-new-tokens", 4, "--temperature", 0)
     assert generated.exit_code == 0, generated.stderr
+
+
+@pytest.mark.parametrize("mode", ["train", "infer"])
+def test_memory_estimate_of_moe_micro_is_within_20_percent_of_measured(cli, mode):
+    """Every expert resident, activations per routed token (the training ledger is exact: test_memory.py)."""
+    result = cli("memory-estimate", "moe-micro", "--mode", mode, "--batch-size", 4, "--seq-len", 128,
+                 "--device", "cpu", "--measure", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert abs(json.loads(result.stdout)["relative_error"]) < 0.20
+
+
+def test_decode_reads_the_experts_a_token_uses():
+    """bench's decode bandwidth counts the weights one token reads: k of the n experts in each layer."""
+    from llmcli.profiling.bench import Runner
+
+    model = build_model(moe_config(n_experts=8, experts_per_token=2), seed=0)
+    dense = build_model(moe_config(n_experts=0), seed=0)
+    expert = sum(p.numel() * 4 for p in model.decoder.blocks[0].ff.experts[0].parameters())
+    runner = Runner(model, torch.device("cpu"), "fp32")
+    idle = model.config.n_layers * 6 * expert
+    assert runner.decode_read_bytes() == runner.weight_bytes() - idle  # the tied embedding is the head: read whole
+    assert Runner(dense, torch.device("cpu"), "fp32").decode_read_bytes() < runner.decode_read_bytes()

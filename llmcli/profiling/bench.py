@@ -22,6 +22,7 @@ from llmcli.errors import UserError
 from llmcli.generation import generate_ids
 from llmcli.interop.hf import convert_to_hf
 from llmcli.model_dir import build_model_dir, load_model, resolve_config
+from llmcli.models.blocks import MixtureOfExperts
 from llmcli.models.gemv import prepare_for_decode
 from llmcli.models.layout import store_matrices_transposed
 from llmcli.profiling.counts import count, flops_per_token, kv_cache_bytes
@@ -71,6 +72,10 @@ class BenchResult:
 # ---------------------------------------------------------------- the two implementations
 
 
+def _stored_bytes(module: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+
+
 class Runner:
     """One implementation's train step, prefill and decode on random tokens."""
 
@@ -96,15 +101,18 @@ class Runner:
         return torch.inference_mode
 
     def weight_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in [*self.model.parameters(), *self.model.buffers()])
+        return _stored_bytes(self.model)
 
     def decode_read_bytes(self) -> int:
-        """The weight bytes one decode step reads, as stored (quantized, bf16, ...): all but the embedding tables,
-        of which it reads one row (a token embedding that is also the output projection is read whole)."""
+        """The weight bytes one decode step of one sequence reads, as stored (quantized, bf16, ...): all but the
+        embedding tables, of which it reads one row (a token embedding that is also the output projection is read
+        whole), and but the experts a token skips (it reads k of each mixture's experts)."""
         tied = getattr(self.model.config, "tie_embeddings", False)
         tables = [m.weight for name, m in self.model.named_modules() if isinstance(m, torch.nn.Embedding)
                   and not (tied and name == "tok_emb")]
-        return self.weight_bytes() - sum(t.numel() * t.element_size() for t in tables)
+        idle = sum((len(m.experts) - m.top_k) * _stored_bytes(m.experts[0]) for m in self.model.modules()
+                   if isinstance(m, MixtureOfExperts))
+        return self.weight_bytes() - sum(t.numel() * t.element_size() for t in tables) - idle
 
     def finish(self) -> None:
         self.optimizer = None

@@ -210,7 +210,8 @@ def _attention_saved(cfg: ModelConfig, b: int, t: int, s: int, kernel: str, caus
 def _block_saved(cfg: ModelConfig, b: int, t: int, p: _Precision, kernel: str, cross_kernel: str, causal: bool,
                  cross_len: int | None, dropout: bool, trainable: set[str], lora_rank: int) -> int:
     """Bytes autograd saves for one block (pre-norm, post-norm or parallel; optional cross-attention)."""
-    e, rows, ff = b * t * cfg.d_model, b * t, b * t * cfg.d_ff
+    e, rows = b * t * cfg.d_model, b * t
+    ff = rows * cfg.experts_per_token * cfg.expert_width if cfg.n_experts else rows * cfg.d_ff  # hidden elements
     norm = _norm_saved(cfg, e, rows, p, "norm" in trainable)
     gated = cfg.activation in ("swiglu", "geglu")
     attn_readers = sum(n in trainable for n in ("q_proj", "k_proj", "v_proj"))
@@ -238,7 +239,8 @@ def _block_saved(cfg: ModelConfig, b: int, t: int, p: _Precision, kernel: str, c
     stream_norms = 0 if cfg.norm_position == "output" else 2
     output_norms = 2 if cfg.norm_position in ("output", "sandwich") else 0
     saved += stream_norms * norm + output_norms * _norm_saved(cfg, e, rows, p, "norm" in trainable, held=p.compute)
-    saved += _linear_inputs(e, attn_readers, p) + _linear_inputs(e, ff_readers, p)
+    saved += _linear_inputs(e, attn_readers, p)
+    saved += _experts_saved(cfg, rows, p, trainable, ff_readers) if cfg.n_experts else _linear_inputs(e, ff_readers, p)
     if cross_len is not None:  # T5 decoder: norm, q from x, k and v from the encoder output
         memory = b * cross_len * cfg.d_model
         saved += norm + _linear_inputs(e, "q_proj" in trainable, p) + drop_mask
@@ -246,6 +248,20 @@ def _block_saved(cfg: ModelConfig, b: int, t: int, p: _Precision, kernel: str, c
         if p.cast:  # else the encoder output is shared by all layers (counted once per model)
             saved += _linear_inputs(memory, ("k_proj" in trainable) + ("v_proj" in trainable), p)
     return saved
+
+
+def _experts_saved(cfg: ModelConfig, rows: int, p: _Precision, trainable: set[str], ff_readers: int) -> int:
+    """A mixture of experts besides its experts' hidden states: the router's input, its fp32 softmax, the top-k
+    indices and routing order (int64), each routed copy of a token (what an expert's up and gate read), each expert
+    output and its weight (the product's inputs), and the weighted outputs index_add_ sums (it keeps its source).
+    The router logits the layer keeps for its losses (4 bytes per token and expert) are not autograd's: left out."""
+    routed = rows * cfg.experts_per_token
+    saved = _linear_inputs(rows * cfg.d_model, "router" in trainable, p) + 4 * rows * cfg.n_experts
+    saved += 3 * 8 * routed  # top-k indices, the order grouping them by expert, each routed pair's token
+    if cfg.norm_topk_prob:  # weights / their sum keeps both
+        saved += 4 * routed + 4 * rows
+    saved += _linear_inputs(routed * cfg.d_model, ff_readers, p)
+    return saved + (p.compute + p.residual) * routed * cfg.d_model + p.residual * routed
 
 
 def _qk_norms_saved(cfg: ModelConfig, b: int, t: int, p: _Precision, trainable: set[str],
@@ -433,7 +449,7 @@ def _train(config, stats, params, batch, seq_len, target_len, dtype, optimizer, 
     # activations
     residual = compute if (lora and dtype != "fp32") else 4
     p = _Precision(residual=residual, compute=compute, device=device)
-    names = {"q_proj", "k_proj", "v_proj", "o_proj", "up", "gate", "down", "norm", "embedding", "head"}
+    names = {"q_proj", "k_proj", "v_proj", "o_proj", "up", "gate", "down", "norm", "embedding", "head", "router"}
     train_set = {PROJECTIONS[t] for t in lora_targets} if lora else names
     dropout = config.dropout > 0
     bias_grad = config.position in ("relative", "transformer_xl") and not lora
@@ -539,7 +555,12 @@ def _infer_working(cfg: ModelConfig, b: int, t: int, s: int, c: int, kernel: str
     if kernel == "eager":  # scores in the compute dtype and in fp32, the causal mask, the softmax
         attn += b * cfg.n_heads * t * s * (c + 4 + 1 + 4)
     gated = cfg.activation in ("swiglu", "geglu")
-    ff = c * (2 * e + b * t * cfg.d_ff * (3 if gated else 2))  # x, norm(x), hidden, activation (and product)
+    if cfg.n_experts:  # x, norm(x), the output being summed, router logits and probabilities, then one expert at a
+        # time over its share of the routed tokens: their copies, hidden, activation (and product)
+        share = b * t * cfg.experts_per_token / cfg.n_experts
+        ff = c * 3 * e + 8 * b * t * cfg.n_experts + c * share * (cfg.d_model + cfg.expert_width * (3 if gated else 2))
+    else:
+        ff = c * (2 * e + b * t * cfg.d_ff * (3 if gated else 2))  # x, norm(x), hidden, activation (and product)
     bias = c * b * t * s  # the additive bias built from generation's attention mask
     rope = 2 * 4 * b * t * cfg.d_head if cfg.position == "rope" else 0  # fp32 cos and sin
     return max(attn, ff) + bias + rope
