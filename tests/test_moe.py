@@ -210,3 +210,38 @@ def test_decode_reads_the_experts_a_token_uses():
     idle = model.config.n_layers * 6 * expert
     assert runner.decode_read_bytes() == runner.weight_bytes() - idle  # the tied embedding is the head: read whole
     assert Runner(dense, torch.device("cpu"), "fp32").decode_read_bytes() < runner.decode_read_bytes()
+
+
+def test_an_expert_masked_at_the_router_costs_what_removing_it_does():
+    """expert_cost (router logit -inf) equals the loss after prune_experts cuts that expert out."""
+    import copy
+
+    from llmcli.compression.prune import calibration_loss, expert_cost, mixtures, prune_experts
+
+    model = build_model(moe_config(), seed=0).eval()
+    batches = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 256, (2, 3, 16))]
+    name, layer = next(iter(mixtures(model).items()))
+    masked = expert_cost(model, layer, 2, batches, torch.device("cpu"))
+    pruned = copy.deepcopy(model)
+    prune_experts(pruned, {n: [2] if n == name else [] for n in mixtures(model)})
+    assert len(mixtures(pruned)[name].experts) == 3
+    assert abs(calibration_loss(pruned, batches, torch.device("cpu")) - masked) < 1e-5
+    assert masked != calibration_loss(model, batches, torch.device("cpu"))
+
+
+def test_prune_experts_removes_the_least_used_and_reports_their_cost(cli, moe_dir, model_dirs, corpus, tmp_path):
+    from llmcli.model_dir import load_model
+
+    data = ["--data", corpus, "--seq-len", 32, "--no-speed"]
+    result = cli("prune", moe_dir, "--method", "experts", "--sparsity", 0.5, "--out", tmp_path / "p", "--json", *data)
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["n_experts"] == {"before": 4, "after": 2}
+    for layer in report["experts"]:
+        assert len(layer["removed"]) == 2 and all(isinstance(c["loss_increase"], float) for c in layer["removed"])
+    assert load_model(tmp_path / "p").config.n_experts == 2
+    assert cli("generate", tmp_path / "p", "--prompt", "The", "--max-new-tokens", 3).exit_code == 0
+    assert cli("prune", moe_dir, "--method", "experts", "--sparsity", 0.75, "--out", tmp_path / "q",
+               *data).exit_code == 2  # 1 expert left, tokens use 2
+    dense = cli("prune", model_dirs["gpt"], "--method", "experts", "--out", tmp_path / "d", *data)
+    assert dense.exit_code == 2 and "no" in dense.stderr and "Traceback" not in dense.stderr

@@ -13,16 +13,18 @@ from llmcli.cli.output import BarProgress, console, log, print_json
 
 def prune(
     model: str = typer.Argument(..., help="Trained model directory (with tokenizer.json)."),
-    method: Optional[str] = typer.Option(None, help="magnitude (smallest |W|), wanda (|W|·input norm, per row) "
-                                                    "or heads (remove whole attention heads)."),
-    sparsity: Optional[float] = typer.Option(None, help="Fraction of weights zeroed, or of heads removed per "
-                                                        "layer, in [0, 1) (default: 0.5)."),
+    method: Optional[str] = typer.Option(None, help="magnitude (smallest |W|), wanda (|W|·input norm, per row), "
+                                                    "heads (remove whole attention heads) or experts (remove a "
+                                                    "mixture's least-used experts)."),
+    sparsity: Optional[float] = typer.Option(None, help="Fraction of weights zeroed, or of heads or experts removed "
+                                                        "per layer, in [0, 1) (default: 0.5)."),
     pattern: Optional[str] = typer.Option(None, help="N:M semi-structured sparsity, e.g. 2:4: keep N of every M "
                                                      "consecutive input weights (magnitude or wanda)."),
     scope: Optional[str] = typer.Option(None, help="Where the lowest scores are dropped: each output row, each "
                                                    "layer, or all layers together (global, magnitude only) "
                                                    "(default: row for wanda, layer for magnitude)."),
-    calibration_batches: int = typer.Option(8, help="Training batches whose activations wanda and heads score with."),
+    calibration_batches: int = typer.Option(8, help="Training batches whose activations wanda, heads and experts "
+                                                    "score with."),
     data: Optional[str] = typer.Option(None, help="Corpus for calibration, evaluation and recovery "
                                                   "(default: the embedded one)."),
     seq_len: Optional[int] = typer.Option(None, help="Tokens per sequence (default: the training run's)."),
@@ -36,7 +38,8 @@ def prune(
     no_speed: bool = typer.Option(False, "--no-speed", help="Skip the speed measurement in the report."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
 ) -> None:
-    """Prune a model: unstructured (magnitude, Wanda), N:M (--pattern 2:4) or whole attention heads."""
+    """Prune a model: unstructured (magnitude, Wanda), N:M (--pattern 2:4), whole attention heads or whole
+    experts."""
     from llmcli.cli.compression_report import render_comparison
     from llmcli.compression.prune import resolve_spec
     from llmcli.compression.prune_dir import prune as run
@@ -54,7 +57,8 @@ def prune(
         recovery = report["recovery"]
         console.print(f"perplexity {report['pruned']['perplexity']:.2f} after pruning, "
                       f"{recovery['val_perplexity']:.2f} after {recovery['steps']} recovery steps", highlight=False)
-    console.print(_heads_table(report) if report["method"] == "heads" else _sparsity_table(report))
+    tables = {"heads": _heads_table, "experts": _experts_table}
+    console.print(tables.get(report["method"], _sparsity_table)(report))
 
 
 def _sparsity_table(report: dict) -> Table:
@@ -75,4 +79,18 @@ def _heads_table(report: dict) -> Table:
     for layer in report["heads"]:
         table.add_row(layer["name"], f"{layer['heads_before']} -> {layer['heads_after']}",
                       ", ".join(map(str, layer["removed_heads"])) or "-")
+    return table
+
+
+def _experts_table(report: dict) -> Table:
+    n_experts = report["n_experts"]
+    table = Table(title=f"experts per layer: {n_experts['before']} -> {n_experts['after']}; what each removed "
+                        f"expert cost alone (calibration loss {report['calibration_loss']:.4f} with all)",
+                  title_justify="left")
+    for column in ("layer", "expert", "routed share", "loss increase"):
+        table.add_column(column, justify="left" if column == "layer" else "right")
+    for layer in report["experts"]:
+        for cost in layer["removed"]:
+            table.add_row(layer["name"], str(cost["expert"]), f"{cost['routed_share']:.3f}",
+                          f"{cost['loss_increase']:+.4f}")
     return table

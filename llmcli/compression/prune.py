@@ -15,6 +15,9 @@ up/gate/down); embeddings, position tables and the LM head stay dense.
 - heads: remove whole heads, so q/k/v/o really shrink. A head's importance is the mean L2 norm, over
   calibration tokens, of what it adds to the attention output (W_o[:, head] · z_head): exactly the
   change of that layer's output if the head alone were removed.
+- experts: remove whole experts of a mixture of experts, the same number in every layer: those the router
+  sends the fewest calibration tokens to. The report gives each removed expert's share of the routed tokens
+  and what removing it alone costs: the calibration loss with its router logit at -inf, against none removed.
 
 Unstructured zeros are stored densely: they save no memory and no time until a sparse kernel runs them.
 """
@@ -29,12 +32,14 @@ import torch
 import torch.nn as nn
 
 from llmcli.compression.calibration import run_calibration
+from llmcli.runtime import family_loss
 from llmcli.errors import UserError
-from llmcli.models.blocks import Attention, TransformerStack
+from llmcli.models.blocks import Attention, MixtureOfExperts, TransformerStack
 from llmcli.models.layout import block_linears, blocks
 from llmcli.progress import SILENT, Progress
 
-METHODS = ("magnitude", "wanda", "heads")
+METHODS = ("magnitude", "wanda", "heads", "experts")
+STRUCTURED = ("heads", "experts")  # whole units go, the same number per layer: no scope, no pattern
 SCOPES = ("row", "layer", "global")  # the comparison group whose lowest scores go
 DEFAULT_SPARSITY = 0.5
 
@@ -51,7 +56,7 @@ class PruneSpec:
     calibration_batches: int = 8
 
     def __post_init__(self) -> None:
-        if self.scope is None and self.method != "heads" and self.pattern is None:
+        if self.scope is None and self.method not in STRUCTURED and self.pattern is None:
             self.scope = "row" if self.method == "wanda" else "layer"
 
     def to_dict(self) -> dict:
@@ -82,8 +87,8 @@ def resolve_spec(method: str | None, sparsity: float | None = None, pattern: str
         raise UserError(f"--sparsity {sparsity} must be in [0, 1) (the fraction pruned); e.g. --sparsity 0.5")
     if scope is not None and scope not in SCOPES:
         raise UserError(f"--scope {scope!r} is not one of {', '.join(SCOPES)}")
-    if scope is not None and method == "heads":
-        raise UserError("--scope is for --method magnitude or wanda (heads go uniformly per layer); drop --scope")
+    if scope is not None and method in STRUCTURED:
+        raise UserError(f"--scope is for --method magnitude or wanda ({method} go uniformly per layer); drop --scope")
     if scope == "global" and method == "wanda":
         raise UserError("--scope global is for --method magnitude (Wanda scores carry each layer's activation "
                         "scale, so they do not compare across layers); use --scope row or layer")
@@ -91,8 +96,8 @@ def resolve_spec(method: str | None, sparsity: float | None = None, pattern: str
         raise UserError(f"--calibration-batches must be positive, got {calibration_batches}")
     parsed = None
     if pattern is not None:
-        if method == "heads":
-            raise UserError("--pattern is for --method magnitude or wanda, not heads; drop --pattern")
+        if method in STRUCTURED:
+            raise UserError(f"--pattern is for --method magnitude or wanda, not {method}; drop --pattern")
         if scope is not None:
             raise UserError(f"--pattern sets its own groups of M weights, --scope {scope} another; drop one of them")
         parsed = parse_pattern(pattern)
@@ -370,3 +375,80 @@ def prune_heads(model: nn.Module, drop: dict[str, list[int]]) -> list[dict]:
         some = modules[layers[0]["name"]]
         config.n_heads, config.n_kv_heads = some.n_heads, some.n_kv_heads
     return layers
+
+
+# ---------------------------------------------------------------- expert pruning
+
+
+def mixtures(model: nn.Module) -> dict[str, MixtureOfExperts]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, MixtureOfExperts)}
+
+
+def experts_to_remove(model: nn.Module, sparsity: float) -> int:
+    """How many experts each mixture loses; refuses a dense model, and leaving fewer than a token's k."""
+    config = model.config
+    if not config.n_experts:
+        raise UserError(f"--method experts needs a mixture of experts; {config.name} has none (n_experts = 0); use "
+                        f"--method heads, magnitude or wanda")
+    remove = prune_count(sparsity, config.n_experts)
+    if config.n_experts - remove < config.experts_per_token:
+        raise UserError(f"--sparsity {sparsity:g} would leave {config.n_experts - remove} of {config.n_experts} "
+                        f"experts per layer, fewer than the {config.experts_per_token} each token uses; use a "
+                        f"smaller --sparsity")
+    return remove
+
+
+@torch.no_grad()
+def expert_usage(model: nn.Module, batches: list[dict], device: torch.device,
+                 advance: Callable = lambda: None) -> dict[str, torch.Tensor]:
+    """Per mixture, the share of the calibration tokens' routed (token, slot) pairs each expert took."""
+    layers = mixtures(model)
+    totals = {name: torch.zeros(len(m.experts), device=device) for name, m in layers.items()}
+
+    def record(name):
+        def hook(module, args, output):
+            totals[name] += module.expert_load.to(totals[name].dtype)
+        return hook
+
+    handles = [m.register_forward_hook(record(name)) for name, m in layers.items()]
+    run_calibration(model, batches, device, handles, advance=advance)
+    return {name: total / total.sum().clamp(min=1) for name, total in totals.items()}
+
+
+@torch.no_grad()
+def calibration_loss(model: nn.Module, batches: list[dict], device: torch.device) -> float:
+    model.eval()
+    return sum(family_loss(model, {k: v.to(device) for k, v in b.items()}).item() for b in batches) / len(batches)
+
+
+@torch.no_grad()
+def expert_cost(model: nn.Module, layer: MixtureOfExperts, expert: int, batches: list[dict],
+                device: torch.device) -> float:
+    """The calibration loss with `expert` of `layer` unreachable (its router logit -inf): what removing it costs."""
+    def mask(module, args, logits):
+        logits = logits.clone()
+        logits[..., expert] = float("-inf")
+        return logits
+
+    handle = layer.router.register_forward_hook(mask)
+    try:
+        return calibration_loss(model, batches, device)
+    finally:
+        handle.remove()
+
+
+def choose_experts(usage: dict[str, torch.Tensor], remove: int) -> dict[str, list[int]]:
+    """The least-used experts of each mixture."""
+    return {name: sorted(share.topk(remove, largest=False).indices.tolist()) for name, share in usage.items()}
+
+
+@torch.no_grad()
+def prune_experts(model: nn.Module, drop: dict[str, list[int]]) -> None:
+    """Cut experts (their feed-forwards and router rows) out of every mixture; the config follows."""
+    layers = mixtures(model)
+    for name, removed in drop.items():
+        layer = layers[name]
+        kept = [e for e in range(len(layer.experts)) if e not in removed]
+        _keep_rows(layer.router, torch.tensor(kept, device=layer.router.weight.device))
+        layer.experts = nn.ModuleList(layer.experts[e] for e in kept)
+    model.config.n_experts = len(next(iter(layers.values())).experts)

@@ -12,8 +12,10 @@ import torch
 import torch.nn as nn
 
 from llmcli.compression.directories import open_source, write_compressed
-from llmcli.compression.prune import (PruneSpec, apply_masks, check_pattern_fits, choose_heads, head_importance,
-                                      heads_to_remove, layer_sparsity, prune_heads, prune_weights)
+from llmcli.compression.prune import (PruneSpec, apply_masks, calibration_loss, check_pattern_fits, choose_experts,
+                                      choose_heads, expert_cost, expert_usage, experts_to_remove, head_importance,
+                                      heads_to_remove, layer_sparsity, mixtures, prune_experts, prune_heads,
+                                      prune_weights)
 from llmcli.compression.snapshot import compare, snapshot
 from llmcli.errors import UserError
 from llmcli.model_dir import check_outside
@@ -50,6 +52,30 @@ def recover(model: nn.Module, masks: dict[str, torch.Tensor], corpus, steps: int
     return {"steps": steps, "lr": lr, "val_loss": final["val_loss"], "val_perplexity": final["val_perplexity"]}
 
 
+def _prune_experts(model, batches, target, removed: int, progress: Progress, log: Callable) -> dict:
+    """Remove the least-used experts of every mixture; each removed expert's routed share and cost, measured alone
+    before any is removed."""
+    before = model.config.n_experts
+    log(f"removing {removed} of {before} experts in each layer (round(sparsity·{before})), the least used on "
+        f"{len(batches)} calibration batches")
+    with progress.task("expert usage", len(batches), unit="batches") as task:
+        usage = expert_usage(model, batches, target, task.update)
+    drop = choose_experts(usage, removed)
+    base = calibration_loss(model, batches, target)
+    layers, rows = mixtures(model), []
+    with progress.task("expert cost", removed * len(drop), unit="experts") as task:
+        for name, experts in drop.items():
+            costs = []
+            for e in experts:
+                costs.append({"expert": e, "routed_share": float(usage[name][e]),
+                              "loss_increase": expert_cost(model, layers[name], e, batches, target) - base})
+                task.update()
+            rows.append({"name": name, "removed": costs})
+    prune_experts(model, drop)
+    return {"experts": rows, "calibration_loss": base,
+            "n_experts": {"before": before, "after": model.config.n_experts}}
+
+
 def prune(model_dir: str | Path, out: str | Path, spec: PruneSpec, data: str | None = None,
           seq_len: int | None = None, batch_size: int = 8, recover_steps: int = 0, lr: float | None = None,
           seed: int = 0, device: str = "auto", speed: bool = True, force: bool = False,
@@ -66,6 +92,8 @@ def prune(model_dir: str | Path, out: str | Path, spec: PruneSpec, data: str | N
     model, corpus, target = open_source(source, data, seq_len, device, batch_size=batch_size, seed=seed)
     if spec.method == "heads":  # refuse before the slow part
         removed = heads_to_remove(model, spec.sparsity)
+    elif spec.method == "experts":
+        removed = experts_to_remove(model, spec.sparsity)
     elif spec.pattern:
         check_pattern_fits(block_linears(model), spec.pattern)
     before = snapshot(model, corpus.val, target, speed)
@@ -87,6 +115,8 @@ def prune(model_dir: str | Path, out: str | Path, spec: PruneSpec, data: str | N
         report.update(n_heads={"before": heads_before[0], "after": config.n_heads},
                       n_kv_heads={"before": heads_before[1], "after": config.n_kv_heads},
                       heads_removed_per_layer=heads_before[0] - config.n_heads)
+    elif spec.method == "experts":
+        report.update(_prune_experts(model, batches, target, removed, progress, log))
     else:
         masks = prune_weights(model, spec, batches, target, progress)
         log("zeros are stored densely: the file stays the same size and dense kernels run no faster")
