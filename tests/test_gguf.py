@@ -74,6 +74,7 @@ def test_llama_rotary_rows_are_interleaved_pairs():
 @pytest.mark.parametrize("overrides, message", [
     (dict(LLAMA, qk_norm="head"), "llama.cpp's llama layout has no place for qk_norm = 'head'"),
     (dict(LLAMA, sliding_window=8), "sliding_window = 8"),
+    (dict(LLAMA, n_experts=4, experts_per_token=2), "n_experts = 4"),  # a mixture of experts
     (dict(position="relative"), "writes GPT-2 (learned positions) and Llama-style (rotary) decoders"),
 ])
 def test_what_llama_cpp_layouts_cannot_hold_is_exit_2(tmp_path, cli, overrides, message):

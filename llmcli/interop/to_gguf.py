@@ -51,9 +51,10 @@ LLAMA_BLOCK = [
 
 
 # What llama.cpp's two layouts need beyond the Hugging Face layout each mirrors (GPT-2's, Llama's)
-GGUF_LAYOUTS = (("gpt2", GPT2, {"family": "gpt", "activation": "gelu_tanh"}),
+GGUF_LAYOUTS = (("gpt2", GPT2, {"family": "gpt", "activation": "gelu_tanh", "n_experts": 0}),
                 ("llama", LLAMA, {"family": "gpt", "activation": "swiglu", "bias": False, "attention_bias": None,
-                                  "mlp_bias": None, "qkv_bias": None, "rope_scaling": None, "sliding_window": None}))
+                                  "mlp_bias": None, "qkv_bias": None, "rope_scaling": None, "sliding_window": None,
+                                  "n_experts": 0}))
 
 
 def gguf_architecture(config: ModelConfig) -> str:
