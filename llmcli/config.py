@@ -101,6 +101,7 @@ class ModelConfig:
     experts_per_token: int = 2  # the k of top-k routing
     d_expert: int | None = None  # an expert's hidden width (default d_ff)
     norm_topk_prob: bool = False  # the top-k router probabilities renormalised to sum to 1 (Mixtral, Qwen3-MoE)
+    d_shared_expert: int | None = None  # a shared expert of this width on every token, gated by sigmoid (Qwen2-MoE)
     tokenizer: str | None = None
     bos_token_id: int | None = None  # a converted checkpoint's own special tokens (its config or
     eos_token_id: int | None = None  # generation_config.json); None: found in the tokenizer by name
@@ -256,8 +257,9 @@ def _check_sizes(cfg: ModelConfig, where: str) -> None:
         if cfg.n_experts < 0 or not 1 <= cfg.experts_per_token <= cfg.n_experts:
             raise UserError(f"{where}: 'experts_per_token' ({cfg.experts_per_token}) must be between 1 and "
                             f"n_experts ({cfg.n_experts})")
-        if cfg.d_expert is not None and cfg.d_expert <= 0:
-            raise UserError(f"{where}: 'd_expert' must be positive, got {cfg.d_expert}")
+        for key in ("d_expert", "d_shared_expert"):
+            if getattr(cfg, key) is not None and getattr(cfg, key) <= 0:
+                raise UserError(f"{where}: '{key}' must be positive, got {getattr(cfg, key)}")
 
 
 def _check_rope_scaling(cfg: ModelConfig, where: str) -> None:

@@ -336,10 +336,11 @@ def test_cli_refuses_pickle_checkpoint_with_exit_2(tmp_path):
 def test_cli_refuses_unsupported_architecture(tmp_path):
     src = tmp_path / "hf"
     src.mkdir()
-    (src / "config.json").write_text(json.dumps({"architectures": ["MixtralForCausalLM"], "model_type": "mixtral"}))
+    (src / "config.json").write_text(json.dumps({"architectures": ["DeepseekV3ForCausalLM"],
+                                                 "model_type": "deepseek_v3"}))
     (src / "model.safetensors").write_bytes(b"")
     result = CliRunner().invoke(app, ["convert", "from-hf", str(src), str(tmp_path / "out")])
-    assert result.exit_code == 2 and "MixtralForCausalLM" in result.output
+    assert result.exit_code == 2 and "DeepseekV3ForCausalLM" in result.output
     assert all(name in result.output for name in ("GPT2LMHeadModel", "LlamaForCausalLM", "Qwen2ForCausalLM"))
 
 

@@ -25,7 +25,8 @@ CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2"
            "qwen3": "Qwen3ForCausalLM", "olmo2": "Olmo2ForCausalLM", "phi3": "Phi3ForCausalLM",
            "smollm3": "SmolLM3ForCausalLM", "granite": "GraniteForCausalLM",
            "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM", "mixtral": "MixtralForCausalLM",
-           "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM"}
+           "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM",
+           "qwen2_moe": "Qwen2MoeForCausalLM"}
 SMALL = dict(vocab_size=384, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
              max_position_embeddings=128, bos_token_id=1, eos_token_id=2, rms_norm_eps=1e-5)
 SHAPES = {  # (model_type, config overrides): GQA and MQA, tied and untied, head_dim != d_model / heads, biases
@@ -84,6 +85,12 @@ SHAPES = {  # (model_type, config overrides): GQA and MQA, tied and untied, head
     "olmoe-8-top2": ("olmoe", dict(num_experts=8, num_experts_per_tok=2, num_key_value_heads=2)),
     "olmoe-4-top1-norm": ("olmoe", dict(num_experts=4, num_experts_per_tok=1, norm_topk_prob=True,
                                         num_key_value_heads=4)),
+    # Qwen2-MoE: q/k/v biases, a sigmoid-gated shared expert beside the routed ones
+    "qwen2moe-8-top2-shared": ("qwen2_moe", dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                                                 shared_expert_intermediate_size=80, num_key_value_heads=2)),
+    "qwen2moe-4-top1-norm-tied": ("qwen2_moe", dict(num_experts=4, num_experts_per_tok=1, norm_topk_prob=True,
+                                                    moe_intermediate_size=48, shared_expert_intermediate_size=40,
+                                                    num_key_value_heads=4, tie_word_embeddings=True)),
     # Rotary scalings, each past its original context (16 positions) in the 40-token batch and in generation
     "llama3-scaled": ("llama", dict(num_key_value_heads=2, rope_parameters=dict(
         rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
@@ -211,7 +218,7 @@ NEW_ENTRIES = ("smollm2-135m", "smollm2-360m", "qwen2.5-0.5b", "tinyllama-1.1b",
                "mistral-7b", "llama-65b", "llama-3.2-1b", "llama-3.2-3b", "llama-3.1-8b", "qwen3-0.6b", "qwen3-1.7b",
                "qwen3-4b", "qwen3-8b", "gemma-2-2b", "gemma-3-1b", "gemma-3-4b", "phi-3-mini", "phi-4-mini",
                "olmo-2-1b", "smollm3-3b", "granite-3.3-2b", "mixtral-8x7b", "mixtral-8x22b", "qwen3-30b-a3b",
-               "olmoe-1b-7b")
+               "olmoe-1b-7b", "qwen1.5-moe-a2.7b")
 
 
 @pytest.mark.parametrize("name", NEW_ENTRIES)

@@ -158,6 +158,7 @@ def random_batch(config, b: int, t: int) -> dict:
     ("gpt", "bf16", "sdpa", dict(LLAMA, rotary_fraction=0.5, sliding_window=8)),  # Phi-4-mini's partial rotation
     ("gpt", "fp32", "sdpa", MOE), ("gpt", "bf16", "sdpa", MOE),
     ("gpt", "fp32", "sdpa", dict(n_experts=4, experts_per_token=1, dropout=0.1)),  # top-1, gelu, biases
+    ("gpt", "bf16", "sdpa", dict(MOE, d_shared_expert=40)), ("gpt", "fp32", "sdpa", dict(MOE, d_shared_expert=40)),
 ])
 def test_activation_ledger_matches_what_autograd_saves(family, precision, attention, overrides):
     config = tiny_config(family, **overrides)

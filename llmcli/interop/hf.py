@@ -20,7 +20,7 @@ from llmcli.interop.bert import BERT
 from llmcli.interop.gemma import GEMMA2, GEMMA3
 from llmcli.interop.gpt2 import GPT2
 from llmcli.interop.llama import (GRANITE, GRANITE_SPECIAL, LLAMA, MIXTRAL, OLMO2, OLMOE, PHI3, QWEN2, QWEN3,
-                                  QWEN3_MOE, SMOLLM3, specials)
+                                  QWEN2_MOE, QWEN3_MOE, SMOLLM3, specials)
 from llmcli.interop.reading import BY_ARCHITECTURE, GENERATION_FILE, load_hf_model, not_a_checkpoint, print_warning
 from llmcli.interop.t5 import T5
 from llmcli.interop.tables import Family
@@ -30,12 +30,14 @@ from llmcli.model_dir import (CONFIG_FILE, QUANTIZATION_FILE, TOKENIZER_FILE, WE
 
 def spec_for(config: ModelConfig) -> Family:
     """The Hugging Face layout an llmcli config converts to: the one it came from, else by family and position
-    (a rotary GPT becomes Mixtral, Qwen3-MoE or OLMoE with experts, Qwen3 with per-head QK-norm, OLMo 2 with projection QK-norm, Phi-3 with partial rotation,
+    (a rotary GPT becomes Mixtral, Qwen3-MoE, OLMoE or Qwen2-MoE (a shared expert) with experts, Qwen3 with per-head QK-norm, OLMo 2 with projection QK-norm, Phi-3 with partial rotation,
     SmolLM3 with NoPE layers, Granite with its multipliers, Qwen2 with q/k/v biases, Llama without)."""
     if config.hf_architecture in BY_ARCHITECTURE:
         return BY_ARCHITECTURE[config.hf_architecture]
     if config.family == "gpt" and config.position == "rope":
         if config.n_experts:
+            if config.d_shared_expert is not None:
+                return QWEN2_MOE
             return {"projection": OLMOE, "head": QWEN3_MOE}.get(config.qk_norm, MIXTRAL)
         if config.norm_position == "sandwich":
             return GEMMA3 if config.rope_local_base is not None else GEMMA2

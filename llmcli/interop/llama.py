@@ -24,11 +24,16 @@ class Experts:
     width_key: str | None = None  # an expert's width, when it is not intermediate_size (Qwen3-MoE)
     norm_topk_prob: bool | None = None  # fixed by the architecture (Mixtral), else config.json's (default False)
     extra_to_hf: tuple[tuple[str, object], ...] = ()  # settings it writes as llmcli computes them
+    shared: tuple[str, str, str] | None = None  # a shared expert's HF layer, its gate's, its width's config key
 
     def rules(self, cfg: ModelConfig) -> list[Rule]:
+        experts = [(f"ff.experts.{e}", f"{self.experts}.{e}") for e in range(cfg.n_experts)]
+        if self.shared:
+            experts.append(("ff.shared", self.shared[0]))
         return [*params("ff.router", self.router, bias=False),
-                *(rule for e in range(cfg.n_experts) for ours, theirs in zip(("gate", "up", "down"), self.names)
-                  for rule in params(f"ff.experts.{e}.{ours}", f"{self.experts}.{e}.{theirs}", bias=False))]
+                *(params("ff.shared_gate", self.shared[1], bias=False) if self.shared else []),
+                *(rule for ours_prefix, hf_prefix in experts for ours, theirs in zip(("gate", "up", "down"), self.names)
+                  for rule in params(f"{ours_prefix}.{ours}", f"{hf_prefix}.{theirs}", bias=False))]
 
     def from_hf(self, hf: dict) -> dict:
         experts, per_token = self.defaults
@@ -36,7 +41,8 @@ class Experts:
         return {"n_experts": count, "experts_per_token": hf.get("num_experts_per_tok", per_token),
                 "d_expert": hf.get(self.width_key) if self.width_key else None,
                 "norm_topk_prob": (self.norm_topk_prob if self.norm_topk_prob is not None
-                                   else bool(hf.get("norm_topk_prob", False)))}
+                                   else bool(hf.get("norm_topk_prob", False))),
+                "d_shared_expert": hf.get(self.shared[2], 5632) if self.shared else None}
 
     def to_hf(self, cfg: ModelConfig) -> dict:
         out = {self.count_key: cfg.n_experts, "num_experts_per_tok": cfg.experts_per_token,
@@ -45,6 +51,8 @@ class Experts:
             out[self.width_key] = cfg.expert_width
         if self.norm_topk_prob is None:
             out["norm_topk_prob"] = cfg.norm_topk_prob
+        if self.shared:
+            out[self.shared[2]] = cfg.d_shared_expert
         return out
 
     def misfit(self, cfg: ModelConfig) -> str | None:
@@ -54,6 +62,9 @@ class Experts:
             return f"d_expert = {cfg.d_expert} (its experts are d_ff = {cfg.d_ff} wide)"
         if self.norm_topk_prob is not None and cfg.norm_topk_prob != self.norm_topk_prob:
             return f"norm_topk_prob = {cfg.norm_topk_prob} (it has {self.norm_topk_prob})"
+        if (cfg.d_shared_expert is None) == bool(self.shared):
+            return (f"d_shared_expert = {cfg.d_shared_expert} "
+                    f"({'it has a shared expert' if self.shared else 'it has no shared expert'})")
         return None
 
 
@@ -122,7 +133,8 @@ def _phi3_to_hf(cfg: ModelConfig) -> dict:
                                                                              cfg.max_seq_len)}
 
 
-def _unsupported_llama(hf: dict, where: str, partial_rotary: bool = False, moe: bool = False) -> None:
+def _unsupported_llama(hf: dict, where: str, partial_rotary: bool = False, moe: bool = False,
+                       shared_expert: bool = False) -> None:
     """Refuse what llmcli's blocks do not compute, naming the field (never ignored silently)."""
     problems = []
     if not partial_rotary and hf_rope(hf).get("partial_rotary_factor", 1.0) != 1.0:
@@ -133,7 +145,7 @@ def _unsupported_llama(hf: dict, where: str, partial_rotary: bool = False, moe: 
     if hf.get("mlp_only_layers") or hf.get("decoder_sparse_step", 1) != 1:
         problems.append("mlp_only_layers / decoder_sparse_step (dense layers among the experts' layers)")
     for key in ("shared_expert_intermediate_size", "n_shared_experts", "clip_qkv"):
-        if hf.get(key):
+        if hf.get(key) and not (shared_expert and key == "shared_expert_intermediate_size"):
             problems.append(f"{key} = {hf[key]}")
     if hf.get("pretraining_tp", 1) != 1:
         problems.append(f"pretraining_tp = {hf['pretraining_tp']} (use 1)")
@@ -295,7 +307,8 @@ def _llama_like(model_type: str, architecture: str, biases: str | tuple[bool, bo
         misfit=check_fit,
         emb_key="model.embed_tokens.weight", head_key="lm_head.weight",
         ignored=r"\.rotary_emb\.inv_freq$", free_head_size=True, grouped_query=True,
-        refuse=lambda hf, where: _unsupported_llama(hf, where, "rotary_fraction" in special.keeps, experts is not None),
+        refuse=lambda hf, where: _unsupported_llama(hf, where, "rotary_fraction" in special.keeps, experts is not None,
+                                                    bool(experts and experts.shared)),
         extra_from_hf=lambda hf, state, where: {**_llama_config(hf, where), **_windows_from_hf(hf, windows, where),
                                                 **special.from_hf(hf), **(experts.from_hf(hf) if experts else {}),
                                                 **fixed_from_hf},
@@ -361,3 +374,11 @@ OLMOE = _llama_like(
                             rms_norm_eps=1e-5),
     from_hf={"qk_norm": "projection"},
     experts=Experts("mlp.gate", "mlp.experts", ("gate_proj", "up_proj", "down_proj"), "num_experts", (64, 8)))
+QWEN2_MOE = _llama_like(
+    "qwen2_moe", "Qwen2MoeForCausalLM", (True, False, False),
+    hf_fields=with_defaults(LLAMA_FIELDS, vocab_size=151936, hidden_size=2048, intermediate_size=5632,
+                            num_hidden_layers=24, num_attention_heads=16, max_position_embeddings=32768),
+    windows="chosen layers",
+    experts=Experts("mlp.gate", "mlp.experts", ("gate_proj", "up_proj", "down_proj"), "num_experts", (60, 4),
+                    width_key="moe_intermediate_size", extra_to_hf=(("decoder_sparse_step", 1), ("mlp_only_layers", [])),
+                    shared=("mlp.shared_expert", "mlp.shared_expert_gate", "shared_expert_intermediate_size")))

@@ -22,7 +22,8 @@ from llmcli.errors import UserError
 from llmcli.interop.bert import BERT
 from llmcli.interop.gemma import GEMMA2, GEMMA3
 from llmcli.interop.gpt2 import GPT2
-from llmcli.interop.llama import GRANITE, LLAMA, MISTRAL, MIXTRAL, OLMO2, OLMOE, PHI3, QWEN2, QWEN3, QWEN3_MOE, SMOLLM3
+from llmcli.interop.llama import (GRANITE, LLAMA, MISTRAL, MIXTRAL, OLMO2, OLMOE, PHI3, QWEN2, QWEN2_MOE, QWEN3,
+                                  QWEN3_MOE, SMOLLM3)
 from llmcli.interop.t5 import T5
 from llmcli.interop.tables import Family
 from llmcli.models import build_model, build_on_meta
@@ -31,7 +32,7 @@ INDEX_FILE = "model.safetensors.index.json"
 GENERATION_FILE = "generation_config.json"
 
 SPECS = (GPT2, BERT, T5, LLAMA, MISTRAL, QWEN2, QWEN3, OLMO2, PHI3, SMOLLM3, GRANITE, GEMMA2, GEMMA3, MIXTRAL,
-         QWEN3_MOE, OLMOE)
+         QWEN3_MOE, OLMOE, QWEN2_MOE)
 BY_MODEL_TYPE = {spec.model_type: spec for spec in SPECS}
 BY_ARCHITECTURE = {spec.architecture: spec for spec in SPECS}
 SUPPORTED = ", ".join(arch for spec in SPECS for arch in spec.reads)

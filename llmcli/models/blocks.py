@@ -79,7 +79,8 @@ class FeedForward(nn.Module):
 
 class MixtureOfExperts(nn.Module):
     """A router and `n_experts` feed-forwards; each token goes to its top-k experts, weighted by the router's
-    softmax probabilities (renormalised over the k with norm_topk_prob: Mixtral, Qwen3-MoE; not: OLMoE).
+    softmax probabilities (renormalised over the k with norm_topk_prob: Mixtral, Qwen3-MoE; not: OLMoE). With
+    d_shared_expert, a shared expert also runs on every token, its output scaled by sigmoid(w·x) (Qwen2-MoE).
 
     Tokens are grouped by expert and each expert runs once over its tokens. After each call `expert_load` (tokens
     routed to each expert) stays on the module for the load statistics, and, when autograd is on (training),
@@ -90,6 +91,9 @@ class MixtureOfExperts(nn.Module):
         self.top_k, self.norm_topk_prob = cfg.experts_per_token, cfg.norm_topk_prob
         self.router = nn.Linear(cfg.d_model, cfg.n_experts, bias=False)
         self.experts = nn.ModuleList(FeedForward(cfg, cfg.expert_width) for _ in range(cfg.n_experts))
+        shared = cfg.d_shared_expert is not None
+        self.shared = FeedForward(cfg, cfg.d_shared_expert) if shared else None
+        self.shared_gate = nn.Linear(cfg.d_model, 1, bias=False) if shared else None
         self.router_logits: torch.Tensor | None = None
         self.chosen: torch.Tensor | None = None
         self.expert_load: torch.Tensor | None = None
@@ -117,6 +121,8 @@ class MixtureOfExperts(nn.Module):
                 routed = expert(tokens[rows]) * weights.reshape(-1)[order[start:start + count], None]
                 out.index_add_(0, rows, routed)
                 start += count
+        if self.shared is not None:
+            out = out + torch.sigmoid(self.shared_gate(tokens)) * self.shared(tokens)
         self.router_logits, self.chosen = (logits, chosen) if torch.is_grad_enabled() else (None, None)
         self.expert_load = load.detach()
         return out.reshape(x.shape)

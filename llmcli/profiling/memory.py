@@ -225,13 +225,7 @@ def _block_saved(cfg: ModelConfig, b: int, t: int, p: _Precision, kernel: str, c
     saved = _attention_saved(cfg, b, t, t, kernel, causal, p, dropout, o_trainable) + attn_lora + ff_lora
     saved += drop_mask
     saved += _qk_norms_saved(cfg, b, t, p, trainable, ("q_proj", "k_proj"))
-    if gated:  # act(gate(x)) * up(x): the activation's input, both factors of the product, the product
-        saved += p.compute * ff * (3 + ("down" in trainable))
-    elif cfg.activation == "relu":  # relu keeps its output, which is also down's input
-        saved += p.compute * ff
-    else:  # gelu keeps its input; down keeps gelu's output
-        saved += p.compute * ff * (1 + ("down" in trainable))
-    saved += drop_mask
+    saved += _hidden_saved(cfg, ff, p, trainable) + drop_mask
     if cfg.parallel_block:  # one norm feeds attention and feed-forward
         return saved + norm + _linear_inputs(e, attn_readers + ff_readers, p)
     # norms of the residual stream (before or, post-norm, after each sublayer's sum) and of a sublayer's output,
@@ -250,13 +244,26 @@ def _block_saved(cfg: ModelConfig, b: int, t: int, p: _Precision, kernel: str, c
     return saved
 
 
+def _hidden_saved(cfg: ModelConfig, hidden: int, p: _Precision, trainable: set[str]) -> int:
+    """What a feed-forward keeps of its `hidden` (tokens x width) elements."""
+    if cfg.activation in ("swiglu", "geglu"):  # act(gate(x)) * up(x): the activation's input, both factors, product
+        return p.compute * hidden * (3 + ("down" in trainable))
+    if cfg.activation == "relu":  # relu keeps its output, which is also down's input
+        return p.compute * hidden
+    return p.compute * hidden * (1 + ("down" in trainable))  # gelu keeps its input; down keeps gelu's output
+
+
 def _experts_saved(cfg: ModelConfig, rows: int, p: _Precision, trainable: set[str], ff_readers: int) -> int:
     """A mixture of experts besides its experts' hidden states: the router's input, its fp32 softmax, the top-k
     indices and routing order (int64), each routed copy of a token (what an expert's up and gate read), each expert
     output and its weight (the product's inputs), and the weighted outputs index_add_ sums (it keeps its source).
     The router logits the layer keeps for its losses (4 bytes per token and expert) are not autograd's: left out."""
-    routed = rows * cfg.experts_per_token
-    saved = _linear_inputs(rows * cfg.d_model, "router" in trainable, p) + 4 * rows * cfg.n_experts
+    routed, shared = rows * cfg.experts_per_token, cfg.d_shared_expert is not None
+    # the tokens feed the router, and a shared expert's gate, up and gate projections
+    readers = ("router" in trainable) * (2 if shared else 1) + (ff_readers if shared else 0)
+    saved = _linear_inputs(rows * cfg.d_model, readers, p) + 4 * rows * cfg.n_experts
+    if shared:  # its hidden states; sigmoid(gate) and its output, the product's inputs
+        saved += _hidden_saved(cfg, rows * cfg.d_shared_expert, p, trainable) + p.compute * rows * (1 + cfg.d_model)
     saved += 3 * 8 * routed  # top-k indices, the order grouping them by expert, each routed pair's token
     if cfg.norm_topk_prob:  # weights / their sum keeps both
         saved += 4 * routed + 4 * rows
@@ -559,6 +566,8 @@ def _infer_working(cfg: ModelConfig, b: int, t: int, s: int, c: int, kernel: str
         # time over its share of the routed tokens: their copies, hidden, activation (and product)
         share = b * t * cfg.experts_per_token / cfg.n_experts
         ff = c * 3 * e + 8 * b * t * cfg.n_experts + c * share * (cfg.d_model + cfg.expert_width * (3 if gated else 2))
+        if cfg.d_shared_expert is not None:  # the shared expert over every token, and its output
+            ff += c * b * t * (cfg.d_shared_expert * (3 if gated else 2) + cfg.d_model)
     else:
         ff = c * (2 * e + b * t * cfg.d_ff * (3 if gated else 2))  # x, norm(x), hidden, activation (and product)
     bias = c * b * t * s  # the additive bias built from generation's attention mask
