@@ -135,61 +135,77 @@ AVX2 void bf16_avx2(const Rows& a, int64_t n0, int64_t n1) {
   }
 }
 
-// ---- int8 and int4 weights against int8 activation blocks of 32. One vector holds `vb` blocks (2 in 512 bits, 1
-// in 256); its integer dot products land in 32-bit lanes, each lane belonging to one block, and are scaled by the
-// lane's activation scale (lane_scales, laid out by the caller to match) before joining a float accumulator.
+// ---- int8 and int4 weights against int8 activation blocks of 32. A step covers several blocks (512 bits: 2 of int8,
+// 4 of int4; 256 bits: 1); its integer dot products land in 32-bit lanes, each lane belonging to one block, and are
+// scaled by the lane's activation scale (lane_scales, laid out by the caller to match) before joining a float
+// accumulator.
 // int8 weights have one scale per row, applied at the end; int4 ones one per group, applied per block.
 
-// Vector v of row `row` as the bytes VNNI multiplies: unsigned int8 weights w + 128 (w xor 0x80), int4 ones q + 8
-// (as stored) unpacked; the last vector of an odd block count holds one block, the rest zero.
+// A 512-bit step covers 2 blocks of int8 weights (64 bytes) or 4 blocks of int4 ones (64 packed bytes, unpacked to
+// their low nibbles and their high nibbles, two vectors multiplied by the activations' even and odd columns).
 template <int Bits>
-AVX512_VNNI inline __m512i weight_vector512(const Rows& a, int64_t row, int64_t v, int64_t blocks) {
-  const bool pair = 2 * v + 1 < blocks;
-  if (Bits == 8) {
-    const int8_t* p = static_cast<const int8_t*>(a.w) + row * a.K + v * 2 * kBlock;
-    const __m512i w = pair ? _mm512_loadu_si512(p) : _mm512_zextsi256_si512(_mm256_loadu_si256((const __m256i*)p));
-    return _mm512_xor_si512(w, _mm512_set1_epi8(static_cast<char>(0x80)));
-  }
-  const uint8_t* p = static_cast<const uint8_t*>(a.w) + row * (a.K / 2) + v * kBlock;
-  const __m256i bytes = pair ? _mm256_loadu_si256((const __m256i*)p)
-                             : _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i*)p));
-  const __m256i nibble = _mm256_set1_epi8(0x0F);
-  return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(bytes, nibble)),
-                            _mm256_and_si256(_mm256_srli_epi16(bytes, 4), nibble), 1);
+constexpr int64_t kBlocksPerStep = Bits == 8 ? 2 : 4;
+
+// The weight bytes of step v of row `row`, the blocks past the row's end zero (a masked load reads nothing there).
+template <int Bits>
+AVX512_VNNI inline __m512i weight_bytes512(const Rows& a, int64_t row, int64_t v, int64_t blocks) {
+  const int64_t first = v * kBlocksPerStep<Bits>, present = std::min(kBlocksPerStep<Bits>, blocks - first);
+  const int64_t row_bytes = Bits == 8 ? a.K : a.K / 2, block_bytes = Bits == 8 ? kBlock : kBlock / 2;
+  const uint8_t* p = static_cast<const uint8_t*>(a.w) + row * row_bytes + first * block_bytes;
+  if (present == kBlocksPerStep<Bits>) return _mm512_loadu_si512(p);
+  return _mm512_maskz_loadu_epi8((__mmask64)((1ULL << (present * block_bytes)) - 1), p);
 }
 
-// int4: each lane's weight scale (its block's group) times its activation scale. The two blocks' scales are read
-// as one 8-byte pair and spread to their lanes ([first x4, second x4] twice) by one permute.
+// Step v's integer dot products, one block per 8 (int8) or 4 (int4) lanes. VNNI multiplies unsigned by signed
+// bytes: int8 weights enter as w + 128 (w xor 0x80), int4 ones as q + 8 (as stored); `fix` holds -128 (or -8) times
+// each block's activation sum in its first lane, which puts Σ w·x back.
+template <int Bits>
+AVX512_VNNI inline __m512i dot512(const Rows& a, int64_t row, int64_t v, int64_t blocks, const int8_t* x,
+                                  const int32_t* fix) {
+  const __m512i w = weight_bytes512<Bits>(a, row, v, blocks);
+  const __m512i sums = _mm512_loadu_si512(fix + 16 * v);
+  if (Bits == 8)
+    return _mm512_dpbusd_epi32(sums, _mm512_xor_si512(w, _mm512_set1_epi8(static_cast<char>(0x80))),
+                               _mm512_loadu_si512(x + 64 * v));
+  const __m512i nibble = _mm512_set1_epi8(0x0F);
+  const __m512i low = _mm512_and_si512(w, nibble), high = _mm512_and_si512(_mm512_srli_epi16(w, 4), nibble);
+  const __m512i even = _mm512_dpbusd_epi32(sums, low, _mm512_loadu_si512(x + 128 * v));
+  return _mm512_dpbusd_epi32(even, high, _mm512_loadu_si512(x + 128 * v + 64));
+}
+
+// int4: each lane's weight scale (its block's group) times its activation scale: the step's four block scales
+// spread to their lanes ([first x4, second x4, ...]) by one permute.
 AVX512_VNNI inline __m512 int4_scales512(const Rows& a, const float* xs, int64_t row, int64_t v, int64_t blocks) {
-  const int64_t b = 2 * v, per_group = a.group / kBlock;
+  const int64_t first = 4 * v, present = std::min<int64_t>(4, blocks - first), per_group = a.group / kBlock;
   const float* ws = a.scales + row * (a.K / a.group);
-  __m128 pair;
-  if (per_group == 1 && b + 1 < blocks)
-    pair = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(ws + b)));
-  else
-    pair = _mm_setr_ps(ws[b / per_group], ws[(b + 1 < blocks ? b + 1 : b) / per_group], 0.f, 0.f);
-  const __m512i spread = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1);
-  return _mm512_mul_ps(_mm512_loadu_ps(xs + 16 * v), _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(pair)));
+  __m128 four;
+  if (per_group == 1) {
+    four = _mm_maskz_loadu_ps((__mmask8)((1 << present) - 1), ws + first);
+  } else {
+    float gathered[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int64_t j = 0; j < present; ++j) gathered[j] = ws[(first + j) / per_group];
+    four = _mm_loadu_ps(gathered);
+  }
+  const __m512i spread = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+  return _mm512_mul_ps(_mm512_loadu_ps(xs + 16 * v), _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(four)));
 }
 
-// lane_fix holds -128 (or -8) times each block's activation sum in one lane: the unsigned offsets cancel.
 template <int Bits>
 AVX512_VNNI void int_avx512(const Rows& a, int64_t n0, int64_t n1) {
-  const int64_t blocks = a.K / kBlock, vectors = (blocks + 1) / 2;
+  const int64_t blocks = a.K / kBlock, steps = (blocks + kBlocksPerStep<Bits> - 1) / kBlocksPerStep<Bits>;
+  const int64_t step_bytes = kBlocksPerStep<Bits> * kBlock;
   for (int64_t n = n0; n < n1; ++n) {
     for (int64_t m = 0; m < a.M; ++m) {
-      const int8_t* x = static_cast<const int8_t*>(a.x) + m * vectors * 64;
-      const float* xs = a.lane_scales + m * vectors * 16;
-      const int32_t* fix = a.lane_fix + m * vectors * 16;
+      const int8_t* x = static_cast<const int8_t*>(a.x) + m * steps * step_bytes;
+      const float* xs = a.lane_scales + m * steps * 16;
+      const int32_t* fix = a.lane_fix + m * steps * 16;
       __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-#define STEP(s, i)                                                                                                \
-  {                                                                                                               \
-    const __m512i dot = _mm512_dpbusd_epi32(_mm512_loadu_si512(fix + 16 * (i)), weight_vector512<Bits>(a, n, i, blocks), \
-                                            _mm512_loadu_si512(x + 64 * (i)));                                    \
-    const __m512 scale = Bits == 8 ? _mm512_loadu_ps(xs + 16 * (i)) : int4_scales512(a, xs, n, i, blocks);       \
-    s = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, s);                                                       \
+#define STEP(s, i)                                                                                                 \
+  {                                                                                                                \
+    const __m512 scale = Bits == 8 ? _mm512_loadu_ps(xs + 16 * (i)) : int4_scales512(a, xs, n, i, blocks);        \
+    s = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot512<Bits>(a, n, i, blocks, x, fix)), scale, s);                     \
   }
-      FOUR_WAY(vectors, STEP)
+      FOUR_WAY(steps, STEP)
 #undef STEP
       a.y[m * a.N + n] = sum512(acc) * (Bits == 8 ? a.scales[n] : 1.f);
     }
@@ -291,11 +307,13 @@ void check(const torch::Tensor& x, const torch::Tensor& w, int64_t k, int64_t is
 // Activations (M, K) fp32 -> what the integer bodies read per x row: int8 blocks of 32 placed as the weights'
 // bytes are (int4: a vector's low nibbles, then its high ones), zero-padded to whole vectors; per vector, each
 // lane's activation scale and correction (-offset · the block's sum, in the block's first lane; offset 128 or 8,
-// or 0 when the body needs none). isa 2: vectors of 2 blocks and 16 lanes; isa 1: 1 block and 8 lanes.
+// or 0 when the body needs none). isa 2: vectors of 2 (int8) or 4 (int4) blocks and 16 lanes; isa 1: 1 block and 8
+// lanes.
 void prepare_int8_rows(const torch::Tensor& x, int64_t bits, int64_t isa, int32_t offset, torch::Tensor& xq,
                        torch::Tensor& lane_scales, torch::Tensor& lane_fix) {
   const int64_t M = x.size(0), K = x.size(1), blocks = K / kBlock;
-  const int64_t per_vector = isa == 2 ? 2 : 1, lanes = 8 * per_vector, vectors = (blocks + per_vector - 1) / per_vector;
+  const int64_t per_vector = isa == 2 ? (bits == 8 ? 2 : 4) : 1, lanes = isa == 2 ? 16 : 8;
+  const int64_t vectors = (blocks + per_vector - 1) / per_vector;
   const int64_t vector_bytes = per_vector * kBlock;
   xq = torch::zeros({M, vectors * vector_bytes}, torch::kInt8);
   lane_scales = torch::zeros({M, vectors, lanes}, torch::kFloat32);
