@@ -106,7 +106,7 @@ def test_a_model_readied_for_decoding_computes_the_same(ext):
     are those of the model as built, and a training step still gets gradients through torch's path."""
     from llmcli.generation import generate_ids
 
-    config = tiny_config("gpt", d_model=64, n_heads=4, d_ff=128, tie_embeddings=True)
+    config = tiny_config("gpt", d_model=128, n_heads=4, d_ff=256, tie_embeddings=True)
     model = build_model(config, seed=0).eval()
     reference = build_model(config, seed=0).eval()
     before = {name: t.clone() for name, t in model.state_dict().items()}
@@ -115,6 +115,9 @@ def test_a_model_readied_for_decoding_computes_the_same(ext):
         type(m) is nn.Linear for m in reference.modules())
     assert model.state_dict().keys() == before.keys()
     assert all(torch.equal(before[name], t) for name, t in model.state_dict().items())
+    large = [p for p in model.parameters() if p.numel() * 4 >= gemv.ARENA_MIN_BYTES]
+    assert large and len({p.untyped_storage().data_ptr() for p in large}) == 1  # gathered into one buffer
+    assert all(p.data_ptr() % 64 == 0 for p in large)
     ids = torch.randint(0, config.vocab_size, (2, 6), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         for step in range(1, 3):  # one-row calls: the kernels run
