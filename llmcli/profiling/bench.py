@@ -88,15 +88,15 @@ class Runner:
 
     def prepare(self, mode: str):
         """Put the model in the right precision and state for `mode`; returns a context for each step."""
-        if self.name == "llmcli" and mode == "train":  # the order it was built in
-            store_matrices_transposed(self.model, transposed=False)
-        elif self.name == "llmcli":  # as `llmcli generate` runs
-            prepare_for_decode(self.model) if self.device.type == "cpu" else store_matrices_transposed(self.model)
         if mode == "train":
+            if self.name == "llmcli":  # the order it was built in
+                store_matrices_transposed(self.model, transposed=False)
             self.model.to(torch.float32).train()
             self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-5, fused=True)  # the same for both
             return lambda: autocast(self.device, self.dtype)
-        self.model.to(torch_dtype(self.dtype)).eval()
+        self.model.to(torch_dtype(self.dtype)).eval()  # first: a cast after prepare_for_decode would undo its buffer
+        if self.name == "llmcli":  # as `llmcli generate` runs
+            prepare_for_decode(self.model) if self.device.type == "cpu" else store_matrices_transposed(self.model)
         self.optimizer = None
         return torch.inference_mode
 
