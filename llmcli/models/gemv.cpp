@@ -18,9 +18,8 @@
 #include <immintrin.h>
 #endif
 
-#include <cmath>
+#include <algorithm>
 #include <cstdint>
-#include <vector>
 
 namespace {
 
@@ -337,14 +336,10 @@ void prepare_int8_rows(const torch::Tensor& x, int64_t bits, int64_t isa, int32_
         const int64_t at = bits == 8 ? j * kBlock + i : (i % 2 ? per_vector + j : j) * 16 + i / 2;
         out[at] = static_cast<int8_t>(values[i]);
       }
-      for (int64_t lane = 0; lane < lanes; ++lane) {
-        const int64_t byte = 4 * lane;
-        const int64_t owner = bits == 8 ? byte / kBlock : (byte / 16) % per_vector;
-        if (owner != j) continue;
-        const int64_t at = (m * vectors + v) * lanes + lane;
-        ls[at] = scale;
-        if (lane == (bits == 8 ? j * 8 : j * 4)) lf[at] = -offset * sum;  // the block's first lane
-      }
+      // block j of a vector owns lanes j * own .. (j + 1) * own - 1; its correction goes in the first
+      const int64_t own = lanes / per_vector, first = (m * vectors + v) * lanes + j * own;
+      std::fill(ls + first, ls + first + own, scale);
+      lf[first] = -offset * sum;
     }
   }
 }

@@ -2,8 +2,8 @@
 
 A decode step multiplies one row per sequence by every weight matrix: its speed is how fast the weights stream
 from memory. torch's single-row paths stream them at a third to a half of the machine's read bandwidth
-(benchmarks/gemv.py); gemv.cpp's kernels read each matrix once per call, four rows at a time, for fp32, bf16, int8
-and int4 weights (the integer ones against int8 activation blocks, with VNNI or AVX2's byte products).
+(benchmarks/gemv.py); gemv.cpp's kernels read each matrix once per call, each row straight through, for fp32, bf16,
+int8 and int4 weights (the integer ones against int8 activation blocks, with VNNI or AVX2's byte products).
 
 The C++ is compiled with torch.utils.cpp_extension at first use (once per source and torch version, about 30 s,
 said on stderr) and cached in the user's cache directory. Which body runs is read from the CPU's features at run
