@@ -60,7 +60,9 @@ def candidates(k: int, n: int) -> dict:
             found[f"{label} ATen packed kernel, bf16 x"] = ([lambda f=layer._aten_kernel(): f(x16) for layer in calls],
                                                             nbytes)
         if calls and gemv.extension() is not None:
-            found[f"{label} llmcli gemv, fp32 x"] = ([lambda f=layer._gemv_kernel(): f(x32) for layer in calls], nbytes)
+            found[f"{label} llmcli gemv, fp32 x"] = (
+                [lambda q=layer: gemv.int_linear(x32, q.qweight, q.scales, q.group_size, q.bits) for layer in calls],
+                nbytes)
     return found
 
 

@@ -56,6 +56,40 @@ def test_fp32_and_bf16_kernels_match_torch(ext, m, k, n):
         assert relative(got, want) < 1e-6
 
 
+def test_the_model_call_takes_any_leading_shape_dtype_and_bias(ext):
+    """ops.linear is F.linear as a model calls it: (B, T, K) in fp32 or bf16, a bias, the result in x's dtype."""
+    g = torch.Generator().manual_seed(5)
+    x, w, bias = torch.randn(2, 3, 96, generator=g), torch.randn(40, 96, generator=g) * 0.05, torch.randn(40, generator=g)
+    for kind, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        for level in levels(kind):
+            got = ext.linear(x.to(dtype), w.to(dtype), bias.to(dtype), level)
+            want = F.linear(x.to(dtype).double(), w.to(dtype).double(), bias.to(dtype).double())
+            assert got.shape == (2, 3, 40) and got.dtype == dtype
+            assert relative(got.double(), want) < (1e-6 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch,heads,kv_heads,length,d_head", [(1, 4, 4, 1, 32), (2, 9, 3, 37, 64), (1, 8, 1, 130, 128)])
+def test_decode_attention_matches_sdpa(ext, dtype, batch, heads, kv_heads, length, d_head):
+    """One query per sequence over a KV cache's first `length` slots (a view of a longer buffer, as the cache hands
+    it over), grouped-query heads included: torch's SDPA on the same operands, in fp64."""
+    g = torch.Generator().manual_seed(length)
+    q = torch.randn(batch, heads, 1, d_head, generator=g).to(dtype)
+    cache_k, cache_v = (torch.randn(batch, kv_heads, length + 7, d_head, generator=g).to(dtype) for _ in range(2))
+    k, v = cache_k[:, :, :length], cache_v[:, :, :length]
+    repeat = heads // kv_heads
+    want = F.scaled_dot_product_attention(q.double(), k.double().repeat_interleave(repeat, 1),
+                                          v.double().repeat_interleave(repeat, 1), scale=0.3)
+    for level in levels("fp32"):
+        got = ext.decode_attention(q, k, v, 0.3, level)
+        assert got.shape == q.shape and got.dtype == dtype
+        assert relative(got.double(), want) < (1e-6 if dtype == torch.float32 else 1e-2), level
+    with torch.no_grad():  # the model's entry: the kernel where it applies, torch's SDPA where not (a mask)
+        assert relative(gemv.attention(q, k, v, scale=0.3, enable_gqa=repeat > 1).double(), want) < 1e-2
+        mask = torch.zeros(1, 1, 1, length, dtype=dtype)
+        assert relative(gemv.attention(q, k, v, attn_mask=mask, scale=0.3, enable_gqa=repeat > 1).double(), want) < 1e-2
+
+
 def quantize_weight(w: torch.Tensor, bits: int, group: int):
     scales = symmetric_scales(w, group, bits)
     q = (w.reshape(w.shape[0], -1, group) / scales[..., None]).round().clamp(*qrange(bits))
@@ -99,6 +133,13 @@ def test_kernels_refuse_what_they_cannot_take(ext):
         ext.linear_f32(x, w.t().contiguous().t(), 1)
     transposed = w.t().contiguous().t()
     assert torch.equal(gemv.linear(x, transposed), F.linear(x, transposed))  # torch's path takes it instead
+    q, keys = torch.randn(1, 2, 1, 32), torch.randn(1, 2, 32, 5).transpose(-1, -2)  # a head's positions not in a row
+    with pytest.raises(RuntimeError, match="contiguous"):
+        ext.decode_attention(q, keys, keys, 1.0, 1)
+    with pytest.raises(RuntimeError, match="multiple of Hkv"):
+        ext.decode_attention(torch.randn(1, 3, 1, 32), torch.randn(1, 2, 4, 32), torch.randn(1, 2, 4, 32), 1.0, 1)
+    with torch.no_grad():
+        assert torch.equal(gemv.attention(q, keys, keys), F.scaled_dot_product_attention(q, keys, keys))
 
 
 def test_a_model_readied_for_decoding_computes_the_same(ext):
@@ -137,8 +178,8 @@ def test_quantized_layer_takes_the_kernel_for_few_rows(ext):
         with torch.no_grad():
             got = layer(x)
             want = F.linear(blockwise_int8(x), layer.dequantized_weight(), layer.bias)
-            assert torch.allclose(got, want, atol=1e-5), scheme
-            assert layer._kernel[1] is not None  # the prepared path, not the reference
+            assert layer._takes_gemv()
+            assert torch.allclose(got, want, atol=1e-5), scheme  # block-quantized activations: our kernel's result
 
 
 def test_without_kernels_decoding_takes_torchs_path():

@@ -233,6 +233,9 @@ class Attention(nn.Module):
     keep the attention probabilities in `.weights` (for visualisation).
     """
 
+    # F.scaled_dot_product_attention's signature; models.gemv.prepare_for_decode swaps in its decode kernel
+    sdpa = staticmethod(F.scaled_dot_product_attention)
+
     def __init__(self, cfg: ModelConfig, cross: bool = False, scale: float | None = None) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.d_head = cfg.n_heads, cfg.n_kv_heads, cfg.d_head
@@ -290,8 +293,8 @@ class Attention(nn.Module):
         if self.record_weights or self.softcap is not None:
             out = self._eager(q, k, v, bias, is_causal, dropout)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout, is_causal=is_causal,
-                                                 scale=self.scale, enable_gqa=self.n_kv_heads != self.n_heads)
+            out = self.sdpa(q, k, v, attn_mask=bias, dropout_p=dropout, is_causal=is_causal, scale=self.scale,
+                            enable_gqa=self.n_kv_heads != self.n_heads)
         return self.o_proj(out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
 
     def _eager(self, q, k, v, bias, is_causal, dropout):
@@ -453,7 +456,7 @@ class TransformerStack(nn.Module):
         window = window if window is not None and int(q_pos[-1] - k_pos[0]) >= window else None  # else all fit
         needs_bias = (attention_mask is not None or self.rel_bias is not None or window is not None
                       or self.cfg.position == "transformer_xl")
-        causal_rows = self.causal and len(q_pos) > 1
+        causal_rows = True if self.causal and len(q_pos) > 1 else False  # a bool, not a traced one (torch.compile)
         if not needs_bias and (not causal_rows or len(q_pos) == len(k_pos)):
             return None, causal_rows
         allowed = torch.ones(len(q_pos), len(k_pos), dtype=torch.bool, device=q_pos.device)

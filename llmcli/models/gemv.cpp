@@ -19,7 +19,10 @@
 #endif
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <limits>
+#include <vector>
 
 namespace {
 
@@ -370,32 +373,149 @@ torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor w, int64_t isa) {
 #endif
 }
 
-// qweight: int8 (N, K) with scales (N, 1), or uint8 (N, K / 2) with bits = 4 and scales (N, K / group); x fp32.
+// fp32 (M, N) -> x's leading shape and dtype, with the bias added.
+static torch::Tensor finish(torch::Tensor y, const torch::Tensor& x, const c10::optional<torch::Tensor>& bias) {
+  if (bias.has_value()) y.add_(*bias);
+  auto shape = x.sizes().vec();
+  shape.back() = y.size(1);
+  return y.to(x.scalar_type()).view(shape);
+}
+
+// F.linear(x, w, bias) for x (..., K) in fp32 or bf16 and a contiguous fp32 or bf16 W (N, K): the call a model
+// makes, in one op (the activations are converted to what the body reads, the result to x's dtype).
+torch::Tensor linear(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias, int64_t isa) {
+  const auto rows = x.reshape({-1, w.size(1)});
+  if (w.scalar_type() == torch::kFloat32) return finish(linear_f32(rows.to(torch::kFloat32).contiguous(), w, isa), x, bias);
+  const auto wanted = isa == 2 ? torch::kBFloat16 : torch::kFloat32;
+  return finish(linear_bf16(rows.to(wanted).contiguous(), w, isa), x, bias);
+}
+
+// qweight: int8 (N, K) with scales (N, 1), or uint8 (N, K / 2) with bits = 4 and scales (N, K / group); x (..., K)
+// fp32 or bf16 (quantized to int8 blocks here); the result in x's dtype.
 torch::Tensor linear_int(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales, int64_t group, int64_t bits,
                          int64_t isa) {
   const int64_t K = bits == 4 ? qweight.size(1) * 2 : qweight.size(1);
-  check(x, qweight, K, isa);
+  const auto rows = x.reshape({-1, K}).to(torch::kFloat32).contiguous();
+  check(rows, qweight, K, isa);
   TORCH_CHECK(bits == 4 || bits == 8, "bits is 4 or 8");
   TORCH_CHECK(qweight.scalar_type() == (bits == 4 ? torch::kUInt8 : torch::kInt8), "int8, or uint8 nibbles");
-  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && scales.scalar_type() == torch::kFloat32, "fp32 x and scales");
+  TORCH_CHECK(scales.scalar_type() == torch::kFloat32, "fp32 scales");
   TORCH_CHECK(bits == 4 || group == K, "int8 takes one scale per row (group = K)");
   TORCH_CHECK(group % kBlock == 0 && K % group == 0 && scales.is_contiguous() && scales.size(0) == qweight.size(0) &&
                   scales.size(1) == K / group, "scales (N, K / group), group a multiple of 32");
 #if defined(__x86_64__)
   const int32_t offset = bits == 4 ? 8 : (isa == 2 ? 128 : 0);
   torch::Tensor xq, lane_scales, lane_fix;
-  prepare_int8_rows(x, bits, isa, offset, xq, lane_scales, lane_fix);
-  const Rows rows{qweight.data_ptr(), scales.data_ptr<float>(), group, xq.data_ptr(), lane_scales.data_ptr<float>(),
-                  lane_fix.data_ptr<int32_t>(), nullptr, x.size(0), K, qweight.size(0)};
-  if (isa == 2) return run(bits == 4 ? int_avx512<4> : int_avx512<8>, rows);
-  return run(bits == 4 ? int_avx2<4> : int_avx2<8>, rows);
+  prepare_int8_rows(rows, bits, isa, offset, xq, lane_scales, lane_fix);
+  const Rows operands{qweight.data_ptr(), scales.data_ptr<float>(), group, xq.data_ptr(),
+                      lane_scales.data_ptr<float>(), lane_fix.data_ptr<int32_t>(), nullptr, rows.size(0), K,
+                      qweight.size(0)};
+  const Body body = isa == 2 ? (bits == 4 ? int_avx512<4> : int_avx512<8>) : (bits == 4 ? int_avx2<4> : int_avx2<8>);
+  return finish(run(body, operands), x, c10::nullopt);
 #else
   return {};
 #endif
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("linear_f32", &linear_f32, "y = x Wᵀ, fp32 W (N, K)");
-  m.def("linear_bf16", &linear_bf16, "y = x Wᵀ, bf16 W (N, K)");
-  m.def("linear_int", &linear_int, "y = x Wᵀ, int8 or int4 W with group scales, x quantized per 32");
+// ---- attention for one query per sequence (a decode step): out = softmax(q·Kᵀ · scale) V per head, over all L
+// cached keys (no mask), a query head h reading key head h / (H / Hkv) (GQA). The body is written once and
+// inlined into an AVX-512 and an AVX2 function, which the compiler vectorizes for their own targets.
+
+namespace {
+
+constexpr int64_t kMaxHeadDim = 256;
+
+struct Heads {
+  const void* q; const void* k; const void* v; void* out;
+  int64_t H, group, L, D;
+  int64_t q_b, q_h, k_b, k_h, v_b, v_h;  // strides (elements) of batch and head; a head's positions are D apart
+  float scale;
+};
+
+template <typename T>
+[[gnu::always_inline]] inline void attend_heads(const Heads& a, int64_t begin, int64_t end) {
+  std::vector<float> p(a.L);
+  float q[kMaxHeadDim], acc[kMaxHeadDim];
+  for (int64_t i = begin; i < end; ++i) {
+    const int64_t b = i / a.H, h = i % a.H, g = h / a.group;
+    const T* qi = static_cast<const T*>(a.q) + b * a.q_b + h * a.q_h;
+    const T* k = static_cast<const T*>(a.k) + b * a.k_b + g * a.k_h;
+    const T* v = static_cast<const T*>(a.v) + b * a.v_b + g * a.v_h;
+    for (int64_t d = 0; d < a.D; ++d) q[d] = static_cast<float>(qi[d]) * a.scale;
+    float top = -std::numeric_limits<float>::infinity();
+    for (int64_t j = 0; j < a.L; ++j) {
+      const T* kj = k + j * a.D;
+      float s = 0.f;
+#pragma omp simd reduction(+ : s)
+      for (int64_t d = 0; d < a.D; ++d) s += q[d] * static_cast<float>(kj[d]);
+      p[j] = s;
+      top = std::max(top, s);
+    }
+    float total = 0.f;
+    for (int64_t j = 0; j < a.L; ++j) total += (p[j] = std::exp(p[j] - top));
+    std::fill(acc, acc + a.D, 0.f);
+    for (int64_t j = 0; j < a.L; ++j) {
+      const T* vj = v + j * a.D;
+      const float pj = p[j];
+#pragma omp simd
+      for (int64_t d = 0; d < a.D; ++d) acc[d] += pj * static_cast<float>(vj[d]);
+    }
+    T* out = static_cast<T*>(a.out) + i * a.D;
+    for (int64_t d = 0; d < a.D; ++d) out[d] = static_cast<T>(acc[d] / total);
+  }
+}
+
+#if defined(__x86_64__)
+template <typename T> AVX512 void attend_avx512(const Heads& a, int64_t begin, int64_t end) { attend_heads<T>(a, begin, end); }
+template <typename T> AVX2 void attend_avx2(const Heads& a, int64_t begin, int64_t end) { attend_heads<T>(a, begin, end); }
+#endif
+
+}  // namespace
+
+// q (B, H, 1, D); k, v (B, Hkv, L, D) with each head's positions contiguous (a KV cache's first L slots); fp32 or
+// bf16, all one dtype. Returns (B, H, 1, D) in q's dtype.
+torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, double scale, int64_t isa) {
+  TORCH_CHECK(isa == 1 || isa == 2, "isa is 1 (AVX2) or 2 (AVX-512)");
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && q.size(2) == 1, "q (B, H, 1, D), k and v (B, Hkv, L, D)");
+  TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == q.size(0) && k.size(3) == q.size(3), "matching shapes");
+  const int64_t B = q.size(0), H = q.size(1), Hkv = k.size(1), L = k.size(2), D = q.size(3);
+  TORCH_CHECK(Hkv > 0 && H % Hkv == 0 && L > 0 && D <= kMaxHeadDim, "H a multiple of Hkv, L > 0, D <= 256");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && k.scalar_type() == v.scalar_type(), "one dtype");
+  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1 && k.stride(2) == D && v.stride(2) == D,
+              "each head's positions contiguous");
+  auto out = torch::empty({B, H, 1, D}, q.options());
+  const Heads a{q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), H, H / Hkv, L, D,
+                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), static_cast<float>(scale)};
+  const int64_t grain = std::max<int64_t>(1, 16384 / (L * D));  // a short cache is not worth a second thread
+#if defined(__x86_64__)
+  using Attend = void (*)(const Heads&, int64_t, int64_t);
+  Attend body;
+  if (q.scalar_type() == torch::kFloat32) {
+    body = isa == 2 ? attend_avx512<float> : attend_avx2<float>;
+  } else {
+    TORCH_CHECK(q.scalar_type() == torch::kBFloat16, "fp32 or bf16");
+    body = isa == 2 ? attend_avx512<at::BFloat16> : attend_avx2<at::BFloat16>;
+  }
+  at::parallel_for(0, B * H, grain, [&](int64_t begin, int64_t end) { body(a, begin, end); });
+#else
+  TORCH_CHECK(false, "llmcli's kernels are x86 only");
+#endif
+  return out;
+}
+
+// Ops (torch.ops.llmcli.*): schemas here, CPU kernels below; their shapes for torch.compile are in gemv.py.
+TORCH_LIBRARY(llmcli, m) {
+  m.def("linear_f32(Tensor x, Tensor w, int isa) -> Tensor");  // y = x Wᵀ, 2-d operands as the bodies take them
+  m.def("linear_bf16(Tensor x, Tensor w, int isa) -> Tensor");
+  m.def("linear(Tensor x, Tensor w, Tensor? bias, int isa) -> Tensor");  // F.linear, fp32 or bf16 W
+  m.def("linear_int(Tensor x, Tensor qweight, Tensor scales, int group, int bits, int isa) -> Tensor");
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, float scale, int isa) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(llmcli, CPU, m) {
+  m.impl("linear_f32", &linear_f32);
+  m.impl("linear_bf16", &linear_bf16);
+  m.impl("linear", &linear);
+  m.impl("linear_int", &linear_int);
+  m.impl("decode_attention", &decode_attention);
 }

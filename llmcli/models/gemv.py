@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from llmcli.config import user_cache_dir
 from llmcli.cpu import cpu_flags
+from llmcli.models.blocks import Attention
 from llmcli.models.layout import set_submodule, store_matrices_transposed
 
 SOURCE = Path(__file__).with_name("gemv.cpp")
@@ -35,10 +36,14 @@ MADV_HUGEPAGE = 14  # Linux
 ARENA_MIN_BYTES = 64 * 2**10  # tensors this large move into the arena; norms and biases stay where they are
 MAX_ROWS = 8  # more rows (a prompt) are a matrix product: torch's GEMM does those
 BLOCK = 32  # inputs per activation block; every kernel takes K in whole blocks
+MAX_HEAD_DIM = 256  # the attention kernel's largest head
 AVX512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"}
 AVX2 = {"avx2", "fma"}
 # weight kind -> (the AVX-512 feature its fast body needs besides AVX512, the name it goes by)
 BODIES = {"fp32": (None, "AVX-512"), "bf16": ("avx512_bf16", "AVX-512-BF16"), "int": ("avx512_vnni", "AVX-512-VNNI")}
+# weight kind -> the body its calls run, filled once the kernels load: the calls read this dict, not the CPU's
+# features (torch.compile traces a dict, not the reading of /proc/cpuinfo)
+LEVELS: dict[str, int] = {}
 
 
 @functools.lru_cache(maxsize=None)
@@ -53,7 +58,9 @@ def isa(kind: str) -> int | None:
 
 @functools.lru_cache(maxsize=1)
 def extension():
-    """The compiled kernels, or None where they cannot run here (said once on stderr when a build fails)."""
+    """The compiled kernels as ops (`torch.ops.llmcli`), or None where they cannot run here (said once on stderr
+    when a build fails)."""
+    LEVELS.clear()
     if os.environ.get("LLMCLI_KERNELS", "1") == "0" or platform.machine() not in ("x86_64", "AMD64"):
         return None
     if isa("fp32") is None:
@@ -68,14 +75,31 @@ def extension():
         build.mkdir(parents=True, exist_ok=True)
         from torch.utils.cpp_extension import load  # needs setuptools and a C++ compiler
 
-        return load(name, [str(SOURCE)], extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
-                    build_directory=str(build), verbose=False)
+        load(name, [str(SOURCE)], extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
+             build_directory=str(build), verbose=False, is_python_module=False)
     except (ImportError, OSError, RuntimeError, SystemExit) as error:  # cpp_extension raises each of these
         lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
         reason = next((line for line in lines if "error:" in line), lines[-1])[:200]  # the compiler's first error
         print(f"llmcli: the CPU decode kernels did not build ({reason}); decoding takes torch's path",
               file=sys.stderr)
         return None
+    _register_shapes()
+    LEVELS.update({kind: isa(kind) for kind in BODIES})
+    return torch.ops.llmcli
+
+
+@functools.lru_cache(maxsize=1)
+def _register_shapes() -> None:
+    """What each op returns, for torch.compile's tracing (which runs no kernel)."""
+    def rows_out(x, n):
+        return x.new_empty((*x.shape[:-1], n))
+
+    torch.library.register_fake("llmcli::linear_f32")(lambda x, w, isa: rows_out(x.float(), w.shape[0]))
+    torch.library.register_fake("llmcli::linear_bf16")(lambda x, w, isa: rows_out(x.float(), w.shape[0]))
+    torch.library.register_fake("llmcli::linear")(lambda x, w, bias, isa: rows_out(x, w.shape[0]))
+    torch.library.register_fake("llmcli::linear_int")(lambda x, qweight, scales, group, bits, isa:
+                                                      rows_out(x, qweight.shape[0]))
+    torch.library.register_fake("llmcli::decode_attention")(lambda q, k, v, scale, isa: torch.empty_like(q))
 
 
 def kernel_name() -> str:
@@ -96,28 +120,35 @@ def fits(x: torch.Tensor, in_features: int) -> bool:
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias), through our kernels where they apply (see `fits`; fp32 or bf16 weight in its
     (out, in) order), else torch's."""
-    ext = extension() if fits(x, weight.shape[-1]) and weight.is_contiguous() else None
-    if ext is None or weight.dtype not in (torch.float32, torch.bfloat16):
+    kind = "fp32" if weight.dtype == torch.float32 else "bf16" if weight.dtype == torch.bfloat16 else None
+    if kind not in LEVELS or not fits(x, weight.shape[-1]) or not weight.is_contiguous():
         return F.linear(x, weight, bias)
-    rows = x.reshape(-1, weight.shape[1])
-    if weight.dtype == torch.float32:
-        out = ext.linear_f32(rows.float().contiguous(), weight, isa("fp32"))
-    else:
-        level = isa("bf16")
-        out = ext.linear_bf16(rows.to(torch.bfloat16 if level == 2 else torch.float32).contiguous(), weight, level)
-    out = out.to(x.dtype)
-    if bias is not None:
-        out += bias.to(out.dtype)
-    return out.reshape(*x.shape[:-1], weight.shape[0])
+    return torch.ops.llmcli.linear(x, weight, bias, LEVELS[kind])
 
 
 def int_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int,
                bits: int) -> torch.Tensor:
     """x · (q · scale)ᵀ for int8 (N, K) or packed int4 (N, K / 2) weights with fp32 scales (N, K / group_size),
     the activations quantized to int8 per block of 32 inside the kernel. The caller checks `fits` and that
-    extension() is there; group_size must be a multiple of 32. Returns fp32."""
-    rows = x.reshape(-1, x.shape[-1]).float().contiguous()
-    return extension().linear_int(rows, qweight, scales, group_size, bits, isa("int"))
+    extension() is there; group_size must be a multiple of 32. Returns x's dtype."""
+    return torch.ops.llmcli.linear_int(x, qweight, scales, group_size, bits, LEVELS["int"])
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
+              dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
+              enable_gqa: bool = False) -> torch.Tensor:
+    """F.scaled_dot_product_attention, through our kernel for a decode step (one query per sequence, no mask, fp32
+    or bf16, a KV cache's layout), else torch's. bf16 decode attention in torch's CPU kernel took 156 µs a layer
+    at 128 cached positions against 28 µs in fp32 (benchmarks/gemv.py)."""
+    if (attn_mask is None and not is_causal and dropout_p == 0.0 and q.shape[2] == 1 and q.device.type == "cpu"
+            and not torch.is_grad_enabled() and q.dtype in (torch.float32, torch.bfloat16)
+            and k.dtype == q.dtype == v.dtype and q.shape[-1] <= MAX_HEAD_DIM and q.stride(-1) == 1
+            and k.stride(-1) == v.stride(-1) == 1 and k.stride(-2) == v.stride(-2) == q.shape[-1]
+            and "fp32" in LEVELS):
+        return torch.ops.llmcli.decode_attention(q, k, v, scale if scale is not None else q.shape[-1] ** -0.5,
+                                                 LEVELS["fp32"])
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                                          scale=scale, enable_gqa=enable_gqa)
 
 
 class DecodeLinear(nn.Linear):
@@ -136,8 +167,8 @@ class DecodeLinear(nn.Linear):
 
 
 def prepare_for_decode(model: nn.Module) -> nn.Module:
-    """Ready a CPU model for generation. With our kernels: every nn.Linear becomes a DecodeLinear and a tied LM head
-    runs through `linear`, weights kept in their (out, in) order, which the kernels read, gathered into one buffer
+    """Ready a CPU model for generation. With our kernels: every nn.Linear becomes a DecodeLinear, a tied LM head
+    runs through `linear` and attention through `attention`, weights kept in their (out, in) order, which the kernels read, gathered into one buffer
     (`gather_weights`). Without them: matrices stored transposed, the order torch's single-row product reads
     fastest. In place; returns `model`."""
     if extension() is None:
@@ -146,6 +177,8 @@ def prepare_for_decode(model: nn.Module) -> nn.Module:
     for name, module in list(model.named_modules()):
         if type(module) is nn.Linear:
             set_submodule(model, name, DecodeLinear.wrapping(module))
+        elif isinstance(module, Attention):
+            module.sdpa = attention
     model.tied_head = linear
     gather_weights(model)
     return model

@@ -133,7 +133,9 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        if torch.is_grad_enabled() and rows.requires_grad:  # training through a frozen quantized layer (QLoRA)
+        if self._takes_gemv() and gemv.fits(rows, self.in_features):  # decode: our kernels (models/gemv.cpp)
+            out = gemv.int_linear(rows, self.qweight, self.scales.float().contiguous(), self.group_size, self.bits)
+        elif torch.is_grad_enabled() and rows.requires_grad:  # training through a frozen quantized layer (QLoRA)
             out = self._weight_only(rows)
         else:
             fast = self._fast_path(rows)
@@ -211,25 +213,20 @@ class QuantizedLinear(nn.Module):
         return True
 
     def _kernel_for(self, dtype: torch.dtype) -> Callable | None:
-        """Few rows (decode) go to our kernels (models/gemv.cpp) where they are built; more rows to ATen's packed
-        kernels where the layer fits them, else to the reference path. int8-dynamic: fbgemm for every call."""
+        """ATen's packed kernels where the layer fits them, else the reference path (few rows take our kernels
+        before this, see forward). int8-dynamic: fbgemm for every call."""
         if self.scheme == "int8-dynamic":
             return _fbgemm_dynamic(self.qweight, self.scales[:, 0])
         packed = self._aten_kernel() if self._kernel_fits() else None
         if packed is not None and dtype != torch.bfloat16:
             packed = _through_bf16(packed, dtype)
-        few_rows = self._gemv_kernel()
-        if few_rows is None:
-            return packed
-        many_rows = packed or self._reference
-        return lambda x: few_rows(x) if gemv.fits(x, self.in_features) else many_rows(x)
+        return packed
 
-    def _gemv_kernel(self) -> Callable | None:
-        """Our kernel for this layer (fp32 out), or None: not built here, or inputs not in whole blocks of 32."""
-        if gemv.extension() is None or self.in_features % gemv.BLOCK or self.group_size % gemv.BLOCK:
-            return None
-        qweight, scales, group_size, bits = self.qweight, self.scales.float().contiguous(), self.group_size, self.bits
-        return lambda x: gemv.int_linear(x, qweight, scales, group_size, bits)
+    def _takes_gemv(self) -> bool:
+        """Whether our kernels are loaded (gemv.prepare_for_decode loads them) and take this layer: weight-only
+        int8 or int4 in whole blocks of 32. Few-row calls (see gemv.fits) then run on them."""
+        return ("int" in gemv.LEVELS and self.scheme != "int8-dynamic" and self.in_features % gemv.BLOCK == 0
+                and self.group_size % gemv.BLOCK == 0)
 
     def _aten_kernel(self) -> Callable:
         """ATen's packed CPU kernels, bf16 activations in (their x86 code for fp32 is scalar). Every operand reaches a
