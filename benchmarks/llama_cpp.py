@@ -3,7 +3,7 @@ int8 and int4 group 32 with the LM head quantized too) and a 256-token prefill i
 repetition through `llmcli bench --compare llama.cpp`. Also the machine's read bandwidth (the threads summing a
 512 MB tensor), against which decode's weight streaming is put. Needs llama-bench on PATH (README: Side by side
 with llama.cpp). Usage:
-    python benchmarks/llama_cpp.py [--models gpt2-small,smollm2-135m] [--reps 5] [--no-record]
+    python benchmarks/llama_cpp.py [--models gpt2-small,smollm2-135m] [--reps 5] [--compile] [--no-record]
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ def main() -> None:
     parser.add_argument("--models", default="gpt2-small,smollm2-135m")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--compile", action="store_true", help="llmcli's decode step (and blocks) via torch.compile")
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args()
 
@@ -70,7 +71,8 @@ def main() -> None:
                 if weights.startswith("int"):
                     source = str(quantized_dir(name, weights.split()[0].removesuffix("+head"), Path(tmp)))
                 results, _ = run_bench(source, [mode], [1], [length], dtype, "cpu", args.reps, 2, "llama.cpp",
-                                       threads=[args.threads], log=lambda m: print(m, file=sys.stderr))
+                                       threads=[args.threads], compile=args.compile,
+                                       log=lambda m: print(m, file=sys.stderr))
                 r = results[0]
                 peer = r.peer
                 ratios = [theirs / ours for ours, theirs in zip(r.samples_s, peer["samples_s"])]  # per repetition
@@ -84,10 +86,14 @@ def main() -> None:
                 build, kernels = peer["configuration"], r.provenance["decode_kernels"]
     torch.set_num_threads(args.threads)
     record_table(
-        "llmcli against llama.cpp: batch-1 decode and prefill on the same weights (CPU)",
+        "llmcli against llama.cpp: batch-1 decode and prefill on the same weights (CPU)"
+        + (", llmcli compiled" if args.compile else ""),
         f"`llmcli bench --compare llama.cpp`, {args.threads} threads on both sides, {args.reps} repetitions "
         f"interleaved (llama-bench `-r 1` per repetition, its own warm-up each call), random weights exported to "
-        f"GGUF at the matching type. llmcli: eager PyTorch, KV cache, decode's matrix products by {kernels} (int8/int4: "
+        f"GGUF at the matching type. llmcli: "
+        + ("torch.compile (`--compile`: each decode step one graph, the blocks compiled for prefill; compiled in the "
+           "warm-up steps, not timed)" if args.compile else "eager PyTorch")
+        + f", KV cache, decode's matrix products by {kernels} (int8/int4: "
         f"activations quantized to int8 per block of 32; LM head quantized too), prefill's by torch, decode from an "
         f"8-token prompt; llama.cpp build {build['build_commit']} ({build['backends']}, flash attention "
         f"{build['flash_attn']}), `-n 128` decode from an empty context, `-p 256` prefill. Ratio: llmcli / "

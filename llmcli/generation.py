@@ -96,7 +96,8 @@ def _gpt_steps(model, input_ids, attention_mask, max_new_tokens, use_cache, pad_
             if mask is not None:
                 mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
                 positions = positions[:, -1:] + 1
-            logits = model(token[:, None], attention_mask=mask, position_ids=positions, cache=cache).logits[:, -1]
+            step = model.decode_forward or model
+            logits = step(token[:, None], attention_mask=mask, position_ids=positions, cache=cache).logits[:, -1]
     ids = input_ids
     while True:
         token = yield model(ids, attention_mask=mask, position_ids=positions, last_only=True).logits[:, -1]

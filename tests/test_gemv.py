@@ -207,3 +207,23 @@ def test_a_failed_build_is_one_line_and_torchs_path(tmp_path, monkeypatch, capsy
         gemv.extension.cache_clear()
     err = capsys.readouterr().err
     assert "did not build" in err and "torch's path" in err and "Traceback" not in err
+
+
+def test_the_compiled_decode_step_generates_what_eager_does(ext):
+    """compile_decode: the decode step as one torch.compile graph with our ops in it gives the eager model's greedy
+    tokens, for a second prompt of another length too, without compiling again (the cache length is symbolic)."""
+    from torch._dynamo.utils import counters
+
+    from llmcli.generation import generate_ids
+    from llmcli.runtime import compile_decode
+
+    config = tiny_config("gpt", position="rope", norm="rmsnorm", activation="swiglu", bias=False, d_model=64,
+                         n_heads=4, n_kv_heads=2, d_ff=128, n_layers=1)
+    model = gemv.prepare_for_decode(build_model(config, seed=0).eval())
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, config.vocab_size, (1, n), generator=g) for n in (5, 9)]
+    eager = [generate_ids(model, p, 12, temperature=0) for p in prompts]
+    assert compile_decode(model, torch.device("cpu"), print)
+    counters.clear()
+    assert all(torch.equal(generate_ids(model, p, 12, temperature=0), want) for p, want in zip(prompts, eager))
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]

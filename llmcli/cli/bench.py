@@ -30,8 +30,9 @@ def bench(
     reps: int = typer.Option(5, help="Timed repetitions per case (the median is reported, with the spread)."),
     warmup: int = typer.Option(2, help="Warm-up steps per case."),
     threads: str = typer.Option(None, help="CPU threads, comma-separated to sweep, e.g. 1,2 (default: torch's)."),
-    compile: bool = typer.Option(False, "--compile", help="torch.compile llmcli's blocks (compiled during the "
-                                                          "warm-up steps, which are not timed)."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile llmcli's blocks (train, prefill) and its "
+                                                          "decode step as one graph, compiled during the warm-up "
+                                                          "steps, which are not timed."),
     compare: str = typer.Option(None, help="Run the same weights through a peer, interleaved: transformers, or "
                                            "llama.cpp (its llama-bench on PATH; batch-1 prefill and decode, the "
                                            "model exported to GGUF at the matching type)."),
@@ -63,6 +64,7 @@ def bench(
         f"read {peaks['read_bytes_per_s'] / 1e9:,.1f} GB/s, copy {peaks['copy_bytes_per_s'] / 1e9:,.1f} GB/s, "
         f"{peaks['device']} (measured {peaks['measured']['timestamp'][:10]}, cached)"
         + (f"; {describe_cpu()}; decode: {results[0].provenance['decode_kernels']}"
+           + (", torch.compile" if results[0].provenance["compiled"] else "")
            if peaks["device"] == "cpu" and results else ""))
     table = Table(box=box.MARKDOWN, title=f"llmcli bench {model} ({dtype}, {results[0].device if results else device})")
     columns = ["mode", "threads", "batch", "seq", "tokens/s", "ms/step", "TTFT ms", "peak mem", "FLOP util",

@@ -53,8 +53,9 @@ def generate(
                                                             "instead of using the KV cache (for comparison)."),
     device: str = typer.Option("auto", help=DEVICE_HELP),
     precision: str = typer.Option("auto", help=PRECISION_HELP),
-    compile: bool = typer.Option(False, "--compile", help="torch.compile the transformer blocks (needs g++ on the "
-                                                          "CPU); the first tokens include the compile time."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the decode step as one graph (needs g++ on "
+                                                          "the CPU; about a minute the first time, then cached by "
+                                                          "torch); the first tokens include the compile time."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON on stdout: text, completion, tokens, "
                                                         "prompt_text and prompt_ids (what the model was fed), "
                                                         "tokens_per_s (a list for several sequences)."),
@@ -64,7 +65,7 @@ def generate(
     from llmcli.chat_template import read_messages
     from llmcli.errors import UserError
     from llmcli.generation import generate_text, load_for_inference
-    from llmcli.runtime import compile_blocks
+    from llmcli.runtime import compile_decode
 
     if (prompt is None) == (messages is None):
         raise UserError("pass either --prompt TEXT (text to continue) or --messages FILE.json (a conversation)")
@@ -73,7 +74,7 @@ def generate(
     conversation = read_messages(messages) if messages is not None else None
     model, tokenizer = load_for_inference(model_dir, device, inference_precision(precision, device))
     if compile:
-        compile_blocks(model, next(model.parameters()).device, log)
+        compile_decode(model, next(model.parameters()).device, log)
     options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                    num_samples=num_samples, use_cache=not no_cache, stop=stop or ())
     if conversation is not None:

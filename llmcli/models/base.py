@@ -27,6 +27,7 @@ class LanguageModel(nn.Module):
     head_prefixes: tuple[str, ...] = ()
     # hidden, embedding -> logits when the head is tied; models.gemv.prepare_for_decode swaps in its kernels
     tied_head = staticmethod(nn.functional.linear)
+    decode_forward = None  # forward for decode steps where runtime.compile_decode compiled one
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()

@@ -317,9 +317,12 @@ void prepare_int8_rows(const torch::Tensor& x, int64_t bits, int64_t isa, int32_
   const int64_t per_vector = isa == 2 ? (bits == 8 ? 2 : 4) : 1, lanes = isa == 2 ? 16 : 8;
   const int64_t vectors = (blocks + per_vector - 1) / per_vector;
   const int64_t vector_bytes = per_vector * kBlock;
-  xq = torch::zeros({M, vectors * vector_bytes}, torch::kInt8);
-  lane_scales = torch::zeros({M, vectors, lanes}, torch::kFloat32);
-  lane_fix = torch::zeros({M, vectors, lanes}, torch::kInt32);
+  // one zeroed allocation for the three (a decode step makes some 200 of these calls)
+  const int64_t q_bytes = (M * vectors * vector_bytes + 63) / 64 * 64, lane_bytes = M * vectors * lanes * 4;
+  auto buffer = torch::zeros({q_bytes + 2 * lane_bytes}, torch::kInt8);
+  xq = buffer.narrow(0, 0, M * vectors * vector_bytes).view({M, vectors * vector_bytes});
+  lane_scales = buffer.narrow(0, q_bytes, lane_bytes).view(torch::kFloat32).view({M, vectors, lanes});
+  lane_fix = buffer.narrow(0, q_bytes + lane_bytes, lane_bytes).view(torch::kInt32).view({M, vectors, lanes});
   const float* xp = x.data_ptr<float>();
   int8_t* q = xq.data_ptr<int8_t>();
   float* ls = lane_scales.data_ptr<float>();

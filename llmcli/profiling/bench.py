@@ -30,7 +30,8 @@ from llmcli.profiling.llama_cpp import LlamaCppRunner
 from llmcli.profiling.machine import machine_peaks, sync
 from llmcli.profiling.peak import PeakMemory
 from llmcli.profiling.provenance import provenance
-from llmcli.runtime import DTYPES, autocast, compile_blocks, family_loss, resolve_device, torch_dtype
+from llmcli.runtime import (DTYPES, autocast, compile_blocks, compile_decode, family_loss, resolve_device,
+                             torch_dtype)
 
 MODES = ("train", "prefill", "decode")
 PEERS = ("transformers", "llama.cpp")
@@ -203,8 +204,8 @@ def run_bench(model_ref: str, modes: list[str], batch_sizes: list[int], seq_lens
             directory = Path(tmp) / "model"
             build_model_dir(config, directory, seed=0)
         runners = [Runner(load_model(directory).to(target), target, dtype)]
-        if compile:  # compiled on the first warm-up step of each case's shapes
-            compile_blocks(runners[0].model, target, log)
+        compiled = compile and (compile_blocks(runners[0].model, target, log)  # on each case's first warm-up step
+                                and compile_decode(runners[0].model, target, log))
         if compare == "transformers":
             convert_to_hf(directory, Path(tmp) / "hf")
             runners.append(HFRunner(load_peer(Path(tmp) / "hf", config.family, target,
@@ -217,6 +218,8 @@ def run_bench(model_ref: str, modes: list[str], batch_sizes: list[int], seq_lens
                         threads or [default_threads], results, on_result)
         finally:
             torch.set_num_threads(default_threads)
+    for result in results:
+        result.provenance["compiled"] = bool(compiled)  # llmcli's blocks and decode step through torch.compile
     return results, peaks
 
 
