@@ -310,23 +310,22 @@ void check(const torch::Tensor& x, const torch::Tensor& w, int64_t k, int64_t is
 // bytes are (int4: a vector's low nibbles, then its high ones), zero-padded to whole vectors; per vector, each
 // lane's activation scale and correction (-offset · the block's sum, in the block's first lane; offset 128 or 8,
 // or 0 when the body needs none). isa 2: vectors of 2 (int8) or 4 (int4) blocks and 16 lanes; isa 1: 1 block and 8
-// lanes.
-void prepare_int8_rows(const torch::Tensor& x, int64_t bits, int64_t isa, int32_t offset, torch::Tensor& xq,
-                       torch::Tensor& lane_scales, torch::Tensor& lane_fix) {
+// lanes. Fills `a`'s x, lane_scales and lane_fix; returns the buffer that holds them (one zeroed allocation, raw pointers
+// into it: a decode step makes some 200 of these calls, and each tensor view would cost a dispatch).
+torch::Tensor prepare_int8_rows(const torch::Tensor& x, int64_t bits, int64_t isa, int32_t offset, Rows& a) {
   const int64_t M = x.size(0), K = x.size(1), blocks = K / kBlock;
   const int64_t per_vector = isa == 2 ? (bits == 8 ? 2 : 4) : 1, lanes = isa == 2 ? 16 : 8;
   const int64_t vectors = (blocks + per_vector - 1) / per_vector;
   const int64_t vector_bytes = per_vector * kBlock;
-  // one zeroed allocation for the three (a decode step makes some 200 of these calls)
   const int64_t q_bytes = (M * vectors * vector_bytes + 63) / 64 * 64, lane_bytes = M * vectors * lanes * 4;
   auto buffer = torch::zeros({q_bytes + 2 * lane_bytes}, torch::kInt8);
-  xq = buffer.narrow(0, 0, M * vectors * vector_bytes).view({M, vectors * vector_bytes});
-  lane_scales = buffer.narrow(0, q_bytes, lane_bytes).view(torch::kFloat32).view({M, vectors, lanes});
-  lane_fix = buffer.narrow(0, q_bytes + lane_bytes, lane_bytes).view(torch::kInt32).view({M, vectors, lanes});
+  int8_t* q = buffer.data_ptr<int8_t>();
+  float* ls = reinterpret_cast<float*>(q + q_bytes);
+  int32_t* lf = reinterpret_cast<int32_t*>(q + q_bytes + lane_bytes);
+  a.x = q;
+  a.lane_scales = ls;
+  a.lane_fix = lf;
   const float* xp = x.data_ptr<float>();
-  int8_t* q = xq.data_ptr<int8_t>();
-  float* ls = lane_scales.data_ptr<float>();
-  int32_t* lf = lane_fix.data_ptr<int32_t>();
   alignas(32) int32_t values[kBlock];
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t b = 0; b < blocks; ++b) {
@@ -348,6 +347,7 @@ void prepare_int8_rows(const torch::Tensor& x, int64_t bits, int64_t isa, int32_
       lf[first] = -offset * sum;
     }
   }
+  return buffer;
 }
 
 }  // namespace
@@ -376,21 +376,30 @@ torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor w, int64_t isa) {
 #endif
 }
 
+// x (..., K) -> (M, K) contiguous in `dtype`, without a dispatch for what is already so (a decode step makes some
+// 200 calls, each dispatch about half a microsecond).
+static torch::Tensor as_rows(const torch::Tensor& x, int64_t K, torch::ScalarType dtype) {
+  torch::Tensor rows = x.dim() == 2 ? x : x.reshape({-1, K});
+  if (rows.scalar_type() != dtype) rows = rows.to(dtype);
+  return rows.is_contiguous() ? rows : rows.contiguous();
+}
+
 // fp32 (M, N) -> x's leading shape and dtype, with the bias added.
 static torch::Tensor finish(torch::Tensor y, const torch::Tensor& x, const c10::optional<torch::Tensor>& bias) {
   if (bias.has_value()) y.add_(*bias);
+  if (y.scalar_type() != x.scalar_type()) y = y.to(x.scalar_type());
+  if (x.dim() == 2) return y;
   auto shape = x.sizes().vec();
   shape.back() = y.size(1);
-  return y.to(x.scalar_type()).view(shape);
+  return y.view(shape);
 }
 
 // F.linear(x, w, bias) for x (..., K) in fp32 or bf16 and a contiguous fp32 or bf16 W (N, K): the call a model
 // makes, in one op (the activations are converted to what the body reads, the result to x's dtype).
 torch::Tensor linear(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias, int64_t isa) {
-  const auto rows = x.reshape({-1, w.size(1)});
-  if (w.scalar_type() == torch::kFloat32) return finish(linear_f32(rows.to(torch::kFloat32).contiguous(), w, isa), x, bias);
+  if (w.scalar_type() == torch::kFloat32) return finish(linear_f32(as_rows(x, w.size(1), torch::kFloat32), w, isa), x, bias);
   const auto wanted = isa == 2 ? torch::kBFloat16 : torch::kFloat32;
-  return finish(linear_bf16(rows.to(wanted).contiguous(), w, isa), x, bias);
+  return finish(linear_bf16(as_rows(x, w.size(1), wanted), w, isa), x, bias);
 }
 
 // qweight: int8 (N, K) with scales (N, 1), or uint8 (N, K / 2) with bits = 4 and scales (N, K / group); x (..., K)
@@ -398,7 +407,7 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tens
 torch::Tensor linear_int(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales, int64_t group, int64_t bits,
                          int64_t isa) {
   const int64_t K = bits == 4 ? qweight.size(1) * 2 : qweight.size(1);
-  const auto rows = x.reshape({-1, K}).to(torch::kFloat32).contiguous();
+  const auto rows = as_rows(x, K, torch::kFloat32);
   check(rows, qweight, K, isa);
   TORCH_CHECK(bits == 4 || bits == 8, "bits is 4 or 8");
   TORCH_CHECK(qweight.scalar_type() == (bits == 4 ? torch::kUInt8 : torch::kInt8), "int8, or uint8 nibbles");
@@ -408,11 +417,9 @@ torch::Tensor linear_int(torch::Tensor x, torch::Tensor qweight, torch::Tensor s
                   scales.size(1) == K / group, "scales (N, K / group), group a multiple of 32");
 #if defined(__x86_64__)
   const int32_t offset = bits == 4 ? 8 : (isa == 2 ? 128 : 0);
-  torch::Tensor xq, lane_scales, lane_fix;
-  prepare_int8_rows(rows, bits, isa, offset, xq, lane_scales, lane_fix);
-  const Rows operands{qweight.data_ptr(), scales.data_ptr<float>(), group, xq.data_ptr(),
-                      lane_scales.data_ptr<float>(), lane_fix.data_ptr<int32_t>(), nullptr, rows.size(0), K,
-                      qweight.size(0)};
+  Rows operands{qweight.data_ptr(), scales.data_ptr<float>(), group, nullptr, nullptr, nullptr, nullptr,
+                rows.size(0), K, qweight.size(0)};
+  const auto buffer = prepare_int8_rows(rows, bits, isa, offset, operands);
   const Body body = isa == 2 ? (bits == 4 ? int_avx512<4> : int_avx512<8>) : (bits == 4 ? int_avx2<4> : int_avx2<8>);
   return finish(run(body, operands), x, c10::nullopt);
 #else

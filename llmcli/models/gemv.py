@@ -3,7 +3,10 @@
 A decode step multiplies one row per sequence by every weight matrix: its speed is how fast the weights stream
 from memory. torch's single-row paths stream them at a third to a half of the machine's read bandwidth
 (benchmarks/gemv.py); gemv.cpp's kernels read each matrix once per call, each row straight through, for fp32, bf16,
-int8 and int4 weights (the integer ones against int8 activation blocks, with VNNI or AVX2's byte products).
+int8 and int4 weights (the integer ones against int8 activation blocks, with VNNI or AVX2's byte products). It also
+holds attention for one query per sequence over the KV cache (torch's bf16 SDPA is slow at one query). They are torch
+ops (`torch.ops.llmcli.*`, shapes registered for tracing), so that `runtime.compile_decode` compiles a decode step
+with them inside one graph.
 
 The C++ is compiled with torch.utils.cpp_extension at first use (once per source and torch version, about 30 s,
 said on stderr) and cached in the user's cache directory. Which body runs is read from the CPU's features at run
@@ -138,8 +141,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torc
               dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
               enable_gqa: bool = False) -> torch.Tensor:
     """F.scaled_dot_product_attention, through our kernel for a decode step (one query per sequence, no mask, fp32
-    or bf16, a KV cache's layout), else torch's. bf16 decode attention in torch's CPU kernel took 156 µs a layer
-    at 128 cached positions against 28 µs in fp32 (benchmarks/gemv.py)."""
+    or bf16, a KV cache's layout), else torch's, whose CPU kernel is slow for one query in bf16
+    (benchmarks/decode_attention.py)."""
     if (attn_mask is None and not is_causal and dropout_p == 0.0 and q.shape[2] == 1 and q.device.type == "cpu"
             and not torch.is_grad_enabled() and q.dtype in (torch.float32, torch.bfloat16)
             and k.dtype == q.dtype == v.dtype and q.shape[-1] <= MAX_HEAD_DIM and q.stride(-1) == 1
