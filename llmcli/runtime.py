@@ -97,9 +97,9 @@ def compile_blocks(model: torch.nn.Module, device: torch.device, warn) -> bool:
 def compile_decode(model: torch.nn.Module, device: torch.device, warn) -> bool:
     """torch.compile a decoder-only model's decode step (new tokens over the KV cache) as one graph, every block and
     our kernels' ops in it; generation calls `model.decode_forward` for each step after the prompt, and the prompt
-    runs as it is. One graph instead of a few hundred small ops per block: smollm2-135m's bf16 step took 12 ms
-    against 20 eager (AMD EPYC, 2 threads). Compiled on the first step (about a minute on 2 cores; torch caches it).
-    T5 gets its blocks compiled. Not available: one warning line, and decoding runs eagerly."""
+    runs as it is. One graph instead of some 40 small ops a block, each with eager PyTorch's per-op cost (figures:
+    benchmarks/llama_cpp.py --compile in RESULTS.md). Compiled on the first step (about a minute on 2 cores; torch
+    caches it). T5 gets its blocks compiled. Not available: one warning line, and decoding runs eagerly."""
     if device.type == "cpu" and not (shutil.which("g++") or shutil.which("c++")):
         warn("warning: --compile needs a C++ compiler (g++) for torch.compile on the CPU; running without it")
         return False
