@@ -10,12 +10,14 @@ import json
 import os
 import pty
 import select
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import tiny_config
 
 from llmcli.chat import ChatSession, chat_template_for, render_ids
@@ -268,6 +270,25 @@ def test_the_oldest_turns_go_when_the_history_no_longer_fits(tmp_path, text):
     assert session.turns[0]["role"] == "user" and "number 0 " not in session.turns[0]["content"]
     _, ids = render_ids(session.template, tokenizer, session.messages(session.turns[:-1]))
     assert len(ids) + 8 <= model.config.max_seq_len
+
+
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="inductor needs g++")
+def test_a_compiled_chat_replies_as_the_eager_one(tmp_path, text):
+    """chat --compile: the decode step compiled once serves every turn (each a longer context) with the replies the
+    eager model gives."""
+    from llmcli.generation import load_for_inference
+    from llmcli.runtime import compile_decode
+
+    directory = instruct_model_dir(tmp_path, text, stops=[])
+    replies = {}
+    for compiled in (False, True):
+        model, tokenizer = load_for_inference(directory, "cpu", "fp32")
+        if compiled:
+            assert compile_decode(model, torch.device("cpu"), print)
+        session = ChatSession(model, tokenizer, chat_template_for(directory, model, tokenizer), max_new_tokens=8,
+                              temperature=1.0, seed=0)  # sampled: varied tokens, the same draws on the same logits
+        replies[compiled] = [session.send(line)[0].tokens for line in ("Hello there", "Tell me about the sea", "More")]
+    assert replies[True] == replies[False] and len(set(sum(replies[False], []))) > 3
 
 
 def test_chat_in_a_terminal_two_turns_reset_and_ctrl_d(tmp_path, text):

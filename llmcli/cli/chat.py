@@ -27,15 +27,21 @@ def chat(
     stop: Optional[list[str]] = typer.Option(None, "--stop", help="Text that ends a reply; repeatable."),
     device: str = typer.Option("auto", help=DEVICE_HELP),
     precision: str = typer.Option("auto", help=PRECISION_HELP),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the decode step as one graph (needs g++ on "
+                                                          "the CPU; the first reply waits about a minute for it, "
+                                                          "then torch caches it)."),
 ) -> None:
     """Chat with an instruct model: replies stream as they are generated; the history is kept (the oldest turns
     go when it no longer fits the context)."""
     from llmcli.chat import ChatSession, chat_template_for
     from llmcli.errors import UserError
     from llmcli.generation import check_sampling, load_for_inference
+    from llmcli.runtime import compile_decode
 
     check_sampling(max_new_tokens, temperature, None, top_p, 1)
     model, tokenizer = load_for_inference(model_dir, device, inference_precision(precision, device))
+    if compile:
+        compile_decode(model, next(model.parameters()).device, log)
     session = ChatSession(model, tokenizer, chat_template_for(model_dir, model, tokenizer, template),
                           system=system, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                           seed=seed, stop=stop or ())
