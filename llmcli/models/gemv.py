@@ -121,8 +121,8 @@ def fits(x: torch.Tensor, in_features: int) -> bool:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, weight, bias), through our kernels where they apply (see `fits`; fp32 or bf16 weight in its
-    (out, in) order), else torch's."""
+    """F.linear(x, weight, bias), through our kernels where they are loaded (`extension()`) and apply (see `fits`;
+    fp32 or bf16 weight in its (out, in) order), else torch's."""
     kind = "fp32" if weight.dtype == torch.float32 else "bf16" if weight.dtype == torch.bfloat16 else None
     if kind not in LEVELS or not fits(x, weight.shape[-1]) or not weight.is_contiguous():
         return F.linear(x, weight, bias)
@@ -132,8 +132,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 def int_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int,
                bits: int) -> torch.Tensor:
     """x · (q · scale)ᵀ for int8 (N, K) or packed int4 (N, K / 2) weights with fp32 scales (N, K / group_size),
-    the activations quantized to int8 per block of 32 inside the kernel. The caller checks `fits` and that
-    extension() is there; group_size must be a multiple of 32. Returns x's dtype."""
+    the activations quantized to int8 per block of 32 inside the kernel. The caller checks `fits` and that the
+    kernels are loaded ("int" in LEVELS); group_size must be a multiple of 32. Returns x's dtype."""
     return torch.ops.llmcli.linear_int(x, qweight, scales, group_size, bits, LEVELS["int"])
 
 
