@@ -59,7 +59,8 @@ def test_fp32_and_bf16_kernels_match_torch(ext, m, k, n):
 def test_the_model_call_takes_any_leading_shape_dtype_and_bias(ext):
     """ops.linear is F.linear as a model calls it: (B, T, K) in fp32 or bf16, a bias, the result in x's dtype."""
     g = torch.Generator().manual_seed(5)
-    x, w, bias = torch.randn(2, 3, 96, generator=g), torch.randn(40, 96, generator=g) * 0.05, torch.randn(40, generator=g)
+    x, w = torch.randn(2, 3, 96, generator=g), torch.randn(40, 96, generator=g) * 0.05
+    bias = torch.randn(40, generator=g)
     for kind, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         for level in levels(kind):
             got = ext.linear(x.to(dtype), w.to(dtype), bias.to(dtype), level)
@@ -69,7 +70,8 @@ def test_the_model_call_takes_any_leading_shape_dtype_and_bias(ext):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("batch,heads,kv_heads,length,d_head", [(1, 4, 4, 1, 32), (2, 9, 3, 37, 64), (1, 8, 1, 130, 128)])
+@pytest.mark.parametrize("batch,heads,kv_heads,length,d_head",
+                         [(1, 4, 4, 1, 32), (2, 9, 3, 37, 64), (1, 8, 1, 130, 128)])
 def test_decode_attention_matches_sdpa(ext, dtype, batch, heads, kv_heads, length, d_head):
     """One query per sequence over a KV cache's first `length` slots (a view of a longer buffer, as the cache hands
     it over), grouped-query heads included: torch's SDPA on the same operands, in fp64."""

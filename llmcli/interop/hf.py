@@ -30,8 +30,9 @@ from llmcli.model_dir import (CONFIG_FILE, QUANTIZATION_FILE, TOKENIZER_FILE, WE
 
 def spec_for(config: ModelConfig) -> Family:
     """The Hugging Face layout an llmcli config converts to: the one it came from, else by family and position
-    (a rotary GPT becomes Mixtral, Qwen3-MoE, OLMoE or Qwen2-MoE (a shared expert) with experts, Qwen3 with per-head QK-norm, OLMo 2 with projection QK-norm, Phi-3 with partial rotation,
-    SmolLM3 with NoPE layers, Granite with its multipliers, Qwen2 with q/k/v biases, Llama without)."""
+    (a rotary GPT becomes Mixtral, Qwen3-MoE, OLMoE or Qwen2-MoE (a shared expert) with experts, Qwen3 with per-head
+    QK-norm, OLMo 2 with projection QK-norm, Phi-3 with partial rotation, SmolLM3 with NoPE layers, Granite with its
+    multipliers, Qwen2 with q/k/v biases, Llama without)."""
     if config.hf_architecture in BY_ARCHITECTURE:
         return BY_ARCHITECTURE[config.hf_architecture]
     if config.family == "gpt" and config.position == "rope":

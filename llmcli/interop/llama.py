@@ -352,6 +352,15 @@ SMOLLM3 = _llama_like(
                             num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=32768),
     windows="chosen layers", special=SMOLLM3_SPECIAL)
 GRANITE = _llama_like("granite", "GraniteForCausalLM", "flags", special=GRANITE_SPECIAL)
+EVERY_LAYER_SPARSE = (("decoder_sparse_step", 1), ("mlp_only_layers", []))  # written so: llmcli has no dense layers
+
+
+def _mlp_experts(defaults: tuple[int, int], **options) -> Experts:
+    """The experts as Qwen's and OLMoE's layouts name them: mlp.gate routes to mlp.experts.{e}.gate/up/down_proj."""
+    return Experts("mlp.gate", "mlp.experts", ("gate_proj", "up_proj", "down_proj"), "num_experts", defaults,
+                   **options)
+
+
 MIXTRAL = _llama_like(
     "mixtral", "MixtralForCausalLM", (False, False, False),
     hf_fields=with_defaults(LLAMA_FIELDS, intermediate_size=14336, max_position_embeddings=4096 * 32,
@@ -365,20 +374,18 @@ QWEN3_MOE = _llama_like(
                             num_hidden_layers=24, num_attention_heads=32, num_key_value_heads=4,
                             max_position_embeddings=32768),
     from_hf={"qk_norm": "head"}, windows="chosen layers",
-    experts=Experts("mlp.gate", "mlp.experts", ("gate_proj", "up_proj", "down_proj"), "num_experts", (128, 8),
-                    width_key="moe_intermediate_size", extra_to_hf=(("decoder_sparse_step", 1), ("mlp_only_layers", []))))
+    experts=_mlp_experts((128, 8), width_key="moe_intermediate_size", extra_to_hf=EVERY_LAYER_SPARSE))
 OLMOE = _llama_like(
     "olmoe", "OlmoeForCausalLM", "attention",
     hf_fields=with_defaults(LLAMA_FIELDS, vocab_size=50304, hidden_size=2048, intermediate_size=2048,
                             num_hidden_layers=16, num_attention_heads=16, max_position_embeddings=4096,
                             rms_norm_eps=1e-5),
     from_hf={"qk_norm": "projection"},
-    experts=Experts("mlp.gate", "mlp.experts", ("gate_proj", "up_proj", "down_proj"), "num_experts", (64, 8)))
+    experts=_mlp_experts((64, 8)))
 QWEN2_MOE = _llama_like(
     "qwen2_moe", "Qwen2MoeForCausalLM", (True, False, False),
     hf_fields=with_defaults(LLAMA_FIELDS, vocab_size=151936, hidden_size=2048, intermediate_size=5632,
                             num_hidden_layers=24, num_attention_heads=16, max_position_embeddings=32768),
     windows="chosen layers",
-    experts=Experts("mlp.gate", "mlp.experts", ("gate_proj", "up_proj", "down_proj"), "num_experts", (60, 4),
-                    width_key="moe_intermediate_size", extra_to_hf=(("decoder_sparse_step", 1), ("mlp_only_layers", [])),
-                    shared=("mlp.shared_expert", "mlp.shared_expert_gate", "shared_expert_intermediate_size")))
+    experts=_mlp_experts((60, 4), width_key="moe_intermediate_size", extra_to_hf=EVERY_LAYER_SPARSE,
+                         shared=("mlp.shared_expert", "mlp.shared_expert_gate", "shared_expert_intermediate_size")))

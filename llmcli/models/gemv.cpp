@@ -310,8 +310,8 @@ void check(const torch::Tensor& x, const torch::Tensor& w, int64_t k, int64_t is
 // bytes are (int4: a vector's low nibbles, then its high ones), zero-padded to whole vectors; per vector, each
 // lane's activation scale and correction (-offset · the block's sum, in the block's first lane; offset 128 or 8,
 // or 0 when the body needs none). isa 2: vectors of 2 (int8) or 4 (int4) blocks and 16 lanes; isa 1: 1 block and 8
-// lanes. Fills `a`'s x, lane_scales and lane_fix; returns the buffer that holds them (one zeroed allocation, raw pointers
-// into it: a decode step makes some 200 of these calls, and each tensor view would cost a dispatch).
+// lanes. Fills `a`'s x, lane_scales and lane_fix; returns the buffer that holds them (one zeroed allocation, raw
+// pointers into it: a decode step makes some 200 of these calls, and each tensor view would cost a dispatch).
 torch::Tensor prepare_int8_rows(const torch::Tensor& x, int64_t bits, int64_t isa, int32_t offset, Rows& a) {
   const int64_t M = x.size(0), K = x.size(1), blocks = K / kBlock;
   const int64_t per_vector = isa == 2 ? (bits == 8 ? 2 : 4) : 1, lanes = isa == 2 ? 16 : 8;
@@ -397,7 +397,8 @@ static torch::Tensor finish(torch::Tensor y, const torch::Tensor& x, const c10::
 // F.linear(x, w, bias) for x (..., K) in fp32 or bf16 and a contiguous fp32 or bf16 W (N, K): the call a model
 // makes, in one op (the activations are converted to what the body reads, the result to x's dtype).
 torch::Tensor linear(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias, int64_t isa) {
-  if (w.scalar_type() == torch::kFloat32) return finish(linear_f32(as_rows(x, w.size(1), torch::kFloat32), w, isa), x, bias);
+  if (w.scalar_type() == torch::kFloat32)
+    return finish(linear_f32(as_rows(x, w.size(1), torch::kFloat32), w, isa), x, bias);
   const auto wanted = isa == 2 ? torch::kBFloat16 : torch::kFloat32;
   return finish(linear_bf16(as_rows(x, w.size(1), wanted), w, isa), x, bias);
 }
@@ -476,8 +477,10 @@ template <typename T>
 }
 
 #if defined(__x86_64__)
-template <typename T> AVX512 void attend_avx512(const Heads& a, int64_t begin, int64_t end) { attend_heads<T>(a, begin, end); }
-template <typename T> AVX2 void attend_avx2(const Heads& a, int64_t begin, int64_t end) { attend_heads<T>(a, begin, end); }
+template <typename T>
+AVX512 void attend_avx512(const Heads& a, int64_t begin, int64_t end) { attend_heads<T>(a, begin, end); }
+template <typename T>
+AVX2 void attend_avx2(const Heads& a, int64_t begin, int64_t end) { attend_heads<T>(a, begin, end); }
 #endif
 
 }  // namespace
@@ -495,7 +498,8 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
               "each head's positions contiguous");
   auto out = torch::empty({B, H, 1, D}, q.options());
   const Heads a{q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), H, H / Hkv, L, D,
-                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), static_cast<float>(scale)};
+                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                static_cast<float>(scale)};
   const int64_t grain = std::max<int64_t>(1, 16384 / (L * D));  // a short cache is not worth a second thread
 #if defined(__x86_64__)
   using Attend = void (*)(const Heads&, int64_t, int64_t);

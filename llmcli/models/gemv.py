@@ -93,12 +93,10 @@ def extension():
 
 @functools.lru_cache(maxsize=1)
 def _register_shapes() -> None:
-    """What each op returns, for torch.compile's tracing (which runs no kernel)."""
+    """What each op a model calls returns, for torch.compile's tracing (which runs no kernel)."""
     def rows_out(x, n):
         return x.new_empty((*x.shape[:-1], n))
 
-    torch.library.register_fake("llmcli::linear_f32")(lambda x, w, isa: rows_out(x.float(), w.shape[0]))
-    torch.library.register_fake("llmcli::linear_bf16")(lambda x, w, isa: rows_out(x.float(), w.shape[0]))
     torch.library.register_fake("llmcli::linear")(lambda x, w, bias, isa: rows_out(x, w.shape[0]))
     torch.library.register_fake("llmcli::linear_int")(lambda x, qweight, scales, group, bits, isa:
                                                       rows_out(x, qweight.shape[0]))
@@ -171,9 +169,9 @@ class DecodeLinear(nn.Linear):
 
 def prepare_for_decode(model: nn.Module) -> nn.Module:
     """Ready a CPU model for generation. With our kernels: every nn.Linear becomes a DecodeLinear, a tied LM head
-    runs through `linear` and attention through `attention`, weights kept in their (out, in) order, which the kernels read, gathered into one buffer
-    (`gather_weights`). Without them: matrices stored transposed, the order torch's single-row product reads
-    fastest. In place; returns `model`."""
+    runs through `linear` and attention through `attention`, weights kept in their (out, in) order, which the
+    kernels read, gathered into one buffer (`gather_weights`). Without them: matrices stored transposed, the order
+    torch's single-row product reads fastest. In place; returns `model`."""
     if extension() is None:
         return store_matrices_transposed(model)
     store_matrices_transposed(model, transposed=False)
