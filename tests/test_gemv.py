@@ -63,10 +63,36 @@ def test_the_model_call_takes_any_leading_shape_dtype_and_bias(ext):
     bias = torch.randn(40, generator=g)
     for kind, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         for level in levels(kind):
-            got = ext.linear(x.to(dtype), w.to(dtype), bias.to(dtype), level)
+            got = ext.linear(x.to(dtype), [w.to(dtype)], bias.to(dtype), level)
             want = F.linear(x.to(dtype).double(), w.to(dtype).double(), bias.to(dtype).double())
             assert got.shape == (2, 3, 40) and got.dtype == dtype
             assert relative(got.double(), want) < (1e-6 if dtype == torch.float32 else 1e-2)
+
+
+def test_one_call_for_several_weights_gives_each_ones_output_side_by_side(ext):
+    """Several weights of one input in one call (q, k and v): the outputs of one call each, bit for bit, side by
+    side; the integer kernels quantize the activations once for all of them."""
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(1, 1, 96, generator=g)
+    weights = [torch.randn(n, 96, generator=g) * 0.05 for n in (64, 16, 16)]
+    bias = torch.randn(96, generator=g)
+    for kind, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        for level in levels(kind):
+            ws = [w.to(dtype) for w in weights]
+            fused = ext.linear(x.to(dtype), ws, bias.to(dtype), level)
+            alone = torch.cat([ext.linear(x.to(dtype), [w], b, level)
+                               for w, b in zip(ws, bias.to(dtype).split([64, 16, 16]))], dim=-1)
+            assert fused.shape == (1, 1, 96) and torch.equal(fused, alone)
+    for bits, group in ((8, 96), (4, 32)):
+        quantized = [quantize_weight(w, bits, group) for w in weights]
+        stored = [pack_int4(q) if bits == 4 else q for q, _ in quantized]
+        scales = [s.float().contiguous() for _, s in quantized]
+        for level in levels("int"):
+            fused = ext.linear_int(x, stored, scales, group, bits, level)
+            alone = torch.cat([ext.linear_int(x, [q], [s], group, bits, level) for q, s in zip(stored, scales)], -1)
+            assert torch.equal(fused, alone), (bits, level)
+    with pytest.raises(RuntimeError, match="one dtype"):
+        ext.linear(x, [weights[0], weights[1].bfloat16()], None, 1)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -120,7 +146,7 @@ def test_integer_kernels_match_dequantize_then_matmul(ext, m, k, n, bits, group)
     plain = F.linear(x.double(), weight).float()
     stored = pack_int4(q) if bits == 4 else q
     for level in levels("int"):
-        got = ext.linear_int(x, stored, scales.float().contiguous(), group, bits, level)
+        got = ext.linear_int(x, [stored], [scales.float().contiguous()], group, bits, level)
         assert relative(got, exact) < 1e-5
         assert relative(got, plain) < 0.02
 
@@ -144,12 +170,16 @@ def test_kernels_refuse_what_they_cannot_take(ext):
         assert torch.equal(gemv.attention(q, keys, keys), F.scaled_dot_product_attention(q, keys, keys))
 
 
-def test_a_model_readied_for_decoding_computes_the_same(ext):
+@pytest.mark.parametrize("shape", [dict(), dict(position="rope", norm="rmsnorm", activation="swiglu", bias=False,
+                                                  n_kv_heads=2)])
+def test_a_model_readied_for_decoding_computes_the_same(ext, shape):
     """prepare_for_decode changes no name, no saved byte and (within fp32 summation order) no logit; greedy tokens
-    are those of the model as built, and a training step still gets gradients through torch's path."""
+    are those of the model as built, and a training step still gets gradients through torch's path. GPT-2's and
+    Llama's shapes: q, k and v (and gate and up) go through one call each."""
     from llmcli.generation import generate_ids
+    from llmcli.models.blocks import Attention, FeedForward
 
-    config = tiny_config("gpt", d_model=128, n_heads=4, d_ff=256, tie_embeddings=True)
+    config = tiny_config("gpt", d_model=128, n_heads=4, d_ff=256, tie_embeddings=True, **shape)
     model = build_model(config, seed=0).eval()
     reference = build_model(config, seed=0).eval()
     before = {name: t.clone() for name, t in model.state_dict().items()}
@@ -161,6 +191,9 @@ def test_a_model_readied_for_decoding_computes_the_same(ext):
     large = [p for p in model.parameters() if p.numel() * 4 >= gemv.ARENA_MIN_BYTES]
     assert large and len({p.untyped_storage().data_ptr() for p in large}) == 1  # gathered into one buffer
     assert all(p.data_ptr() % 64 == 0 for p in large)
+    assert all(m.fused_qkv is not None for m in model.modules() if isinstance(m, Attention))
+    assert all((m.fused_gate_up is not None) == (m.gate is not None) for m in model.modules()
+               if isinstance(m, FeedForward))
     ids = torch.randint(0, config.vocab_size, (2, 6), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         for step in range(1, 3):  # one-row calls: the kernels run
@@ -182,6 +215,28 @@ def test_quantized_layer_takes_the_kernel_for_few_rows(ext):
             want = F.linear(blockwise_int8(x), layer.dequantized_weight(), layer.bias)
             assert layer._takes_gemv()
             assert torch.allclose(got, want, atol=1e-5), scheme  # block-quantized activations: our kernel's result
+
+
+def test_a_quantized_models_fused_projections_change_no_logit(ext):
+    """An int4 Llama-style model readied for decoding: q, k and v (gate and up) in one call each give the logits of
+    one call per layer exactly (the same bodies over the same quantized activations)."""
+    from llmcli.compression.quantize import quantize_model
+    from llmcli.models.blocks import Attention, FeedForward
+    from llmcli.progress import SILENT
+
+    config = tiny_config("gpt", position="rope", norm="rmsnorm", activation="swiglu", bias=False, d_model=128,
+                         n_heads=4, n_kv_heads=2, d_ff=256)
+    model = build_model(config, seed=0).eval()
+    quantize_model(model, "int4", 32, "rtn", True, None, False, SILENT)
+    gemv.prepare_for_decode(model)
+    hooked = [m for m in model.modules() if isinstance(m, (Attention, FeedForward))]
+    assert all((m.fused_qkv if isinstance(m, Attention) else m.fused_gate_up) is not None for m in hooked)
+    ids = torch.randint(0, config.vocab_size, (1, 5), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        fused = model(ids[:, :1]).logits
+        for m in hooked:  # back to one call per layer (the class's unset hooks)
+            vars(m).pop("fused_qkv", None), vars(m).pop("fused_gate_up", None)
+        assert torch.equal(model(ids[:, :1]).logits, fused)
 
 
 def test_without_kernels_decoding_takes_torchs_path():

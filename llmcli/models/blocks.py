@@ -71,10 +71,14 @@ class FeedForward(nn.Module):
         self.gate = nn.Linear(cfg.d_model, width, bias=bias) if cfg.activation in ("swiglu", "geglu") else None
         self.down = nn.Linear(width, cfg.d_model, bias=bias)
 
+    # models.gemv.prepare_for_decode sets this per instance: (gate(x), up(x)) in one kernel call
+    fused_gate_up = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate is None:
             return self.down(self.act(self.up(x)))
-        return self.down(self.act(self.gate(x)) * self.up(x))
+        gate, up = self.fused_gate_up(x) if self.fused_gate_up is not None else (self.gate(x), self.up(x))
+        return self.down(self.act(gate) * up)
 
 
 class MixtureOfExperts(nn.Module):
@@ -235,6 +239,8 @@ class Attention(nn.Module):
 
     # F.scaled_dot_product_attention's signature; models.gemv.prepare_for_decode swaps in its decode kernel
     sdpa = staticmethod(F.scaled_dot_product_attention)
+    # and, for self-attention, this: (q_proj(x), k_proj(x), v_proj(x)) in one kernel call
+    fused_qkv = None
 
     def __init__(self, cfg: ModelConfig, cross: bool = False, scale: float | None = None) -> None:
         super().__init__()
@@ -273,13 +279,14 @@ class Attention(nn.Module):
                 memory: torch.Tensor | None = None,
                 cache: LayerKVCache | CrossKVCache | None = None) -> torch.Tensor:
         """x: (B, T, d). bias: additive (B|1, H|1, T, S) or None. memory: encoder output for cross-attention."""
-        q = self._normed(self.q_proj(x), self.q_norm, self.n_heads)
+        projected = self.fused_qkv(x) if self.fused_qkv is not None else None  # self-attention only
+        q = self._normed(projected[0] if projected else self.q_proj(x), self.q_norm, self.n_heads)
         if self.cross and cache is not None and cache.k is not None:
             k, v = cache.k, cache.v
         else:
             source = memory if self.cross else x
-            k = self._normed(self.k_proj(source), self.k_norm, self.n_kv_heads)
-            v = self._heads(self.v_proj(source), self.n_kv_heads)
+            k = self._normed(projected[1] if projected else self.k_proj(source), self.k_norm, self.n_kv_heads)
+            v = self._heads(projected[2] if projected else self.v_proj(source), self.n_kv_heads)
             if rope is not None:
                 q, k = apply_rope(q, *rope), apply_rope(k, *rope)
             if isinstance(cache, LayerKVCache):

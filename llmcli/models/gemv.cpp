@@ -37,6 +37,7 @@ struct Rows {  // the operands of one call, shared by every task
   const int32_t* lane_fix;   // and each lane's correction
   float* y;
   int64_t M, K, N;
+  int64_t ldy;  // y's row stride: N, or the outputs of all the matrices of one call side by side
 };
 
 #if defined(__x86_64__)
@@ -82,7 +83,7 @@ AVX512 void f32_avx512(const Rows& a, int64_t n0, int64_t n1) {
 #define STEP(s, i) s = _mm512_fmadd_ps(_mm512_loadu_ps(w + 16 * (i)), _mm512_loadu_ps(x + 16 * (i)), s);
       FOUR_WAY(a.K / 16, STEP)
 #undef STEP
-      a.y[m * a.N + n] = sum512(acc);
+      a.y[m * a.ldy + n] = sum512(acc);
     }
   }
 }
@@ -96,7 +97,7 @@ AVX2 void f32_avx2(const Rows& a, int64_t n0, int64_t n1) {
 #define STEP(s, i) s = _mm256_fmadd_ps(_mm256_loadu_ps(w + 8 * (i)), _mm256_loadu_ps(x + 8 * (i)), s);
       FOUR_WAY(a.K / 8, STEP)
 #undef STEP
-      a.y[m * a.N + n] = sum256(acc);
+      a.y[m * a.ldy + n] = sum256(acc);
     }
   }
 }
@@ -113,7 +114,7 @@ AVX512_BF16 void bf16_avx512(const Rows& a, int64_t n0, int64_t n1) {
   s = _mm512_dpbf16_ps(s, (__m512bh)_mm512_loadu_si512(w + 32 * (i)), (__m512bh)_mm512_loadu_si512(x + 32 * (i)));
       FOUR_WAY(a.K / 32, STEP)
 #undef STEP
-      a.y[m * a.N + n] = sum512(acc);
+      a.y[m * a.ldy + n] = sum512(acc);
     }
   }
 }
@@ -132,7 +133,7 @@ AVX2 void bf16_avx2(const Rows& a, int64_t n0, int64_t n1) {
 #define STEP(s, i) s = _mm256_fmadd_ps(widen_bf16(w + 8 * (i)), _mm256_loadu_ps(x + 8 * (i)), s);
       FOUR_WAY(a.K / 8, STEP)
 #undef STEP
-      a.y[m * a.N + n] = sum256(acc);
+      a.y[m * a.ldy + n] = sum256(acc);
     }
   }
 }
@@ -148,68 +149,74 @@ AVX2 void bf16_avx2(const Rows& a, int64_t n0, int64_t n1) {
 template <int Bits>
 constexpr int64_t kBlocksPerStep = Bits == 8 ? 2 : 4;
 
-// The weight bytes of step v of row `row`, the blocks past the row's end zero (a masked load reads nothing there).
+// One step's products as floats, activation-scaled, one block per 8 (int8) or 4 (int4) lanes: `w` the step's weight
+// bytes, x / xs / fix the step's activation bytes, lane scales and lane corrections. VNNI multiplies unsigned by
+// signed bytes: int8 weights enter as w + 128 (w xor 0x80), int4 ones as q + 8 (as stored); `fix` holds -128 (or
+// -8) times each block's activation sum in its first lane, which puts Σ w·x back.
 template <int Bits>
-AVX512_VNNI inline __m512i weight_bytes512(const Rows& a, int64_t row, int64_t v, int64_t blocks) {
-  const int64_t first = v * kBlocksPerStep<Bits>, present = std::min(kBlocksPerStep<Bits>, blocks - first);
-  const int64_t row_bytes = Bits == 8 ? a.K : a.K / 2, block_bytes = Bits == 8 ? kBlock : kBlock / 2;
-  const uint8_t* p = static_cast<const uint8_t*>(a.w) + row * row_bytes + first * block_bytes;
-  if (present == kBlocksPerStep<Bits>) return _mm512_loadu_si512(p);
-  return _mm512_maskz_loadu_epi8((__mmask64)((1ULL << (present * block_bytes)) - 1), p);
-}
-
-// Step v's integer dot products, one block per 8 (int8) or 4 (int4) lanes. VNNI multiplies unsigned by signed
-// bytes: int8 weights enter as w + 128 (w xor 0x80), int4 ones as q + 8 (as stored); `fix` holds -128 (or -8) times
-// each block's activation sum in its first lane, which puts Σ w·x back.
-template <int Bits>
-AVX512_VNNI inline __m512i dot512(const Rows& a, int64_t row, int64_t v, int64_t blocks, const int8_t* x,
-                                  const int32_t* fix) {
-  const __m512i w = weight_bytes512<Bits>(a, row, v, blocks);
-  const __m512i sums = _mm512_loadu_si512(fix + 16 * v);
-  if (Bits == 8)
-    return _mm512_dpbusd_epi32(sums, _mm512_xor_si512(w, _mm512_set1_epi8(static_cast<char>(0x80))),
-                               _mm512_loadu_si512(x + 64 * v));
-  const __m512i nibble = _mm512_set1_epi8(0x0F);
-  const __m512i low = _mm512_and_si512(w, nibble), high = _mm512_and_si512(_mm512_srli_epi16(w, 4), nibble);
-  const __m512i even = _mm512_dpbusd_epi32(sums, low, _mm512_loadu_si512(x + 128 * v));
-  return _mm512_dpbusd_epi32(even, high, _mm512_loadu_si512(x + 128 * v + 64));
-}
-
-// int4: each lane's weight scale (its block's group) times its activation scale: the step's four block scales
-// spread to their lanes ([first x4, second x4, ...]) by one permute.
-AVX512_VNNI inline __m512 int4_scales512(const Rows& a, const float* xs, int64_t row, int64_t v, int64_t blocks) {
-  const int64_t first = 4 * v, present = std::min<int64_t>(4, blocks - first), per_group = a.group / kBlock;
-  const float* ws = a.scales + row * (a.K / a.group);
-  __m128 four;
-  if (per_group == 1) {
-    four = _mm_maskz_loadu_ps((__mmask8)((1 << present) - 1), ws + first);
+AVX512_VNNI inline __m512 step512(__m512i w, const int8_t* x, const float* xs, const int32_t* fix) {
+  const __m512i sums = _mm512_loadu_si512(fix);
+  __m512i dot;
+  if (Bits == 8) {
+    dot = _mm512_dpbusd_epi32(sums, _mm512_xor_si512(w, _mm512_set1_epi8(static_cast<char>(0x80))),
+                              _mm512_loadu_si512(x));
   } else {
-    float gathered[4] = {0.f, 0.f, 0.f, 0.f};
-    for (int64_t j = 0; j < present; ++j) gathered[j] = ws[(first + j) / per_group];
-    four = _mm_loadu_ps(gathered);
+    const __m512i nibble = _mm512_set1_epi8(0x0F);
+    dot = _mm512_dpbusd_epi32(sums, _mm512_and_si512(w, nibble), _mm512_loadu_si512(x));
+    dot = _mm512_dpbusd_epi32(dot, _mm512_and_si512(_mm512_srli_epi16(w, 4), nibble), _mm512_loadu_si512(x + 64));
   }
-  const __m512i spread = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
-  return _mm512_mul_ps(_mm512_loadu_ps(xs + 16 * v), _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(four)));
+  return _mm512_mul_ps(_mm512_cvtepi32_ps(dot), _mm512_loadu_ps(xs));
 }
 
+// int4: the step's four block scales (the weights' own) spread to their lanes ([first x4, second x4, ...]).
+AVX512_VNNI inline __m512 spread4(__m128 four) {
+  const __m512i spread = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+  return _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(four));
+}
+
+// int4: the weight scales of step v's `present` blocks (ws: the row's scales; per_group: blocks per scale).
+AVX512_VNNI inline __m128 scales4(const float* ws, int64_t per_group, int64_t v, int64_t present) {
+  if (per_group == 1) return _mm_maskz_loadu_ps((__mmask8)((1 << present) - 1), ws + 4 * v);
+  alignas(16) float gathered[4] = {0.f, 0.f, 0.f, 0.f};
+  for (int64_t j = 0; j < present; ++j) gathered[j] = ws[(4 * v + j) / per_group];
+  return _mm_load_ps(gathered);
+}
+
+// Each row: its whole steps unmasked, two accumulators, then the last partial step (blocks past the row's end read
+// as zero). Everything that does not change along a row is worked out before it: a row is a few steps long (K =
+// 576: 5 to 9), so what runs once per row costs as much as the steps.
 template <int Bits>
 AVX512_VNNI void int_avx512(const Rows& a, int64_t n0, int64_t n1) {
-  const int64_t blocks = a.K / kBlock, steps = (blocks + kBlocksPerStep<Bits> - 1) / kBlocksPerStep<Bits>;
-  const int64_t step_bytes = kBlocksPerStep<Bits> * kBlock;
+  constexpr int64_t per_step = kBlocksPerStep<Bits>, block_bytes = Bits == 8 ? kBlock : kBlock / 2;
+  const int64_t blocks = a.K / kBlock, whole = blocks / per_step, rest = blocks % per_step;
+  const int64_t steps = whole + (rest > 0), row_bytes = blocks * block_bytes, groups = a.K / a.group;
+  const int64_t per_group = a.group / kBlock;  // int4: blocks per weight scale
+  const __mmask64 rest_bytes = (__mmask64)((1ULL << (rest * block_bytes)) - 1);
   for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* w = static_cast<const uint8_t*>(a.w) + n * row_bytes;
+    const float* ws = a.scales + n * groups;
     for (int64_t m = 0; m < a.M; ++m) {
-      const int8_t* x = static_cast<const int8_t*>(a.x) + m * steps * step_bytes;
+      const int8_t* x = static_cast<const int8_t*>(a.x) + m * steps * 64 * (Bits == 8 ? 1 : 2);
       const float* xs = a.lane_scales + m * steps * 16;
       const int32_t* fix = a.lane_fix + m * steps * 16;
-      __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-#define STEP(s, i)                                                                                                 \
-  {                                                                                                                \
-    const __m512 scale = Bits == 8 ? _mm512_loadu_ps(xs + 16 * (i)) : int4_scales512(a, xs, n, i, blocks);        \
-    s = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot512<Bits>(a, n, i, blocks, x, fix)), scale, s);                     \
-  }
-      FOUR_WAY(steps, STEP)
-#undef STEP
-      a.y[m * a.N + n] = sum512(acc) * (Bits == 8 ? a.scales[n] : 1.f);
+      constexpr int64_t xb = Bits == 8 ? 64 : 128;  // activation bytes per step
+      auto step = [&](int64_t v, __m512 acc) AVX512_VNNI {  // step v's products joined to acc
+        const __m512 p = step512<Bits>(_mm512_loadu_si512(w + 64 * v), x + xb * v, xs + 16 * v, fix + 16 * v);
+        return Bits == 8 ? _mm512_add_ps(acc, p) : _mm512_fmadd_ps(p, spread4(scales4(ws, per_group, v, 4)), acc);
+      };
+      __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+      int64_t v = 0;
+      for (; v + 2 <= whole; v += 2) {
+        acc0 = step(v, acc0);
+        acc1 = step(v + 1, acc1);
+      }
+      if (v < whole) acc0 = step(v, acc0);
+      if (rest) {
+        const __m512 p = step512<Bits>(_mm512_maskz_loadu_epi8(rest_bytes, w + 64 * whole), x + xb * whole,
+                                       xs + 16 * whole, fix + 16 * whole);
+        acc1 = Bits == 8 ? _mm512_add_ps(acc1, p) : _mm512_fmadd_ps(p, spread4(scales4(ws, per_group, whole, rest)), acc1);
+      }
+      a.y[m * a.ldy + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) * (Bits == 8 ? ws[0] : 1.f);
     }
   }
 }
@@ -256,7 +263,7 @@ AVX2 void int_avx2(const Rows& a, int64_t n0, int64_t n1) {
   }
       FOUR_WAY(blocks, STEP)
 #undef STEP
-      a.y[m * a.N + n] = sum256(acc) * (Bits == 8 ? a.scales[n] : 1.f);
+      a.y[m * a.ldy + n] = sum256(acc) * (Bits == 8 ? a.scales[n] : 1.f);
     }
   }
 }
@@ -290,10 +297,27 @@ AVX2 void quantize_block(const float* in, int32_t* q, float* scale, int32_t* sum
 
 using Body = void (*)(const Rows&, int64_t, int64_t);
 
-torch::Tensor run(Body body, Rows rows) {
-  auto y = torch::empty({rows.M, rows.N}, torch::kFloat32);
-  rows.y = y.data_ptr<float>();
-  at::parallel_for(0, rows.N, 64, [&](int64_t begin, int64_t end) { body(rows, begin, end); });
+// One call for several matrices of one K against the same activations (q, k and v; gate and up): their outputs
+// side by side in y (M, ΣN), the threads splitting the rows of all of them in order (each still reads contiguous
+// rows, and the matrices lie one after the other in memory).
+torch::Tensor run(Body body, std::vector<Rows> parts) {
+  int64_t total = 0;
+  for (const auto& part : parts) total += part.N;
+  auto y = torch::empty({parts[0].M, total}, torch::kFloat32);
+  int64_t offset = 0;
+  for (auto& part : parts) {
+    part.y = y.data_ptr<float>() + offset;
+    part.ldy = total;
+    offset += part.N;
+  }
+  at::parallel_for(0, total, 64, [&](int64_t begin, int64_t end) {
+    int64_t start = 0;
+    for (const auto& part : parts) {
+      const int64_t lo = std::max(begin, start), hi = std::min(end, start + part.N);
+      if (lo < hi) body(part, lo - start, hi - start);
+      start += part.N;
+    }
+  });
   return y;
 }
 
@@ -352,28 +376,36 @@ torch::Tensor prepare_int8_rows(const torch::Tensor& x, int64_t bits, int64_t is
 
 }  // namespace
 
-torch::Tensor linear_f32(torch::Tensor x, torch::Tensor w, int64_t isa) {
-  check(x, w, w.size(1), isa);
-  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && w.scalar_type() == torch::kFloat32, "fp32 x and W");
+// x (M, K) against each W (N_i, K), all fp32 or all bf16 (x: bf16 for the AVX-512 BF16 body, fp32 otherwise).
+torch::Tensor float_products(const torch::Tensor& x, const std::vector<torch::Tensor>& ws, int64_t isa) {
+  TORCH_CHECK(!ws.empty(), "at least one weight");
+  const auto dtype = ws[0].scalar_type();
+  TORCH_CHECK(dtype == torch::kFloat32 || dtype == torch::kBFloat16, "fp32 or bf16 W");
+  TORCH_CHECK(x.scalar_type() == (dtype == torch::kBFloat16 && isa == 2 ? torch::kBFloat16 : torch::kFloat32),
+              "x: fp32, or bf16 for bf16 W on isa 2");
+  std::vector<Rows> parts;
+  for (const auto& w : ws) {
+    check(x, w, w.size(1), isa);
+    TORCH_CHECK(w.scalar_type() == dtype, "one dtype for every W");
+    parts.push_back({w.data_ptr(), nullptr, 0, x.data_ptr(), nullptr, nullptr, nullptr, x.size(0), x.size(1),
+                     w.size(0), w.size(0)});
+  }
 #if defined(__x86_64__)
-  return run(isa == 2 ? f32_avx512 : f32_avx2,
-             {w.data_ptr(), nullptr, 0, x.data_ptr(), nullptr, nullptr, nullptr, x.size(0), x.size(1), w.size(0)});
+  const Body body = dtype == torch::kFloat32 ? (isa == 2 ? f32_avx512 : f32_avx2) : (isa == 2 ? bf16_avx512 : bf16_avx2);
+  return run(body, parts);
 #else
   return {};
 #endif
 }
 
-// x: bf16 for the AVX-512 BF16 body, fp32 for the AVX2 one.
+torch::Tensor linear_f32(torch::Tensor x, torch::Tensor w, int64_t isa) {
+  TORCH_CHECK(w.scalar_type() == torch::kFloat32, "fp32 W");
+  return float_products(x, {w}, isa);
+}
+
 torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor w, int64_t isa) {
-  check(x, w, w.size(1), isa);
   TORCH_CHECK(w.scalar_type() == torch::kBFloat16, "bf16 W");
-  TORCH_CHECK(x.scalar_type() == (isa == 2 ? torch::kBFloat16 : torch::kFloat32), "x: bf16 for isa 2, fp32 for 1");
-#if defined(__x86_64__)
-  return run(isa == 2 ? bf16_avx512 : bf16_avx2,
-             {w.data_ptr(), nullptr, 0, x.data_ptr(), nullptr, nullptr, nullptr, x.size(0), x.size(1), w.size(0)});
-#else
-  return {};
-#endif
+  return float_products(x, {w}, isa);
 }
 
 // x (..., K) -> (M, K) contiguous in `dtype`, without a dispatch for what is already so (a decode step makes some
@@ -394,35 +426,45 @@ static torch::Tensor finish(torch::Tensor y, const torch::Tensor& x, const c10::
   return y.view(shape);
 }
 
-// F.linear(x, w, bias) for x (..., K) in fp32 or bf16 and a contiguous fp32 or bf16 W (N, K): the call a model
-// makes, in one op (the activations are converted to what the body reads, the result to x's dtype).
-torch::Tensor linear(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias, int64_t isa) {
-  if (w.scalar_type() == torch::kFloat32)
-    return finish(linear_f32(as_rows(x, w.size(1), torch::kFloat32), w, isa), x, bias);
-  const auto wanted = isa == 2 ? torch::kBFloat16 : torch::kFloat32;
-  return finish(linear_bf16(as_rows(x, w.size(1), wanted), w, isa), x, bias);
+// F.linear(x, W, bias) for x (..., K) in fp32 or bf16 and contiguous fp32 or bf16 weights (N_i, K): the call a
+// model makes, in one op; several weights give their outputs side by side (..., ΣN_i), `bias` then covering all.
+torch::Tensor linear(torch::Tensor x, std::vector<torch::Tensor> w, c10::optional<torch::Tensor> bias, int64_t isa) {
+  TORCH_CHECK(!w.empty(), "at least one weight");
+  const auto wanted = w[0].scalar_type() == torch::kBFloat16 && isa == 2 ? torch::kBFloat16 : torch::kFloat32;
+  return finish(float_products(as_rows(x, w[0].size(1), wanted), w, isa), x, bias);
 }
 
-// qweight: int8 (N, K) with scales (N, 1), or uint8 (N, K / 2) with bits = 4 and scales (N, K / group); x (..., K)
-// fp32 or bf16 (quantized to int8 blocks here); the result in x's dtype.
-torch::Tensor linear_int(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales, int64_t group, int64_t bits,
-                         int64_t isa) {
-  const int64_t K = bits == 4 ? qweight.size(1) * 2 : qweight.size(1);
-  const auto rows = as_rows(x, K, torch::kFloat32);
-  check(rows, qweight, K, isa);
+// Each qweight: int8 (N_i, K) with scales (N_i, 1), or uint8 (N_i, K / 2) with bits = 4 and scales (N_i, K / group);
+// x (..., K) fp32 or bf16, quantized to int8 blocks here once for all of them; the outputs side by side in x's dtype.
+torch::Tensor linear_int(torch::Tensor x, std::vector<torch::Tensor> qweight, std::vector<torch::Tensor> scales,
+                         int64_t group, int64_t bits, int64_t isa) {
+  TORCH_CHECK(!qweight.empty() && qweight.size() == scales.size(), "one scales tensor per qweight");
   TORCH_CHECK(bits == 4 || bits == 8, "bits is 4 or 8");
-  TORCH_CHECK(qweight.scalar_type() == (bits == 4 ? torch::kUInt8 : torch::kInt8), "int8, or uint8 nibbles");
-  TORCH_CHECK(scales.scalar_type() == torch::kFloat32, "fp32 scales");
-  TORCH_CHECK(bits == 4 || group == K, "int8 takes one scale per row (group = K)");
-  TORCH_CHECK(group % kBlock == 0 && K % group == 0 && scales.is_contiguous() && scales.size(0) == qweight.size(0) &&
-                  scales.size(1) == K / group, "scales (N, K / group), group a multiple of 32");
+  const int64_t K = bits == 4 ? qweight[0].size(1) * 2 : qweight[0].size(1);
+  const auto rows = as_rows(x, K, torch::kFloat32);
+  std::vector<Rows> parts;
+  for (size_t i = 0; i < qweight.size(); ++i) {
+    const auto& q = qweight[i];
+    const auto& s = scales[i];
+    check(rows, q, K, isa);
+    TORCH_CHECK(q.scalar_type() == (bits == 4 ? torch::kUInt8 : torch::kInt8), "int8, or uint8 nibbles");
+    TORCH_CHECK(s.scalar_type() == torch::kFloat32, "fp32 scales");
+    TORCH_CHECK(bits == 4 || group == K, "int8 takes one scale per row (group = K)");
+    TORCH_CHECK(group % kBlock == 0 && K % group == 0 && s.is_contiguous() && s.dim() == 2 && s.size(0) == q.size(0) &&
+                    s.size(1) == K / group, "scales (N, K / group), group a multiple of 32");
+    parts.push_back({q.data_ptr(), s.data_ptr<float>(), group, nullptr, nullptr, nullptr, nullptr, rows.size(0), K,
+                     q.size(0), q.size(0)});
+  }
 #if defined(__x86_64__)
   const int32_t offset = bits == 4 ? 8 : (isa == 2 ? 128 : 0);
-  Rows operands{qweight.data_ptr(), scales.data_ptr<float>(), group, nullptr, nullptr, nullptr, nullptr,
-                rows.size(0), K, qweight.size(0)};
-  const auto buffer = prepare_int8_rows(rows, bits, isa, offset, operands);
+  const auto buffer = prepare_int8_rows(rows, bits, isa, offset, parts[0]);
+  for (auto& part : parts) {
+    part.x = parts[0].x;
+    part.lane_scales = parts[0].lane_scales;
+    part.lane_fix = parts[0].lane_fix;
+  }
   const Body body = isa == 2 ? (bits == 4 ? int_avx512<4> : int_avx512<8>) : (bits == 4 ? int_avx2<4> : int_avx2<8>);
-  return finish(run(body, operands), x, c10::nullopt);
+  return finish(run(body, parts), x, c10::nullopt);
 #else
   return {};
 #endif
@@ -521,8 +563,8 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
 TORCH_LIBRARY(llmcli, m) {
   m.def("linear_f32(Tensor x, Tensor w, int isa) -> Tensor");  // y = x Wᵀ, 2-d operands as the bodies take them
   m.def("linear_bf16(Tensor x, Tensor w, int isa) -> Tensor");
-  m.def("linear(Tensor x, Tensor w, Tensor? bias, int isa) -> Tensor");  // F.linear, fp32 or bf16 W
-  m.def("linear_int(Tensor x, Tensor qweight, Tensor scales, int group, int bits, int isa) -> Tensor");
+  m.def("linear(Tensor x, Tensor[] w, Tensor? bias, int isa) -> Tensor");  // F.linear, fp32 or bf16 W, outputs side by side
+  m.def("linear_int(Tensor x, Tensor[] qweight, Tensor[] scales, int group, int bits, int isa) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, float scale, int isa) -> Tensor");
 }
 

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from llmcli.config import user_cache_dir
 from llmcli.cpu import cpu_flags
-from llmcli.models.blocks import Attention
+from llmcli.models.blocks import Attention, FeedForward
 from llmcli.models.layout import set_submodule, store_matrices_transposed
 
 SOURCE = Path(__file__).with_name("gemv.cpp")
@@ -97,9 +97,9 @@ def _register_shapes() -> None:
     def rows_out(x, n):
         return x.new_empty((*x.shape[:-1], n))
 
-    torch.library.register_fake("llmcli::linear")(lambda x, w, bias, isa: rows_out(x, w.shape[0]))
+    torch.library.register_fake("llmcli::linear")(lambda x, w, bias, isa: rows_out(x, sum(t.shape[0] for t in w)))
     torch.library.register_fake("llmcli::linear_int")(lambda x, qweight, scales, group, bits, isa:
-                                                      rows_out(x, qweight.shape[0]))
+                                                      rows_out(x, sum(t.shape[0] for t in qweight)))
     torch.library.register_fake("llmcli::decode_attention")(lambda q, k, v, scale, isa: torch.empty_like(q))
 
 
@@ -121,10 +121,10 @@ def fits(x: torch.Tensor, in_features: int) -> bool:
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias), through our kernels where they are loaded (`extension()`) and apply (see `fits`;
     fp32 or bf16 weight in its (out, in) order), else torch's."""
-    kind = "fp32" if weight.dtype == torch.float32 else "bf16" if weight.dtype == torch.bfloat16 else None
+    kind = _kind(weight)
     if kind not in LEVELS or not fits(x, weight.shape[-1]) or not weight.is_contiguous():
         return F.linear(x, weight, bias)
-    return torch.ops.llmcli.linear(x, weight, bias, LEVELS[kind])
+    return torch.ops.llmcli.linear(x, [weight], bias, LEVELS[kind])
 
 
 def int_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int,
@@ -132,7 +132,45 @@ def int_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, gro
     """x · (q · scale)ᵀ for int8 (N, K) or packed int4 (N, K / 2) weights with fp32 scales (N, K / group_size),
     the activations quantized to int8 per block of 32 inside the kernel. The caller checks `fits` and that the
     kernels are loaded ("int" in LEVELS); group_size must be a multiple of 32. Returns x's dtype."""
-    return torch.ops.llmcli.linear_int(x, qweight, scales, group_size, bits, LEVELS["int"])
+    return torch.ops.llmcli.linear_int(x, [qweight], [scales], group_size, bits, LEVELS["int"])
+
+
+def projections(layers: tuple[nn.Module, ...], x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """`tuple(layer(x) for layer in layers)` for layers of one input (q, k and v; gate and up) in one kernel call
+    where our kernels take them all (prepare_for_decode sets this up: see `fusable`): the activations are
+    converted or quantized once, and one parallel pass reads every matrix. Otherwise one call per layer."""
+    first = layers[0]
+    if not fits(x, first.in_features):
+        return tuple(layer(x) for layer in layers)
+    sizes = [layer.out_features for layer in layers]
+    biases = [layer.bias for layer in layers]
+    bias = None if biases[0] is None else torch.cat(biases)
+    if isinstance(first, DecodeLinear):
+        out = torch.ops.llmcli.linear(x, [layer.weight for layer in layers], bias, LEVELS[_kind(first.weight)])
+    else:  # integer layers: models.quantized.QuantizedLinear, their operands through `gemv_operands`
+        operands = [layer.gemv_operands() for layer in layers]
+        out = torch.ops.llmcli.linear_int(x, [q for q, _ in operands], [s for _, s in operands], first.group_size,
+                                          first.bits, LEVELS["int"])
+        out = out if bias is None else out + bias.to(out.dtype)
+    return out.split(sizes, dim=-1)
+
+
+def fusable(layers: list[nn.Module]) -> bool:
+    """Whether `projections` can run these layers in one call: all our fp32 or bf16 DecodeLinear of one dtype, or
+    all integer layers that our kernels take (`gemv_operands`) of one scheme and group; one input width; biases on
+    all or none."""
+    first = layers[0]
+    if len({layer.in_features for layer in layers}) != 1 or len({layer.bias is None for layer in layers}) != 1:
+        return False
+    if all(type(layer) is DecodeLinear for layer in layers):
+        return len({layer.weight.dtype for layer in layers}) == 1 and _kind(first.weight) in LEVELS
+    return ("int" in LEVELS and all(hasattr(layer, "gemv_operands") and layer.gemv_operands() is not None
+                                    for layer in layers)
+            and len({(layer.bits, layer.group_size) for layer in layers}) == 1)
+
+
+def _kind(weight: torch.Tensor) -> str | None:
+    return {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(weight.dtype)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
@@ -180,9 +218,21 @@ def prepare_for_decode(model: nn.Module) -> nn.Module:
             set_submodule(model, name, DecodeLinear.wrapping(module))
         elif isinstance(module, Attention):
             module.sdpa = attention
+    for module in model.modules():
+        if isinstance(module, Attention) and not module.cross:
+            _fuse(module, "fused_qkv", [module.q_proj, module.k_proj, module.v_proj])
+        elif isinstance(module, FeedForward) and module.gate is not None:
+            _fuse(module, "fused_gate_up", [module.gate, module.up])
     model.tied_head = linear
     gather_weights(model)
     return model
+
+
+def _fuse(module: nn.Module, hook: str, layers: list[nn.Module]) -> None:
+    """Point `module`'s hook (Attention.fused_qkv, FeedForward.fused_gate_up) at one call for `layers` where it
+    can (`fusable`); it stays unset otherwise (LoRA or adapter layers, mixed types)."""
+    if fusable(layers):
+        setattr(module, hook, functools.partial(projections, tuple(layers)))
 
 
 def gather_weights(model: nn.Module) -> torch.Tensor:

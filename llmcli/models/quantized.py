@@ -134,7 +134,7 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
         if self._takes_gemv() and gemv.fits(rows, self.in_features):  # decode: our kernels (models/gemv.cpp)
-            out = gemv.int_linear(rows, self.qweight, self.scales.float().contiguous(), self.group_size, self.bits)
+            out = gemv.int_linear(rows, *self.gemv_operands(), self.group_size, self.bits)
         elif torch.is_grad_enabled() and rows.requires_grad:  # training through a frozen quantized layer (QLoRA)
             out = self._weight_only(rows)
         else:
@@ -221,6 +221,10 @@ class QuantizedLinear(nn.Module):
         if packed is not None and dtype != torch.bfloat16:
             packed = _through_bf16(packed, dtype)
         return packed
+
+    def gemv_operands(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(qweight, fp32 scales) as our kernels read them, or None where they do not take this layer."""
+        return (self.qweight, self.scales.float().contiguous()) if self._takes_gemv() else None
 
     def _takes_gemv(self) -> bool:
         """Whether our kernels are loaded (gemv.prepare_for_decode loads them) and take this layer: weight-only
