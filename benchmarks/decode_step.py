@@ -1,0 +1,114 @@
+"""What the compiled decode step's settings buy, in one process: the step as `llmcli generate --compile` runs it
+(weights frozen into the graph, q/k/v and gate/up one kernel call each) against the same step with one call per
+linear layer, and against the graph without frozen weights (the weights then graph inputs, its buffers'
+shapes asserted). Each variant is its own model and its own compiled graph, timed in turn repetition by
+repetition (greedy, the same tokens checked). Usage:
+    python benchmarks/decode_step.py [--models smollm2-135m] [--weights int4,bf16] [--reps 12] [--no-record]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import record_table  # noqa: E402
+from llama_cpp import quantized_dir  # noqa: E402
+
+VARIANTS = ("as shipped", "one call per layer", "weights not frozen")
+
+
+def model_dir(name: str, weights: str, root: Path) -> Path:
+    """The zoo model with random weights: quantized (int8, int4 g32 with the head) or as built."""
+    from llmcli.model_dir import resolve_config, save_model
+    from llmcli.models import build_model
+
+    if weights in ("int8", "int4"):
+        return quantized_dir(name, weights, root)
+    config, _ = resolve_config(name)
+    directory = root / f"{name}-{weights}"
+    directory.mkdir()
+    save_model(build_model(config, seed=0).eval(), directory)
+    return directory
+
+
+def variant(directory: Path, weights: str, label: str):
+    """A model readied for decoding whose decode step is compiled as `label` says: its own code object, so that
+    each variant gets its own graph (torch.compile caches graphs per code object)."""
+    import torch
+
+    from llmcli.model_dir import load_model
+    from llmcli.models.gemv import prepare_for_decode
+    from llmcli.runtime import DECODE_COMPILE_OPTIONS
+
+    model = load_model(directory).eval()
+    if weights == "bf16":
+        model.to(torch.bfloat16)
+    prepare_for_decode(model)
+    if label == "one call per layer":
+        for module in model.modules():
+            vars(module).pop("fused_qkv", None)
+            vars(module).pop("fused_gate_up", None)
+    options = {} if label == "weights not frozen" else DECODE_COMPILE_OPTIONS
+    name = "step_" + "".join(c if c.isalnum() else "_" for c in label)
+    scope = {"forward": model.forward}
+    exec(compile(f"def {name}(*args, **kwargs):\n    return forward(*args, **kwargs)\n", f"<{label}>", "exec"), scope)
+    model.decode_forward = torch.compile(scope[name], dynamic=True, options=options)
+    return model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--models", default="smollm2-135m")
+    parser.add_argument("--weights", default="int4,bf16")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--reps", type=int, default=12)
+    parser.add_argument("--new-tokens", type=int, default=48)
+    parser.add_argument("--no-record", action="store_true")
+    args = parser.parse_args()
+
+    import torch
+
+    from llmcli.generation import generate_ids
+    from llmcli.models.gemv import kernel_name
+
+    torch.set_num_threads(args.threads)
+    prompt = torch.randint(5, 1000, (1, 8), generator=torch.Generator().manual_seed(0))
+    rows = []
+    for name in args.models.split(","):
+        for weights in args.weights.split(","):
+            with tempfile.TemporaryDirectory() as tmp:
+                directory = model_dir(name, weights, Path(tmp))
+                models = {label: variant(directory, weights, label) for label in VARIANTS}
+                tokens = {label: generate_ids(m, prompt, 8, temperature=0) for label, m in models.items()}  # compiles
+                first = tokens[VARIANTS[0]]
+                assert all(torch.equal(t, first) for t in tokens.values()), "the variants disagree on tokens"
+                times = {label: [] for label in VARIANTS}
+                for _ in range(args.reps):
+                    for label, model in models.items():
+                        start = time.perf_counter()
+                        generate_ids(model, prompt, args.new_tokens, temperature=0)
+                        times[label].append((time.perf_counter() - start) / args.new_tokens * 1e3)
+            shipped = times[VARIANTS[0]]
+            for label in VARIANTS:
+                ratios = [t / s for t, s in zip(times[label], shipped)]
+                rows.append(f"| {name} | {weights} | {label} | {statistics.median(times[label]):.2f} "
+                            f"({min(times[label]):.2f}-{max(times[label]):.2f}) | {statistics.median(ratios):.2f}x "
+                            f"({min(ratios):.2f}-{max(ratios):.2f}) |")
+                print(rows[-1], file=sys.stderr, flush=True)
+    record_table(
+        "The compiled decode step: frozen weights and one kernel call for q/k/v and gate/up",
+        f"Batch-1 greedy decode from an 8-token prompt, {args.new_tokens} new tokens, KV cache, {args.threads} "
+        f"threads, products by {kernel_name()} (int4: group 32, the LM head quantized too); every variant "
+        f"compiled (`torch.compile(dynamic=True)`) before timing, {args.reps} repetitions interleaved. ms a token: "
+        f"median (min-max); against shipped: the variant's time over the shipped step's in the same repetition, "
+        f"median (min-max).",
+        ["model", "weights", "decode step", "ms a token", "against shipped"], rows, dry_run=args.no_record)
+
+
+if __name__ == "__main__":
+    main()
