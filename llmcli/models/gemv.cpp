@@ -214,7 +214,8 @@ AVX512_VNNI void int_avx512(const Rows& a, int64_t n0, int64_t n1) {
       if (rest) {
         const __m512 p = step512<Bits>(_mm512_maskz_loadu_epi8(rest_bytes, w + 64 * whole), x + xb * whole,
                                        xs + 16 * whole, fix + 16 * whole);
-        acc1 = Bits == 8 ? _mm512_add_ps(acc1, p) : _mm512_fmadd_ps(p, spread4(scales4(ws, per_group, whole, rest)), acc1);
+        acc1 = Bits == 8 ? _mm512_add_ps(acc1, p)
+                         : _mm512_fmadd_ps(p, spread4(scales4(ws, per_group, whole, rest)), acc1);
       }
       a.y[m * a.ldy + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) * (Bits == 8 ? ws[0] : 1.f);
     }
@@ -391,7 +392,8 @@ torch::Tensor float_products(const torch::Tensor& x, const std::vector<torch::Te
                      w.size(0), w.size(0)});
   }
 #if defined(__x86_64__)
-  const Body body = dtype == torch::kFloat32 ? (isa == 2 ? f32_avx512 : f32_avx2) : (isa == 2 ? bf16_avx512 : bf16_avx2);
+  const Body body = dtype == torch::kFloat32 ? (isa == 2 ? f32_avx512 : f32_avx2)
+                                             : (isa == 2 ? bf16_avx512 : bf16_avx2);
   return run(body, parts);
 #else
   return {};
@@ -563,7 +565,7 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
 TORCH_LIBRARY(llmcli, m) {
   m.def("linear_f32(Tensor x, Tensor w, int isa) -> Tensor");  // y = x Wᵀ, 2-d operands as the bodies take them
   m.def("linear_bf16(Tensor x, Tensor w, int isa) -> Tensor");
-  m.def("linear(Tensor x, Tensor[] w, Tensor? bias, int isa) -> Tensor");  // F.linear, fp32 or bf16 W, outputs side by side
+  m.def("linear(Tensor x, Tensor[] w, Tensor? bias, int isa) -> Tensor");  // F.linear; several W: outputs side by side
   m.def("linear_int(Tensor x, Tensor[] qweight, Tensor[] scales, int group, int bits, int isa) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, float scale, int isa) -> Tensor");
 }
