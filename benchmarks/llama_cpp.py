@@ -70,6 +70,8 @@ def main() -> None:
                 source, dtype = name, weights if weights in ("fp32", "bf16") else "fp32"
                 if weights.startswith("int"):
                     source = str(quantized_dir(name, weights.split()[0].removesuffix("+head"), Path(tmp)))
+                if args.compile:  # each case starts as its own `llmcli bench --compile` process would: no graphs
+                    torch._dynamo.reset()  # of earlier cases left to look through, nor their frozen weights
                 results, _ = run_bench(source, [mode], [1], [length], dtype, "cpu", args.reps, 2, "llama.cpp",
                                        threads=[args.threads], compile=args.compile,
                                        log=lambda m: print(m, file=sys.stderr))
@@ -92,7 +94,7 @@ def main() -> None:
         f"interleaved (llama-bench `-r 1` per repetition, its own warm-up each call), random weights exported to "
         f"GGUF at the matching type. llmcli: "
         + ("torch.compile (`--compile`: each decode step one graph, the blocks compiled for prefill; compiled in the "
-           "warm-up steps, not timed)" if args.compile else "eager PyTorch")
+           "warm-up steps, not timed; torch.compile's caches reset before each case)" if args.compile else "eager PyTorch")
         + f", KV cache, decode's matrix products by {kernels} (int8/int4: "
         f"activations quantized to int8 per block of 32; LM head quantized too), prefill's by torch, decode from an "
         f"8-token prompt; llama.cpp build {build['build_commit']} ({build['backends']}, flash attention "
