@@ -81,14 +81,22 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch_dtype(precision))
 
 
-def compile_blocks(model: torch.nn.Module, device: torch.device, warn) -> bool:
-    """torch.compile every transformer block (inductor; on the CPU it needs a C++ compiler). Where compile is
-    not available: one warning line, and the model runs eagerly. A block that fails to compile runs eagerly too.
-    Compilation happens on the first forward, so the first step is slower (callers report it apart)."""
+def _can_compile(device: torch.device, warn) -> bool:
+    """Whether inductor can compile here (on the CPU it needs a C++ compiler; without one: one warning line). A
+    graph that fails to compile then runs eagerly rather than failing the command."""
     if device.type == "cpu" and not (shutil.which("g++") or shutil.which("c++")):
         warn("warning: --compile needs a C++ compiler (g++) for torch.compile on the CPU; running without it")
         return False
     torch._dynamo.config.suppress_errors = True
+    return True
+
+
+def compile_blocks(model: torch.nn.Module, device: torch.device, warn) -> bool:
+    """torch.compile every transformer block (inductor; on the CPU it needs a C++ compiler). Where compile is
+    not available: one warning line, and the model runs eagerly. A block that fails to compile runs eagerly too.
+    Compilation happens on the first forward, so the first step is slower (callers report it apart)."""
+    if not _can_compile(device, warn):
+        return False
     for block in blocks(model).values():
         block.compile()
     return True
@@ -107,12 +115,10 @@ def compile_decode(model: torch.nn.Module, device: torch.device, warn) -> bool:
     (benchmarks/decode_step.py: smollm2-135m int4, the unfrozen step 1.06x the frozen one's time, a noisy run).
     The step must run under no_grad or inference mode, as generation's do. T5 gets its blocks compiled. Not
     available: one warning line, and decoding runs eagerly."""
-    if device.type == "cpu" and not (shutil.which("g++") or shutil.which("c++")):
-        warn("warning: --compile needs a C++ compiler (g++) for torch.compile on the CPU; running without it")
-        return False
     if model.config.family != "gpt":  # T5's steps carry the encoder's output: its blocks are compiled instead
         return compile_blocks(model, device, warn)
-    torch._dynamo.config.suppress_errors = True
+    if not _can_compile(device, warn):
+        return False
     model.decode_forward = torch.compile(model.forward, dynamic=True, options=DECODE_COMPILE_OPTIONS)
     return True
 

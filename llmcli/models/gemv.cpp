@@ -188,6 +188,7 @@ AVX512_VNNI inline __m128 scales4(const float* ws, int64_t per_group, int64_t v,
 template <int Bits>
 AVX512_VNNI void int_avx512(const Rows& a, int64_t n0, int64_t n1) {
   constexpr int64_t per_step = kBlocksPerStep<Bits>, block_bytes = Bits == 8 ? kBlock : kBlock / 2;
+  constexpr int64_t xb = per_step * kBlock;  // activation bytes per step (int8 blocks of 32)
   const int64_t blocks = a.K / kBlock, whole = blocks / per_step, rest = blocks % per_step;
   const int64_t steps = whole + (rest > 0), row_bytes = blocks * block_bytes, groups = a.K / a.group;
   const int64_t per_group = a.group / kBlock;  // int4: blocks per weight scale
@@ -196,10 +197,9 @@ AVX512_VNNI void int_avx512(const Rows& a, int64_t n0, int64_t n1) {
     const uint8_t* w = static_cast<const uint8_t*>(a.w) + n * row_bytes;
     const float* ws = a.scales + n * groups;
     for (int64_t m = 0; m < a.M; ++m) {
-      const int8_t* x = static_cast<const int8_t*>(a.x) + m * steps * 64 * (Bits == 8 ? 1 : 2);
+      const int8_t* x = static_cast<const int8_t*>(a.x) + m * steps * xb;
       const float* xs = a.lane_scales + m * steps * 16;
       const int32_t* fix = a.lane_fix + m * steps * 16;
-      constexpr int64_t xb = Bits == 8 ? 64 : 128;  // activation bytes per step
       auto step = [&](int64_t v, __m512 acc) AVX512_VNNI {  // step v's products joined to acc
         const __m512 p = step512<Bits>(_mm512_loadu_si512(w + 64 * v), x + xb * v, xs + 16 * v, fix + 16 * v);
         return Bits == 8 ? _mm512_add_ps(acc, p) : _mm512_fmadd_ps(p, spread4(scales4(ws, per_group, v, 4)), acc);
