@@ -1,8 +1,9 @@
 """What the compiled decode step's settings buy, in one process: the step as `llmcli generate --compile` runs it
-(weights frozen into the graph, q/k/v and gate/up one kernel call each) against the same step with one call per
-linear layer, and against the graph without frozen weights (the weights then graph inputs, its buffers'
-shapes asserted). Each variant is its own model and its own compiled graph, timed in turn repetition by
-repetition (greedy, the same tokens checked). Usage:
+(exported and compiled once, called without torch.compile's guards; weights frozen into the graph; q/k/v and
+gate/up one kernel call each) against the same graph called through torch.compile (its guards and inputs gathered
+at every step, as before this change) and against the step with one call per linear layer. Each variant is its
+own model and its own compiled graph, timed in turn repetition by repetition (greedy, the same tokens checked).
+Usage:
     python benchmarks/decode_step.py [--models smollm2-135m] [--weights int4,bf16] [--reps 12] [--no-record]
 """
 
@@ -19,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import record_table  # noqa: E402
 from llama_cpp import quantized_dir  # noqa: E402
 
-VARIANTS = ("as shipped", "one call per layer", "weights not frozen")
+VARIANTS = ("as shipped", "through torch.compile's guards", "one call per layer")
 
 
 def model_dir(name: str, weights: str, root: Path) -> Path:
@@ -37,13 +38,12 @@ def model_dir(name: str, weights: str, root: Path) -> Path:
 
 
 def variant(directory: Path, weights: str, label: str):
-    """A model readied for decoding whose decode step is compiled as `label` says: its own code object, so that
-    each variant gets its own graph (torch.compile caches graphs per code object)."""
+    """A model readied for decoding whose decode step is compiled as `label` says."""
     import torch
 
     from llmcli.model_dir import load_model
     from llmcli.models.gemv import prepare_for_decode
-    from llmcli.runtime import DECODE_COMPILE_OPTIONS
+    from llmcli.runtime import compile_decode
 
     model = load_model(directory).eval()
     if weights == "bf16":
@@ -53,11 +53,9 @@ def variant(directory: Path, weights: str, label: str):
         for module in model.modules():
             vars(module).pop("fused_qkv", None)
             vars(module).pop("fused_gate_up", None)
-    options = {} if label == "weights not frozen" else DECODE_COMPILE_OPTIONS
-    name = "step_" + "".join(c if c.isalnum() else "_" for c in label)
-    scope = {"forward": model.forward}
-    exec(compile(f"def {name}(*args, **kwargs):\n    return forward(*args, **kwargs)\n", f"<{label}>", "exec"), scope)
-    model.decode_forward = torch.compile(scope[name], dynamic=True, options=options)
+    compile_decode(model, torch.device("cpu"), print)
+    if label == "through torch.compile's guards":
+        model.decode_forward = model.decode_forward.guarded
     return model
 
 
@@ -81,6 +79,7 @@ def main() -> None:
     rows = []
     for name in args.models.split(","):
         for weights in args.weights.split(","):
+            torch._dynamo.reset()  # the guarded variant's graphs of the case before would be looked through first
             with tempfile.TemporaryDirectory() as tmp:
                 directory = model_dir(name, weights, Path(tmp))
                 models = {label: variant(directory, weights, label) for label in VARIANTS}
@@ -101,10 +100,10 @@ def main() -> None:
                             f"({min(ratios):.2f}-{max(ratios):.2f}) |")
                 print(rows[-1], file=sys.stderr, flush=True)
     record_table(
-        "The compiled decode step: frozen weights and one kernel call for q/k/v and gate/up",
+        "The compiled decode step: exported and called without guards, against torch.compile's call",
         f"Batch-1 greedy decode from an 8-token prompt, {args.new_tokens} new tokens, KV cache, {args.threads} "
         f"threads, products by {kernel_name()} (int4: group 32, the LM head quantized too); every variant "
-        f"compiled (`torch.compile(dynamic=True)`) before timing, {args.reps} repetitions interleaved. ms a token: "
+        f"compiled before timing, {args.reps} repetitions interleaved. ms a token: "
         f"median (min-max); against shipped: the variant's time over the shipped step's in the same repetition, "
         f"median (min-max).",
         ["model", "weights", "decode step", "ms a token", "against shipped"], rows, dry_run=args.no_record)

@@ -7,7 +7,6 @@ sampling reproducible. GPT batches are left-padded: position ids skip the paddin
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -92,16 +91,13 @@ def _gpt_steps(model, input_ids, attention_mask, max_new_tokens, use_cache, pad_
         cache = model.new_cache(input_ids.shape[0], input_ids.shape[1] + max_new_tokens)
         logits = model(input_ids, attention_mask=mask, position_ids=positions, cache=cache,
                        last_only=True).logits[:, -1]
-        guarded = True
         while True:
             token = yield logits
             if mask is not None:
                 mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
                 positions = positions[:, -1:] + 1
-            with _steady_steps(model, guarded):
-                logits = (model.decode_forward or model)(token[:, None], attention_mask=mask, position_ids=positions,
-                                                         cache=cache).logits[:, -1]
-            guarded = False
+            logits = (model.decode_forward or model)(token[:, None], attention_mask=mask, position_ids=positions,
+                                                     cache=cache).logits[:, -1]
     ids = input_ids
     while True:
         token = yield model(ids, attention_mask=mask, position_ids=positions, last_only=True).logits[:, -1]
@@ -109,15 +105,6 @@ def _gpt_steps(model, input_ids, attention_mask, max_new_tokens, use_cache, pad_
         if mask is not None:
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
-
-
-def _steady_steps(model, guarded: bool):
-    """A compiled decode step's first call in a generation checks torch.compile's guards (and compiles where none
-    matches); the calls after it differ only in the cache length, which the graph takes as a symbol, so they skip
-    the checks, which look at every parameter of every block."""
-    if model.decode_forward is None or guarded:
-        return contextlib.nullcontext()
-    return torch.compiler.set_stance(skip_guard_eval_unsafe=True)
 
 
 def _t5_steps(model, input_ids, attention_mask, max_new_tokens, use_cache, pad_id):

@@ -8,14 +8,18 @@ foundation (errors), never a command.
 from __future__ import annotations
 
 import contextlib
+import io
 import math
 import os
 import shutil
 
 import torch
+from torch.export import Dim
 
 from llmcli.cpu import cpu_flags
 from llmcli.errors import UserError
+from llmcli.models.base import ModelOutput
+from llmcli.models.blocks import KVCache, LayerKVCache, MixtureOfExperts
 from llmcli.models.layout import blocks
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -106,21 +110,89 @@ DECODE_COMPILE_OPTIONS = {"freezing": True, "size_asserts": False}
 
 
 def compile_decode(model: torch.nn.Module, device: torch.device, warn) -> bool:
-    """torch.compile a decoder-only model's decode step (new tokens over the KV cache) as one graph, every block and
-    our kernels' ops in it; generation calls `model.decode_forward` for each step after the prompt, and the prompt
-    runs as it is. One graph instead of some 40 small ops a block, each with eager PyTorch's per-op cost (figures:
-    benchmarks/llama_cpp.py --compile in RESULTS.md). Compiled on the first step (about a minute on 2 cores; torch
-    caches it). The weights are frozen into the graph (inductor's `freezing`: they are constants, not some 300
-    inputs gathered and checked at every step) and the graph does not re-check its buffers' shapes
-    (benchmarks/decode_step.py: smollm2-135m int4, the unfrozen step 1.06x the frozen one's time, a noisy run).
-    The step must run under no_grad or inference mode, as generation's do. T5 gets its blocks compiled. Not
-    available: one warning line, and decoding runs eagerly."""
+    """Compile a decoder-only model's decode step (new tokens over the KV cache) as one graph, every block and our
+    kernels' ops in it: generation calls `model.decode_forward` for each step after the prompt, and the prompt runs
+    as it is. One graph instead of some 40 small ops a block, each with eager PyTorch's per-op cost (figures:
+    benchmarks/llama_cpp.py --compile in RESULTS.md); see DecodeStep for how it is compiled and called. The weights
+    are frozen into the graph (inductor's `freezing`: constants, not some 300 inputs) and the graph does not re-check
+    its buffers' shapes. Compiled on the first step (under a minute on 2 cores for a 135M model). The step must run
+    under no_grad or inference mode, as generation's do. T5 gets its blocks compiled. Not available: one warning
+    line, and decoding runs eagerly."""
     if model.config.family != "gpt":  # T5's steps carry the encoder's output: its blocks are compiled instead
         return compile_blocks(model, device, warn)
     if not _can_compile(device, warn):
         return False
-    model.decode_forward = torch.compile(model.forward, dynamic=True, options=DECODE_COMPILE_OPTIONS)
+    model.decode_forward = DecodeStep(model, warn)
     return True
+
+
+class DecodeStep:
+    """`model.decode_forward` for a decoder. The usual step (one new token per sequence, no padding mask, no
+    sliding-window layer) is exported once per batch size and dtype (torch.export, the cache's length and size
+    symbols) and compiled by inductor into a callable that takes the token, the length and the cache's tensors:
+    no torch.compile guards to check and no weights to gather at each step, which cost a third of the step of a
+    135M model (benchmarks/decode_step.py). Other steps (padded batches, sliding windows, a model that does not
+    export) go through torch.compile(model.forward) as before."""
+
+    def __init__(self, model: torch.nn.Module, warn) -> None:
+        self.model, self.warn = model, warn
+        self.guarded = torch.compile(model.forward, dynamic=True, options=DECODE_COMPILE_OPTIONS)
+        self.graphs: dict[tuple, object] = {}  # (batch, dtype, device) -> compiled step, or None: did not export
+        # a mixture of experts sizes its work by the routing (data-dependent shapes, which export refuses)
+        self.routed = any(isinstance(module, MixtureOfExperts) for module in model.modules())
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 position_ids: torch.Tensor | None = None, cache=None, last_only: bool = False):
+        if not self._plain(input_ids, attention_mask, position_ids, cache):
+            return self.guarded(input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+                                last_only=last_only)
+        if not (cache.layers[0].room(1) and self.model.decoder.positions_fit(cache.length + 1)):
+            return self.model(input_ids, cache=cache)  # raises the full cache's or context's error
+        key = (input_ids.shape[0], cache.layers[0].k.dtype, input_ids.device)
+        if key not in self.graphs:
+            self.graphs[key] = self._compile(input_ids, cache)
+        step = self.graphs[key]
+        if step is None:
+            return self.guarded(input_ids, cache=cache, last_only=last_only)
+        logits, hidden = step(input_ids, cache.length, [t for layer in cache.layers for t in (layer.k, layer.v)])
+        for layer in cache.layers:
+            layer.length += 1
+        return ModelOutput(logits=logits, hidden_states=hidden)
+
+    def _plain(self, input_ids, attention_mask, position_ids, cache) -> bool:
+        return (cache is not None and input_ids.shape[1] == 1 and attention_mask is None and position_ids is None
+                and not torch.is_grad_enabled() and all(layer.window is None for layer in cache.layers)
+                and not self.routed)
+
+    def _compile(self, input_ids: torch.Tensor, cache):
+        """The exported and compiled step, or None (said once) where the model does not export."""
+        tensors = [t for layer in cache.layers for t in (layer.k, layer.v)]
+        size = Dim("cache_size")
+        example = (input_ids, cache.length, tensors)
+        try:
+            with contextlib.redirect_stderr(io.StringIO()):  # a failed export prints its partial graph there
+                program = torch.export.export(_StepOverTensors(self.model), example, strict=False, dynamic_shapes={
+                    "input_ids": None, "length": Dim.DYNAMIC, "tensors": [{2: size}] * len(tensors)})
+            return torch._inductor.standalone_compile(
+                program.module(), list(example), dynamic_shapes="from_graph",
+                options={"config_patches": DECODE_COMPILE_OPTIONS}, donate_graph_module=True)
+        except Exception as error:  # noqa: BLE001 - any export failure: the guarded path still runs the step
+            reason = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
+            self.warn(f"note: the decode step did not export ({reason}); it runs through torch.compile's guards")
+            return None
+
+
+class _StepOverTensors(torch.nn.Module):
+    """model(input_ids, cache) with the cache given as its tensors and length: what DecodeStep exports."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, length: int, tensors: list[torch.Tensor]):
+        layers = [LayerKVCache.holding(k, v, length) for k, v in zip(tensors[::2], tensors[1::2])]
+        out = self.model(input_ids, cache=KVCache.holding(layers))
+        return out.logits, out.hidden_states
 
 
 def machine_memory(device: torch.device | str) -> int:

@@ -267,20 +267,45 @@ def test_a_failed_build_is_one_line_and_torchs_path(tmp_path, monkeypatch, capsy
 
 
 def test_the_compiled_decode_step_generates_what_eager_does(ext):
-    """compile_decode: the decode step as one torch.compile graph with our ops in it gives the eager model's greedy
-    tokens, for a second prompt of another length too, without compiling again (the cache length is symbolic)."""
+    """compile_decode: the decode step exported and compiled as one graph with our ops in it gives the eager model's
+    logits and greedy tokens, for a second prompt of another length and cache size too, without compiling again (the
+    length and the cache's size are symbols) and without torch.compile's guarded path; a padded batch takes that
+    path and decodes as eager does too; a full cache is the eager model's error."""
     from torch._dynamo.utils import counters
 
+    from llmcli.errors import UserError
     from llmcli.generation import generate_ids
     from llmcli.runtime import compile_decode
 
     config = tiny_config("gpt", position="rope", norm="rmsnorm", activation="swiglu", bias=False, d_model=64,
-                         n_heads=4, n_kv_heads=2, d_ff=128, n_layers=1)
-    model = gemv.prepare_for_decode(build_model(config, seed=0).eval())
+                         n_heads=4, n_kv_heads=2, d_ff=128, n_layers=2)
+    model = build_model(config, seed=0).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():  # norms off their fresh ones
+            p.normal_(1.0, 0.2) if "norm" in name else p.normal_(0.0, 0.1)
+    model = gemv.prepare_for_decode(model)
     g = torch.Generator().manual_seed(2)
     prompts = [torch.randint(0, config.vocab_size, (1, n), generator=g) for n in (5, 9)]
+    padded = (torch.randint(0, config.vocab_size, (2, 6), generator=g), torch.tensor([[0, 0, 1, 1, 1, 1], [1] * 6]))
     eager = [generate_ids(model, p, 12, temperature=0) for p in prompts]
+    eager_padded = generate_ids(model, padded[0], 6, attention_mask=padded[1], temperature=0)
+    with torch.no_grad():
+        caches = [model.new_cache(1, 7) for _ in range(2)]
+        for cache in caches:
+            model(prompts[0], cache=cache)
+        token = prompts[0][:, -1:]
+        want = model(token, cache=caches[0]).logits
     assert compile_decode(model, torch.device("cpu"), print)
     counters.clear()
+    with torch.no_grad():
+        got = model.decode_forward(token, cache=caches[1]).logits
+        assert caches[1].length == caches[0].length == 6
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        model.decode_forward(token, cache=caches[1])  # the last free slot
+        with pytest.raises(UserError, match="KV cache full"):
+            model.decode_forward(token, cache=caches[1])
     assert all(torch.equal(generate_ids(model, p, 12, temperature=0), want) for p, want in zip(prompts, eager))
-    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+    assert list(model.decode_forward.graphs.values()) != [None] and len(model.decode_forward.graphs) == 1
+    assert counters["stats"]["unique_graphs"] == 0  # torch.compile's path did not run
+    assert torch.equal(generate_ids(model, padded[0], 6, attention_mask=padded[1], temperature=0), eager_padded)
+    assert counters["stats"]["unique_graphs"] == 1

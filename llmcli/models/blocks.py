@@ -182,13 +182,24 @@ class LayerKVCache:
         self.max_len = max_len
         self.length = 0
 
+    @classmethod
+    def holding(cls, k: torch.Tensor, v: torch.Tensor, length: int) -> LayerKVCache:
+        """A cache without a window over the tensors of another (a compiled decode step's inputs), `length` filled."""
+        cache = cls.__new__(cls)
+        cache.window, cache.k, cache.v, cache.max_len, cache.length = None, k, v, k.shape[2], length
+        return cache
+
+    def room(self, new: int) -> bool:
+        """Whether `new` more positions fit."""
+        return self.length + new <= self.max_len
+
     def kept(self) -> int:
         """How many positions the cache holds now."""
         return self.length if self.window is None else min(self.length, self.window - 1)
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         end = self.length + k.shape[2]
-        if end > self.max_len:
+        if not self.room(k.shape[2]):
             raise UserError(f"KV cache full: {end} positions needed, {self.max_len} allocated; "
                             f"ask for fewer new tokens")
         if self.window is not None:
@@ -221,6 +232,12 @@ class KVCache:
         self.layers = [LayerKVCache(batch, cfg.n_kv_heads, max_len, cfg.d_head, device, dtype,
                                     None if cross else cfg.window(i)) for i in range(n_layers)]
         self.cross = [CrossKVCache() for _ in range(n_layers)] if cross else [None] * n_layers
+
+    @classmethod
+    def holding(cls, layers: list[LayerKVCache]) -> KVCache:
+        cache = cls.__new__(cls)
+        cache.layers, cache.cross = layers, [None] * len(layers)
+        return cache
 
     @property
     def length(self) -> int:
@@ -416,7 +433,7 @@ class TransformerStack(nn.Module):
         batch, length = x.shape[:2]
         offset = cache.length if cache is not None else 0
         cfg = self.cfg
-        if cfg.position in ("learned", "sinusoidal") and offset + length > cfg.max_seq_len:
+        if not self.positions_fit(offset + length):
             raise UserError(f"sequence of {offset + length} tokens is longer than the model's "
                             f"max_seq_len ({cfg.max_seq_len}); shorten the input")
         seq_pos = torch.arange(offset, offset + length, device=x.device)
@@ -455,6 +472,10 @@ class TransformerStack(nn.Module):
             else:
                 x = block(*args)
         return self.final_norm(x) if self.final_norm is not None else x
+
+    def positions_fit(self, end: int) -> bool:
+        """Whether positions up to `end` have embeddings (learned and sinusoidal ones stop at max_seq_len)."""
+        return self.cfg.position not in ("learned", "sinusoidal") or end <= self.cfg.max_seq_len
 
     def _attention_bias(self, q_pos, k_pos, attention_mask, dtype, window: int | None = None):
         """One additive bias for all layers (of a window), or None with is_causal=True where SDPA can mask by
