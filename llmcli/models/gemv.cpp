@@ -150,22 +150,21 @@ template <int Bits>
 constexpr int64_t kBlocksPerStep = Bits == 8 ? 2 : 4;
 
 // One step's products as floats, activation-scaled, one block per 8 (int8) or 4 (int4) lanes: `w` the step's weight
-// bytes, x / xs / fix the step's activation bytes, lane scales and lane corrections. VNNI multiplies unsigned by
-// signed bytes: int8 weights enter as w + 128 (w xor 0x80), int4 ones as q + 8 (as stored); `fix` holds -128 (or
-// -8) times each block's activation sum in its first lane, which puts Σ w·x back.
+// bytes, x0 / x1 the step's activation bytes (int4: the even and the odd columns; int8: x0 alone), `fix` its lane
+// corrections and `xs` its lane scales. VNNI multiplies unsigned by signed bytes: int8 weights enter as w + 128
+// (w xor 0x80), int4 ones as q + 8 (as stored); `fix` holds -128 (or -8) times each block's activation sum in its
+// first lane, which puts Σ w·x back.
 template <int Bits>
-AVX512_VNNI inline __m512 step512(__m512i w, const int8_t* x, const float* xs, const int32_t* fix) {
-  const __m512i sums = _mm512_loadu_si512(fix);
+AVX512_VNNI inline __m512 step512(__m512i w, __m512i x0, __m512i x1, __m512i fix, __m512 xs) {
   __m512i dot;
   if (Bits == 8) {
-    dot = _mm512_dpbusd_epi32(sums, _mm512_xor_si512(w, _mm512_set1_epi8(static_cast<char>(0x80))),
-                              _mm512_loadu_si512(x));
+    dot = _mm512_dpbusd_epi32(fix, _mm512_xor_si512(w, _mm512_set1_epi8(static_cast<char>(0x80))), x0);
   } else {
     const __m512i nibble = _mm512_set1_epi8(0x0F);
-    dot = _mm512_dpbusd_epi32(sums, _mm512_and_si512(w, nibble), _mm512_loadu_si512(x));
-    dot = _mm512_dpbusd_epi32(dot, _mm512_and_si512(_mm512_srli_epi16(w, 4), nibble), _mm512_loadu_si512(x + 64));
+    dot = _mm512_dpbusd_epi32(fix, _mm512_and_si512(w, nibble), x0);
+    dot = _mm512_dpbusd_epi32(dot, _mm512_and_si512(_mm512_srli_epi16(w, 4), nibble), x1);
   }
-  return _mm512_mul_ps(_mm512_cvtepi32_ps(dot), _mm512_loadu_ps(xs));
+  return _mm512_mul_ps(_mm512_cvtepi32_ps(dot), xs);
 }
 
 // int4: the step's four block scales (the weights' own) spread to their lanes ([first x4, second x4, ...]).
@@ -182,44 +181,76 @@ AVX512_VNNI inline __m128 scales4(const float* ws, int64_t per_group, int64_t v,
   return _mm_load_ps(gathered);
 }
 
-// Each row: its whole steps unmasked, two accumulators, then the last partial step (blocks past the row's end read
-// as zero). Everything that does not change along a row is worked out before it: a row is a few steps long (K =
-// 576: 5 to 9), so what runs once per row costs as much as the steps.
+// A tile's rows interleave their reads, which the hardware's stream prefetchers follow poorly: each read also asks
+// for the same bytes kAhead tiles on.
+constexpr int64_t kAhead = 2;
+// Rows per tile: int4 four; int8 rows are twice as long, and streamed from memory one at a time ran faster
+template <int Bits>
+constexpr int kTile = Bits == 4 ? 4 : 1;
+
+struct IntShape {  // what does not change along a call's rows (a row is a few steps long: K = 576, 5 to 9)
+  int64_t whole, rest, steps, xb, row_bytes, groups, per_group;
+  __mmask64 rest_bytes;
+};
+
+// Rows n .. n + R - 1 against every activation row: each step's activations loaded once for all R rows, one
+// accumulator per row; the whole steps unmasked, then the last partial one (blocks past the row's end read as zero).
+template <int Bits, int R>
+AVX512_VNNI inline void int_tile512(const Rows& a, const IntShape& s, int64_t n) {
+  const uint8_t* w = static_cast<const uint8_t*>(a.w) + n * s.row_bytes;
+  const float* ws = a.scales + n * s.groups;
+  for (int64_t m = 0; m < a.M; ++m) {
+    const int8_t* x = static_cast<const int8_t*>(a.x) + m * s.steps * s.xb;
+    const float* xs = a.lane_scales + m * s.steps * 16;
+    const int32_t* fix = a.lane_fix + m * s.steps * 16;
+    __m512 acc[2][R];  // two per row: consecutive steps add into different ones
+    for (int r = 0; r < R; ++r) acc[0][r] = acc[1][r] = _mm512_setzero_ps();
+    auto step = [&](int64_t v, bool partial, int j) AVX512_VNNI {  // step v's products of every row into acc[j]
+      const __m512i x0 = _mm512_loadu_si512(x + s.xb * v);
+      const __m512i x1 = Bits == 4 ? _mm512_loadu_si512(x + s.xb * v + 64) : x0;
+      const __m512i f = _mm512_loadu_si512(fix + 16 * v);
+      const __m512 l = _mm512_loadu_ps(xs + 16 * v);
+      for (int r = 0; r < R; ++r) {
+        const uint8_t* wv = w + r * s.row_bytes + 64 * v;
+        if (R > 1) _mm_prefetch(reinterpret_cast<const char*>(wv) + kAhead * R * s.row_bytes, _MM_HINT_T0);
+        const __m512 p = step512<Bits>(partial ? _mm512_maskz_loadu_epi8(s.rest_bytes, wv) : _mm512_loadu_si512(wv),
+                                       x0, x1, f, l);
+        acc[j][r] = Bits == 8 ? _mm512_add_ps(acc[j][r], p)
+                              : _mm512_fmadd_ps(p, spread4(scales4(ws + r * s.groups, s.per_group, v,
+                                                                   partial ? s.rest : 4)), acc[j][r]);
+      }
+    };
+    int64_t v = 0;
+    for (; v + 2 <= s.whole; v += 2) {
+      step(v, false, 0);
+      step(v + 1, false, 1);
+    }
+    if (v < s.whole) step(v, false, 0);
+    if (s.rest) step(s.whole, true, 1);
+    for (int r = 0; r < R; ++r)
+      a.y[m * a.ldy + n + r] =
+          _mm512_reduce_add_ps(_mm512_add_ps(acc[0][r], acc[1][r])) * (Bits == 8 ? ws[r * s.groups] : 1.f);
+  }
+}
+
+// Four rows at a time (the activations' loads shared: a step is otherwise as much loading as multiplying), then
+// the rest one by one.
 template <int Bits>
 AVX512_VNNI void int_avx512(const Rows& a, int64_t n0, int64_t n1) {
   constexpr int64_t per_step = kBlocksPerStep<Bits>, block_bytes = Bits == 8 ? kBlock : kBlock / 2;
-  constexpr int64_t xb = per_step * kBlock;  // activation bytes per step (int8 blocks of 32)
-  const int64_t blocks = a.K / kBlock, whole = blocks / per_step, rest = blocks % per_step;
-  const int64_t steps = whole + (rest > 0), row_bytes = blocks * block_bytes, groups = a.K / a.group;
-  const int64_t per_group = a.group / kBlock;  // int4: blocks per weight scale
-  const __mmask64 rest_bytes = (__mmask64)((1ULL << (rest * block_bytes)) - 1);
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* w = static_cast<const uint8_t*>(a.w) + n * row_bytes;
-    const float* ws = a.scales + n * groups;
-    for (int64_t m = 0; m < a.M; ++m) {
-      const int8_t* x = static_cast<const int8_t*>(a.x) + m * steps * xb;
-      const float* xs = a.lane_scales + m * steps * 16;
-      const int32_t* fix = a.lane_fix + m * steps * 16;
-      auto step = [&](int64_t v, __m512 acc) AVX512_VNNI {  // step v's products joined to acc
-        const __m512 p = step512<Bits>(_mm512_loadu_si512(w + 64 * v), x + xb * v, xs + 16 * v, fix + 16 * v);
-        return Bits == 8 ? _mm512_add_ps(acc, p) : _mm512_fmadd_ps(p, spread4(scales4(ws, per_group, v, 4)), acc);
-      };
-      __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
-      int64_t v = 0;
-      for (; v + 2 <= whole; v += 2) {
-        acc0 = step(v, acc0);
-        acc1 = step(v + 1, acc1);
-      }
-      if (v < whole) acc0 = step(v, acc0);
-      if (rest) {
-        const __m512 p = step512<Bits>(_mm512_maskz_loadu_epi8(rest_bytes, w + 64 * whole), x + xb * whole,
-                                       xs + 16 * whole, fix + 16 * whole);
-        acc1 = Bits == 8 ? _mm512_add_ps(acc1, p)
-                         : _mm512_fmadd_ps(p, spread4(scales4(ws, per_group, whole, rest)), acc1);
-      }
-      a.y[m * a.ldy + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) * (Bits == 8 ? ws[0] : 1.f);
-    }
-  }
+  const int64_t blocks = a.K / kBlock;
+  IntShape s;
+  s.whole = blocks / per_step;
+  s.rest = blocks % per_step;
+  s.steps = s.whole + (s.rest > 0);
+  s.xb = per_step * kBlock;  // activation bytes per step (int8 blocks of 32)
+  s.row_bytes = blocks * block_bytes;
+  s.groups = a.K / a.group;
+  s.per_group = a.group / kBlock;  // int4: blocks per weight scale
+  s.rest_bytes = (__mmask64)((1ULL << (s.rest * block_bytes)) - 1);
+  int64_t n = n0;
+  for (; n + kTile<Bits> <= n1; n += kTile<Bits>) int_tile512<Bits, kTile<Bits>>(a, s, n);
+  for (; n < n1; ++n) int_tile512<Bits, 1>(a, s, n);
 }
 
 // 16 packed bytes (a block of int4) as [low nibbles | high nibbles]: columns 0, 2, .., 30 then 1, 3, .., 31.
