@@ -1,0 +1,108 @@
+"""llmcli's integer decode products at this checkout against another commit's gemv.cpp, in one process: the other
+source is built under its own op namespace (`llmcli_base`), both run the same random weights in the shapes of
+smollm2-135m's layers (each shape 30 copies, so that they stream from memory as in a decode step, the LM head 3)
+and a hot case (one gate/up pair read again and again, in cache), interleaved repetition by repetition; the two
+outputs are checked to agree. Usage:
+    python benchmarks/gemv_versions.py [--base HEAD~1] [--bits 4,8] [--threads 2] [--reps 15] [--no-record]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import record_table  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+# name, K, the N of each matrix of one call, copies
+SHAPES = (("q, k, v", 576, [576, 192, 192], 30), ("o", 576, [576], 30), ("gate, up", 576, [1536, 1536], 30),
+          ("down", 1536, [576], 30), ("LM head", 576, [49152], 3), ("gate, up in cache", 576, [1536, 1536], 1))
+
+
+def build_base(revision: str, directory: Path):
+    """The revision's gemv.cpp as ops under torch.ops.llmcli_base."""
+    from torch.utils.cpp_extension import load
+
+    source = subprocess.run(["git", "show", f"{revision}:llmcli/models/gemv.cpp"], cwd=ROOT, check=True,
+                            capture_output=True, text=True).stdout
+    source = source.replace("TORCH_LIBRARY(llmcli,", "TORCH_LIBRARY(llmcli_base,")
+    source = source.replace("TORCH_LIBRARY_IMPL(llmcli,", "TORCH_LIBRARY_IMPL(llmcli_base,")
+    (directory / "gemv_base.cpp").write_text(source)
+    load("llmcli_gemv_base", [str(directory / "gemv_base.cpp")], extra_cflags=["-O3", "-fopenmp"],
+         extra_ldflags=["-fopenmp"], build_directory=str(directory), is_python_module=False)
+
+
+def operands(bits: int, K: int, sizes: list[int], generator):
+    import torch
+
+    if bits == 4:
+        return ([torch.randint(0, 256, (n, K // 2), dtype=torch.uint8, generator=generator) for n in sizes],
+                [torch.rand(n, K // 32, generator=generator) for n in sizes], 32)
+    return ([torch.randint(-127, 128, (n, K), dtype=torch.int8, generator=generator) for n in sizes],
+            [torch.rand(n, 1, generator=generator) for n in sizes], K)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--base", default="HEAD~1")
+    parser.add_argument("--bits", default="4,8")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--reps", type=int, default=15)
+    parser.add_argument("--no-record", action="store_true")
+    args = parser.parse_args()
+
+    import torch
+
+    from llmcli.models import gemv
+
+    if gemv.extension() is None or "int" not in gemv.LEVELS:
+        sys.exit("llmcli's kernels did not load here")
+    level = gemv.LEVELS["int"]
+    base = subprocess.run(["git", "rev-parse", "--short", args.base], cwd=ROOT, check=True, capture_output=True,
+                          text=True).stdout.strip()
+    with tempfile.TemporaryDirectory() as tmp:
+        build_base(args.base, Path(tmp))
+    torch.set_num_threads(args.threads)
+    ours, theirs = torch.ops.llmcli.linear_int.default, torch.ops.llmcli_base.linear_int.default
+    generator = torch.Generator().manual_seed(0)
+    rows = []
+    for bits in map(int, args.bits.split(",")):
+        for name, K, sizes, copies in SHAPES:
+            calls = [operands(bits, K, sizes, generator) for _ in range(copies)]
+            x = torch.randn(1, K, generator=generator)
+            q, s, group = calls[0]
+            torch.testing.assert_close(ours(x, q, s, group, bits, level), theirs(x, q, s, group, bits, level),
+                                       rtol=1e-4, atol=1e-2)
+            nbytes = sum(t.numel() * t.element_size() for t in [*q, *s])
+            inner = 20 if copies == 1 else 1
+            times = {"ours": [], "base": []}
+            for _ in range(args.reps):
+                for label, op in (("ours", ours), ("base", theirs)):
+                    start = time.perf_counter()
+                    for _ in range(inner):
+                        for q, s, group in calls:
+                            op(x, q, s, group, bits, level)
+                    times[label].append((time.perf_counter() - start) / (copies * inner))
+            speedups = [b / o for o, b in zip(times["ours"], times["base"])]
+            rate = {label: nbytes / statistics.median(t) / 1e9 for label, t in times.items()}
+            rows.append(f"| int{bits} | {name} ({nbytes / 1e3:,.0f} KB) | {rate['ours']:.1f} | {rate['base']:.1f} | "
+                        f"{statistics.median(speedups):.2f}x ({min(speedups):.2f}-{max(speedups):.2f}) |")
+            print(rows[-1], file=sys.stderr, flush=True)
+    record_table(
+        f"Integer decode products: this commit's kernels against {base}'s",
+        f"`python benchmarks/gemv_versions.py --base {args.base}`: one activation row against int4 (group 32) or "
+        f"int8 weights in smollm2-135m's shapes (30 copies of each, 3 of the LM head: streamed from memory; the "
+        f"last row one pair read 20 times over, in cache), {args.threads} threads, {args.reps} repetitions "
+        f"interleaved; the body run: {gemv.kernel_name()}. GB/s: weight and scale bytes over the median time; "
+        f"speedup: the base's time over ours, median of the repetitions (min-max).",
+        ["weights", "call", "ours GB/s", f"{base} GB/s", "speedup"], rows, dry_run=args.no_record)
+
+
+if __name__ == "__main__":
+    main()
