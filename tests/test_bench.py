@@ -209,3 +209,24 @@ def test_decode_rows_say_their_share_of_the_read_bandwidth(cli):
     row = rows[0]
     read = row["machine"]["read_bytes_per_s"]
     assert row["bandwidth_utilization"] == pytest.approx(row["bandwidth_bytes_per_s"] / read)
+
+
+def test_a_decode_row_times_the_steps_after_the_prompts_token():
+    """As llama-bench's `-n N` rows: N decode steps, each one token through the model; the prompt's pass (the first
+    token) is left to the time to first token, which a call of no steps times."""
+    import torch
+    from conftest import tiny_config
+
+    from llmcli.models import build_model
+    from llmcli.profiling.bench import Runner
+
+    model = build_model(tiny_config("gpt"), seed=0).eval()
+    lengths = []
+    model.register_forward_pre_hook(lambda module, args: lengths.append(args[0].shape[1]))
+    runner = Runner(model, torch.device("cpu"), "fp32")
+    ids = torch.randint(3, 90, (1, 8))
+    with torch.inference_mode():
+        seconds = runner.step("decode", ids, 5)
+        assert lengths == [8, 1, 1, 1, 1, 1] and seconds > 0
+        lengths.clear()
+        assert runner.step("decode", ids, 0) is None and lengths == [8]

@@ -119,7 +119,8 @@ class Runner:
         self.optimizer = None
         self.model.zero_grad(set_to_none=True)
 
-    def step(self, mode: str, ids: torch.Tensor, new_tokens: int) -> None:
+    def step(self, mode: str, ids: torch.Tensor, new_tokens: int) -> float | None:
+        """One timed unit of `mode`; returns its own seconds where it times itself (decode: its steps alone)."""
         if mode == "train":
             self.optimizer.zero_grad(set_to_none=True)
             self.loss(ids).backward()
@@ -127,7 +128,8 @@ class Runner:
         elif mode == "prefill":
             self.prefill(ids)
         else:
-            self.decode(ids, new_tokens)
+            return self.decode(ids, new_tokens)
+        return None
 
     def loss(self, ids: torch.Tensor) -> torch.Tensor:
         batch = {"input_ids": ids, "labels": ids}
@@ -142,8 +144,12 @@ class Runner:
         else:
             self.model(ids, last_only=True)
 
-    def decode(self, ids: torch.Tensor, new_tokens: int) -> None:
-        generate_ids(self.model, ids, new_tokens, temperature=0)
+    def decode(self, ids: torch.Tensor, steps: int) -> float | None:
+        """The prompt's token, then `steps` decode steps (a token each); returns the steps' seconds (llama-bench's
+        decode rows time steps alone too; the prompt is the time to first token)."""
+        stamps = []
+        generate_ids(self.model, ids, steps + 1, temperature=0, on_token=lambda token: stamps.append(time.perf_counter()))
+        return time.perf_counter() - stamps[0] if steps else None
 
 
 class HFRunner(Runner):
@@ -160,10 +166,25 @@ class HFRunner(Runner):
         else:
             self.model(input_ids=ids, use_cache=False, logits_to_keep=1)
 
-    def decode(self, ids: torch.Tensor, new_tokens: int) -> None:
+    def decode(self, ids: torch.Tensor, steps: int) -> float | None:
+        stamps = _Stamps()
         self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                            max_new_tokens=new_tokens, min_new_tokens=new_tokens, use_cache=True,
-                            pad_token_id=0)
+                            max_new_tokens=steps + 1, min_new_tokens=steps + 1, use_cache=True, pad_token_id=0,
+                            streamer=stamps)
+        return time.perf_counter() - stamps.times[1] if steps else None
+
+
+class _Stamps:
+    """A transformers streamer that notes when each put arrives: the prompt, then each new token."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def put(self, value) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
 
 
 def load_peer(model_dir: Path, family: str, device: torch.device, eager: bool = False):
@@ -299,14 +320,14 @@ def _run_case(runners, mode, batch_size, seq_len, dtype, device, reps, warmup, c
                 sync(device)
             samples[runner.name].append(measured if measured is not None else time.perf_counter() - start)
     first_token: dict[str, list[float]] = {r.name: [] for r in runners}
-    for _ in range(reps if mode == "decode" else 0):  # time to first token: prefill and one decode step
+    for _ in range(reps if mode == "decode" else 0):  # time to first token: the prompt's pass and its sampling
         for runner in runners:
             if runner.external:
                 continue
             with contexts[runner.name]():
                 sync(device)
                 start = time.perf_counter()
-                runner.step(mode, ids, 1)
+                runner.step(mode, ids, 0)
                 sync(device)
             first_token[runner.name].append(time.perf_counter() - start)
     for runner in runners:
