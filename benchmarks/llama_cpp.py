@@ -96,9 +96,10 @@ def main() -> None:
         + ("torch.compile (`--compile`: each decode step one graph, the blocks compiled for prefill; compiled in the "
            "warm-up steps, not timed; torch.compile's caches reset before each case)" if args.compile else "eager PyTorch")
         + f", KV cache, decode's matrix products by {kernels} (int8/int4: "
-        f"activations quantized to int8 per block of 32; LM head quantized too), prefill's by torch, decode: 128 steps "
-        f"timed after an 8-token prompt's first token (its pass left out, as llama-bench leaves it); llama.cpp build {build['build_commit']} ({build['backends']}, flash attention "
-        f"{build['flash_attn']}), `-n 128` decode from an empty context, `-p 256` prefill. Ratio: llmcli / "
+        f"activations quantized to int8 per block of 32; LM head quantized too), prefill's by torch, decode: 128 "
+        f"steps timed after an 8-token prompt's first token (its pass left out, as llama-bench leaves it); "
+        f"llama.cpp build {build['build_commit']} ({build['backends']}, flash attention {build['flash_attn']}), "
+        f"`-n 128` decode from an empty context, `-p 256` prefill. Ratio: llmcli / "
         f"llama.cpp, median of per-repetition ratios (min-max). Streamed: the weights a decode step reads times "
         f"steps/s, and its share of the read bandwidth measured just before ({bandwidth / 1e9:.1f} GB/s, "
         f"{args.threads} threads summing 512 MB).",
