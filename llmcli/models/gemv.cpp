@@ -366,16 +366,17 @@ void check(const torch::Tensor& x, const torch::Tensor& w, int64_t k, int64_t is
 // bytes are (int4: a vector's low nibbles, then its high ones), zero-padded to whole vectors; per vector, each
 // lane's activation scale and correction (-offset · the block's sum, in the block's first lane; offset 128 or 8,
 // or 0 when the body needs none). isa 2: vectors of 2 (int8) or 4 (int4) blocks and 16 lanes; isa 1: 1 block and 8
-// lanes. Fills `a`'s x, lane_scales and lane_fix; returns the buffer that holds them (one zeroed allocation, raw
-// pointers into it: a decode step makes some 200 of these calls, and each tensor view would cost a dispatch).
-torch::Tensor prepare_int8_rows(const torch::Tensor& x, int64_t bits, int64_t isa, int32_t offset, Rows& a) {
+// lanes. Fills `a`'s x, lane_scales and lane_fix, raw pointers into `buffer` (zeroed here; a decode step makes some
+// 200 of these calls, and a tensor for it, or each view of one, would cost a dispatch).
+void prepare_int8_rows(const torch::Tensor& x, int64_t bits, int64_t isa, int32_t offset, Rows& a,
+                       std::vector<int64_t>& buffer) {
   const int64_t M = x.size(0), K = x.size(1), blocks = K / kBlock;
   const int64_t per_vector = isa == 2 ? (bits == 8 ? 2 : 4) : 1, lanes = isa == 2 ? 16 : 8;
   const int64_t vectors = (blocks + per_vector - 1) / per_vector;
   const int64_t vector_bytes = per_vector * kBlock;
   const int64_t q_bytes = (M * vectors * vector_bytes + 63) / 64 * 64, lane_bytes = M * vectors * lanes * 4;
-  auto buffer = torch::zeros({q_bytes + 2 * lane_bytes}, torch::kInt8);
-  int8_t* q = buffer.data_ptr<int8_t>();
+  buffer.assign((q_bytes + 2 * lane_bytes + 7) / 8, 0);  // 8-byte words: the lanes' floats and ints stay aligned
+  int8_t* q = reinterpret_cast<int8_t*>(buffer.data());
   float* ls = reinterpret_cast<float*>(q + q_bytes);
   int32_t* lf = reinterpret_cast<int32_t*>(q + q_bytes + lane_bytes);
   a.x = q;
@@ -403,7 +404,6 @@ torch::Tensor prepare_int8_rows(const torch::Tensor& x, int64_t bits, int64_t is
       lf[first] = -offset * sum;
     }
   }
-  return buffer;
 }
 
 }  // namespace
@@ -449,10 +449,19 @@ static torch::Tensor as_rows(const torch::Tensor& x, int64_t K, torch::ScalarTyp
   return rows.is_contiguous() ? rows : rows.contiguous();
 }
 
-// fp32 (M, N) -> x's leading shape and dtype, with the bias added.
+// fp32 (M, N) -> x's leading shape and dtype, with the bias added (a bf16 result converted here: `to` would cost a
+// dispatch, and a decode step makes some 200 of these calls).
 static torch::Tensor finish(torch::Tensor y, const torch::Tensor& x, const c10::optional<torch::Tensor>& bias) {
   if (bias.has_value()) y.add_(*bias);
-  if (y.scalar_type() != x.scalar_type()) y = y.to(x.scalar_type());
+  if (x.scalar_type() == torch::kBFloat16) {
+    auto narrow = torch::empty(y.sizes(), torch::kBFloat16);
+    const float* from = y.data_ptr<float>();
+    auto* to = narrow.data_ptr<at::BFloat16>();
+    for (int64_t i = 0; i < y.numel(); ++i) to[i] = at::BFloat16(from[i]);  // round to nearest even, as `to`
+    y = narrow;
+  } else if (y.scalar_type() != x.scalar_type()) {
+    y = y.to(x.scalar_type());
+  }
   if (x.dim() == 2) return y;
   auto shape = x.sizes().vec();
   shape.back() = y.size(1);
@@ -490,7 +499,8 @@ torch::Tensor linear_int(torch::Tensor x, std::vector<torch::Tensor> qweight, st
   }
 #if defined(__x86_64__)
   const int32_t offset = bits == 4 ? 8 : (isa == 2 ? 128 : 0);
-  const auto buffer = prepare_int8_rows(rows, bits, isa, offset, parts[0]);
+  std::vector<int64_t> buffer;
+  prepare_int8_rows(rows, bits, isa, offset, parts[0], buffer);
   for (auto& part : parts) {
     part.x = parts[0].x;
     part.lane_scales = parts[0].lane_scales;
