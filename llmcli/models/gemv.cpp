@@ -193,8 +193,8 @@ struct IntShape {  // what does not change along a call's rows (a row is a few s
   __mmask64 rest_bytes;
 };
 
-// Rows n .. n + R - 1 against every activation row: each step's activations loaded once for all R rows, one
-// accumulator per row; the whole steps unmasked, then the last partial one (blocks past the row's end read as zero).
+// Rows n .. n + R - 1 against every activation row: each step's activations loaded once for all R rows; the whole
+// steps unmasked, then the last partial one (blocks past the row's end read as zero).
 template <int Bits, int R>
 AVX512_VNNI inline void int_tile512(const Rows& a, const IntShape& s, int64_t n) {
   const uint8_t* w = static_cast<const uint8_t*>(a.w) + n * s.row_bytes;

@@ -148,7 +148,12 @@ class Runner:
         """The prompt's token, then `steps` decode steps (a token each); returns the steps' seconds (llama-bench's
         decode rows time steps alone too; the prompt is the time to first token)."""
         stamps = []
-        generate_ids(self.model, ids, steps + 1, temperature=0, on_token=lambda token: stamps.append(time.perf_counter()))
+
+        def stamp(token: torch.Tensor) -> None:
+            sync(self.device)  # CUDA: the token is there, not only queued
+            stamps.append(time.perf_counter())
+
+        generate_ids(self.model, ids, steps + 1, temperature=0, on_token=stamp)
         return time.perf_counter() - stamps[0] if steps else None
 
 
