@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import math
 import os
 import shutil
@@ -173,13 +174,26 @@ class DecodeStep:
             with contextlib.redirect_stderr(io.StringIO()):  # a failed export prints its partial graph there
                 program = torch.export.export(_StepOverTensors(self.model), example, strict=False, dynamic_shapes={
                     "input_ids": None, "length": Dim.DYNAMIC, "tensors": [{2: size}] * len(tensors)})
-            return torch._inductor.standalone_compile(
-                program.module(), list(example), dynamic_shapes="from_graph",
-                options={"config_patches": DECODE_COMPILE_OPTIONS}, donate_graph_module=True)
+            with _quiet("torch._inductor.standalone_compile"):  # it warns when it cannot save what it never saves
+                return torch._inductor.standalone_compile(
+                    program.module(), list(example), dynamic_shapes="from_graph",
+                    options={"config_patches": DECODE_COMPILE_OPTIONS}, donate_graph_module=True)
         except Exception as error:  # noqa: BLE001 - any export failure: the guarded path still runs the step
             reason = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
             self.warn(f"note: the decode step did not export ({reason}); it runs through torch.compile's guards")
             return None
+
+
+@contextlib.contextmanager
+def _quiet(logger: str):
+    """The logger's warnings off for the block."""
+    log = logging.getLogger(logger)
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 class _StepOverTensors(torch.nn.Module):
