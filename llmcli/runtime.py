@@ -128,19 +128,22 @@ def compile_decode(model: torch.nn.Module, device: torch.device, warn) -> bool:
 
 
 class DecodeStep:
-    """`model.decode_forward` for a decoder. The usual step (one new token per sequence, no padding mask, no
-    sliding-window layer) is exported once per batch size and dtype (torch.export, the cache's length and size
-    symbols) and compiled by inductor into a callable that takes the token, the length and the cache's tensors:
-    no torch.compile guards to check and no weights to gather at each step, which took 31% of smollm2-135m's int4
-    step and 16% of its bf16 one (benchmarks/decode_step.py). Other steps (padded batches, sliding windows, a model that does not
-    export) go through torch.compile(model.forward) as before."""
+    """`model.decode_forward` for a decoder. The usual step (one new token per sequence, no padding mask) of a model
+    without sliding-window layers or mixtures of experts is exported once per batch size and dtype (torch.export,
+    the cache's length and size symbols) and compiled by inductor into a callable that takes the token, the length
+    and the cache's tensors: no torch.compile guards to check and no weights to gather at each step, which took 31%
+    of smollm2-135m's int4 step and 16% of its bf16 one (benchmarks/decode_step.py). Other steps (padded batches,
+    sliding windows, mixtures of experts, a model that does not export) go through torch.compile(model.forward)."""
 
     def __init__(self, model: torch.nn.Module, warn) -> None:
         self.model, self.warn = model, warn
         self.guarded = torch.compile(model.forward, dynamic=True, options=DECODE_COMPILE_OPTIONS)
         self.graphs: dict[tuple, object] = {}  # (batch, dtype, device) -> compiled step, or None: did not export
-        # a mixture of experts sizes its work by the routing (data-dependent shapes, which export refuses)
-        self.routed = any(isinstance(module, MixtureOfExperts) for module in model.modules())
+        # a sliding window rewrites its cache, and a mixture of experts sizes its work by the routing (data-dependent
+        # shapes, which export refuses)
+        config = model.config
+        self.exportable = (all(config.window(i) is None for i in range(config.n_layers))
+                           and not any(isinstance(module, MixtureOfExperts) for module in model.modules()))
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  position_ids: torch.Tensor | None = None, cache=None, last_only: bool = False):
@@ -155,19 +158,18 @@ class DecodeStep:
         step = self.graphs[key]
         if step is None:
             return self.guarded(input_ids, cache=cache, last_only=last_only)
-        logits, hidden = step(input_ids, cache.length, [t for layer in cache.layers for t in (layer.k, layer.v)])
+        logits, hidden = step(input_ids, cache.length, _cache_tensors(cache))
         for layer in cache.layers:
             layer.length += 1
         return ModelOutput(logits=logits, hidden_states=hidden)
 
     def _plain(self, input_ids, attention_mask, position_ids, cache) -> bool:
-        return (cache is not None and input_ids.shape[1] == 1 and attention_mask is None and position_ids is None
-                and not torch.is_grad_enabled() and all(layer.window is None for layer in cache.layers)
-                and not self.routed)
+        return (self.exportable and cache is not None and input_ids.shape[1] == 1 and attention_mask is None
+                and position_ids is None and not torch.is_grad_enabled())
 
     def _compile(self, input_ids: torch.Tensor, cache):
         """The exported and compiled step, or None (said once) where the model does not export."""
-        tensors = [t for layer in cache.layers for t in (layer.k, layer.v)]
+        tensors = _cache_tensors(cache)
         size = Dim("cache_size")
         example = (input_ids, cache.length, tensors)
         try:
@@ -182,6 +184,11 @@ class DecodeStep:
             reason = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
             self.warn(f"note: the decode step did not export ({reason}); it runs through torch.compile's guards")
             return None
+
+
+def _cache_tensors(cache) -> list[torch.Tensor]:
+    """Every layer's keys and values, in the order _StepOverTensors reads them."""
+    return [t for layer in cache.layers for t in (layer.k, layer.v)]
 
 
 @contextlib.contextmanager
