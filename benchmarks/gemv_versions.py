@@ -1,14 +1,16 @@
 """llmcli's integer decode products at this checkout against another commit's gemv.cpp, in one process: the other
 source is built under its own op namespace (`llmcli_base`), both run the same random weights in the shapes of
-smollm2-135m's layers (each shape 30 copies, so that they stream from memory as in a decode step, the LM head 3)
-and a hot case (one gate/up pair read again and again, in cache), interleaved repetition by repetition; the two
-outputs are checked to agree. Usage:
+smollm2-135m's layers (each shape copied until the copies fill 96 MB, three times the L3 of the machines we see, so
+that they stream from memory as in a decode step) and a hot case (one gate/up pair read again and again, in cache),
+interleaved repetition by repetition; the two outputs are checked to agree. Ours is the call a model makes here:
+int4 in the tile body's layout where that body runs (`gemv.tiles_int4`), the row-major body otherwise. Usage:
     python benchmarks/gemv_versions.py [--base HEAD~1] [--bits 4,8] [--threads 2] [--reps 15] [--no-record]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import subprocess
 import sys
@@ -20,9 +22,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import record_table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-# name, K, the N of each matrix of one call, copies
-SHAPES = (("q, k, v", 576, [576, 192, 192], 30), ("o", 576, [576], 30), ("gate, up", 576, [1536, 1536], 30),
-          ("down", 1536, [576], 30), ("LM head", 576, [49152], 3), ("gate, up in cache", 576, [1536, 1536], 1))
+# name, K, the N of each matrix of one call, whether it streams (copies filling STREAMED bytes) or stays in cache
+SHAPES = (("q, k, v", 576, [576, 192, 192], True), ("o", 576, [576], True), ("gate, up", 576, [1536, 1536], True),
+          ("down", 1536, [576], True), ("LM head", 576, [49152], True), ("gate, up in cache", 576, [1536, 1536], False))
+STREAMED = 96 * 2**20
 
 
 def build_base(revision: str, directory: Path):
@@ -48,6 +51,20 @@ def operands(bits: int, K: int, sizes: list[int], generator):
             [torch.rand(n, 1, generator=generator) for n in sizes], K)
 
 
+def tile_operands(call):
+    """An int4 call's operands in the tile body's layout."""
+    from llmcli.models.quantized import tile_int4
+
+    tiles = [tile_int4(q, s) for q, s in zip(call[0], call[1])]
+    return [q for q, _ in tiles], [s for _, s in tiles], call[2]
+
+
+def tiled_op(x, q, s, group, bits):
+    import torch
+
+    return torch.ops.llmcli.linear_int4_tiles.default(x, q, s, group)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--base", default="HEAD~1")
@@ -69,25 +86,29 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         build_base(args.base, Path(tmp))
     torch.set_num_threads(args.threads)
-    ours, theirs = torch.ops.llmcli.linear_int.default, torch.ops.llmcli_base.linear_int.default
+    theirs = functools.partial(torch.ops.llmcli_base.linear_int.default, isa=level)
     generator = torch.Generator().manual_seed(0)
     rows = []
     for bits in map(int, args.bits.split(",")):
-        for name, K, sizes, copies in SHAPES:
-            calls = [operands(bits, K, sizes, generator) for _ in range(copies)]
+        tiled = bits == 4 and gemv.tiles_int4()
+        ours = (tiled_op if tiled else functools.partial(torch.ops.llmcli.linear_int.default, isa=level))
+        for name, K, sizes, streams in SHAPES:
+            first = operands(bits, K, sizes, generator)
+            nbytes = sum(t.numel() * t.element_size() for t in [*first[0], *first[1]])
+            copies = -(-STREAMED // nbytes) if streams else 1
+            calls = [first, *(operands(bits, K, sizes, generator) for _ in range(copies - 1))]
+            mine = [tile_operands(call) for call in calls] if tiled else calls
             x = torch.randn(1, K, generator=generator)
-            q, s, group = calls[0]
-            torch.testing.assert_close(ours(x, q, s, group, bits, level), theirs(x, q, s, group, bits, level),
+            torch.testing.assert_close(ours(x, *mine[0], bits=bits), theirs(x, *calls[0], bits=bits),
                                        rtol=1e-4, atol=1e-2)
-            nbytes = sum(t.numel() * t.element_size() for t in [*q, *s])
-            inner = 20 if copies == 1 else 1
+            inner = 1 if streams else 20
             times = {"ours": [], "base": []}
             for _ in range(args.reps):
-                for label, op in (("ours", ours), ("base", theirs)):
+                for label, op, each in (("ours", ours, mine), ("base", theirs, calls)):
                     start = time.perf_counter()
                     for _ in range(inner):
-                        for q, s, group in calls:
-                            op(x, q, s, group, bits, level)
+                        for q, s, group in each:
+                            op(x, q, s, group, bits=bits)
                     times[label].append((time.perf_counter() - start) / (copies * inner))
             speedups = [b / o for o, b in zip(times["ours"], times["base"])]
             rate = {label: nbytes / statistics.median(t) / 1e9 for label, t in times.items()}
@@ -97,8 +118,8 @@ def main() -> None:
     record_table(
         f"Integer decode products: this commit's kernels against {base}'s",
         f"`python benchmarks/gemv_versions.py --base {args.base}`: one activation row against int4 (group 32) or "
-        f"int8 weights in smollm2-135m's shapes (30 copies of each, 3 of the LM head: streamed from memory; the "
-        f"last row one pair read 20 times over, in cache), {args.threads} threads, {args.reps} repetitions "
+        f"int8 weights in smollm2-135m's shapes (copies of each filling {STREAMED >> 20} MB: streamed from memory; "
+        f"the last row one pair read 20 times over, in cache), {args.threads} threads, {args.reps} repetitions "
         f"interleaved; the body run: {gemv.kernel_name()}. GB/s: weight and scale bytes over the median time; "
         f"speedup: the base's time over ours, median of the repetitions (min-max).",
         ["weights", "call", "ours GB/s", f"{base} GB/s", "speedup"], rows, dry_run=args.no_record)

@@ -13,7 +13,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llmcli.models import build_model, gemv
-from llmcli.models.quantized import QuantizedLinear, dequantize, pack_int4, qrange, symmetric_scales
+from llmcli.models.quantized import (QuantizedLinear, dequantize, pack_int4, qrange, symmetric_scales, tile_int4,
+                                     untile_int4)
 from conftest import tiny_config
 
 pytestmark = pytest.mark.skipif(gemv.isa("fp32") is None, reason="the kernels need an x86 CPU with AVX2")
@@ -149,6 +150,57 @@ def test_integer_kernels_match_dequantize_then_matmul(ext, m, k, n, bits, group)
         got = ext.linear_int(x, [stored], [scales.float().contiguous()], group, bits, level)
         assert relative(got, exact) < 1e-5
         assert relative(got, plain) < 0.02
+    if bits == 4 and gemv.isa("int") == 2:  # the tile body: whole tiles of 16 rows, then the rest row by row
+        tiled, tiled_scales = tile_int4(stored, scales.float())
+        got = ext.linear_int4_tiles(x, [tiled], [tiled_scales], group)
+        assert relative(got, exact) < 1e-5
+
+
+@pytest.mark.parametrize("n,k,group", [(5, 64, 32), (16, 32, 32), (33, 128, 64), (771, 256, 128)])
+def test_int4_tiles_are_the_row_major_bytes_rearranged(n, k, group):
+    """tile_int4 places each nibble where the tile body reads it (checked against the layout written out by hand)
+    and untile_int4 gives back every byte and scale; rows past the last whole tile stay as they were."""
+    g = torch.Generator().manual_seed(n)
+    packed = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=g)
+    scales = torch.rand(n, k // group, generator=g)
+    tiled, tiled_scales = tile_int4(packed, scales)
+    assert tiled.shape == packed.shape and tiled_scales.shape == scales.shape
+    assert all(torch.equal(a, b) for a, b in zip(untile_int4(tiled, tiled_scales), (packed, scales)))
+    whole = n // 16 * 16
+    assert torch.equal(tiled[whole:], packed[whole:]) and torch.equal(tiled_scales[whole:], scales[whole:])
+    columns = torch.stack((packed & 15, packed >> 4), dim=-1).reshape(n, k)  # nibble of each input, in order
+    flat, flat_scales = tiled[:whole].flatten(), tiled_scales[:whole].flatten()
+    blocks, groups = k // 32, k // group
+    for row in range(whole):
+        tile, r = divmod(row, 16)
+        for col in range(0, k, 7):
+            block, within = divmod(col, 32)
+            half, run, byte = within // 16, within % 16 // 4, within % 4
+            stored = flat[((tile * blocks + block) * 4 + run) * 64 + r * 4 + byte]
+            assert (stored >> 4 if half else stored & 15) == columns[row, col]
+        for group_index in range(groups):
+            assert flat_scales[(tile * groups + group_index) * 16 + r] == scales[row, group_index]
+
+
+def test_a_tiled_int4_layer_saves_and_computes_as_before(ext):
+    """tile_for_gemv changes no saved byte, no dequantized weight and no result of the prompt path (torch's, more
+    rows than the kernels take); a state dict loaded into it is row-major again."""
+    x, w = operands(12, 128, 40, seed=5)
+    q, scales = quantize_weight(w, 4, 32)
+    layer = QuantizedLinear.from_linear(nn.Linear(128, 40, bias=True), "int4", 32, q, scales)
+    saved = {name: t.clone() for name, t in layer.state_dict().items()}
+    with torch.no_grad():
+        prompt, weight = layer(x), layer.dequantized_weight()
+        layer.tile_for_gemv()
+        assert layer.tiled and not torch.equal(layer.qweight, saved["qweight"])
+        assert all(torch.equal(t, saved[name]) for name, t in layer.state_dict().items())
+        assert torch.equal(layer.dequantized_weight(), weight)
+        assert torch.equal(layer(x), prompt)
+        if gemv.tiles_int4():
+            want = F.linear(blockwise_int8(x[:1]), weight, layer.bias)
+            assert torch.allclose(layer(x[:1]), want, atol=1e-5)  # one row: the tile body
+    layer.load_state_dict(saved)
+    assert not layer.tiled and torch.equal(layer.qweight, saved["qweight"])
 
 
 def test_kernels_refuse_what_they_cannot_take(ext):
@@ -229,6 +281,7 @@ def test_a_quantized_models_fused_projections_change_no_logit(ext):
     model = build_model(config, seed=0).eval()
     quantize_model(model, "int4", 32, "rtn", True, None, False, SILENT)
     gemv.prepare_for_decode(model)
+    assert all(m.tiled == gemv.tiles_int4() for m in model.modules() if isinstance(m, QuantizedLinear))
     hooked = [m for m in model.modules() if isinstance(m, (Attention, FeedForward))]
     assert all((m.fused_qkv if isinstance(m, Attention) else m.fused_gate_up) is not None for m in hooked)
     ids = torch.randint(0, config.vocab_size, (1, 5), generator=torch.Generator().manual_seed(3))

@@ -21,6 +21,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -251,6 +252,73 @@ AVX512_VNNI void int_avx512(const Rows& a, int64_t n0, int64_t n1) {
   int64_t n = n0;
   for (; n + kTile<Bits> <= n1; n += kTile<Bits>) int_tile512<Bits, kTile<Bits>>(a, s, n);
   for (; n < n1; ++n) int_tile512<Bits, 1>(a, s, n);
+}
+
+// ---- int4 weights in tiles of 16 rows, the AVX-512 VNNI body's own layout (made by llmcli.models.quantized's
+// `tile_int4`, a permutation of the row-major bytes). Per tile and block of 32 inputs: 4 vectors of 64 bytes, lane r
+// of vector i holding row r's inputs 4i .. 4i + 3 in its low nibbles and 16 + 4i .. 16 + 4i + 3 in its high ones
+// (q + 8). A lane is a row: each dpbusd multiplies 16 rows by the same 4 activations (broadcast), a block's products
+// are scaled once for all 16 rows and a tile's outputs are one store; no horizontal sums, a third of the row-major
+// body's instructions per weight byte. Scales: per tile and group, its 16 rows' side by side. Rows past the last
+// whole tile stay row-major after the tiles. Activations: int8 blocks of 32 in natural order, a scale and a
+// correction (-8 · the block's sum) per block.
+
+constexpr int64_t kTileRows = 16;
+
+struct TileShape {
+  int64_t blocks, per_group, groups, row_bytes;  // row_bytes: K / 2
+};
+
+AVX512_VNNI inline __m512i broadcast4(const int8_t* p) {
+  int32_t four;
+  std::memcpy(&four, p, 4);
+  return _mm512_set1_epi32(four);
+}
+
+// Tile t (rows 16t .. 16t + 15) against every activation row.
+AVX512_VNNI void int4_tile(const Rows& a, const TileShape& s, int64_t t) {
+  const uint8_t* w = static_cast<const uint8_t*>(a.w) + t * kTileRows * s.row_bytes;
+  const float* ws = a.scales + t * kTileRows * s.groups;
+  const __m512i nibble = _mm512_set1_epi8(0x0F);
+  for (int64_t m = 0; m < a.M; ++m) {
+    const int8_t* x = static_cast<const int8_t*>(a.x) + m * a.K;
+    const float* xs = a.lane_scales + m * s.blocks;
+    const int32_t* fix = a.lane_fix + m * s.blocks;
+    __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (int64_t b = 0; b < s.blocks; ++b) {
+      const uint8_t* wb = w + b * kTileRows * 16;
+      const int8_t* xb = x + b * kBlock;
+      __m512i low = _mm512_set1_epi32(fix[b]), high = _mm512_setzero_si512();
+      for (int i = 0; i < 4; ++i) {
+        const __m512i packed = _mm512_loadu_si512(wb + 64 * i);
+        low = _mm512_dpbusd_epi32(low, _mm512_and_si512(packed, nibble), broadcast4(xb + 4 * i));
+        high = _mm512_dpbusd_epi32(high, _mm512_and_si512(_mm512_srli_epi16(packed, 4), nibble),
+                                   broadcast4(xb + 16 + 4 * i));
+      }
+      const __m512 scale = _mm512_mul_ps(_mm512_loadu_ps(ws + (b / s.per_group) * kTileRows), _mm512_set1_ps(xs[b]));
+      acc[b & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(low, high)), scale, acc[b & 1]);
+    }
+    _mm512_storeu_ps(a.y + m * a.ldy + t * kTileRows, _mm512_add_ps(acc[0], acc[1]));
+  }
+}
+
+// Row n past the tiles (row-major: byte j holds columns 2j and 2j + 1), one at a time.
+void int4_row(const Rows& a, const TileShape& s, int64_t n) {
+  const uint8_t* w = static_cast<const uint8_t*>(a.w) + n * s.row_bytes;
+  const float* ws = a.scales + n * s.groups;
+  for (int64_t m = 0; m < a.M; ++m) {
+    const int8_t* x = static_cast<const int8_t*>(a.x) + m * a.K;
+    float total = 0.f;
+    for (int64_t b = 0; b < s.blocks; ++b) {
+      int32_t dot = 0;
+      for (int64_t j = 0; j < kBlock / 2; ++j) {
+        const uint8_t byte = w[b * kBlock / 2 + j];
+        dot += ((byte & 0x0F) - 8) * x[b * kBlock + 2 * j] + ((byte >> 4) - 8) * x[b * kBlock + 2 * j + 1];
+      }
+      total += static_cast<float>(dot) * a.lane_scales[m * s.blocks + b] * ws[b / s.per_group];
+    }
+    a.y[m * a.ldy + n] = total;
+  }
 }
 
 // 16 packed bytes (a block of int4) as [low nibbles | high nibbles]: columns 0, 2, .., 30 then 1, 3, .., 31.
@@ -513,6 +581,73 @@ torch::Tensor linear_int(torch::Tensor x, std::vector<torch::Tensor> qweight, st
 #endif
 }
 
+// int4 weights in tiles (see int4_tile): each qweight (N_i, K / 2) uint8 and scales (N_i, K / group) hold tile_int4's
+// bytes; x (..., K) fp32 or bf16, quantized here once for all of them; the outputs side by side in x's dtype. The
+// AVX-512 VNNI body only: the caller checks the CPU (a call elsewhere is an error, not an illegal instruction).
+torch::Tensor linear_int4_tiles(torch::Tensor x, std::vector<torch::Tensor> qweight, std::vector<torch::Tensor> scales,
+                                int64_t group) {
+#if defined(__x86_64__)
+  static const bool vnni = __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw");
+  TORCH_CHECK(vnni, "int4 tiles need AVX-512 VNNI");
+  TORCH_CHECK(!qweight.empty() && qweight.size() == scales.size(), "one scales tensor per qweight");
+  const int64_t K = qweight[0].size(1) * 2;
+  const auto rows = as_rows(x, K, torch::kFloat32);
+  TORCH_CHECK(group % kBlock == 0 && K % group == 0, "group a multiple of 32 that divides K");
+  const TileShape shape{K / kBlock, group / kBlock, K / group, K / 2};
+  int64_t total = 0, units = 0;
+  for (size_t i = 0; i < qweight.size(); ++i) {
+    const auto& q = qweight[i];
+    const auto& s = scales[i];
+    check(rows, q, K / 2 * 2, 2);
+    TORCH_CHECK(q.scalar_type() == torch::kUInt8 && q.size(1) * 2 == K, "uint8 nibbles, one K for every qweight");
+    TORCH_CHECK(s.scalar_type() == torch::kFloat32 && s.is_contiguous() && s.dim() == 2 && s.size(0) == q.size(0) &&
+                    s.size(1) == K / group, "fp32 scales (N, K / group)");
+    total += q.size(0);
+    units += q.size(0) / kTileRows + q.size(0) % kTileRows;  // a whole tile, or a row past the tiles
+  }
+  const int64_t M = rows.size(0), blocks = K / kBlock;
+  std::vector<int64_t> buffer((M * K + 7) / 8 + M * blocks, 0);  // int8 activations, then scales and corrections
+  int8_t* q8 = reinterpret_cast<int8_t*>(buffer.data());
+  float* xs = reinterpret_cast<float*>(buffer.data() + (M * K + 7) / 8);
+  int32_t* fix = reinterpret_cast<int32_t*>(xs + M * blocks);
+  const float* xp = rows.data_ptr<float>();
+  alignas(32) int32_t values[kBlock];
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t b = 0; b < blocks; ++b) {
+      int32_t sum;
+      quantize_block(xp + m * K + b * kBlock, values, xs + m * blocks + b, &sum);
+      for (int64_t i = 0; i < kBlock; ++i) q8[m * K + b * kBlock + i] = static_cast<int8_t>(values[i]);
+      fix[m * blocks + b] = -8 * sum;
+    }
+  }
+  auto y = torch::empty({M, total}, torch::kFloat32);
+  std::vector<Rows> parts;
+  int64_t offset = 0;
+  for (size_t i = 0; i < qweight.size(); ++i) {
+    parts.push_back({qweight[i].data_ptr(), scales[i].data_ptr<float>(), group, q8, xs, fix,
+                     y.data_ptr<float>() + offset, M, K, qweight[i].size(0), total});
+    offset += qweight[i].size(0);
+  }
+  at::parallel_for(0, units, 4, [&](int64_t begin, int64_t end) {
+    int64_t start = 0;  // the first unit of the part
+    for (const auto& part : parts) {
+      const int64_t tiles = part.N / kTileRows, count = tiles + part.N % kTileRows;
+      for (int64_t u = std::max(begin, start); u < std::min(end, start + count); ++u) {
+        if (u - start < tiles) {
+          int4_tile(part, shape, u - start);
+        } else {
+          int4_row(part, shape, tiles * kTileRows + (u - start - tiles));
+        }
+      }
+      start += count;
+    }
+  });
+  return finish(y, x, c10::nullopt);
+#else
+  TORCH_CHECK(false, "llmcli's kernels are x86 only");
+#endif
+}
+
 // ---- attention for one query per sequence (a decode step): out = softmax(q·Kᵀ · scale) V per head, over all L
 // cached keys (no mask), a query head h reading key head h / (H / Hkv) (GQA). The body is written once and
 // inlined into an AVX-512 and an AVX2 function, which the compiler vectorizes for their own targets.
@@ -608,6 +743,7 @@ TORCH_LIBRARY(llmcli, m) {
   m.def("linear_bf16(Tensor x, Tensor w, int isa) -> Tensor");
   m.def("linear(Tensor x, Tensor[] w, Tensor? bias, int isa) -> Tensor");  // F.linear; several W: outputs side by side
   m.def("linear_int(Tensor x, Tensor[] qweight, Tensor[] scales, int group, int bits, int isa) -> Tensor");
+  m.def("linear_int4_tiles(Tensor x, Tensor[] qweight, Tensor[] scales, int group) -> Tensor");  // int4_tile's layout
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, float scale, int isa) -> Tensor");
 }
 
@@ -616,5 +752,6 @@ TORCH_LIBRARY_IMPL(llmcli, CPU, m) {
   m.impl("linear_bf16", &linear_bf16);
   m.impl("linear", &linear);
   m.impl("linear_int", &linear_int);
+  m.impl("linear_int4_tiles", &linear_int4_tiles);
   m.impl("decode_attention", &decode_attention);
 }

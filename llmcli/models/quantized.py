@@ -10,7 +10,9 @@ How the integers are chosen (round to nearest, GPTQ) is llmcli.compression.quant
 Which compute path runs (chosen in QuantizedLinear.forward):
 - int8, int4 on an x86 CPU, a few rows (decode): llmcli's own kernels (models/gemv.cpp), activations quantized to
   int8 per block of 32, integer dot products (VNNI or AVX2); fp32 or bf16 activations alike. They stream the
-  weights at most of the read bandwidth (benchmarks/gemv.py in RESULTS.md).
+  weights at most of the read bandwidth (benchmarks/gemv.py in RESULTS.md). With AVX-512 VNNI an int4 layer is
+  held in the kernel's tiles of 16 rows once readied for decoding (`tile_for_gemv`, `tile_int4`: the same bytes
+  rearranged); every other path, and its state dict, reads it row-major (`row_major`).
 - int8, int4 on CPU otherwise (a prompt), or where our kernels did not build: ATen's `_weight_int8pack_mm` /
   `_weight_int4pack_mm_for_cpu` in bf16 (fp32 activations are cast to bf16 and back: their x86 vector code is
   bf16-only, with fp32 they run scalar code), where the layer meets their assumptions.
@@ -77,6 +79,37 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack((low, high), dim=-1).reshape(packed.shape[0], -1).to(torch.int8) - 8
 
 
+TILE_ROWS = 16  # rows per tile of gemv.cpp's int4 tile body
+
+
+def tile_int4(packed: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-major int4 (N, K / 2) and scales (N, G) -> the same bytes in gemv.cpp's tiles of 16 rows (`int4_tile`),
+    shapes kept: per tile and block of 32 inputs, 4 runs of 64 bytes, run i giving each row 4 bytes that hold its
+    inputs 4i .. 4i + 3 (low nibbles) and 16 + 4i .. 19 + 4i (high ones); per tile and group, the rows' 16 scales.
+    Rows past the last whole tile stay as they were, after the tiles."""
+    whole = packed.shape[0] // TILE_ROWS * TILE_ROWS
+    tiles, blocks = whole // TILE_ROWS, packed.shape[1] // 16
+    nibbles = torch.stack((packed[:whole] & 0x0F, packed[:whole] >> 4), dim=-1)  # columns in order
+    nibbles = nibbles.reshape(tiles, TILE_ROWS, blocks, 2, 4, 4)  # tile, row, block, half, run, byte
+    runs = (nibbles[:, :, :, 0] | (nibbles[:, :, :, 1] << 4)).permute(0, 2, 3, 1, 4)  # tile, block, run, row, byte
+    tiled_scales = scales[:whole].reshape(tiles, TILE_ROWS, scales.shape[1]).transpose(1, 2)
+    return (torch.cat((runs.reshape(whole, packed.shape[1]), packed[whole:])),
+            torch.cat((tiled_scales.reshape(whole, scales.shape[1]), scales[whole:])).contiguous())
+
+
+def untile_int4(tiled: torch.Tensor, tiled_scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inverse of `tile_int4`."""
+    whole = tiled.shape[0] // TILE_ROWS * TILE_ROWS
+    tiles, blocks = whole // TILE_ROWS, tiled.shape[1] // 16
+    runs = tiled[:whole].reshape(tiles, blocks, 4, TILE_ROWS, 4).permute(0, 3, 1, 2, 4)  # tile, row, block, run, byte
+    nibbles = torch.stack((runs & 0x0F, runs >> 4), dim=3)  # tile, row, block, half, run, byte
+    columns = nibbles.reshape(whole, tiled.shape[1], 2)  # each pair of columns
+    packed = columns[..., 0] | (columns[..., 1] << 4)
+    scales = tiled_scales[:whole].reshape(tiles, tiled_scales.shape[1], TILE_ROWS).transpose(1, 2)
+    return (torch.cat((packed, tiled[whole:])),
+            torch.cat((scales.reshape(whole, tiled_scales.shape[1]), tiled_scales[whole:])).contiguous())
+
+
 # ---------------------------------------------------------------- the layer
 
 
@@ -98,6 +131,7 @@ class QuantizedLinear(nn.Module):
         self.register_buffer("scales", torch.empty(out_features, in_features // self.group_size, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, device=device)) if bias else None
         self._kernel: tuple | None = None  # (key, fn or None): the prepared fast path, see forward
+        self.tiled = False  # int4 held in gemv.cpp's tiles (`tile_for_gemv`); saved and read row-major all the same
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, scheme: str, group_size: int | None, q: torch.Tensor,
@@ -111,17 +145,39 @@ class QuantizedLinear(nn.Module):
             layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         return layer
 
+    def row_major(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(qweight, scales) in the stored layout, whether or not the layer holds them in tiles."""
+        return untile_int4(self.qweight, self.scales) if self.tiled else (self.qweight, self.scales)
+
+    def tile_for_gemv(self) -> None:
+        """int4: hold the weights in gemv.cpp's tiles of 16 rows (its AVX-512 VNNI body reads them; `tile_int4`),
+        in place of the row-major bytes (no second copy). Every other path reads them through `row_major`."""
+        if self.bits == 4 and not self.tiled:
+            self.qweight, self.scales = tile_int4(self.qweight, self.scales.float())
+            self.tiled, self._kernel = True, None
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.tiled:
+            destination[prefix + "qweight"], destination[prefix + "scales"] = self.row_major()
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self.tiled, self._kernel = False, None  # a state dict is row-major
+
     def int_weight(self) -> torch.Tensor:
         """The integer weight, (N, K) int8."""
-        return unpack_int4(self.qweight) if self.bits == 4 else self.qweight
+        qweight, _ = self.row_major()
+        return unpack_int4(qweight) if self.bits == 4 else qweight
 
     def dequantized_weight(self, dtype=torch.float32) -> torch.Tensor:
+        qweight, scales = self.row_major()
         if self.bits == 8:
-            return dequantize(self.qweight, self.scales, self.group_size, dtype)
+            return dequantize(qweight, scales, self.group_size, dtype)
         # unpack_int4 straight into floats, in place: a third fewer passes over the weight
-        nibbles = torch.stack((self.qweight & 0x0F, self.qweight >> 4), dim=-1)
+        nibbles = torch.stack((qweight & 0x0F, qweight >> 4), dim=-1)
         grouped = nibbles.reshape(self.out_features, -1, self.group_size).to(dtype).sub_(8)
-        return grouped.mul_(self.scales[..., None].to(dtype)).reshape(self.out_features, self.in_features)
+        return grouped.mul_(scales[..., None].to(dtype)).reshape(self.out_features, self.in_features)
 
     def stored_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.state_dict().values())
@@ -134,7 +190,7 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
         if self._takes_gemv() and gemv.fits(rows, self.in_features):  # decode: our kernels (models/gemv.cpp)
-            out = gemv.int_linear(rows, *self.gemv_operands(), self.group_size, self.bits)
+            out = gemv.int_linear(rows, *self.gemv_operands(), self.group_size, self.bits, self.tiled)
         elif torch.is_grad_enabled() and rows.requires_grad:  # training through a frozen quantized layer (QLoRA)
             out = self._weight_only(rows)
         else:
@@ -238,7 +294,7 @@ class QuantizedLinear(nn.Module):
         if self.bits == 8:
             qweight, scales = self.qweight, self.scales[:, 0].to(torch.bfloat16).contiguous()
             return lambda x: torch.ops.aten._weight_int8pack_mm(aligned(x), qweight, scales)
-        return _int4_cpu_kernel(self.int_weight(), self.scales, self.group_size, torch.bfloat16)
+        return _int4_cpu_kernel(self.int_weight(), self.row_major()[1], self.group_size, torch.bfloat16)
 
 
 def _through_bf16(kernel: Callable, dtype: torch.dtype) -> Callable:
