@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import typer
 from typer.core import TyperGroup
@@ -70,4 +71,16 @@ app.command("distill")(distill_cmd.distill)
 
 
 def main() -> None:
-    app(prog_name="llmcli")
+    try:
+        app(prog_name="llmcli")
+    except SystemExit as done:
+        if "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ:  # one of torchrun's processes
+            # torch 2.13's gloo teardown at interpreter exit aborts about 1 run in 6 ("terminate called", SIGABRT),
+            # after the work is done and saved: such a process leaves without it
+            code = done.code if isinstance(done.code, int) else 0 if done.code is None else 1
+            if isinstance(done.code, str):
+                print(done.code, file=sys.stderr)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        raise
