@@ -18,6 +18,7 @@ from llmcli.errors import UserError
 from llmcli.finetune.saving import load_finetuned
 from llmcli.model_dir import load_tokenizer
 from llmcli.models.base import LanguageModel
+from llmcli.models import gemv
 from llmcli.models.gemv import prepare_for_decode
 from llmcli.models.quantized import QuantizedLinear
 from llmcli.runtime import resolve_device, torch_dtype
@@ -28,7 +29,7 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
                 top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
     """(B, V) logits -> (B,) token ids. temperature 0 is greedy."""
     if temperature == 0:
-        return logits.argmax(-1)
+        return gemv.argmax(logits)
     logits = logits.float() / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[:, -1:]

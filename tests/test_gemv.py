@@ -362,3 +362,18 @@ def test_the_compiled_decode_step_generates_what_eager_does(ext):
     assert counters["stats"]["unique_graphs"] == 0  # torch.compile's path did not run
     assert torch.equal(generate_ids(model, padded[0], 6, attention_mask=padded[1], temperature=0), eager_padded)
     assert counters["stats"]["unique_graphs"] == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_argmax_picks_what_torch_picks(ext, dtype):
+    """gemv.argmax is torch.argmax over the last dim: random rows of many widths (a tail past 16, a row of a larger
+    tensor), ties (the first index), NaN (the first NaN), all -inf (index 0)."""
+    g = torch.Generator().manual_seed(0)
+    for width in (1, 5, 16, 17, 49_152, 50_257):
+        logits = torch.randn(3, 2, width, generator=g).to(dtype)[:, -1]  # rows 2V apart, each contiguous
+        assert torch.equal(gemv.argmax(logits), logits.argmax(-1))
+    special = torch.zeros(3, 100, dtype=dtype)
+    special[0, 40] = special[0, 70] = 1  # a tie
+    special[1, 10], special[1, 33], special[1, 80] = float("inf"), float("nan"), float("nan")
+    special[2] = float("-inf")
+    assert gemv.argmax(special).tolist() == special.argmax(-1).tolist() == [40, 33, 0]
