@@ -3,8 +3,8 @@ source is built under its own op namespace (`llmcli_base`), both run the same ra
 smollm2-135m's layers (each shape copied until the copies fill 96 MB, three times the L3 of the machines we see, so
 that they stream from memory as in a decode step) and a hot case (one gate/up pair read again and again, in cache),
 interleaved repetition by repetition; the two outputs are checked to agree. Ours is the call a model makes here:
-int4 in the tile body's layout where that body runs (`gemv.tiles_int4`), the row-major body otherwise. Usage:
-    python benchmarks/gemv_versions.py [--base HEAD~1] [--bits 4,8] [--threads 2] [--reps 15] [--no-record]
+int4 in the tile bodies' layout (`gemv.tiles_int4`). Usage:
+    python benchmarks/gemv_versions.py [--base HEAD~1] [--bits 4,8] [--threads 2] [--reps 15] [--isa 1|2] [--no-record]
 """
 
 from __future__ import annotations
@@ -59,10 +59,10 @@ def tile_operands(call):
     return [q for q, _ in tiles], [s for _, s in tiles], call[2]
 
 
-def tiled_op(x, q, s, group, bits):
+def tiled_op(x, q, s, group, bits, isa):
     import torch
 
-    return torch.ops.llmcli.linear_int4_tiles.default(x, q, s, group)
+    return torch.ops.llmcli.linear_int4_tiles.default(x, q, s, group, isa)
 
 
 def main() -> None:
@@ -71,6 +71,8 @@ def main() -> None:
     parser.add_argument("--bits", default="4,8")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--reps", type=int, default=15)
+    parser.add_argument("--isa", type=int, choices=(1, 2), help="the body both sides run: 1 AVX2, 2 AVX-512 "
+                        "(default: the one this CPU runs)")
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args()
 
@@ -80,7 +82,7 @@ def main() -> None:
 
     if gemv.extension() is None or "int" not in gemv.LEVELS:
         sys.exit("llmcli's kernels did not load here")
-    level = gemv.LEVELS["int"]
+    level = args.isa or gemv.LEVELS["int"]
     base = subprocess.run(["git", "rev-parse", "--short", args.base], cwd=ROOT, check=True, capture_output=True,
                           text=True).stdout.strip()
     with tempfile.TemporaryDirectory() as tmp:
@@ -91,7 +93,7 @@ def main() -> None:
     rows = []
     for bits in map(int, args.bits.split(",")):
         tiled = bits == 4 and gemv.tiles_int4()
-        ours = (tiled_op if tiled else functools.partial(torch.ops.llmcli.linear_int.default, isa=level))
+        ours = functools.partial(tiled_op if tiled else torch.ops.llmcli.linear_int.default, isa=level)
         for name, K, sizes, streams in SHAPES:
             first = operands(bits, K, sizes, generator)
             nbytes = sum(t.numel() * t.element_size() for t in [*first[0], *first[1]])
@@ -120,7 +122,7 @@ def main() -> None:
         f"`python benchmarks/gemv_versions.py --base {args.base}`: one activation row against int4 (group 32) or "
         f"int8 weights in smollm2-135m's shapes (copies of each filling {STREAMED >> 20} MB: streamed from memory; "
         f"the last row one pair read 20 times over, in cache), {args.threads} threads, {args.reps} repetitions "
-        f"interleaved; the body run: {gemv.kernel_name()}. GB/s: weight and scale bytes over the median time; "
+        f"interleaved; the body run: {'AVX2 (--isa 1)' if level == 1 else gemv.kernel_name()}. GB/s: weight and scale bytes over the median time; "
         f"speedup: the base's time over ours, median of the repetitions (min-max).",
         ["weights", "call", "ours GB/s", f"{base} GB/s", "speedup"], rows, dry_run=args.no_record)
 

@@ -150,10 +150,11 @@ def test_integer_kernels_match_dequantize_then_matmul(ext, m, k, n, bits, group)
         got = ext.linear_int(x, [stored], [scales.float().contiguous()], group, bits, level)
         assert relative(got, exact) < 1e-5
         assert relative(got, plain) < 0.02
-    if bits == 4 and gemv.isa("int") == 2:  # the tile body: whole tiles of 16 rows, then the rest row by row
+    if bits == 4:  # the tile bodies: whole tiles of 16 rows, then the rest row by row
         tiled, tiled_scales = tile_int4(stored, scales.float())
-        got = ext.linear_int4_tiles(x, [tiled], [tiled_scales], group)
-        assert relative(got, exact) < 1e-5
+        for level in levels("int"):
+            got = ext.linear_int4_tiles(x, [tiled], [tiled_scales], group, level)
+            assert relative(got, exact) < 1e-5
 
 
 @pytest.mark.parametrize("n,k,group", [(5, 64, 32), (16, 32, 32), (33, 128, 64), (771, 256, 128)])

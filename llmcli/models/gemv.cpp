@@ -255,7 +255,7 @@ AVX512_VNNI void int_avx512(const Rows& a, int64_t n0, int64_t n1) {
   for (; n < n1; ++n) int_tile512<Bits, 1>(a, s, n);
 }
 
-// ---- int4 weights in tiles of 16 rows, the AVX-512 VNNI body's own layout (made by llmcli.models.quantized's
+// ---- int4 weights in tiles of 16 rows, the tile bodies' own layout (made by llmcli.models.quantized's
 // `tile_int4`, a permutation of the row-major bytes). Per tile and block of 32 inputs: 4 vectors of 64 bytes, lane r
 // of vector i holding row r's inputs 4i .. 4i + 3 in its low nibbles and 16 + 4i .. 16 + 4i + 3 in its high ones
 // (q + 8). A lane is a row: each dpbusd multiplies 16 rows by the same 4 activations (broadcast), a block's products
@@ -300,6 +300,47 @@ AVX512_VNNI void int4_tile(const Rows& a, const TileShape& s, int64_t t) {
       acc[b & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(low, high)), scale, acc[b & 1]);
     }
     _mm512_storeu_ps(a.y + m * a.ldy + t * kTileRows, _mm512_add_ps(acc[0], acc[1]));
+  }
+}
+
+// The AVX2 body over the same tiles: a 64-byte run as two halves of 8 rows. AVX2 multiplies unsigned by signed bytes
+// into int16 pairs (15 · 127 · 2 at most), so a block's 8 pair sums add up in int16 (30,480 at most) before one
+// widening to int32.
+AVX2 inline __m256i broadcast4_256(const int8_t* p) {
+  int32_t four;
+  std::memcpy(&four, p, 4);
+  return _mm256_set1_epi32(four);
+}
+
+AVX2 void int4_tile_avx2(const Rows& a, const TileShape& s, int64_t t) {
+  const uint8_t* w = static_cast<const uint8_t*>(a.w) + t * kTileRows * s.row_bytes;
+  const float* ws = a.scales + t * kTileRows * s.groups;
+  const __m256i nibble = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  for (int64_t m = 0; m < a.M; ++m) {
+    const int8_t* x = static_cast<const int8_t*>(a.x) + m * a.K;
+    const float* xs = a.lane_scales + m * s.blocks;
+    const int32_t* fix = a.lane_fix + m * s.blocks;
+    __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};  // rows 0-7, 8-15
+    for (int64_t b = 0; b < s.blocks; ++b) {
+      const uint8_t* wb = w + b * kTileRows * 16;
+      const int8_t* xb = x + b * kBlock;
+      const __m256 xscale = _mm256_set1_ps(xs[b]);
+      const __m256i correction = _mm256_set1_epi32(fix[b]);
+      for (int h = 0; h < 2; ++h) {
+        __m256i pairs = _mm256_setzero_si256();
+        for (int i = 0; i < 4; ++i) {
+          const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 64 * i + 32 * h));
+          pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(_mm256_and_si256(packed, nibble), broadcast4_256(xb + 4 * i)));
+          pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(packed, 4), nibble),
+                                                               broadcast4_256(xb + 16 + 4 * i)));
+        }
+        const __m256i dot = _mm256_add_epi32(_mm256_madd_epi16(pairs, ones), correction);
+        const __m256 scale = _mm256_mul_ps(_mm256_loadu_ps(ws + (b / s.per_group) * kTileRows + 8 * h), xscale);
+        acc[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc[h]);
+      }
+    }
+    _mm256_storeu_ps(a.y + m * a.ldy + t * kTileRows, acc[0]);
+    _mm256_storeu_ps(a.y + m * a.ldy + t * kTileRows + 8, acc[1]);
   }
 }
 
@@ -583,13 +624,15 @@ torch::Tensor linear_int(torch::Tensor x, std::vector<torch::Tensor> qweight, st
 }
 
 // int4 weights in tiles (see int4_tile): each qweight (N_i, K / 2) uint8 and scales (N_i, K / group) hold tile_int4's
-// bytes; x (..., K) fp32 or bf16, quantized here once for all of them; the outputs side by side in x's dtype. The
-// AVX-512 VNNI body only: the caller checks the CPU (a call elsewhere is an error, not an illegal instruction).
+// bytes; x (..., K) fp32 or bf16, quantized here once for all of them; the outputs side by side in x's dtype. isa 2:
+// the AVX-512 VNNI body, 1: the AVX2 one (a CPU without the body's features is an error, not an illegal instruction).
 torch::Tensor linear_int4_tiles(torch::Tensor x, std::vector<torch::Tensor> qweight, std::vector<torch::Tensor> scales,
-                                int64_t group) {
+                                int64_t group, int64_t isa) {
 #if defined(__x86_64__)
   static const bool vnni = __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw");
-  TORCH_CHECK(vnni, "int4 tiles need AVX-512 VNNI");
+  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  TORCH_CHECK(isa == 1 || isa == 2, "isa is 1 (AVX2) or 2 (AVX-512 VNNI)");
+  TORCH_CHECK(isa == 2 ? vnni : avx2, isa == 2 ? "this CPU has no AVX-512 VNNI" : "this CPU has no AVX2");
   TORCH_CHECK(!qweight.empty() && qweight.size() == scales.size(), "one scales tensor per qweight");
   const int64_t K = qweight[0].size(1) * 2;
   const auto rows = as_rows(x, K, torch::kFloat32);
@@ -635,7 +678,7 @@ torch::Tensor linear_int4_tiles(torch::Tensor x, std::vector<torch::Tensor> qwei
       const int64_t tiles = part.N / kTileRows, count = tiles + part.N % kTileRows;
       for (int64_t u = std::max(begin, start); u < std::min(end, start + count); ++u) {
         if (u - start < tiles) {
-          int4_tile(part, shape, u - start);
+          (isa == 2 ? int4_tile : int4_tile_avx2)(part, shape, u - start);
         } else {
           int4_row(part, shape, tiles * kTileRows + (u - start - tiles));
         }
@@ -822,7 +865,7 @@ TORCH_LIBRARY(llmcli, m) {
   m.def("linear_bf16(Tensor x, Tensor w, int isa) -> Tensor");
   m.def("linear(Tensor x, Tensor[] w, Tensor? bias, int isa) -> Tensor");  // F.linear; several W: outputs side by side
   m.def("linear_int(Tensor x, Tensor[] qweight, Tensor[] scales, int group, int bits, int isa) -> Tensor");
-  m.def("linear_int4_tiles(Tensor x, Tensor[] qweight, Tensor[] scales, int group) -> Tensor");  // int4_tile's layout
+  m.def("linear_int4_tiles(Tensor x, Tensor[] qweight, Tensor[] scales, int group, int isa) -> Tensor");  // int4_tile's layout
   m.def("argmax_rows(Tensor logits) -> Tensor");  // greedy decoding's pick per row
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, float scale, int isa) -> Tensor");
 }

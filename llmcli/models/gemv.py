@@ -11,8 +11,8 @@ with them inside one graph.
 The C++ is compiled with torch.utils.cpp_extension at first use (once per source and torch version, about 30 s,
 said on stderr) and cached in the user's cache directory. Which body runs is read from the CPU's features at run
 time. Without a compiler, setuptools or an x86 CPU, or with LLMCLI_KERNELS=0, decoding takes torch's path, as it
-did before: `kernel_name()` says which. With AVX-512 VNNI, int4 layers are held in tiles of 16 rows
-(models.quantized.tile_int4), which that body reads with one lane per row.
+did before: `kernel_name()` says which. int4 layers are held in tiles of 16 rows (models.quantized.tile_int4),
+which the int4 bodies read with one vector lane per row.
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def _register_shapes() -> None:
     torch.library.register_fake("llmcli::linear")(lambda x, w, bias, isa: rows_out(x, sum(t.shape[0] for t in w)))
     torch.library.register_fake("llmcli::linear_int")(lambda x, qweight, scales, group, bits, isa:
                                                       rows_out(x, sum(t.shape[0] for t in qweight)))
-    torch.library.register_fake("llmcli::linear_int4_tiles")(lambda x, qweight, scales, group:
+    torch.library.register_fake("llmcli::linear_int4_tiles")(lambda x, qweight, scales, group, isa:
                                                              rows_out(x, sum(t.shape[0] for t in qweight)))
     torch.library.register_fake("llmcli::argmax_rows")(lambda logits: logits.new_empty(logits.shape[0],
                                                                                     dtype=torch.long))
@@ -145,15 +145,16 @@ def int_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, gro
 
 def _int_products(x, qweights: list, scales: list, group_size: int, bits: int, tiled: bool) -> torch.Tensor:
     if tiled:
-        return torch.ops.llmcli.linear_int4_tiles(x, qweights, scales, group_size)
+        return torch.ops.llmcli.linear_int4_tiles(x, qweights, scales, group_size, LEVELS["int"])
     return torch.ops.llmcli.linear_int(x, qweights, scales, group_size, bits, LEVELS["int"])
 
 
 def tiles_int4() -> bool:
-    """Whether int4 layers decode through the tile body (AVX-512 VNNI; models.quantized.tile_int4's layout, made by
-    prepare_for_decode). In cache it runs 1.8x the row-major body's speed (a third of its instructions per byte);
-    streamed from memory, where the bytes decide, less (benchmarks/gemv_versions.py)."""
-    return LEVELS.get("int") == 2
+    """Whether int4 layers decode through the tile bodies (models.quantized.tile_int4's layout, made by
+    prepare_for_decode): wherever the integer kernels run. In cache the AVX-512 VNNI tile body runs 1.6x the row-major
+    body's speed (a third of its instructions per byte); streamed from memory, where the bytes decide, 1.1-1.2x
+    (benchmarks/gemv_versions.py)."""
+    return "int" in LEVELS
 
 
 def projections(layers: tuple[nn.Module, ...], x: torch.Tensor) -> tuple[torch.Tensor, ...]:
