@@ -119,10 +119,11 @@ def main() -> None:
             print(rows[-1], file=sys.stderr, flush=True)
     record_table(
         f"Integer decode products: this commit's kernels against {base}'s",
-        f"`python benchmarks/gemv_versions.py --base {args.base}`: one activation row against int4 (group 32) or "
-        f"int8 weights in smollm2-135m's shapes (copies of each filling {STREAMED >> 20} MB: streamed from memory; "
-        f"the last row one pair read 20 times over, in cache), {args.threads} threads, {args.reps} repetitions "
-        f"interleaved; the body run: {'AVX2 (--isa 1)' if level == 1 else gemv.kernel_name()}. GB/s: weight and scale bytes over the median time; "
+        f"`python benchmarks/gemv_versions.py --base {args.base}{' --isa 1' if args.isa == 1 else ''}`: one "
+        f"activation row against int4 (group 32) or int8 weights in smollm2-135m's shapes (copies of each filling "
+        f"{STREAMED >> 20} MB: streamed from memory; the last row one pair read 20 times over, in cache), "
+        f"{args.threads} threads, {args.reps} repetitions interleaved; the body run: "
+        f"{'AVX2 on both sides' if level == 1 else gemv.kernel_name()}. GB/s: weight and scale bytes over the median time; "
         f"speedup: the base's time over ours, median of the repetitions (min-max).",
         ["weights", "call", "ours GB/s", f"{base} GB/s", "speedup"], rows, dry_run=args.no_record)
 

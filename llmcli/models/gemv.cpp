@@ -330,9 +330,10 @@ AVX2 void int4_tile_avx2(const Rows& a, const TileShape& s, int64_t t) {
         __m256i pairs = _mm256_setzero_si256();
         for (int i = 0; i < 4; ++i) {
           const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 64 * i + 32 * h));
-          pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(_mm256_and_si256(packed, nibble), broadcast4_256(xb + 4 * i)));
-          pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(packed, 4), nibble),
-                                                               broadcast4_256(xb + 16 + 4 * i)));
+          const __m256i low = _mm256_and_si256(packed, nibble);
+          const __m256i high = _mm256_and_si256(_mm256_srli_epi16(packed, 4), nibble);
+          pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(low, broadcast4_256(xb + 4 * i)));
+          pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(high, broadcast4_256(xb + 16 + 4 * i)));
         }
         const __m256i dot = _mm256_add_epi32(_mm256_madd_epi16(pairs, ones), correction);
         const __m256 scale = _mm256_mul_ps(_mm256_loadu_ps(ws + (b / s.per_group) * kTileRows + 8 * h), xscale);
@@ -865,7 +866,8 @@ TORCH_LIBRARY(llmcli, m) {
   m.def("linear_bf16(Tensor x, Tensor w, int isa) -> Tensor");
   m.def("linear(Tensor x, Tensor[] w, Tensor? bias, int isa) -> Tensor");  // F.linear; several W: outputs side by side
   m.def("linear_int(Tensor x, Tensor[] qweight, Tensor[] scales, int group, int bits, int isa) -> Tensor");
-  m.def("linear_int4_tiles(Tensor x, Tensor[] qweight, Tensor[] scales, int group, int isa) -> Tensor");  // int4_tile's layout
+  // int4 in tile_int4's layout
+  m.def("linear_int4_tiles(Tensor x, Tensor[] qweight, Tensor[] scales, int group, int isa) -> Tensor");
   m.def("argmax_rows(Tensor logits) -> Tensor");  // greedy decoding's pick per row
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, float scale, int isa) -> Tensor");
 }
