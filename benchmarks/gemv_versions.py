@@ -123,7 +123,8 @@ def main() -> None:
         f"activation row against int4 (group 32) or int8 weights in smollm2-135m's shapes (copies of each filling "
         f"{STREAMED >> 20} MB: streamed from memory; the last row one pair read 20 times over, in cache), "
         f"{args.threads} threads, {args.reps} repetitions interleaved; the body run: "
-        f"{'AVX2 on both sides' if level == 1 else gemv.kernel_name()}. GB/s: weight and scale bytes over the median time; "
+        f"{'AVX2 on both sides' if level == 1 else gemv.kernel_name()}. GB/s: weight and scale bytes over the "
+        f"median time; "
         f"speedup: the base's time over ours, median of the repetitions (min-max).",
         ["weights", "call", "ours GB/s", f"{base} GB/s", "speedup"], rows, dry_run=args.no_record)
 
