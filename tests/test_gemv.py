@@ -3,6 +3,7 @@ way, and a model readied for decoding with them computing what it computed befor
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -86,11 +87,16 @@ def test_one_call_for_several_weights_gives_each_ones_output_side_by_side(ext):
             assert fused.shape == (1, 1, 96) and torch.equal(fused, alone)
     for bits, group in ((8, 96), (4, 32)):
         quantized = [quantize_weight(w, bits, group) for w in weights]
-        stored = [pack_int4(q) if bits == 4 else q for q, _ in quantized]
-        scales = [s.float().contiguous() for _, s in quantized]
+        if bits == 8:
+            stored, scales = [q for q, _ in quantized], [s.float().contiguous() for _, s in quantized]
+            op = functools.partial(ext.linear_int, group=group, bits=bits)
+        else:
+            tiles = [tile_int4(pack_int4(q), s.float()) for q, s in quantized]
+            stored, scales = [q for q, _ in tiles], [s for _, s in tiles]
+            op = functools.partial(ext.linear_int4_tiles, group=group)
         for level in levels("int"):
-            fused = ext.linear_int(x, stored, scales, group, bits, level)
-            alone = torch.cat([ext.linear_int(x, [q], [s], group, bits, level) for q, s in zip(stored, scales)], -1)
+            fused = op(x, stored, scales, isa=level)
+            alone = torch.cat([op(x, [q], [s], isa=level) for q, s in zip(stored, scales)], -1)
             assert torch.equal(fused, alone), (bits, level)
     with pytest.raises(RuntimeError, match="one dtype"):
         ext.linear(x, [weights[0], weights[1].bfloat16()], None, 1)
@@ -145,16 +151,14 @@ def test_integer_kernels_match_dequantize_then_matmul(ext, m, k, n, bits, group)
     weight = dequantize(q, scales, group).double()
     exact = F.linear(blockwise_int8(x).double(), weight).float()
     plain = F.linear(x.double(), weight).float()
-    stored = pack_int4(q) if bits == 4 else q
     for level in levels("int"):
-        got = ext.linear_int(x, [stored], [scales.float().contiguous()], group, bits, level)
+        if bits == 8:
+            got = ext.linear_int(x, [q], [scales.float().contiguous()], group, bits, level)
+        else:  # the tile bodies: whole tiles of 16 rows, then the rest row by row
+            tiled, tiled_scales = tile_int4(pack_int4(q), scales.float())
+            got = ext.linear_int4_tiles(x, [tiled], [tiled_scales], group, level)
         assert relative(got, exact) < 1e-5
         assert relative(got, plain) < 0.02
-    if bits == 4:  # the tile bodies: whole tiles of 16 rows, then the rest row by row
-        tiled, tiled_scales = tile_int4(stored, scales.float())
-        for level in levels("int"):
-            got = ext.linear_int4_tiles(x, [tiled], [tiled_scales], group, level)
-            assert relative(got, exact) < 1e-5
 
 
 @pytest.mark.parametrize("n,k,group", [(5, 64, 32), (16, 32, 32), (33, 128, 64), (771, 256, 128)])
@@ -197,9 +201,8 @@ def test_a_tiled_int4_layer_saves_and_computes_as_before(ext):
         assert all(torch.equal(t, saved[name]) for name, t in layer.state_dict().items())
         assert torch.equal(layer.dequantized_weight(), weight)
         assert torch.equal(layer(x), prompt)
-        if gemv.tiles_int4():
-            want = F.linear(blockwise_int8(x[:1]), weight, layer.bias)
-            assert torch.allclose(layer(x[:1]), want, atol=1e-5)  # one row: the tile body
+        want = F.linear(blockwise_int8(x[:1]), weight, layer.bias)
+        assert torch.allclose(layer(x[:1]), want, atol=1e-5)  # one row: the tile body
     layer.load_state_dict(saved)
     assert not layer.tiled and torch.equal(layer.qweight, saved["qweight"])
 
@@ -214,6 +217,8 @@ def test_kernels_refuse_what_they_cannot_take(ext):
         ext.linear_f32(x, w.t().contiguous().t(), 1)
     transposed = w.t().contiguous().t()
     assert torch.equal(gemv.linear(x, transposed), F.linear(x, transposed))  # torch's path takes it instead
+    with pytest.raises(RuntimeError, match="int4 goes through linear_int4_tiles"):
+        ext.linear_int(x, [torch.zeros(8, 32, dtype=torch.uint8)], [torch.ones(8, 2)], 32, 4, 1)
     q, keys = torch.randn(1, 2, 1, 32), torch.randn(1, 2, 32, 5).transpose(-1, -2)  # a head's positions not in a row
     with pytest.raises(RuntimeError, match="contiguous"):
         ext.decode_attention(q, keys, keys, 1.0, 1)
@@ -263,6 +268,8 @@ def test_quantized_layer_takes_the_kernel_for_few_rows(ext):
         bits = 4 if scheme == "int4" else 8
         q, scales = quantize_weight(w, bits, group or 128)
         layer = QuantizedLinear.from_linear(nn.Linear(128, 40, bias=True), scheme, group, q, scales)
+        assert layer._takes_gemv() == (bits == 8)  # int4 once held in the kernels' tiles
+        layer.tile_for_gemv()  # as prepare_for_decode does (int8: nothing)
         with torch.no_grad():
             got = layer(x)
             want = F.linear(blockwise_int8(x), layer.dequantized_weight(), layer.bias)

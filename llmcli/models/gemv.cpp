@@ -1,8 +1,8 @@
-// Few-row matrix products for decoding on x86: y (M, N) = x (M, K) · Wᵀ with W (N, K) row-major, every output a
-// dot product over a contiguous row of W, so the weights stream from memory once per call. Weights: fp32, bf16,
-// int8 and int4 (symmetric, a float scale per group of `group` inputs; int4 packs columns 2j and 2j + 1 in the low
-// and high nibble of byte j, stored as q + 8). For the integer weights the activations are quantized to int8 per
-// block of 32 (a float scale each) and the dot products run on integers, as llama.cpp's Q8_0 / Q4_0 do.
+// Few-row matrix products for decoding on x86: y (M, N) = x (M, K) · Wᵀ with W (N, K), the weights streamed from
+// memory once per call. Weights: fp32, bf16 and int8 row-major, every output a dot product over a contiguous row of
+// W; int4 (symmetric, a float scale per group of `group` inputs, stored as q + 8) in tiles of 16 rows, a vector lane
+// per row (see int4_tile). For the integer weights the activations are quantized to int8 per block of 32 (a float
+// scale each) and the dot products run on integers, as llama.cpp's Q8_0 / Q4_0 do.
 //
 // Each kernel has an AVX-512 body (FMA, BF16 dot products, VNNI) and an AVX2 body, compiled for their own targets;
 // llmcli.models.gemv picks one from the CPU's features at run time (`isa`: 2 = AVX-512, 1 = AVX2). Output rows are
@@ -140,67 +140,34 @@ AVX2 void bf16_avx2(const Rows& a, int64_t n0, int64_t n1) {
   }
 }
 
-// ---- int8 and int4 weights against int8 activation blocks of 32. A step covers several blocks (512 bits: 2 of int8,
-// 4 of int4; 256 bits: 1); its integer dot products land in 32-bit lanes, each lane belonging to one block, and are
+// ---- int8 weights (one scale per row) against int8 activation blocks of 32. A 512-bit step covers 2 blocks (64
+// bytes), a 256-bit one 1; its integer dot products land in 32-bit lanes, each lane belonging to one block, and are
 // scaled by the lane's activation scale (lane_scales, laid out by the caller to match) before joining a float
-// accumulator.
-// int8 weights have one scale per row, applied at the end; int4 ones one per group, applied per block.
+// accumulator; the row's scale is applied at the end.
+constexpr int64_t kBlocksPerStep = 2;  // a 512-bit step's
 
-// A 512-bit step covers 2 blocks of int8 weights (64 bytes) or 4 blocks of int4 ones (64 packed bytes, unpacked to
-// their low nibbles and their high nibbles, two vectors multiplied by the activations' even and odd columns).
-template <int Bits>
-constexpr int64_t kBlocksPerStep = Bits == 8 ? 2 : 4;
-
-// One step's products as floats, activation-scaled, one block per 8 (int8) or 4 (int4) lanes: `w` the step's weight
-// bytes, x0 / x1 the step's activation bytes (int4: the even and the odd columns; int8: x0 alone), `fix` its lane
-// corrections and `xs` its lane scales. VNNI multiplies unsigned by signed bytes: int8 weights enter as w + 128
-// (w xor 0x80), int4 ones as q + 8 (as stored); `fix` holds -128 (or -8) times each block's activation sum in its
-// first lane, which puts Σ w·x back.
-template <int Bits>
-AVX512_VNNI inline __m512 step512(__m512i w, __m512i x0, __m512i x1, __m512i fix, __m512 xs) {
-  __m512i dot;
-  if (Bits == 8) {
-    dot = _mm512_dpbusd_epi32(fix, _mm512_xor_si512(w, _mm512_set1_epi8(static_cast<char>(0x80))), x0);
-  } else {
-    const __m512i nibble = _mm512_set1_epi8(0x0F);
-    dot = _mm512_dpbusd_epi32(fix, _mm512_and_si512(w, nibble), x0);
-    dot = _mm512_dpbusd_epi32(dot, _mm512_and_si512(_mm512_srli_epi16(w, 4), nibble), x1);
-  }
+// One step's products as floats, activation-scaled, one block per 8 lanes: `w` the step's weight bytes, `x` its
+// activation bytes, `fix` its lane corrections and `xs` its lane scales. VNNI multiplies unsigned by signed bytes:
+// the weights enter as w + 128 (w xor 0x80); `fix` holds -128 times each block's activation sum in its first lane,
+// which puts Σ w·x back.
+AVX512_VNNI inline __m512 step512(__m512i w, __m512i x, __m512i fix, __m512 xs) {
+  const __m512i dot = _mm512_dpbusd_epi32(fix, _mm512_xor_si512(w, _mm512_set1_epi8(static_cast<char>(0x80))), x);
   return _mm512_mul_ps(_mm512_cvtepi32_ps(dot), xs);
 }
 
-// int4: the step's four block scales (the weights' own) spread to their lanes ([first x4, second x4, ...]).
-AVX512_VNNI inline __m512 spread4(__m128 four) {
-  const __m512i spread = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
-  return _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(four));
-}
-
-// int4: the weight scales of step v's `present` blocks (ws: the row's scales; per_group: blocks per scale).
-AVX512_VNNI inline __m128 scales4(const float* ws, int64_t per_group, int64_t v, int64_t present) {
-  if (per_group == 1) return _mm_maskz_loadu_ps((__mmask8)((1 << present) - 1), ws + 4 * v);
-  alignas(16) float gathered[4] = {0.f, 0.f, 0.f, 0.f};
-  for (int64_t j = 0; j < present; ++j) gathered[j] = ws[(4 * v + j) / per_group];
-  return _mm_load_ps(gathered);
-}
-
-// A tile's rows interleave their reads, which the hardware's stream prefetchers follow poorly: each read also asks
-// for the same bytes kAhead tiles on.
-constexpr int64_t kAhead = 2;
-// Rows per tile: int4 four; int8 rows are twice as long, and streamed from memory one at a time ran faster
-template <int Bits>
-constexpr int kTile = Bits == 4 ? 4 : 1;
-
-struct IntShape {  // what does not change along a call's rows (a row is a few steps long: K = 576, 5 to 9)
-  int64_t whole, rest, steps, xb, row_bytes, groups, per_group;
+struct IntShape {  // what does not change along a call's rows (a row is a few steps long: K = 576, 9 steps)
+  int64_t whole, rest, steps, xb, row_bytes;
   __mmask64 rest_bytes;
 };
 
-// Rows n .. n + R - 1 against every activation row: each step's activations loaded once for all R rows; the whole
-// steps unmasked, then the last partial one (blocks past the row's end read as zero).
-template <int Bits, int R>
+// Rows n .. n + R - 1 against every activation row: the whole steps unmasked, then the last partial one (blocks past
+// the row's end read as zero). R = 1: int8 rows streamed from memory one after the other ran faster than 4
+// interleaved (0.6-0.75x, even with software prefetch). Kept in this form: the same loop rewritten for one row,
+// without the tile's arrays, streamed at 0.82-0.93x on some shapes (benchmarks/gemv_versions.py; cause not found).
+template <int R>
 AVX512_VNNI inline void int_tile512(const Rows& a, const IntShape& s, int64_t n) {
   const uint8_t* w = static_cast<const uint8_t*>(a.w) + n * s.row_bytes;
-  const float* ws = a.scales + n * s.groups;
+  const float* ws = a.scales + n;
   for (int64_t m = 0; m < a.M; ++m) {
     const int8_t* x = static_cast<const int8_t*>(a.x) + m * s.steps * s.xb;
     const float* xs = a.lane_scales + m * s.steps * 16;
@@ -209,17 +176,13 @@ AVX512_VNNI inline void int_tile512(const Rows& a, const IntShape& s, int64_t n)
     for (int r = 0; r < R; ++r) acc[0][r] = acc[1][r] = _mm512_setzero_ps();
     auto step = [&](int64_t v, bool partial, int j) AVX512_VNNI {  // step v's products of every row into acc[j]
       const __m512i x0 = _mm512_loadu_si512(x + s.xb * v);
-      const __m512i x1 = Bits == 4 ? _mm512_loadu_si512(x + s.xb * v + 64) : x0;
       const __m512i f = _mm512_loadu_si512(fix + 16 * v);
       const __m512 l = _mm512_loadu_ps(xs + 16 * v);
       for (int r = 0; r < R; ++r) {
         const uint8_t* wv = w + r * s.row_bytes + 64 * v;
-        if (R > 1) _mm_prefetch(reinterpret_cast<const char*>(wv) + kAhead * R * s.row_bytes, _MM_HINT_T0);
-        const __m512 p = step512<Bits>(partial ? _mm512_maskz_loadu_epi8(s.rest_bytes, wv) : _mm512_loadu_si512(wv),
-                                       x0, x1, f, l);
-        acc[j][r] = Bits == 8 ? _mm512_add_ps(acc[j][r], p)
-                              : _mm512_fmadd_ps(p, spread4(scales4(ws + r * s.groups, s.per_group, v,
-                                                                   partial ? s.rest : 4)), acc[j][r]);
+        const __m512 p = step512(partial ? _mm512_maskz_loadu_epi8(s.rest_bytes, wv) : _mm512_loadu_si512(wv),
+                                 x0, f, l);
+        acc[j][r] = _mm512_add_ps(acc[j][r], p);
       }
     };
     int64_t v = 0;
@@ -230,29 +193,47 @@ AVX512_VNNI inline void int_tile512(const Rows& a, const IntShape& s, int64_t n)
     if (v < s.whole) step(v, false, 0);
     if (s.rest) step(s.whole, true, 1);
     for (int r = 0; r < R; ++r)
-      a.y[m * a.ldy + n + r] =
-          _mm512_reduce_add_ps(_mm512_add_ps(acc[0][r], acc[1][r])) * (Bits == 8 ? ws[r * s.groups] : 1.f);
+      a.y[m * a.ldy + n + r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0][r], acc[1][r])) * ws[r];
   }
 }
 
-// Four rows at a time (the activations' loads shared: a step is otherwise as much loading as multiplying), then
-// the rest one by one.
-template <int Bits>
-AVX512_VNNI void int_avx512(const Rows& a, int64_t n0, int64_t n1) {
-  constexpr int64_t per_step = kBlocksPerStep<Bits>, block_bytes = Bits == 8 ? kBlock : kBlock / 2;
+AVX512_VNNI void int8_avx512(const Rows& a, int64_t n0, int64_t n1) {
   const int64_t blocks = a.K / kBlock;
   IntShape s;
-  s.whole = blocks / per_step;
-  s.rest = blocks % per_step;
+  s.whole = blocks / kBlocksPerStep;
+  s.rest = blocks % kBlocksPerStep;
   s.steps = s.whole + (s.rest > 0);
-  s.xb = per_step * kBlock;  // activation bytes per step (int8 blocks of 32)
-  s.row_bytes = blocks * block_bytes;
-  s.groups = a.K / a.group;
-  s.per_group = a.group / kBlock;  // int4: blocks per weight scale
-  s.rest_bytes = (__mmask64)((1ULL << (s.rest * block_bytes)) - 1);
-  int64_t n = n0;
-  for (; n + kTile<Bits> <= n1; n += kTile<Bits>) int_tile512<Bits, kTile<Bits>>(a, s, n);
-  for (; n < n1; ++n) int_tile512<Bits, 1>(a, s, n);
+  s.xb = kBlocksPerStep * kBlock;  // activation bytes per step
+  s.row_bytes = a.K;
+  s.rest_bytes = (__mmask64)((1ULL << (s.rest * kBlock)) - 1);
+  for (int64_t n = n0; n < n1; ++n) int_tile512<1>(a, s, n);
+}
+
+// One block's dot product in 8 lanes. AVX2 multiplies unsigned by signed bytes into saturating int16 pairs: the
+// weights enter as |w| against x with w's sign (|w|·|x| ≤ 128·127, pairs fit).
+AVX2 inline __m256i int8_block_dot256(const int8_t* w, __m256i x) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(x, wv)), ones);
+}
+
+AVX2 void int8_avx2(const Rows& a, int64_t n0, int64_t n1) {
+  const int64_t blocks = a.K / kBlock;
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* w = static_cast<const int8_t*>(a.w) + n * a.K;
+    for (int64_t m = 0; m < a.M; ++m) {
+      const int8_t* x = static_cast<const int8_t*>(a.x) + m * blocks * kBlock;
+      const float* xs = a.lane_scales + m * blocks * 8;
+      __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+#define STEP(s, i)                                                                                          \
+  s = _mm256_fmadd_ps(_mm256_cvtepi32_ps(int8_block_dot256(                                                 \
+                          w + kBlock * (i), _mm256_loadu_si256((const __m256i*)(x + kBlock * (i))))),       \
+                      _mm256_loadu_ps(xs + 8 * (i)), s);
+      FOUR_WAY(blocks, STEP)
+#undef STEP
+      a.y[m * a.ldy + n] = sum256(acc) * a.scales[n];
+    }
+  }
 }
 
 // ---- int4 weights in tiles of 16 rows, the tile bodies' own layout (made by llmcli.models.quantized's
@@ -364,53 +345,6 @@ void int4_row(const Rows& a, const TileShape& s, int64_t n) {
   }
 }
 
-// 16 packed bytes (a block of int4) as [low nibbles | high nibbles]: columns 0, 2, .., 30 then 1, 3, .., 31.
-AVX2 inline __m256i int4_block(const uint8_t* packed) {
-  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(packed));
-  const __m128i nibble = _mm_set1_epi8(0x0F);
-  return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(bytes, 4), nibble), _mm_and_si128(bytes, nibble));
-}
-
-// One block's dot product in 8 lanes. AVX2 multiplies unsigned by signed bytes into saturating int16 pairs: int8
-// weights enter as |w| against x with w's sign (|w|·|x| ≤ 128·127, pairs fit), int4 ones as q + 8 ≤ 15 (the lane
-// correction takes the offset back out).
-template <int Bits>
-AVX2 inline __m256i block_dot256(const Rows& a, int64_t row, int64_t b, __m256i x, const int32_t* fix) {
-  const __m256i ones = _mm256_set1_epi16(1);
-  if (Bits == 8) {
-    const __m256i w = _mm256_loadu_si256(
-        reinterpret_cast<const __m256i*>(static_cast<const int8_t*>(a.w) + row * a.K + b * kBlock));
-    return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w)), ones);
-  }
-  const __m256i w = int4_block(static_cast<const uint8_t*>(a.w) + row * (a.K / 2) + b * (kBlock / 2));
-  return _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(w, x), ones),
-                          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(fix + 8 * b)));
-}
-
-template <int Bits>
-AVX2 void int_avx2(const Rows& a, int64_t n0, int64_t n1) {
-  const int64_t blocks = a.K / kBlock, per_group = a.group / kBlock;
-  for (int64_t n = n0; n < n1; ++n) {
-    const float* ws = a.scales + n * (a.K / a.group);
-    for (int64_t m = 0; m < a.M; ++m) {
-      const int8_t* x = static_cast<const int8_t*>(a.x) + m * blocks * kBlock;
-      const float* xs = a.lane_scales + m * blocks * 8;
-      const int32_t* fix = a.lane_fix + m * blocks * 8;
-      __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-#define STEP(s, i)                                                                                                \
-  {                                                                                                               \
-    const __m256i dot = block_dot256<Bits>(a, n, i, _mm256_loadu_si256((const __m256i*)(x + kBlock * (i))), fix); \
-    __m256 scale = _mm256_loadu_ps(xs + 8 * (i));                                                                 \
-    if (Bits == 4) scale = _mm256_mul_ps(scale, _mm256_set1_ps(ws[(i) / per_group]));                            \
-    s = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, s);                                                       \
-  }
-      FOUR_WAY(blocks, STEP)
-#undef STEP
-      a.y[m * a.ldy + n] = sum256(acc) * (Bits == 8 ? a.scales[n] : 1.f);
-    }
-  }
-}
-
 // One block of 32 activations -> int8 (scale = absmax / 127, rounded to nearest even), in natural order.
 AVX2 void quantize_block(const float* in, int32_t* q, float* scale, int32_t* sum) {
   const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
@@ -473,16 +407,14 @@ void check(const torch::Tensor& x, const torch::Tensor& w, int64_t k, int64_t is
   TORCH_CHECK(x.size(1) == k && k % kBlock == 0, "K must match and be a multiple of 32");
 }
 
-// Activations (M, K) fp32 -> what the integer bodies read per x row: int8 blocks of 32 placed as the weights'
-// bytes are (int4: a vector's low nibbles, then its high ones), zero-padded to whole vectors; per vector, each
-// lane's activation scale and correction (-offset · the block's sum, in the block's first lane; offset 128 or 8,
-// or 0 when the body needs none). isa 2: vectors of 2 (int8) or 4 (int4) blocks and 16 lanes; isa 1: 1 block and 8
-// lanes. Fills `a`'s x, lane_scales and lane_fix, raw pointers into `buffer` (zeroed here; a decode step makes some
-// 200 of these calls, and a tensor for it, or each view of one, would cost a dispatch).
-void prepare_int8_rows(const torch::Tensor& x, int64_t bits, int64_t isa, int32_t offset, Rows& a,
-                       std::vector<int64_t>& buffer) {
+// Activations (M, K) fp32 -> what the int8 bodies read per x row: int8 blocks of 32 in natural order, zero-padded
+// to whole vectors; per vector, each lane's activation scale and correction (-offset · the block's sum, in the
+// block's first lane; offset 128, or 0 when the body needs none). isa 2: vectors of 2 blocks and 16 lanes; isa 1: 1
+// block and 8 lanes. Fills `a`'s x, lane_scales and lane_fix, raw pointers into `buffer` (zeroed here; a decode step
+// makes some 200 of these calls, and a tensor for it, or each view of one, would cost a dispatch).
+void prepare_int8_rows(const torch::Tensor& x, int64_t isa, int32_t offset, Rows& a, std::vector<int64_t>& buffer) {
   const int64_t M = x.size(0), K = x.size(1), blocks = K / kBlock;
-  const int64_t per_vector = isa == 2 ? (bits == 8 ? 2 : 4) : 1, lanes = isa == 2 ? 16 : 8;
+  const int64_t per_vector = isa == 2 ? 2 : 1, lanes = isa == 2 ? 16 : 8;
   const int64_t vectors = (blocks + per_vector - 1) / per_vector;
   const int64_t vector_bytes = per_vector * kBlock;
   const int64_t q_bytes = (M * vectors * vector_bytes + 63) / 64 * 64, lane_bytes = M * vectors * lanes * 4;
@@ -503,12 +435,8 @@ void prepare_int8_rows(const torch::Tensor& x, int64_t bits, int64_t isa, int32_
       quantize_block(xp + m * K + b * kBlock, values, &scale, &sum);
 #endif
       const int64_t v = b / per_vector, j = b % per_vector;  // vector, and which of its blocks
-      int8_t* out = q + m * vectors * vector_bytes + v * vector_bytes;
-      for (int64_t i = 0; i < kBlock; ++i) {
-        // int4: even columns sit in quarter j, odd ones in quarter per_vector + j (16 bytes each)
-        const int64_t at = bits == 8 ? j * kBlock + i : (i % 2 ? per_vector + j : j) * 16 + i / 2;
-        out[at] = static_cast<int8_t>(values[i]);
-      }
+      int8_t* out = q + (m * vectors + v) * vector_bytes + j * kBlock;
+      for (int64_t i = 0; i < kBlock; ++i) out[i] = static_cast<int8_t>(values[i]);
       // block j of a vector owns lanes j * own .. (j + 1) * own - 1; its correction goes in the first
       const int64_t own = lanes / per_vector, first = (m * vectors + v) * lanes + j * own;
       std::fill(ls + first, ls + first + own, scale);
@@ -587,38 +515,34 @@ torch::Tensor linear(torch::Tensor x, std::vector<torch::Tensor> w, c10::optiona
   return finish(float_products(as_rows(x, w[0].size(1), wanted), w, isa), x, bias);
 }
 
-// Each qweight: int8 (N_i, K) with scales (N_i, 1), or uint8 (N_i, K / 2) with bits = 4 and scales (N_i, K / group);
-// x (..., K) fp32 or bf16, quantized to int8 blocks here once for all of them; the outputs side by side in x's dtype.
+// Each qweight int8 (N_i, K) with scales (N_i, 1) (group = K, bits = 8: int4 goes through linear_int4_tiles); x
+// (..., K) fp32 or bf16, quantized to int8 blocks here once for all of them; the outputs side by side in x's dtype.
 torch::Tensor linear_int(torch::Tensor x, std::vector<torch::Tensor> qweight, std::vector<torch::Tensor> scales,
                          int64_t group, int64_t bits, int64_t isa) {
   TORCH_CHECK(!qweight.empty() && qweight.size() == scales.size(), "one scales tensor per qweight");
-  TORCH_CHECK(bits == 4 || bits == 8, "bits is 4 or 8");
-  const int64_t K = bits == 4 ? qweight[0].size(1) * 2 : qweight[0].size(1);
+  TORCH_CHECK(bits == 8, "bits is 8 (int4 goes through linear_int4_tiles)");
+  const int64_t K = qweight[0].size(1);
   const auto rows = as_rows(x, K, torch::kFloat32);
   std::vector<Rows> parts;
   for (size_t i = 0; i < qweight.size(); ++i) {
     const auto& q = qweight[i];
     const auto& s = scales[i];
     check(rows, q, K, isa);
-    TORCH_CHECK(q.scalar_type() == (bits == 4 ? torch::kUInt8 : torch::kInt8), "int8, or uint8 nibbles");
-    TORCH_CHECK(s.scalar_type() == torch::kFloat32, "fp32 scales");
-    TORCH_CHECK(bits == 4 || group == K, "int8 takes one scale per row (group = K)");
-    TORCH_CHECK(group % kBlock == 0 && K % group == 0 && s.is_contiguous() && s.dim() == 2 && s.size(0) == q.size(0) &&
-                    s.size(1) == K / group, "scales (N, K / group), group a multiple of 32");
+    TORCH_CHECK(q.scalar_type() == torch::kInt8, "int8 weights");
+    TORCH_CHECK(group == K && s.scalar_type() == torch::kFloat32 && s.is_contiguous() && s.dim() == 2 &&
+                    s.size(0) == q.size(0) && s.size(1) == 1, "fp32 scales (N, 1): one per row, group = K");
     parts.push_back({q.data_ptr(), s.data_ptr<float>(), group, nullptr, nullptr, nullptr, nullptr, rows.size(0), K,
                      q.size(0), q.size(0)});
   }
 #if defined(__x86_64__)
-  const int32_t offset = bits == 4 ? 8 : (isa == 2 ? 128 : 0);
   std::vector<int64_t> buffer;
-  prepare_int8_rows(rows, bits, isa, offset, parts[0], buffer);
+  prepare_int8_rows(rows, isa, isa == 2 ? 128 : 0, parts[0], buffer);
   for (auto& part : parts) {
     part.x = parts[0].x;
     part.lane_scales = parts[0].lane_scales;
     part.lane_fix = parts[0].lane_fix;
   }
-  const Body body = isa == 2 ? (bits == 4 ? int_avx512<4> : int_avx512<8>) : (bits == 4 ? int_avx2<4> : int_avx2<8>);
-  return finish(run(body, parts), x, c10::nullopt);
+  return finish(run(isa == 2 ? int8_avx512 : int8_avx2, parts), x, c10::nullopt);
 #else
   return {};
 #endif

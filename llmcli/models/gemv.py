@@ -136,10 +136,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 def int_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int,
                bits: int, tiled: bool = False) -> torch.Tensor:
-    """x · (q · scale)ᵀ for int8 (N, K) or packed int4 (N, K / 2) weights with fp32 scales (N, K / group_size),
-    the activations quantized to int8 per block of 32 inside the kernel; `tiled`: int4 in the tile body's layout
-    (`tiles_int4`). The caller checks `fits` and that the kernels are loaded ("int" in LEVELS); group_size must be
-    a multiple of 32. Returns x's dtype."""
+    """x · (q · scale)ᵀ for int8 (N, K) weights with fp32 scales (N, 1), or int4 (N, K / 2) in the tile bodies'
+    layout (`tiled`; models.quantized.tile_int4) with scales (N, K / group_size); the activations quantized to int8
+    per block of 32 inside the kernel. The caller checks `fits` and that the kernels are loaded ("int" in LEVELS);
+    group_size must be a multiple of 32. Returns x's dtype."""
     return _int_products(x, [qweight], [scales], group_size, bits, tiled)
 
 
@@ -150,10 +150,10 @@ def _int_products(x, qweights: list, scales: list, group_size: int, bits: int, t
 
 
 def tiles_int4() -> bool:
-    """Whether int4 layers decode through the tile bodies (models.quantized.tile_int4's layout, made by
-    prepare_for_decode): wherever the integer kernels run. In cache the AVX-512 VNNI tile body runs 1.6x the row-major
-    body's speed (a third of its instructions per byte); streamed from memory, where the bytes decide, 1.1-1.2x
-    (benchmarks/gemv_versions.py)."""
+    """Whether int4 layers decode through our kernels' tile bodies (models.quantized.tile_int4's layout, made by
+    prepare_for_decode): wherever the integer kernels run. Against the row-major int4 bodies they replaced (840e989):
+    AVX-512 VNNI 1.6x in cache (a third of the instructions per byte), 1.1-1.2x streamed from memory, where the bytes
+    decide; AVX2 3.7x and 1.4-1.7x (benchmarks/gemv_versions.py)."""
     return "int" in LEVELS
 
 
@@ -250,8 +250,8 @@ def prepare_for_decode(model: nn.Module) -> nn.Module:
             set_submodule(model, name, DecodeLinear.wrapping(module))
         elif isinstance(module, Attention):
             module.sdpa = attention
-        elif hasattr(module, "tile_for_gemv") and module.gemv_operands() is not None and tiles_int4():
-            module.tile_for_gemv()  # models.quantized.QuantizedLinear: int4 in the tile body's layout
+        elif hasattr(module, "tile_for_gemv") and tiles_int4():
+            module.tile_for_gemv()  # models.quantized.QuantizedLinear: int4 in the tile bodies' layout
     for module in model.modules():
         if isinstance(module, Attention) and not module.cross:
             _fuse(module, "fused_qkv", [module.q_proj, module.k_proj, module.v_proj])

@@ -10,9 +10,9 @@ How the integers are chosen (round to nearest, GPTQ) is llmcli.compression.quant
 Which compute path runs (chosen in QuantizedLinear.forward):
 - int8, int4 on an x86 CPU, a few rows (decode): llmcli's own kernels (models/gemv.cpp), activations quantized to
   int8 per block of 32, integer dot products (VNNI or AVX2); fp32 or bf16 activations alike. They stream the
-  weights at most of the read bandwidth (benchmarks/gemv.py in RESULTS.md). With AVX-512 VNNI an int4 layer is
-  held in the kernel's tiles of 16 rows once readied for decoding (`tile_for_gemv`, `tile_int4`: the same bytes
-  rearranged); every other path, and its state dict, reads it row-major (`row_major`).
+  weights at most of the read bandwidth (benchmarks/gemv.py in RESULTS.md). int4 runs there once readied for
+  decoding (gemv.prepare_for_decode), which holds the layer in the kernels' tiles of 16 rows (`tile_for_gemv`,
+  `tile_int4`: the same bytes rearranged); every other path, and its state dict, reads it row-major (`row_major`).
 - int8, int4 on CPU otherwise (a prompt), or where our kernels did not build: ATen's `_weight_int8pack_mm` /
   `_weight_int4pack_mm_for_cpu` in bf16 (fp32 activations are cast to bf16 and back: their x86 vector code is
   bf16-only, with fp32 they run scalar code), where the layer meets their assumptions.
@@ -79,7 +79,7 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack((low, high), dim=-1).reshape(packed.shape[0], -1).to(torch.int8) - 8
 
 
-TILE_ROWS = 16  # rows per tile of gemv.cpp's int4 tile body
+TILE_ROWS = 16  # rows per tile of gemv.cpp's int4 tile bodies
 
 
 def tile_int4(packed: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,9 +150,10 @@ class QuantizedLinear(nn.Module):
         return untile_int4(self.qweight, self.scales) if self.tiled else (self.qweight, self.scales)
 
     def tile_for_gemv(self) -> None:
-        """int4: hold the weights in gemv.cpp's tiles of 16 rows (its AVX-512 VNNI body reads them; `tile_int4`),
-        in place of the row-major bytes (no second copy). Every other path reads them through `row_major`."""
-        if self.bits == 4 and not self.tiled:
+        """int4: hold the weights in gemv.cpp's tiles of 16 rows (its int4 bodies read them; `tile_int4`),
+        in place of the row-major bytes (no second copy), where our kernels take the layer. Every other path reads
+        them through `row_major`."""
+        if self.bits == 4 and not self.tiled and self._gemv_shape():
             self.qweight, self.scales = tile_int4(self.qweight, self.scales.float())
             self.tiled, self._kernel = True, None
 
@@ -283,8 +284,12 @@ class QuantizedLinear(nn.Module):
         return (self.qweight, self.scales.float().contiguous()) if self._takes_gemv() else None
 
     def _takes_gemv(self) -> bool:
-        """Whether our kernels are loaded (gemv.prepare_for_decode loads them) and take this layer: weight-only
-        int8 or int4 in whole blocks of 32. Few-row calls (see gemv.fits) then run on them."""
+        """Whether our kernels take this layer's few-row calls (see gemv.fits): int8, or int4 held in their tiles
+        (gemv.prepare_for_decode loads the kernels and tiles the layers)."""
+        return self._gemv_shape() and (self.bits == 8 or self.tiled)
+
+    def _gemv_shape(self) -> bool:
+        """Whether our kernels are loaded and could take this layer: weight-only int8 or int4 in whole blocks of 32."""
         return ("int" in gemv.LEVELS and self.scheme != "int8-dynamic" and self.in_features % gemv.BLOCK == 0
                 and self.group_size % gemv.BLOCK == 0)
 
