@@ -251,10 +251,10 @@ struct TileShape {
   int64_t blocks, per_group, groups, row_bytes;  // row_bytes: K / 2
 };
 
-AVX512_VNNI inline __m512i broadcast4(const int8_t* p) {
+inline int32_t four_bytes(const int8_t* p) {  // 4 activation bytes, to broadcast to every row's lane
   int32_t four;
   std::memcpy(&four, p, 4);
-  return _mm512_set1_epi32(four);
+  return four;
 }
 
 // Tile t (rows 16t .. 16t + 15) against every activation row.
@@ -273,9 +273,9 @@ AVX512_VNNI void int4_tile(const Rows& a, const TileShape& s, int64_t t) {
       __m512i low = _mm512_set1_epi32(fix[b]), high = _mm512_setzero_si512();
       for (int i = 0; i < 4; ++i) {
         const __m512i packed = _mm512_loadu_si512(wb + 64 * i);
-        low = _mm512_dpbusd_epi32(low, _mm512_and_si512(packed, nibble), broadcast4(xb + 4 * i));
+        low = _mm512_dpbusd_epi32(low, _mm512_and_si512(packed, nibble), _mm512_set1_epi32(four_bytes(xb + 4 * i)));
         high = _mm512_dpbusd_epi32(high, _mm512_and_si512(_mm512_srli_epi16(packed, 4), nibble),
-                                   broadcast4(xb + 16 + 4 * i));
+                                   _mm512_set1_epi32(four_bytes(xb + 16 + 4 * i)));
       }
       const __m512 scale = _mm512_mul_ps(_mm512_loadu_ps(ws + (b / s.per_group) * kTileRows), _mm512_set1_ps(xs[b]));
       acc[b & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(low, high)), scale, acc[b & 1]);
@@ -287,12 +287,6 @@ AVX512_VNNI void int4_tile(const Rows& a, const TileShape& s, int64_t t) {
 // The AVX2 body over the same tiles: a 64-byte run as two halves of 8 rows. AVX2 multiplies unsigned by signed bytes
 // into int16 pairs (15 · 127 · 2 at most), so a block's 8 pair sums add up in int16 (30,480 at most) before one
 // widening to int32.
-AVX2 inline __m256i broadcast4_256(const int8_t* p) {
-  int32_t four;
-  std::memcpy(&four, p, 4);
-  return _mm256_set1_epi32(four);
-}
-
 AVX2 void int4_tile_avx2(const Rows& a, const TileShape& s, int64_t t) {
   const uint8_t* w = static_cast<const uint8_t*>(a.w) + t * kTileRows * s.row_bytes;
   const float* ws = a.scales + t * kTileRows * s.groups;
@@ -313,8 +307,8 @@ AVX2 void int4_tile_avx2(const Rows& a, const TileShape& s, int64_t t) {
           const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 64 * i + 32 * h));
           const __m256i low = _mm256_and_si256(packed, nibble);
           const __m256i high = _mm256_and_si256(_mm256_srli_epi16(packed, 4), nibble);
-          pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(low, broadcast4_256(xb + 4 * i)));
-          pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(high, broadcast4_256(xb + 16 + 4 * i)));
+          pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(low, _mm256_set1_epi32(four_bytes(xb + 4 * i))));
+          pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(high, _mm256_set1_epi32(four_bytes(xb + 16 + 4 * i))));
         }
         const __m256i dot = _mm256_add_epi32(_mm256_madd_epi16(pairs, ones), correction);
         const __m256 scale = _mm256_mul_ps(_mm256_loadu_ps(ws + (b / s.per_group) * kTileRows + 8 * h), xscale);
