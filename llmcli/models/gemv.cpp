@@ -401,14 +401,16 @@ void check(const torch::Tensor& x, const torch::Tensor& w, int64_t k, int64_t is
   TORCH_CHECK(x.size(1) == k && k % kBlock == 0, "K must match and be a multiple of 32");
 }
 
-// Activations (M, K) fp32 -> what the int8 bodies read per x row: int8 blocks of 32 in natural order, zero-padded
-// to whole vectors; per vector, each lane's activation scale and correction (-offset · the block's sum, in the
-// block's first lane; offset 128, or 0 when the body needs none). isa 2: vectors of 2 blocks and 16 lanes; isa 1: 1
-// block and 8 lanes. Fills `a`'s x, lane_scales and lane_fix, raw pointers into `buffer` (zeroed here; a decode step
-// makes some 200 of these calls, and a tensor for it, or each view of one, would cost a dispatch).
-void prepare_int8_rows(const torch::Tensor& x, int64_t isa, int32_t offset, Rows& a, std::vector<int64_t>& buffer) {
+// Activations (M, K) fp32 -> what the integer bodies read per x row: int8 blocks of 32 in natural order, zero-padded
+// to whole vectors of `per_vector` blocks; per vector, each of its `lanes` lanes' activation scale and correction
+// (-offset · the block's sum, in the block's first lane; offset 128 or 8, or 0 when the body needs none). The int8
+// bodies: vectors of 2 blocks and 16 lanes (AVX-512) or 1 block and 8 lanes (AVX2); the int4 tiles: 1 block and 1
+// lane (a scale and a correction per block). Fills `a`'s x, lane_scales and lane_fix, raw pointers into `buffer`
+// (zeroed here; a decode step makes some 200 of these calls, and a tensor for it, or each view of one, would cost a
+// dispatch).
+void prepare_int8_rows(const torch::Tensor& x, int64_t per_vector, int64_t lanes, int32_t offset, Rows& a,
+                       std::vector<int64_t>& buffer) {
   const int64_t M = x.size(0), K = x.size(1), blocks = K / kBlock;
-  const int64_t per_vector = isa == 2 ? 2 : 1, lanes = isa == 2 ? 16 : 8;
   const int64_t vectors = (blocks + per_vector - 1) / per_vector;
   const int64_t vector_bytes = per_vector * kBlock;
   const int64_t q_bytes = (M * vectors * vector_bytes + 63) / 64 * 64, lane_bytes = M * vectors * lanes * 4;
@@ -530,7 +532,7 @@ torch::Tensor linear_int(torch::Tensor x, std::vector<torch::Tensor> qweight, st
   }
 #if defined(__x86_64__)
   std::vector<int64_t> buffer;
-  prepare_int8_rows(rows, isa, isa == 2 ? 128 : 0, parts[0], buffer);
+  prepare_int8_rows(rows, isa == 2 ? 2 : 1, isa == 2 ? 16 : 8, isa == 2 ? 128 : 0, parts[0], buffer);
   for (auto& part : parts) {
     part.x = parts[0].x;
     part.lane_scales = parts[0].lane_scales;
@@ -568,27 +570,17 @@ torch::Tensor linear_int4_tiles(torch::Tensor x, std::vector<torch::Tensor> qwei
     total += q.size(0);
     units += q.size(0) / kTileRows + q.size(0) % kTileRows;  // a whole tile, or a row past the tiles
   }
-  const int64_t M = rows.size(0), blocks = K / kBlock;
-  std::vector<int64_t> buffer((M * K + 7) / 8 + M * blocks, 0);  // int8 activations, then scales and corrections
-  int8_t* q8 = reinterpret_cast<int8_t*>(buffer.data());
-  float* xs = reinterpret_cast<float*>(buffer.data() + (M * K + 7) / 8);
-  int32_t* fix = reinterpret_cast<int32_t*>(xs + M * blocks);
-  const float* xp = rows.data_ptr<float>();
-  alignas(32) int32_t values[kBlock];
-  for (int64_t m = 0; m < M; ++m) {
-    for (int64_t b = 0; b < blocks; ++b) {
-      int32_t sum;
-      quantize_block(xp + m * K + b * kBlock, values, xs + m * blocks + b, &sum);
-      for (int64_t i = 0; i < kBlock; ++i) q8[m * K + b * kBlock + i] = static_cast<int8_t>(values[i]);
-      fix[m * blocks + b] = -8 * sum;
-    }
-  }
+  const int64_t M = rows.size(0);
+  Rows activations{};
+  std::vector<int64_t> buffer;
+  prepare_int8_rows(rows, 1, 1, 8, activations, buffer);
   auto y = torch::empty({M, total}, torch::kFloat32);
   std::vector<Rows> parts;
   int64_t offset = 0;
   for (size_t i = 0; i < qweight.size(); ++i) {
-    parts.push_back({qweight[i].data_ptr(), scales[i].data_ptr<float>(), group, q8, xs, fix,
-                     y.data_ptr<float>() + offset, M, K, qweight[i].size(0), total});
+    parts.push_back({qweight[i].data_ptr(), scales[i].data_ptr<float>(), group, activations.x,
+                     activations.lane_scales, activations.lane_fix, y.data_ptr<float>() + offset, M, K,
+                     qweight[i].size(0), total});
     offset += qweight[i].size(0);
   }
   at::parallel_for(0, units, 4, [&](int64_t begin, int64_t end) {
