@@ -2,8 +2,10 @@
 source is built under its own op namespace (`llmcli_base`), both run the same random weights in the shapes of
 smollm2-135m's layers (each shape copied until the copies fill 96 MB, three times the L3 of the machines we see, so
 that they stream from memory as in a decode step) and a hot case (one gate/up pair read again and again, in cache),
-interleaved repetition by repetition; the two outputs are checked to agree. Ours is the call a model makes here:
-int4 in the tile bodies' layout (`gemv.tiles_int4`). Usage:
+interleaved repetition by repetition; the two outputs are checked to agree. Each side makes the call a model makes
+at its commit: ours reads int8 and int4 in the tile bodies' layout (models.quantized.tile_rows); the base's reads
+tiles where its source has the op for them (`linear_int_tiles`, or int4's `linear_int4_tiles`), else row-major
+bytes (`linear_int`). Usage:
     python benchmarks/gemv_versions.py [--base HEAD~1] [--bits 4,8] [--threads 2] [--reps 15] [--isa 1|2] [--no-record]
 """
 
@@ -51,18 +53,21 @@ def operands(bits: int, K: int, sizes: list[int], generator):
             [torch.rand(n, 1, generator=generator) for n in sizes], K)
 
 
-def tile_operands(call):
-    """An int4 call's operands in the tile body's layout."""
-    from llmcli.models.quantized import tile_int4
+def tile_operands(call, bits: int):
+    """A call's operands in the tile bodies' layout."""
+    from llmcli.models.quantized import tile_rows
 
-    tiles = [tile_int4(q, s) for q, s in zip(call[0], call[1])]
+    tiles = [tile_rows(q, s, bits) for q, s in zip(call[0], call[1])]
     return [q for q, _ in tiles], [s for _, s in tiles], call[2]
 
 
-def tiled_op(x, q, s, group, bits, isa):
-    import torch
-
-    return torch.ops.llmcli.linear_int4_tiles.default(x, q, s, group, isa)
+def call(namespace, bits: int, isa: int):
+    """(op, whether it reads tiles) for the commit built as `namespace`: the call its model makes."""
+    if hasattr(namespace, "linear_int_tiles"):
+        return functools.partial(namespace.linear_int_tiles.default, isa=isa), True
+    if bits == 4 and hasattr(namespace, "linear_int4_tiles"):
+        return (lambda x, q, s, group, bits: namespace.linear_int4_tiles.default(x, q, s, group, isa)), True
+    return functools.partial(namespace.linear_int.default, isa=isa), False
 
 
 def main() -> None:
@@ -88,25 +93,25 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         build_base(args.base, Path(tmp))
     torch.set_num_threads(args.threads)
-    theirs = functools.partial(torch.ops.llmcli_base.linear_int.default, isa=level)
     generator = torch.Generator().manual_seed(0)
     rows = []
     for bits in map(int, args.bits.split(",")):
-        tiled = bits == 4 and gemv.tiles_int4()
-        ours = functools.partial(tiled_op if tiled else torch.ops.llmcli.linear_int.default, isa=level)
+        ours, _ = call(torch.ops.llmcli, bits, level)
+        theirs, base_tiled = call(torch.ops.llmcli_base, bits, level)
         for name, K, sizes, streams in SHAPES:
             first = operands(bits, K, sizes, generator)
             nbytes = sum(t.numel() * t.element_size() for t in [*first[0], *first[1]])
             copies = -(-STREAMED // nbytes) if streams else 1
             calls = [first, *(operands(bits, K, sizes, generator) for _ in range(copies - 1))]
-            mine = [tile_operands(call) for call in calls] if tiled else calls
+            mine = [tile_operands(each, bits) for each in calls]
+            their_calls = mine if base_tiled else calls
             x = torch.randn(1, K, generator=generator)
-            torch.testing.assert_close(ours(x, *mine[0], bits=bits), theirs(x, *calls[0], bits=bits),
+            torch.testing.assert_close(ours(x, *mine[0], bits=bits), theirs(x, *their_calls[0], bits=bits),
                                        rtol=1e-4, atol=1e-2)
             inner = 1 if streams else 20
             times = {"ours": [], "base": []}
             for _ in range(args.reps):
-                for label, op, each in (("ours", ours, mine), ("base", theirs, calls)):
+                for label, op, each in (("ours", ours, mine), ("base", theirs, their_calls)):
                     start = time.perf_counter()
                     for _ in range(inner):
                         for q, s, group in each:

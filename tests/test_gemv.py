@@ -14,8 +14,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llmcli.models import build_model, gemv
-from llmcli.models.quantized import (QuantizedLinear, dequantize, pack_int4, qrange, symmetric_scales, tile_int4,
-                                     untile_int4)
+from llmcli.models.quantized import (QuantizedLinear, dequantize, pack_int4, qrange, symmetric_scales, tile_rows,
+                                     untile_rows)
 from conftest import tiny_config
 
 pytestmark = pytest.mark.skipif(gemv.isa("fp32") is None, reason="the kernels need an x86 CPU with AVX2")
@@ -86,14 +86,9 @@ def test_one_call_for_several_weights_gives_each_ones_output_side_by_side(ext):
                                for w, b in zip(ws, bias.to(dtype).split([64, 16, 16]))], dim=-1)
             assert fused.shape == (1, 1, 96) and torch.equal(fused, alone)
     for bits, group in ((8, 96), (4, 32)):
-        quantized = [quantize_weight(w, bits, group) for w in weights]
-        if bits == 8:
-            stored, scales = [q for q, _ in quantized], [s.float().contiguous() for _, s in quantized]
-            op = functools.partial(ext.linear_int, group=group, bits=bits)
-        else:
-            tiles = [tile_int4(pack_int4(q), s.float()) for q, s in quantized]
-            stored, scales = [q for q, _ in tiles], [s for _, s in tiles]
-            op = functools.partial(ext.linear_int4_tiles, group=group)
+        tiles = [tiled_operands(*quantize_weight(w, bits, group), bits) for w in weights]
+        stored, scales = [q for q, _ in tiles], [s for _, s in tiles]
+        op = functools.partial(ext.linear_int_tiles, group=group, bits=bits)
         for level in levels("int"):
             fused = op(x, stored, scales, isa=level)
             alone = torch.cat([op(x, [q], [s], isa=level) for q, s in zip(stored, scales)], -1)
@@ -131,6 +126,11 @@ def quantize_weight(w: torch.Tensor, bits: int, group: int):
     return q.reshape(w.shape).to(torch.int8), scales
 
 
+def tiled_operands(q: torch.Tensor, scales: torch.Tensor, bits: int):
+    """Integers (N, K) and scales as the tile bodies read them: int8 bytes or packed int4, in tile_rows's layout."""
+    return tile_rows(pack_int4(q) if bits == 4 else q, scales.float(), bits)
+
+
 def blockwise_int8(x: torch.Tensor) -> torch.Tensor:
     """The activations as the kernels see them: int8 per block of 32, scale = absmax / 127, back in floats."""
     blocks = x.reshape(x.shape[0], -1, 32)
@@ -151,48 +151,56 @@ def test_integer_kernels_match_dequantize_then_matmul(ext, m, k, n, bits, group)
     weight = dequantize(q, scales, group).double()
     exact = F.linear(blockwise_int8(x).double(), weight).float()
     plain = F.linear(x.double(), weight).float()
-    for level in levels("int"):
-        if bits == 8:
-            got = ext.linear_int(x, [q], [scales.float().contiguous()], group, bits, level)
-        else:  # the tile bodies: whole tiles of 16 rows, then the rest row by row
-            tiled, tiled_scales = tile_int4(pack_int4(q), scales.float())
-            got = ext.linear_int4_tiles(x, [tiled], [tiled_scales], group, level)
+    tiled, tiled_scales = tiled_operands(q, scales, bits)
+    for level in levels("int"):  # whole tiles of 16 rows, then the rest row by row
+        got = ext.linear_int_tiles(x, [tiled], [tiled_scales], group, bits, level)
         assert relative(got, exact) < 1e-5
         assert relative(got, plain) < 0.02
 
 
+@pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("n,k,group", [(5, 64, 32), (16, 32, 32), (33, 128, 64), (771, 256, 128)])
-def test_int4_tiles_are_the_row_major_bytes_rearranged(n, k, group):
-    """tile_int4 places each nibble where the tile body reads it (checked against the layout written out by hand)
-    and untile_int4 gives back every byte and scale; rows past the last whole tile stay as they were."""
+def test_tiles_are_the_row_major_bytes_rearranged(n, k, group, bits):
+    """tile_rows places each weight where the tile body reads it (checked against the layout written out by hand)
+    and untile_rows gives back every byte and scale; rows past the last whole tile stay as they were."""
     g = torch.Generator().manual_seed(n)
-    packed = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=g)
+    if bits == 4:
+        stored = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=g)
+        columns = torch.stack((stored & 15, stored >> 4), dim=-1).reshape(n, k)  # nibble of each input, in order
+    else:
+        stored = columns = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
+        group = k
     scales = torch.rand(n, k // group, generator=g)
-    tiled, tiled_scales = tile_int4(packed, scales)
-    assert tiled.shape == packed.shape and tiled_scales.shape == scales.shape
-    assert all(torch.equal(a, b) for a, b in zip(untile_int4(tiled, tiled_scales), (packed, scales)))
+    tiled, tiled_scales = tile_rows(stored, scales, bits)
+    assert tiled.shape == stored.shape and tiled.dtype == stored.dtype and tiled_scales.shape == scales.shape
+    assert all(torch.equal(a, b) for a, b in zip(untile_rows(tiled, tiled_scales, bits), (stored, scales)))
     whole = n // 16 * 16
-    assert torch.equal(tiled[whole:], packed[whole:]) and torch.equal(tiled_scales[whole:], scales[whole:])
-    columns = torch.stack((packed & 15, packed >> 4), dim=-1).reshape(n, k)  # nibble of each input, in order
+    assert torch.equal(tiled[whole:], stored[whole:]) and torch.equal(tiled_scales[whole:], scales[whole:])
     flat, flat_scales = tiled[:whole].flatten(), tiled_scales[:whole].flatten()
-    blocks, groups = k // 32, k // group
+    blocks, groups, runs = k // 32, k // group, bits  # int4: 4 runs of 64 bytes a block, int8: 8
     for row in range(whole):
         tile, r = divmod(row, 16)
         for col in range(0, k, 7):
             block, within = divmod(col, 32)
-            half, run, byte = within // 16, within % 16 // 4, within % 4
-            stored = flat[((tile * blocks + block) * 4 + run) * 64 + r * 4 + byte]
-            assert (stored >> 4 if half else stored & 15) == columns[row, col]
+            if bits == 4:  # run i: inputs 4i .. 4i + 3 low, 16 + 4i .. 19 + 4i high
+                half, run, byte = within // 16, within % 16 // 4, within % 4
+            else:  # run i: inputs 4i .. 4i + 3
+                half, run, byte = 0, within // 4, within % 4
+            at = flat[((tile * blocks + block) * runs + run) * 64 + r * 4 + byte]
+            value = at if bits == 8 else (at >> 4 if half else at & 15)
+            assert value == columns[row, col]
         for group_index in range(groups):
             assert flat_scales[(tile * groups + group_index) * 16 + r] == scales[row, group_index]
 
 
-def test_a_tiled_int4_layer_saves_and_computes_as_before(ext):
+@pytest.mark.parametrize("scheme", ["int4", "int8"])
+def test_a_tiled_layer_saves_and_computes_as_before(ext, scheme):
     """tile_for_gemv changes no saved byte, no dequantized weight and no result of the prompt path (torch's, more
     rows than the kernels take); a state dict loaded into it is row-major again."""
     x, w = operands(12, 128, 40, seed=5)
-    q, scales = quantize_weight(w, 4, 32)
-    layer = QuantizedLinear.from_linear(nn.Linear(128, 40, bias=True), "int4", 32, q, scales)
+    bits, group = (4, 32) if scheme == "int4" else (8, 128)
+    q, scales = quantize_weight(w, bits, group)
+    layer = QuantizedLinear.from_linear(nn.Linear(128, 40, bias=True), scheme, group, q, scales)
     saved = {name: t.clone() for name, t in layer.state_dict().items()}
     with torch.no_grad():
         prompt, weight = layer(x), layer.dequantized_weight()
@@ -217,8 +225,8 @@ def test_kernels_refuse_what_they_cannot_take(ext):
         ext.linear_f32(x, w.t().contiguous().t(), 1)
     transposed = w.t().contiguous().t()
     assert torch.equal(gemv.linear(x, transposed), F.linear(x, transposed))  # torch's path takes it instead
-    with pytest.raises(RuntimeError, match="int4 goes through linear_int4_tiles"):
-        ext.linear_int(x, [torch.zeros(8, 32, dtype=torch.uint8)], [torch.ones(8, 2)], 32, 4, 1)
+    with pytest.raises(RuntimeError, match="int8 bytes or uint8 nibbles"):
+        ext.linear_int_tiles(x, [torch.zeros(8, 64, dtype=torch.uint8)], [torch.ones(8, 1)], 64, 8, 1)
     q, keys = torch.randn(1, 2, 1, 32), torch.randn(1, 2, 32, 5).transpose(-1, -2)  # a head's positions not in a row
     with pytest.raises(RuntimeError, match="contiguous"):
         ext.decode_attention(q, keys, keys, 1.0, 1)
@@ -268,8 +276,8 @@ def test_quantized_layer_takes_the_kernel_for_few_rows(ext):
         bits = 4 if scheme == "int4" else 8
         q, scales = quantize_weight(w, bits, group or 128)
         layer = QuantizedLinear.from_linear(nn.Linear(128, 40, bias=True), scheme, group, q, scales)
-        assert layer._takes_gemv() == (bits == 8)  # int4 once held in the kernels' tiles
-        layer.tile_for_gemv()  # as prepare_for_decode does (int8: nothing)
+        assert not layer._takes_gemv()  # only once held in the kernels' tiles
+        layer.tile_for_gemv()  # as prepare_for_decode does
         with torch.no_grad():
             got = layer(x)
             want = F.linear(blockwise_int8(x), layer.dequantized_weight(), layer.bias)
@@ -289,7 +297,7 @@ def test_a_quantized_models_fused_projections_change_no_logit(ext):
     model = build_model(config, seed=0).eval()
     quantize_model(model, "int4", 32, "rtn", True, None, False, SILENT)
     gemv.prepare_for_decode(model)
-    assert all(m.tiled == gemv.tiles_int4() for m in model.modules() if isinstance(m, QuantizedLinear))
+    assert all(m.tiled == ("int" in gemv.LEVELS) for m in model.modules() if isinstance(m, QuantizedLinear))
     hooked = [m for m in model.modules() if isinstance(m, (Attention, FeedForward))]
     assert all((m.fused_qkv if isinstance(m, Attention) else m.fused_gate_up) is not None for m in hooked)
     ids = torch.randint(0, config.vocab_size, (1, 5), generator=torch.Generator().manual_seed(3))

@@ -1,8 +1,8 @@
 // Few-row matrix products for decoding on x86: y (M, N) = x (M, K) · Wᵀ with W (N, K), the weights streamed from
-// memory once per call. Weights: fp32, bf16 and int8 row-major, every output a dot product over a contiguous row of
-// W; int4 (symmetric, a float scale per group of `group` inputs, stored as q + 8) in tiles of 16 rows, a vector lane
-// per row (see int4_tile). For the integer weights the activations are quantized to int8 per block of 32 (a float
-// scale each) and the dot products run on integers, as llama.cpp's Q8_0 / Q4_0 do.
+// memory once per call. Weights: fp32 and bf16 row-major, every output a dot product over a contiguous row of W;
+// int8 (symmetric, a float scale per row) and int4 (a float scale per group of `group` inputs, stored as q + 8) in
+// tiles of 16 rows, a vector lane per row (see int_tile). For the integer weights the activations are quantized to
+// int8 per block of 32 (a float scale each) and the dot products run on integers, as llama.cpp's Q8_0 / Q4_0 do.
 //
 // Each kernel has an AVX-512 body (FMA, BF16 dot products, VNNI) and an AVX2 body, compiled for their own targets;
 // llmcli.models.gemv picks one from the CPU's features at run time (`isa`: 2 = AVX-512, 1 = AVX2). Output rows are
@@ -35,8 +35,8 @@ struct Rows {  // the operands of one call, shared by every task
   const float* scales;  // (N, K / group), integer weights only
   int64_t group;
   const void* x;        // f32 (M, K), or bf16 / int8 after the caller's preparation
-  const float* lane_scales;  // int8 activations: per row and vector, each lane's scale (see prepare_int8_rows)
-  const int32_t* lane_fix;   // and each lane's correction
+  const float* block_scales;  // int8 activations: per row and block of 32, its scale (see prepare_int8_rows)
+  const int32_t* block_fix;   // and its correction
   float* y;
   int64_t M, K, N;
   int64_t ldy;  // y's row stride: N, or the outputs of all the matrices of one call side by side
@@ -140,116 +140,25 @@ AVX2 void bf16_avx2(const Rows& a, int64_t n0, int64_t n1) {
   }
 }
 
-// ---- int8 weights (one scale per row) against int8 activation blocks of 32. A 512-bit step covers 2 blocks (64
-// bytes), a 256-bit one 1; its integer dot products land in 32-bit lanes, each lane belonging to one block, and are
-// scaled by the lane's activation scale (lane_scales, laid out by the caller to match) before joining a float
-// accumulator; the row's scale is applied at the end.
-constexpr int64_t kBlocksPerStep = 2;  // a 512-bit step's
-
-// One step's products as floats, activation-scaled, one block per 8 lanes: `w` the step's weight bytes, `x` its
-// activation bytes, `fix` its lane corrections and `xs` its lane scales. VNNI multiplies unsigned by signed bytes:
-// the weights enter as w + 128 (w xor 0x80); `fix` holds -128 times each block's activation sum in its first lane,
-// which puts Σ w·x back.
-AVX512_VNNI inline __m512 step512(__m512i w, __m512i x, __m512i fix, __m512 xs) {
-  const __m512i dot = _mm512_dpbusd_epi32(fix, _mm512_xor_si512(w, _mm512_set1_epi8(static_cast<char>(0x80))), x);
-  return _mm512_mul_ps(_mm512_cvtepi32_ps(dot), xs);
-}
-
-struct IntShape {  // what does not change along a call's rows (a row is a few steps long: K = 576, 9 steps)
-  int64_t whole, rest, steps, xb, row_bytes;
-  __mmask64 rest_bytes;
-};
-
-// Rows n .. n + R - 1 against every activation row: the whole steps unmasked, then the last partial one (blocks past
-// the row's end read as zero). R = 1: int8 rows streamed from memory one after the other ran faster than 4
-// interleaved (0.6-0.75x, even with software prefetch). Kept in this form: the same loop rewritten for one row,
-// without the tile's arrays, streamed at 0.82-0.93x on some shapes (benchmarks/gemv_versions.py; cause not found).
-template <int R>
-AVX512_VNNI inline void int_tile512(const Rows& a, const IntShape& s, int64_t n) {
-  const uint8_t* w = static_cast<const uint8_t*>(a.w) + n * s.row_bytes;
-  const float* ws = a.scales + n;
-  for (int64_t m = 0; m < a.M; ++m) {
-    const int8_t* x = static_cast<const int8_t*>(a.x) + m * s.steps * s.xb;
-    const float* xs = a.lane_scales + m * s.steps * 16;
-    const int32_t* fix = a.lane_fix + m * s.steps * 16;
-    __m512 acc[2][R];  // two per row: consecutive steps add into different ones
-    for (int r = 0; r < R; ++r) acc[0][r] = acc[1][r] = _mm512_setzero_ps();
-    auto step = [&](int64_t v, bool partial, int j) AVX512_VNNI {  // step v's products of every row into acc[j]
-      const __m512i x0 = _mm512_loadu_si512(x + s.xb * v);
-      const __m512i f = _mm512_loadu_si512(fix + 16 * v);
-      const __m512 l = _mm512_loadu_ps(xs + 16 * v);
-      for (int r = 0; r < R; ++r) {
-        const uint8_t* wv = w + r * s.row_bytes + 64 * v;
-        const __m512 p = step512(partial ? _mm512_maskz_loadu_epi8(s.rest_bytes, wv) : _mm512_loadu_si512(wv),
-                                 x0, f, l);
-        acc[j][r] = _mm512_add_ps(acc[j][r], p);
-      }
-    };
-    int64_t v = 0;
-    for (; v + 2 <= s.whole; v += 2) {
-      step(v, false, 0);
-      step(v + 1, false, 1);
-    }
-    if (v < s.whole) step(v, false, 0);
-    if (s.rest) step(s.whole, true, 1);
-    for (int r = 0; r < R; ++r)
-      a.y[m * a.ldy + n + r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0][r], acc[1][r])) * ws[r];
-  }
-}
-
-AVX512_VNNI void int8_avx512(const Rows& a, int64_t n0, int64_t n1) {
-  const int64_t blocks = a.K / kBlock;
-  IntShape s;
-  s.whole = blocks / kBlocksPerStep;
-  s.rest = blocks % kBlocksPerStep;
-  s.steps = s.whole + (s.rest > 0);
-  s.xb = kBlocksPerStep * kBlock;  // activation bytes per step
-  s.row_bytes = a.K;
-  s.rest_bytes = (__mmask64)((1ULL << (s.rest * kBlock)) - 1);
-  for (int64_t n = n0; n < n1; ++n) int_tile512<1>(a, s, n);
-}
-
-// One block's dot product in 8 lanes. AVX2 multiplies unsigned by signed bytes into saturating int16 pairs: the
-// weights enter as |w| against x with w's sign (|w|·|x| ≤ 128·127, pairs fit).
-AVX2 inline __m256i int8_block_dot256(const int8_t* w, __m256i x) {
-  const __m256i ones = _mm256_set1_epi16(1);
-  const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
-  return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(x, wv)), ones);
-}
-
-AVX2 void int8_avx2(const Rows& a, int64_t n0, int64_t n1) {
-  const int64_t blocks = a.K / kBlock;
-  for (int64_t n = n0; n < n1; ++n) {
-    const int8_t* w = static_cast<const int8_t*>(a.w) + n * a.K;
-    for (int64_t m = 0; m < a.M; ++m) {
-      const int8_t* x = static_cast<const int8_t*>(a.x) + m * blocks * kBlock;
-      const float* xs = a.lane_scales + m * blocks * 8;
-      __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-#define STEP(s, i)                                                                                          \
-  s = _mm256_fmadd_ps(_mm256_cvtepi32_ps(int8_block_dot256(                                                 \
-                          w + kBlock * (i), _mm256_loadu_si256((const __m256i*)(x + kBlock * (i))))),       \
-                      _mm256_loadu_ps(xs + 8 * (i)), s);
-      FOUR_WAY(blocks, STEP)
-#undef STEP
-      a.y[m * a.ldy + n] = sum256(acc) * a.scales[n];
-    }
-  }
-}
-
-// ---- int4 weights in tiles of 16 rows, the tile bodies' own layout (made by llmcli.models.quantized's
-// `tile_int4`, a permutation of the row-major bytes). Per tile and block of 32 inputs: 4 vectors of 64 bytes, lane r
-// of vector i holding row r's inputs 4i .. 4i + 3 in its low nibbles and 16 + 4i .. 16 + 4i + 3 in its high ones
-// (q + 8). A lane is a row: each dpbusd multiplies 16 rows by the same 4 activations (broadcast), a block's products
-// are scaled once for all 16 rows and a tile's outputs are one store; no horizontal sums, a third of the row-major
-// body's instructions per weight byte. Scales: per tile and group, its 16 rows' side by side. Rows past the last
-// whole tile stay row-major after the tiles. Activations: int8 blocks of 32 in natural order, a scale and a
-// correction (-8 · the block's sum) per block.
+// ---- integer weights in tiles of 16 rows, the tile bodies' own layout (made by llmcli.models.quantized's
+// `tile_rows`, a permutation of the row-major bytes). Per tile and block of 32 inputs: vectors of 64 bytes, lane r
+// of vector i holding 4 of row r's inputs: int8, 8 vectors, vector i inputs 4i .. 4i + 3 (signed bytes); int4,
+// 4 vectors, vector i inputs 4i .. 4i + 3 in its low nibbles and 16 + 4i .. 16 + 4i + 3 in its high ones (q + 8).
+// A lane is a row: each dpbusd multiplies 16 rows by the same 4 activations (broadcast), a block's products are
+// scaled once for all 16 rows and a tile's outputs are one store; no horizontal sums, a third of a row-major body's
+// instructions per weight byte. Scales: per tile and group, its 16 rows' side by side (int8: one group, K wide).
+// Rows past the last whole tile stay row-major after the tiles. Activations: int8 blocks of 32 in natural order, a
+// scale and a correction (-offset · the block's sum, see `tile_offset`) per block.
 
 constexpr int64_t kTileRows = 16;
 
 struct TileShape {
-  int64_t blocks, per_group, groups, row_bytes;  // row_bytes: K / 2
+  int64_t blocks, per_group, groups, row_bytes;  // row_bytes: K · bits / 8
 };
+
+// What the activations' correction undoes: VNNI and AVX2 multiply unsigned by signed bytes, so int4 enters as
+// q + 8 (both bodies) and int8 as q + 128 (q xor 0x80, AVX-512); AVX2's int8 body uses signs instead (no offset).
+constexpr int32_t tile_offset(int bits, int64_t isa) { return bits == 4 ? 8 : (isa == 2 ? 128 : 0); }
 
 inline int32_t four_bytes(const int8_t* p) {  // 4 activation bytes, to broadcast to every row's lane
   int32_t four;
@@ -258,59 +167,80 @@ inline int32_t four_bytes(const int8_t* p) {  // 4 activation bytes, to broadcas
 }
 
 // Tile t (rows 16t .. 16t + 15) against every activation row.
-AVX512_VNNI void int4_tile(const Rows& a, const TileShape& s, int64_t t) {
+template <int Bits>
+AVX512_VNNI void int_tile(const Rows& a, const TileShape& s, int64_t t) {
+  constexpr int64_t block_bytes = kTileRows * kBlock * Bits / 8;
   const uint8_t* w = static_cast<const uint8_t*>(a.w) + t * kTileRows * s.row_bytes;
   const float* ws = a.scales + t * kTileRows * s.groups;
-  const __m512i nibble = _mm512_set1_epi8(0x0F);
+  const __m512i nibble = _mm512_set1_epi8(0x0F), sign = _mm512_set1_epi8(static_cast<char>(0x80));
   for (int64_t m = 0; m < a.M; ++m) {
     const int8_t* x = static_cast<const int8_t*>(a.x) + m * a.K;
-    const float* xs = a.lane_scales + m * s.blocks;
-    const int32_t* fix = a.lane_fix + m * s.blocks;
+    const float* xs = a.block_scales + m * s.blocks;
+    const int32_t* fix = a.block_fix + m * s.blocks;
     __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
     for (int64_t b = 0; b < s.blocks; ++b) {
-      const uint8_t* wb = w + b * kTileRows * 16;
+      const uint8_t* wb = w + b * block_bytes;
       const int8_t* xb = x + b * kBlock;
-      __m512i low = _mm512_set1_epi32(fix[b]), high = _mm512_setzero_si512();
+      __m512i even = _mm512_set1_epi32(fix[b]), odd = _mm512_setzero_si512();  // two chains of dpbusd
       for (int i = 0; i < 4; ++i) {
-        const __m512i packed = _mm512_loadu_si512(wb + 64 * i);
-        low = _mm512_dpbusd_epi32(low, _mm512_and_si512(packed, nibble), _mm512_set1_epi32(four_bytes(xb + 4 * i)));
-        high = _mm512_dpbusd_epi32(high, _mm512_and_si512(_mm512_srli_epi16(packed, 4), nibble),
-                                   _mm512_set1_epi32(four_bytes(xb + 16 + 4 * i)));
+        if constexpr (Bits == 4) {
+          const __m512i packed = _mm512_loadu_si512(wb + 64 * i);
+          even = _mm512_dpbusd_epi32(even, _mm512_and_si512(packed, nibble), _mm512_set1_epi32(four_bytes(xb + 4 * i)));
+          odd = _mm512_dpbusd_epi32(odd, _mm512_and_si512(_mm512_srli_epi16(packed, 4), nibble),
+                                    _mm512_set1_epi32(four_bytes(xb + 16 + 4 * i)));
+        } else {
+          even = _mm512_dpbusd_epi32(even, _mm512_xor_si512(_mm512_loadu_si512(wb + 128 * i), sign),
+                                     _mm512_set1_epi32(four_bytes(xb + 8 * i)));
+          odd = _mm512_dpbusd_epi32(odd, _mm512_xor_si512(_mm512_loadu_si512(wb + 128 * i + 64), sign),
+                                    _mm512_set1_epi32(four_bytes(xb + 8 * i + 4)));
+        }
       }
       const __m512 scale = _mm512_mul_ps(_mm512_loadu_ps(ws + (b / s.per_group) * kTileRows), _mm512_set1_ps(xs[b]));
-      acc[b & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(low, high)), scale, acc[b & 1]);
+      acc[b & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(even, odd)), scale, acc[b & 1]);
     }
     _mm512_storeu_ps(a.y + m * a.ldy + t * kTileRows, _mm512_add_ps(acc[0], acc[1]));
   }
 }
 
-// The AVX2 body over the same tiles: a 64-byte run as two halves of 8 rows. AVX2 multiplies unsigned by signed bytes
-// into int16 pairs (15 · 127 · 2 at most), so a block's 8 pair sums add up in int16 (30,480 at most) before one
-// widening to int32.
-AVX2 void int4_tile_avx2(const Rows& a, const TileShape& s, int64_t t) {
+// The AVX2 body over the same tiles: a 64-byte vector as two halves of 8 rows. AVX2 multiplies unsigned by signed
+// bytes into saturating int16 pairs. int4: 15 · 127 · 2 at most, so a block's 8 pair sums add up in int16 (30,480 at
+// most) before one widening. int8: |q| against x with q's sign (128 · 127 · 2 fits), widened at every vector.
+template <int Bits>
+AVX2 void int_tile_avx2(const Rows& a, const TileShape& s, int64_t t) {
+  constexpr int64_t block_bytes = kTileRows * kBlock * Bits / 8;
   const uint8_t* w = static_cast<const uint8_t*>(a.w) + t * kTileRows * s.row_bytes;
   const float* ws = a.scales + t * kTileRows * s.groups;
   const __m256i nibble = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
   for (int64_t m = 0; m < a.M; ++m) {
     const int8_t* x = static_cast<const int8_t*>(a.x) + m * a.K;
-    const float* xs = a.lane_scales + m * s.blocks;
-    const int32_t* fix = a.lane_fix + m * s.blocks;
+    const float* xs = a.block_scales + m * s.blocks;
+    const int32_t* fix = a.block_fix + m * s.blocks;
     __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};  // rows 0-7, 8-15
     for (int64_t b = 0; b < s.blocks; ++b) {
-      const uint8_t* wb = w + b * kTileRows * 16;
+      const uint8_t* wb = w + b * block_bytes;
       const int8_t* xb = x + b * kBlock;
       const __m256 xscale = _mm256_set1_ps(xs[b]);
-      const __m256i correction = _mm256_set1_epi32(fix[b]);
       for (int h = 0; h < 2; ++h) {
-        __m256i pairs = _mm256_setzero_si256();
-        for (int i = 0; i < 4; ++i) {
-          const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 64 * i + 32 * h));
-          const __m256i low = _mm256_and_si256(packed, nibble);
-          const __m256i high = _mm256_and_si256(_mm256_srli_epi16(packed, 4), nibble);
-          pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(low, _mm256_set1_epi32(four_bytes(xb + 4 * i))));
-          pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(high, _mm256_set1_epi32(four_bytes(xb + 16 + 4 * i))));
+        __m256i dot = _mm256_set1_epi32(fix[b]);
+        if constexpr (Bits == 4) {
+          __m256i pairs = _mm256_setzero_si256();
+          for (int i = 0; i < 4; ++i) {
+            const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 64 * i + 32 * h));
+            const __m256i low = _mm256_and_si256(packed, nibble);
+            const __m256i high = _mm256_and_si256(_mm256_srli_epi16(packed, 4), nibble);
+            pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(low, _mm256_set1_epi32(four_bytes(xb + 4 * i))));
+            pairs = _mm256_add_epi16(pairs,
+                                     _mm256_maddubs_epi16(high, _mm256_set1_epi32(four_bytes(xb + 16 + 4 * i))));
+          }
+          dot = _mm256_add_epi32(dot, _mm256_madd_epi16(pairs, ones));
+        } else {
+          for (int i = 0; i < 8; ++i) {
+            const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 64 * i + 32 * h));
+            const __m256i xv = _mm256_set1_epi32(four_bytes(xb + 4 * i));
+            const __m256i pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(xv, q));
+            dot = _mm256_add_epi32(dot, _mm256_madd_epi16(pairs, ones));
+          }
         }
-        const __m256i dot = _mm256_add_epi32(_mm256_madd_epi16(pairs, ones), correction);
         const __m256 scale = _mm256_mul_ps(_mm256_loadu_ps(ws + (b / s.per_group) * kTileRows + 8 * h), xscale);
         acc[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc[h]);
       }
@@ -320,20 +250,22 @@ AVX2 void int4_tile_avx2(const Rows& a, const TileShape& s, int64_t t) {
   }
 }
 
-// Row n past the tiles (row-major: byte j holds columns 2j and 2j + 1), one at a time.
-void int4_row(const Rows& a, const TileShape& s, int64_t n) {
+// Row n past the tiles (row-major: int8 one byte per column; int4 byte j holds columns 2j and 2j + 1), one at a time.
+template <int Bits>
+void int_row(const Rows& a, const TileShape& s, int64_t n) {
   const uint8_t* w = static_cast<const uint8_t*>(a.w) + n * s.row_bytes;
   const float* ws = a.scales + n * s.groups;
+  auto weight = [&](int64_t k) -> int32_t {
+    if constexpr (Bits == 4) return ((w[k / 2] >> (4 * (k % 2))) & 0x0F) - 8;
+    return static_cast<int8_t>(w[k]);
+  };
   for (int64_t m = 0; m < a.M; ++m) {
     const int8_t* x = static_cast<const int8_t*>(a.x) + m * a.K;
     float total = 0.f;
     for (int64_t b = 0; b < s.blocks; ++b) {
       int32_t dot = 0;
-      for (int64_t j = 0; j < kBlock / 2; ++j) {
-        const uint8_t byte = w[b * kBlock / 2 + j];
-        dot += ((byte & 0x0F) - 8) * x[b * kBlock + 2 * j] + ((byte >> 4) - 8) * x[b * kBlock + 2 * j + 1];
-      }
-      total += static_cast<float>(dot) * a.lane_scales[m * s.blocks + b] * ws[b / s.per_group];
+      for (int64_t k = b * kBlock; k < (b + 1) * kBlock; ++k) dot += weight(k) * x[k];
+      total += static_cast<float>(dot) * a.block_scales[m * s.blocks + b] * ws[b / s.per_group];
     }
     a.y[m * a.ldy + n] = total;
   }
@@ -401,43 +333,29 @@ void check(const torch::Tensor& x, const torch::Tensor& w, int64_t k, int64_t is
   TORCH_CHECK(x.size(1) == k && k % kBlock == 0, "K must match and be a multiple of 32");
 }
 
-// Activations (M, K) fp32 -> what the integer bodies read per x row: int8 blocks of 32 in natural order, zero-padded
-// to whole vectors of `per_vector` blocks; per vector, each of its `lanes` lanes' activation scale and correction
-// (-offset · the block's sum, in the block's first lane; offset 128 or 8, or 0 when the body needs none). The int8
-// bodies: vectors of 2 blocks and 16 lanes (AVX-512) or 1 block and 8 lanes (AVX2); the int4 tiles: 1 block and 1
-// lane (a scale and a correction per block). Fills `a`'s x, lane_scales and lane_fix, raw pointers into `buffer`
-// (zeroed here; a decode step makes some 200 of these calls, and a tensor for it, or each view of one, would cost a
-// dispatch).
-void prepare_int8_rows(const torch::Tensor& x, int64_t per_vector, int64_t lanes, int32_t offset, Rows& a,
-                       std::vector<int64_t>& buffer) {
+// Activations (M, K) fp32 -> what the integer bodies read per x row: int8 blocks of 32 in natural order, and per
+// block its scale and its correction (-offset · the block's sum; see tile_offset). Fills `a`'s x, block_scales and
+// block_fix, raw pointers into `buffer` (a decode step makes some 120 of these calls, and a tensor for it, or each
+// view of one, would cost a dispatch).
+void prepare_int8_rows(const torch::Tensor& x, int32_t offset, Rows& a, std::vector<int64_t>& buffer) {
   const int64_t M = x.size(0), K = x.size(1), blocks = K / kBlock;
-  const int64_t vectors = (blocks + per_vector - 1) / per_vector;
-  const int64_t vector_bytes = per_vector * kBlock;
-  const int64_t q_bytes = (M * vectors * vector_bytes + 63) / 64 * 64, lane_bytes = M * vectors * lanes * 4;
-  buffer.assign((q_bytes + 2 * lane_bytes + 7) / 8, 0);  // 8-byte words: the lanes' floats and ints stay aligned
+  const int64_t q_bytes = (M * K + 63) / 64 * 64, block_bytes = M * blocks * 4;
+  buffer.resize((q_bytes + 2 * block_bytes + 7) / 8);  // 8-byte words: the blocks' floats and ints stay aligned
   int8_t* q = reinterpret_cast<int8_t*>(buffer.data());
-  float* ls = reinterpret_cast<float*>(q + q_bytes);
-  int32_t* lf = reinterpret_cast<int32_t*>(q + q_bytes + lane_bytes);
+  float* scales = reinterpret_cast<float*>(q + q_bytes);
+  int32_t* fix = reinterpret_cast<int32_t*>(q + q_bytes + block_bytes);
   a.x = q;
-  a.lane_scales = ls;
-  a.lane_fix = lf;
+  a.block_scales = scales;
+  a.block_fix = fix;
   const float* xp = x.data_ptr<float>();
   alignas(32) int32_t values[kBlock];
-  for (int64_t m = 0; m < M; ++m) {
-    for (int64_t b = 0; b < blocks; ++b) {
-      float scale;
-      int32_t sum;
+  for (int64_t i = 0; i < M * blocks; ++i) {
+    int32_t sum = 0;
 #if defined(__x86_64__)
-      quantize_block(xp + m * K + b * kBlock, values, &scale, &sum);
+    quantize_block(xp + i * kBlock, values, &scales[i], &sum);
 #endif
-      const int64_t v = b / per_vector, j = b % per_vector;  // vector, and which of its blocks
-      int8_t* out = q + (m * vectors + v) * vector_bytes + j * kBlock;
-      for (int64_t i = 0; i < kBlock; ++i) out[i] = static_cast<int8_t>(values[i]);
-      // block j of a vector owns lanes j * own .. (j + 1) * own - 1; its correction goes in the first
-      const int64_t own = lanes / per_vector, first = (m * vectors + v) * lanes + j * own;
-      std::fill(ls + first, ls + first + own, scale);
-      lf[first] = -offset * sum;
-    }
+    for (int64_t j = 0; j < kBlock; ++j) q[i * kBlock + j] = static_cast<int8_t>(values[j]);
+    fix[i] = -offset * sum;
   }
 }
 
@@ -511,60 +429,30 @@ torch::Tensor linear(torch::Tensor x, std::vector<torch::Tensor> w, c10::optiona
   return finish(float_products(as_rows(x, w[0].size(1), wanted), w, isa), x, bias);
 }
 
-// Each qweight int8 (N_i, K) with scales (N_i, 1) (group = K, bits = 8: int4 goes through linear_int4_tiles); x
-// (..., K) fp32 or bf16, quantized to int8 blocks here once for all of them; the outputs side by side in x's dtype.
-torch::Tensor linear_int(torch::Tensor x, std::vector<torch::Tensor> qweight, std::vector<torch::Tensor> scales,
-                         int64_t group, int64_t bits, int64_t isa) {
-  TORCH_CHECK(!qweight.empty() && qweight.size() == scales.size(), "one scales tensor per qweight");
-  TORCH_CHECK(bits == 8, "bits is 8 (int4 goes through linear_int4_tiles)");
-  const int64_t K = qweight[0].size(1);
-  const auto rows = as_rows(x, K, torch::kFloat32);
-  std::vector<Rows> parts;
-  for (size_t i = 0; i < qweight.size(); ++i) {
-    const auto& q = qweight[i];
-    const auto& s = scales[i];
-    check(rows, q, K, isa);
-    TORCH_CHECK(q.scalar_type() == torch::kInt8, "int8 weights");
-    TORCH_CHECK(group == K && s.scalar_type() == torch::kFloat32 && s.is_contiguous() && s.dim() == 2 &&
-                    s.size(0) == q.size(0) && s.size(1) == 1, "fp32 scales (N, 1): one per row, group = K");
-    parts.push_back({q.data_ptr(), s.data_ptr<float>(), group, nullptr, nullptr, nullptr, nullptr, rows.size(0), K,
-                     q.size(0), q.size(0)});
-  }
-#if defined(__x86_64__)
-  std::vector<int64_t> buffer;
-  prepare_int8_rows(rows, isa == 2 ? 2 : 1, isa == 2 ? 16 : 8, isa == 2 ? 128 : 0, parts[0], buffer);
-  for (auto& part : parts) {
-    part.x = parts[0].x;
-    part.lane_scales = parts[0].lane_scales;
-    part.lane_fix = parts[0].lane_fix;
-  }
-  return finish(run(isa == 2 ? int8_avx512 : int8_avx2, parts), x, c10::nullopt);
-#else
-  return {};
-#endif
-}
-
-// int4 weights in tiles (see int4_tile): each qweight (N_i, K / 2) uint8 and scales (N_i, K / group) hold tile_int4's
-// bytes; x (..., K) fp32 or bf16, quantized here once for all of them; the outputs side by side in x's dtype. isa 2:
-// the AVX-512 VNNI body, 1: the AVX2 one (a CPU without the body's features is an error, not an illegal instruction).
-torch::Tensor linear_int4_tiles(torch::Tensor x, std::vector<torch::Tensor> qweight, std::vector<torch::Tensor> scales,
-                                int64_t group, int64_t isa) {
+// Integer weights in tiles (see int_tile): each qweight int8 (N_i, K) or int4 uint8 (N_i, K / 2) and fp32 scales
+// (N_i, K / group) hold tile_rows's bytes (int8: group = K); x (..., K) fp32 or bf16, quantized here once for all of
+// them; the outputs side by side in x's dtype. isa 2: the AVX-512 VNNI bodies, 1: the AVX2 ones (a CPU without the
+// body's features is an error, not an illegal instruction).
+torch::Tensor linear_int_tiles(torch::Tensor x, std::vector<torch::Tensor> qweight, std::vector<torch::Tensor> scales,
+                               int64_t group, int64_t bits, int64_t isa) {
 #if defined(__x86_64__)
   static const bool vnni = __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw");
   static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   TORCH_CHECK(isa == 1 || isa == 2, "isa is 1 (AVX2) or 2 (AVX-512 VNNI)");
   TORCH_CHECK(isa == 2 ? vnni : avx2, isa == 2 ? "this CPU has no AVX-512 VNNI" : "this CPU has no AVX2");
+  TORCH_CHECK(bits == 4 || bits == 8, "bits is 4 or 8");
   TORCH_CHECK(!qweight.empty() && qweight.size() == scales.size(), "one scales tensor per qweight");
-  const int64_t K = qweight[0].size(1) * 2;
+  const int64_t K = qweight[0].size(1) * 8 / bits;
   const auto rows = as_rows(x, K, torch::kFloat32);
   TORCH_CHECK(group % kBlock == 0 && K % group == 0, "group a multiple of 32 that divides K");
-  const TileShape shape{K / kBlock, group / kBlock, K / group, K / 2};
+  const TileShape shape{K / kBlock, group / kBlock, K / group, K * bits / 8};
   int64_t total = 0, units = 0;
   for (size_t i = 0; i < qweight.size(); ++i) {
     const auto& q = qweight[i];
     const auto& s = scales[i];
-    check(rows, q, K / 2 * 2, 2);
-    TORCH_CHECK(q.scalar_type() == torch::kUInt8 && q.size(1) * 2 == K, "uint8 nibbles, one K for every qweight");
+    check(rows, q, q.size(1) * 8 / bits, 2);
+    TORCH_CHECK(q.scalar_type() == (bits == 4 ? torch::kUInt8 : torch::kInt8) && q.size(1) == shape.row_bytes,
+                "int8 bytes or uint8 nibbles, one K for every qweight");
     TORCH_CHECK(s.scalar_type() == torch::kFloat32 && s.is_contiguous() && s.dim() == 2 && s.size(0) == q.size(0) &&
                     s.size(1) == K / group, "fp32 scales (N, K / group)");
     total += q.size(0);
@@ -572,26 +460,30 @@ torch::Tensor linear_int4_tiles(torch::Tensor x, std::vector<torch::Tensor> qwei
   }
   const int64_t M = rows.size(0);
   Rows activations{};
-  std::vector<int64_t> buffer;
-  prepare_int8_rows(rows, 1, 1, 8, activations, buffer);
+  thread_local std::vector<int64_t> buffer;  // kept between calls: no allocation per call
+  prepare_int8_rows(rows, tile_offset(bits, isa), activations, buffer);
   auto y = torch::empty({M, total}, torch::kFloat32);
   std::vector<Rows> parts;
   int64_t offset = 0;
   for (size_t i = 0; i < qweight.size(); ++i) {
     parts.push_back({qweight[i].data_ptr(), scales[i].data_ptr<float>(), group, activations.x,
-                     activations.lane_scales, activations.lane_fix, y.data_ptr<float>() + offset, M, K,
+                     activations.block_scales, activations.block_fix, y.data_ptr<float>() + offset, M, K,
                      qweight[i].size(0), total});
     offset += qweight[i].size(0);
   }
+  using Tile = void (*)(const Rows&, const TileShape&, int64_t);
+  const Tile tile = bits == 4 ? (isa == 2 ? int_tile<4> : int_tile_avx2<4>)
+                               : (isa == 2 ? int_tile<8> : int_tile_avx2<8>);
+  const Tile row = bits == 4 ? int_row<4> : int_row<8>;
   at::parallel_for(0, units, 4, [&](int64_t begin, int64_t end) {
     int64_t start = 0;  // the first unit of the part
     for (const auto& part : parts) {
       const int64_t tiles = part.N / kTileRows, count = tiles + part.N % kTileRows;
       for (int64_t u = std::max(begin, start); u < std::min(end, start + count); ++u) {
         if (u - start < tiles) {
-          (isa == 2 ? int4_tile : int4_tile_avx2)(part, shape, u - start);
+          tile(part, shape, u - start);
         } else {
-          int4_row(part, shape, tiles * kTileRows + (u - start - tiles));
+          row(part, shape, tiles * kTileRows + (u - start - tiles));
         }
       }
       start += count;
@@ -775,9 +667,8 @@ TORCH_LIBRARY(llmcli, m) {
   m.def("linear_f32(Tensor x, Tensor w, int isa) -> Tensor");  // y = x Wᵀ, 2-d operands as the bodies take them
   m.def("linear_bf16(Tensor x, Tensor w, int isa) -> Tensor");
   m.def("linear(Tensor x, Tensor[] w, Tensor? bias, int isa) -> Tensor");  // F.linear; several W: outputs side by side
-  m.def("linear_int(Tensor x, Tensor[] qweight, Tensor[] scales, int group, int bits, int isa) -> Tensor");
-  // int4 in tile_int4's layout
-  m.def("linear_int4_tiles(Tensor x, Tensor[] qweight, Tensor[] scales, int group, int isa) -> Tensor");
+  // int8 or int4 in tile_rows's layout
+  m.def("linear_int_tiles(Tensor x, Tensor[] qweight, Tensor[] scales, int group, int bits, int isa) -> Tensor");
   m.def("argmax_rows(Tensor logits) -> Tensor");  // greedy decoding's pick per row
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, float scale, int isa) -> Tensor");
 }
@@ -786,8 +677,7 @@ TORCH_LIBRARY_IMPL(llmcli, CPU, m) {
   m.impl("linear_f32", &linear_f32);
   m.impl("linear_bf16", &linear_bf16);
   m.impl("linear", &linear);
-  m.impl("linear_int", &linear_int);
-  m.impl("linear_int4_tiles", &linear_int4_tiles);
+  m.impl("linear_int_tiles", &linear_int_tiles);
   m.impl("argmax_rows", &argmax_rows);
   m.impl("decode_attention", &decode_attention);
 }

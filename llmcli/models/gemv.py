@@ -11,8 +11,8 @@ with them inside one graph.
 The C++ is compiled with torch.utils.cpp_extension at first use (once per source and torch version, about 30 s,
 said on stderr) and cached in the user's cache directory. Which body runs is read from the CPU's features at run
 time. Without a compiler, setuptools or an x86 CPU, or with LLMCLI_KERNELS=0, decoding takes torch's path, as it
-did before: `kernel_name()` says which. int4 layers are held in tiles of 16 rows (models.quantized.tile_int4),
-which the int4 bodies read with one vector lane per row.
+did before: `kernel_name()` says which. int8 and int4 layers are held in tiles of 16 rows
+(models.quantized.tile_rows), which the integer bodies read with one vector lane per row.
 """
 
 from __future__ import annotations
@@ -99,10 +99,8 @@ def _register_shapes() -> None:
         return x.new_empty((*x.shape[:-1], n))
 
     torch.library.register_fake("llmcli::linear")(lambda x, w, bias, isa: rows_out(x, sum(t.shape[0] for t in w)))
-    torch.library.register_fake("llmcli::linear_int")(lambda x, qweight, scales, group, bits, isa:
-                                                      rows_out(x, sum(t.shape[0] for t in qweight)))
-    torch.library.register_fake("llmcli::linear_int4_tiles")(lambda x, qweight, scales, group, isa:
-                                                             rows_out(x, sum(t.shape[0] for t in qweight)))
+    torch.library.register_fake("llmcli::linear_int_tiles")(lambda x, qweight, scales, group, bits, isa:
+                                                            rows_out(x, sum(t.shape[0] for t in qweight)))
     torch.library.register_fake("llmcli::argmax_rows")(lambda logits: logits.new_empty(logits.shape[0],
                                                                                     dtype=torch.long))
     torch.library.register_fake("llmcli::decode_attention")(lambda q, k, v, scale, isa: torch.empty_like(q))
@@ -110,12 +108,12 @@ def _register_shapes() -> None:
 
 def kernel_name() -> str:
     """What few-row products run on here, for provenance: e.g. 'llmcli gemv (fp32 AVX-512, bf16 AVX-512-BF16,
-    int AVX-512-VNNI, int4 in tiles of 16 rows)' or "torch (llmcli's kernels off)"."""
+    int AVX-512-VNNI, int8 and int4 in tiles of 16 rows)' or "torch (llmcli's kernels off)"."""
     if extension() is None:
         return "torch (llmcli's kernels off)"
     bodies = [f"{kind} {BODIES[kind][1] if isa(kind) == 2 else 'AVX2'}" for kind in BODIES]
-    if tiles_int4():
-        bodies.append("int4 in tiles of 16 rows")
+    if "int" in LEVELS:
+        bodies.append("int8 and int4 in tiles of 16 rows")
     return f"llmcli gemv ({', '.join(bodies)})"
 
 
@@ -135,26 +133,16 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 def int_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int,
-               bits: int, tiled: bool = False) -> torch.Tensor:
-    """x · (q · scale)ᵀ for int8 (N, K) weights with fp32 scales (N, 1), or int4 (N, K / 2) in the tile bodies'
-    layout (`tiled`; models.quantized.tile_int4) with scales (N, K / group_size); the activations quantized to int8
-    per block of 32 inside the kernel. The caller checks `fits` and that the kernels are loaded ("int" in LEVELS);
-    group_size must be a multiple of 32. Returns x's dtype."""
-    return _int_products(x, [qweight], [scales], group_size, bits, tiled)
+               bits: int) -> torch.Tensor:
+    """x · (q · scale)ᵀ for int8 (N, K) weights with fp32 scales (N, 1), or int4 (N, K / 2) with scales
+    (N, K / group_size), both in the tile bodies' layout (models.quantized.tile_rows); the activations quantized to
+    int8 per block of 32 inside the kernel. The caller checks `fits` and that the kernels are loaded ("int" in
+    LEVELS); group_size must be a multiple of 32. Returns x's dtype."""
+    return _int_products(x, [qweight], [scales], group_size, bits)
 
 
-def _int_products(x, qweights: list, scales: list, group_size: int, bits: int, tiled: bool) -> torch.Tensor:
-    if tiled:
-        return torch.ops.llmcli.linear_int4_tiles(x, qweights, scales, group_size, LEVELS["int"])
-    return torch.ops.llmcli.linear_int(x, qweights, scales, group_size, bits, LEVELS["int"])
-
-
-def tiles_int4() -> bool:
-    """Whether int4 layers decode through our kernels' tile bodies (models.quantized.tile_int4's layout, made by
-    prepare_for_decode): wherever the integer kernels run. Against the row-major int4 bodies they replaced (840e989):
-    AVX-512 VNNI 1.6x in cache (a third of the instructions per byte), 1.1-1.2x streamed from memory, where the bytes
-    decide; AVX2 3.7x and 1.4-1.7x (benchmarks/gemv_versions.py)."""
-    return "int" in LEVELS
+def _int_products(x, qweights: list, scales: list, group_size: int, bits: int) -> torch.Tensor:
+    return torch.ops.llmcli.linear_int_tiles(x, qweights, scales, group_size, bits, LEVELS["int"])
 
 
 def projections(layers: tuple[nn.Module, ...], x: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -171,8 +159,7 @@ def projections(layers: tuple[nn.Module, ...], x: torch.Tensor) -> tuple[torch.T
         out = torch.ops.llmcli.linear(x, [layer.weight for layer in layers], bias, LEVELS[_kind(first.weight)])
     else:  # integer layers: models.quantized.QuantizedLinear, their operands through `gemv_operands`
         operands = [layer.gemv_operands() for layer in layers]
-        out = _int_products(x, [q for q, _ in operands], [s for _, s in operands], first.group_size, first.bits,
-                            first.tiled)
+        out = _int_products(x, [q for q, _ in operands], [s for _, s in operands], first.group_size, first.bits)
         out = out if bias is None else out + bias.to(out.dtype)
     return out.split(sizes, dim=-1)
 
@@ -188,7 +175,7 @@ def fusable(layers: list[nn.Module]) -> bool:
         return len({layer.weight.dtype for layer in layers}) == 1 and _kind(first.weight) in LEVELS
     return ("int" in LEVELS and all(hasattr(layer, "gemv_operands") and layer.gemv_operands() is not None
                                     for layer in layers)
-            and len({(layer.bits, layer.group_size, layer.tiled) for layer in layers}) == 1)
+            and len({(layer.bits, layer.group_size) for layer in layers}) == 1)
 
 
 def _kind(weight: torch.Tensor) -> str | None:
@@ -250,8 +237,8 @@ def prepare_for_decode(model: nn.Module) -> nn.Module:
             set_submodule(model, name, DecodeLinear.wrapping(module))
         elif isinstance(module, Attention):
             module.sdpa = attention
-        elif hasattr(module, "tile_for_gemv") and tiles_int4():
-            module.tile_for_gemv()  # models.quantized.QuantizedLinear: int4 in the tile bodies' layout
+        elif hasattr(module, "tile_for_gemv") and "int" in LEVELS:
+            module.tile_for_gemv()  # models.quantized.QuantizedLinear: in the integer bodies' tiles
     for module in model.modules():
         if isinstance(module, Attention) and not module.cross:
             _fuse(module, "fused_qkv", [module.q_proj, module.k_proj, module.v_proj])

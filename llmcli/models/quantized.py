@@ -8,11 +8,11 @@ meta-device model so that loading assigns the stored integers straight into plac
 How the integers are chosen (round to nearest, GPTQ) is llmcli.compression.quantize.
 
 Which compute path runs (chosen in QuantizedLinear.forward):
-- int8, int4 on an x86 CPU, a few rows (decode): llmcli's own kernels (models/gemv.cpp), activations quantized to
-  int8 per block of 32, integer dot products (VNNI or AVX2); fp32 or bf16 activations alike. They stream the
-  weights at most of the read bandwidth (benchmarks/gemv.py in RESULTS.md). int4 runs there once readied for
-  decoding (gemv.prepare_for_decode), which holds the layer in the kernels' tiles of 16 rows (`tile_for_gemv`,
-  `tile_int4`: the same bytes rearranged); every other path, and its state dict, reads it row-major (`row_major`).
+- int8, int4 on an x86 CPU, a few rows (decode), once readied for decoding (gemv.prepare_for_decode, which holds
+  the layer in the kernels' tiles of 16 rows: `tile_for_gemv`, `tile_rows`, the same bytes rearranged): llmcli's
+  own kernels (models/gemv.cpp), activations quantized to int8 per block of 32, integer dot products (VNNI or
+  AVX2); fp32 or bf16 activations alike. Every other path, and the state dict, reads the layer row-major
+  (`row_major`).
 - int8, int4 on CPU otherwise (a prompt), or where our kernels did not build: ATen's `_weight_int8pack_mm` /
   `_weight_int4pack_mm_for_cpu` in bf16 (fp32 activations are cast to bf16 and back: their x86 vector code is
   bf16-only, with fp32 they run scalar code), where the layer meets their assumptions.
@@ -79,34 +79,41 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack((low, high), dim=-1).reshape(packed.shape[0], -1).to(torch.int8) - 8
 
 
-TILE_ROWS = 16  # rows per tile of gemv.cpp's int4 tile bodies
+TILE_ROWS = 16  # rows per tile of gemv.cpp's integer tile bodies
+TILE_RUN = 4  # inputs of a row next to each other in a tile
 
 
-def tile_int4(packed: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row-major int4 (N, K / 2) and scales (N, G) -> the same bytes in gemv.cpp's tiles of 16 rows (`int4_tile`),
-    shapes kept: per tile and block of 32 inputs, 4 runs of 64 bytes, run i giving each row 4 bytes that hold its
-    inputs 4i .. 4i + 3 (low nibbles) and 16 + 4i .. 19 + 4i (high ones); per tile and group, the rows' 16 scales.
+def tile_rows(qweight: torch.Tensor, scales: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-major int8 (N, K) or int4 (N, K / 2) weights and scales (N, G) -> the same bytes in gemv.cpp's tiles of
+    16 rows (`int_tile`), shapes and dtypes kept. Per tile and block of 32 inputs, runs of 64 bytes, each giving every
+    row of the tile 4 bytes: int8, 8 runs, run i holding inputs 4i .. 4i + 3; int4, 4 runs, run i holding inputs
+    4i .. 4i + 3 in its low nibbles and 16 + 4i .. 19 + 4i in its high ones. Per tile and group, the rows' 16 scales.
     Rows past the last whole tile stay as they were, after the tiles."""
-    whole = packed.shape[0] // TILE_ROWS * TILE_ROWS
-    tiles, blocks = whole // TILE_ROWS, packed.shape[1] // 16
-    nibbles = torch.stack((packed[:whole] & 0x0F, packed[:whole] >> 4), dim=-1)  # columns in order
-    nibbles = nibbles.reshape(tiles, TILE_ROWS, blocks, 2, 4, 4)  # tile, row, block, half, run, byte
-    runs = (nibbles[:, :, :, 0] | (nibbles[:, :, :, 1] << 4)).permute(0, 2, 3, 1, 4)  # tile, block, run, row, byte
+    whole = qweight.shape[0] // TILE_ROWS * TILE_ROWS
+    tiles, columns = whole // TILE_ROWS, qweight.shape[1] * 8 // bits
+    values = qweight[:whole]
+    if bits == 4:  # the nibbles, one column each
+        values = torch.stack((values & 0x0F, values >> 4), dim=-1)
+    runs = values.reshape(tiles, TILE_ROWS, columns // 32, 32 // TILE_RUN, TILE_RUN).permute(0, 2, 3, 1, 4)
+    if bits == 4:  # tile, block, run, row, byte: runs i and i + 4 share bytes
+        runs = runs[:, :, :4] | (runs[:, :, 4:] << 4)
     tiled_scales = scales[:whole].reshape(tiles, TILE_ROWS, scales.shape[1]).transpose(1, 2)
-    return (torch.cat((runs.reshape(whole, packed.shape[1]), packed[whole:])),
+    return (torch.cat((runs.reshape(whole, qweight.shape[1]), qweight[whole:])),
             torch.cat((tiled_scales.reshape(whole, scales.shape[1]), scales[whole:])).contiguous())
 
 
-def untile_int4(tiled: torch.Tensor, tiled_scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The inverse of `tile_int4`."""
+def untile_rows(tiled: torch.Tensor, tiled_scales: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inverse of `tile_rows`."""
     whole = tiled.shape[0] // TILE_ROWS * TILE_ROWS
-    tiles, blocks = whole // TILE_ROWS, tiled.shape[1] // 16
-    runs = tiled[:whole].reshape(tiles, blocks, 4, TILE_ROWS, 4).permute(0, 3, 1, 2, 4)  # tile, row, block, run, byte
-    nibbles = torch.stack((runs & 0x0F, runs >> 4), dim=3)  # tile, row, block, half, run, byte
-    columns = nibbles.reshape(whole, tiled.shape[1], 2)  # each pair of columns
-    packed = columns[..., 0] | (columns[..., 1] << 4)
+    tiles, blocks = whole // TILE_ROWS, tiled.shape[1] * 8 // bits // 32
+    runs = tiled[:whole].reshape(tiles, blocks, bits, TILE_ROWS, TILE_RUN)  # tile, block, run (bits of them), row, byte
+    if bits == 4:
+        runs = torch.cat((runs & 0x0F, runs >> 4), dim=2)
+    values = runs.permute(0, 3, 1, 2, 4).reshape(whole, blocks * 32)  # each row's columns in order
+    if bits == 4:
+        values = values[:, 0::2] | (values[:, 1::2] << 4)
     scales = tiled_scales[:whole].reshape(tiles, tiled_scales.shape[1], TILE_ROWS).transpose(1, 2)
-    return (torch.cat((packed, tiled[whole:])),
+    return (torch.cat((values, tiled[whole:])),
             torch.cat((scales.reshape(whole, tiled_scales.shape[1]), tiled_scales[whole:])).contiguous())
 
 
@@ -131,7 +138,7 @@ class QuantizedLinear(nn.Module):
         self.register_buffer("scales", torch.empty(out_features, in_features // self.group_size, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, device=device)) if bias else None
         self._kernel: tuple | None = None  # (key, fn or None): the prepared fast path, see forward
-        self.tiled = False  # int4 held in gemv.cpp's tiles (`tile_for_gemv`); saved and read row-major all the same
+        self.tiled = False  # held in gemv.cpp's tiles (`tile_for_gemv`); saved and read row-major all the same
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, scheme: str, group_size: int | None, q: torch.Tensor,
@@ -147,14 +154,14 @@ class QuantizedLinear(nn.Module):
 
     def row_major(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(qweight, scales) in the stored layout, whether or not the layer holds them in tiles."""
-        return untile_int4(self.qweight, self.scales) if self.tiled else (self.qweight, self.scales)
+        return untile_rows(self.qweight, self.scales, self.bits) if self.tiled else (self.qweight, self.scales)
 
     def tile_for_gemv(self) -> None:
-        """int4: hold the weights in gemv.cpp's tiles of 16 rows (its int4 bodies read them; `tile_int4`),
-        in place of the row-major bytes (no second copy), where our kernels take the layer. Every other path reads
-        them through `row_major`."""
-        if self.bits == 4 and not self.tiled and self._gemv_shape():
-            self.qweight, self.scales = tile_int4(self.qweight, self.scales.float())
+        """Hold the weights in gemv.cpp's tiles of 16 rows (its integer bodies read them; `tile_rows`), in place of
+        the row-major bytes (no second copy), where our kernels take the layer. Every other path reads them through
+        `row_major`."""
+        if not self.tiled and self._gemv_shape():
+            self.qweight, self.scales = tile_rows(self.qweight, self.scales.float(), self.bits)
             self.tiled, self._kernel = True, None
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -191,7 +198,7 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
         if self._takes_gemv() and gemv.fits(rows, self.in_features):  # decode: our kernels (models/gemv.cpp)
-            out = gemv.int_linear(rows, *self.gemv_operands(), self.group_size, self.bits, self.tiled)
+            out = gemv.int_linear(rows, *self.gemv_operands(), self.group_size, self.bits)
         elif torch.is_grad_enabled() and rows.requires_grad:  # training through a frozen quantized layer (QLoRA)
             out = self._weight_only(rows)
         else:
@@ -212,7 +219,8 @@ class QuantizedLinear(nn.Module):
         through a frozen quantized layer to the trained ones below it. int8-dynamic trains this way too (rounding
         its activations would pass no gradient)."""
         if self.bits == 8:  # one scale per output channel: scale the outputs, not the weight (2x faster)
-            return F.linear(rows, self.qweight.to(rows.dtype)) * self.scales[:, 0].to(rows.dtype)
+            qweight, scales = self.row_major()
+            return F.linear(rows, qweight.to(rows.dtype)) * scales[:, 0].to(rows.dtype)
         return F.linear(rows, self.dequantized_weight(rows.dtype))  # dequantize this one layer's weight
 
     def _dynamic_reference(self, rows: torch.Tensor) -> torch.Tensor:
@@ -284,9 +292,9 @@ class QuantizedLinear(nn.Module):
         return (self.qweight, self.scales.float().contiguous()) if self._takes_gemv() else None
 
     def _takes_gemv(self) -> bool:
-        """Whether our kernels take this layer's few-row calls (see gemv.fits): int8, or int4 held in their tiles
+        """Whether our kernels take this layer's few-row calls (see gemv.fits): held in their tiles
         (gemv.prepare_for_decode loads the kernels and tiles the layers)."""
-        return self._gemv_shape() and (self.bits == 8 or self.tiled)
+        return self._gemv_shape() and self.tiled
 
     def _gemv_shape(self) -> bool:
         """Whether our kernels are loaded and could take this layer: weight-only int8 or int4 in whole blocks of 32."""
@@ -297,7 +305,10 @@ class QuantizedLinear(nn.Module):
         """ATen's packed CPU kernels, bf16 activations in (their x86 code for fp32 is scalar). Every operand reaches a
         kernel through `aligned` (activations too: a row of a larger tensor may start anywhere)."""
         if self.bits == 8:
-            qweight, scales = self.qweight, self.scales[:, 0].to(torch.bfloat16).contiguous()
+            scales = self.row_major()[1][:, 0].to(torch.bfloat16).contiguous()
+            if self.tiled:  # the row-major bytes made at each call (a prompt's), not kept: no second copy
+                return lambda x: torch.ops.aten._weight_int8pack_mm(aligned(x), self.row_major()[0], scales)
+            qweight = self.qweight
             return lambda x: torch.ops.aten._weight_int8pack_mm(aligned(x), qweight, scales)
         return _int4_cpu_kernel(self.int_weight(), self.row_major()[1], self.group_size, torch.bfloat16)
 
