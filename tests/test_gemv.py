@@ -99,10 +99,11 @@ def test_one_call_for_several_weights_gives_each_ones_output_side_by_side(ext):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("batch,heads,kv_heads,length,d_head",
-                         [(1, 4, 4, 1, 32), (2, 9, 3, 37, 64), (1, 8, 1, 130, 128)])
+                         [(1, 4, 4, 1, 32), (2, 9, 3, 37, 64), (1, 8, 1, 130, 128), (1, 6, 2, 19, 36)])
 def test_decode_attention_matches_sdpa(ext, dtype, batch, heads, kv_heads, length, d_head):
     """One query per sequence over a KV cache's first `length` slots (a view of a longer buffer, as the cache hands
-    it over), grouped-query heads included: torch's SDPA on the same operands, in fp64."""
+    it over), grouped-query heads included, key counts and head sizes that fill no whole vector: torch's SDPA on the
+    same operands, in fp64."""
     g = torch.Generator().manual_seed(length)
     q = torch.randn(batch, heads, 1, d_head, generator=g).to(dtype)
     cache_k, cache_v = (torch.randn(batch, kv_heads, length + 7, d_head, generator=g).to(dtype) for _ in range(2))

@@ -512,9 +512,8 @@ torch::Tensor linear_int_tiles(torch::Tensor x, std::vector<torch::Tensor> qweig
 }
 
 // ---- attention for one query per sequence (a decode step): out = softmax(q·Kᵀ · scale) V per head, over all L
-// cached keys (no mask), a query head h reading key head h / (H / Hkv) (GQA). The body is written once and
-// inlined into an AVX-512 and an AVX2 function, which the compiler vectorizes for their own targets; the softmax's
-// exponentials are each target's own (one call of std::exp per key took a third of the time at 2,048 keys).
+// cached keys (no mask), a query head h reading key head h / (H / Hkv) (GQA). The body is written once over a
+// target's float vectors (Lanes16: AVX-512, Lanes8: AVX2) and inlined into a function for each target.
 
 namespace {
 
@@ -527,56 +526,115 @@ constexpr float kExpPoly[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e
                                4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
 
 #if defined(__x86_64__)
-AVX512 inline __m512 exp512(__m512 x) {
-  x = _mm512_max_ps(_mm512_set1_ps(-87.f), x);  // a NaN stays NaN (max returns its second operand)
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2High), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Low), r);
-  __m512 y = _mm512_set1_ps(kExpPoly[0]);
-  for (int i = 1; i < 6; ++i) y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(kExpPoly[i]));
-  y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-  return _mm512_scalef_ps(y, n);
-}
-
-AVX2 inline __m256 exp256(__m256 x) {
-  x = _mm256_max_ps(_mm256_set1_ps(-87.f), x);
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(kLog2e)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2High), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Low), r);
-  __m256 y = _mm256_set1_ps(kExpPoly[0]);
-  for (int i = 1; i < 6; ++i) y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(kExpPoly[i]));
-  y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
-  const __m256i power = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(y, _mm256_castsi256_ps(power));  // n >= -126: a normal 2^n
-}
-
-// p[j] = e^(p[j] - top) for j < L; returns their sum.
-AVX512 inline float exp_sum512(float* p, int64_t L, float top) {
-  const __m512 shift = _mm512_set1_ps(top);
-  __m512 sum = _mm512_setzero_ps();
-  for (int64_t j = 0; j < L; j += 16) {
-    const __mmask16 live = L - j >= 16 ? 0xFFFF : (__mmask16)((1u << (L - j)) - 1);
-    const __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, p + j), shift));
-    _mm512_mask_storeu_ps(p + j, live, e);
-    sum = _mm512_mask_add_ps(sum, live, sum, e);
+// What the attention body needs of a target's float vectors; `n` lanes of a load are read, the rest are zero.
+struct Lanes16 {  // AVX-512
+  using Reg = __m512;
+  static constexpr int kLanes = 16;
+  static AVX512 inline Reg zero() { return _mm512_setzero_ps(); }
+  static AVX512 inline Reg set1(float v) { return _mm512_set1_ps(v); }
+  static AVX512 inline Reg add(Reg a, Reg b) { return _mm512_add_ps(a, b); }
+  static AVX512 inline Reg sub(Reg a, Reg b) { return _mm512_sub_ps(a, b); }
+  static AVX512 inline Reg mul(Reg a, Reg b) { return _mm512_mul_ps(a, b); }
+  static AVX512 inline Reg fmadd(Reg a, Reg b, Reg c) { return _mm512_fmadd_ps(a, b, c); }
+  static AVX512 inline Reg max(Reg a, Reg b) { return _mm512_max_ps(a, b); }
+  static AVX512 inline __mmask16 first(int n) { return n >= 16 ? 0xFFFF : (__mmask16)((1u << n) - 1); }
+  static AVX512 inline Reg load(const float* p, int n) { return _mm512_maskz_loadu_ps(first(n), p); }
+  static AVX512 inline Reg load(const at::BFloat16* p, int n) {
+    const __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(first(n), p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
   }
-  return _mm512_reduce_add_ps(sum);
-}
-
-AVX2 inline float exp_sum256(float* p, int64_t L, float top) {
-  const __m256 shift = _mm256_set1_ps(top);
-  __m256 sum = _mm256_setzero_ps();
-  int64_t j = 0;
-  for (; j + 8 <= L; j += 8) {
-    const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(p + j), shift));
-    _mm256_storeu_ps(p + j, e);
-    sum = _mm256_add_ps(sum, e);
+  static AVX512 inline void store(float* p, Reg v) { _mm512_storeu_ps(p, v); }
+  static AVX512 inline Reg keep(Reg v, int n, float fill) {  // lanes from n on set to `fill`
+    return _mm512_mask_blend_ps(first(n), _mm512_set1_ps(fill), v);
   }
-  float total = hsum256(sum);
-  for (; j < L; ++j) total += (p[j] = std::exp(p[j] - top));
-  return total;
-}
+  static AVX512 inline float sum(Reg v) { return _mm512_reduce_add_ps(v); }
+  static AVX512 inline float top(Reg v) { return _mm512_reduce_max_ps(v); }
+  // lane i = the sum of r[i]'s lanes: pairs, then quads within each 128-bit lane, then across them
+  static AVX512 inline Reg sums(Reg (&r)[16]) {
+    __m512 t[8], u[4];
+    for (int k = 0; k < 8; ++k)
+      t[k] = _mm512_add_ps(_mm512_unpacklo_ps(r[2 * k], r[2 * k + 1]), _mm512_unpackhi_ps(r[2 * k], r[2 * k + 1]));
+    for (int k = 0; k < 4; ++k)
+      u[k] = _mm512_add_ps(_mm512_shuffle_ps(t[2 * k], t[2 * k + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                           _mm512_shuffle_ps(t[2 * k], t[2 * k + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    const __m512 w0 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                    _mm512_shuffle_f32x4(u[0], u[1], _MM_SHUFFLE(3, 1, 3, 1)));
+    const __m512 w1 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], _MM_SHUFFLE(2, 0, 2, 0)),
+                                    _mm512_shuffle_f32x4(u[2], u[3], _MM_SHUFFLE(3, 1, 3, 1)));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(w0, w1, _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(w0, w1, _MM_SHUFFLE(3, 1, 3, 1)));
+  }
+  static AVX512 inline Reg exp(Reg x) {
+    x = _mm512_max_ps(_mm512_set1_ps(-87.f), x);  // a NaN stays NaN (max returns its second operand)
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2High), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Low), r);
+    __m512 y = _mm512_set1_ps(kExpPoly[0]);
+    for (int i = 1; i < 6; ++i) y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(kExpPoly[i]));
+    y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+    return _mm512_scalef_ps(y, n);
+  }
+};
+
+struct Lanes8 {  // AVX2
+  using Reg = __m256;
+  static constexpr int kLanes = 8;
+  static AVX2 inline Reg zero() { return _mm256_setzero_ps(); }
+  static AVX2 inline Reg set1(float v) { return _mm256_set1_ps(v); }
+  static AVX2 inline Reg add(Reg a, Reg b) { return _mm256_add_ps(a, b); }
+  static AVX2 inline Reg sub(Reg a, Reg b) { return _mm256_sub_ps(a, b); }
+  static AVX2 inline Reg mul(Reg a, Reg b) { return _mm256_mul_ps(a, b); }
+  static AVX2 inline Reg fmadd(Reg a, Reg b, Reg c) { return _mm256_fmadd_ps(a, b, c); }
+  static AVX2 inline Reg max(Reg a, Reg b) { return _mm256_max_ps(a, b); }
+  static AVX2 inline __m256i first(int n) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  }
+  static AVX2 inline Reg load(const float* p, int n) {
+    return n >= 8 ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, first(n));
+  }
+  static AVX2 inline Reg load(const at::BFloat16* p, int n) {
+    __m128i half;
+    if (n >= 8) {
+      half = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    } else {
+      alignas(16) uint16_t part[8] = {};
+      std::memcpy(part, p, 2 * n);
+      half = _mm_load_si128(reinterpret_cast<const __m128i*>(part));
+    }
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
+  }
+  static AVX2 inline void store(float* p, Reg v) { _mm256_storeu_ps(p, v); }
+  static AVX2 inline Reg keep(Reg v, int n, float fill) {
+    return _mm256_blendv_ps(_mm256_set1_ps(fill), v, _mm256_castsi256_ps(first(n)));
+  }
+  static AVX2 inline float sum(Reg v) { return hsum256(v); }
+  static AVX2 inline float top(Reg v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+  }
+  static AVX2 inline Reg sums(Reg (&r)[8]) {  // as Lanes16's, one 128-bit step fewer
+    __m256 t[4], u[2];
+    for (int k = 0; k < 4; ++k)
+      t[k] = _mm256_add_ps(_mm256_unpacklo_ps(r[2 * k], r[2 * k + 1]), _mm256_unpackhi_ps(r[2 * k], r[2 * k + 1]));
+    for (int k = 0; k < 2; ++k)
+      u[k] = _mm256_add_ps(_mm256_shuffle_ps(t[2 * k], t[2 * k + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                           _mm256_shuffle_ps(t[2 * k], t[2 * k + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    return _mm256_add_ps(_mm256_permute2f128_ps(u[0], u[1], 0x20), _mm256_permute2f128_ps(u[0], u[1], 0x31));
+  }
+  static AVX2 inline Reg exp(Reg x) {
+    x = _mm256_max_ps(_mm256_set1_ps(-87.f), x);
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(kLog2e)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2High), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Low), r);
+    __m256 y = _mm256_set1_ps(kExpPoly[0]);
+    for (int i = 1; i < 6; ++i) y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(kExpPoly[i]));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+    const __m256i power = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(power));  // n >= -126: a normal 2^n
+  }
+};
 #endif
 
 struct Heads {
@@ -586,43 +644,87 @@ struct Heads {
   float scale;
 };
 
-template <typename T, float (*exp_sum)(float*, int64_t, float)>
+// acc[u] += p_j · v_j's vectors first .. first + U - 1, over every key j, the U accumulators kept in registers.
+template <class V, typename T, int U>
+[[gnu::always_inline]] inline void weigh_values(const Heads& a, const T* v, const float* p, int64_t first,
+                                                float* acc) {
+  constexpr int W = V::kLanes;
+  typename V::Reg sum[U];
+  int lanes[U];
+  for (int u = 0; u < U; ++u) {
+    sum[u] = V::zero();
+    lanes[u] = static_cast<int>(std::min<int64_t>(W, a.D - (first + u) * W));
+  }
+  for (int64_t j = 0; j < a.L; ++j) {
+    const auto pj = V::set1(p[j]);
+    const T* vj = v + j * a.D + first * W;
+    for (int u = 0; u < U; ++u) sum[u] = V::fmadd(pj, V::load(vj + u * W, lanes[u]), sum[u]);
+  }
+  for (int u = 0; u < U; ++u) V::store(acc + (first + u) * W, sum[u]);
+}
+
+// Query heads begin .. end - 1 (of B · H). Scores W keys at a time: each key's products summed over its vectors, then
+// the W sums side by side (V::sums: no horizontal add per key); the softmax on W lanes; the values weighed 4 vectors
+// of the head at a time in registers.
+template <class V, typename T>
 [[gnu::always_inline]] inline void attend_heads(const Heads& a, int64_t begin, int64_t end) {
-  std::vector<float> p(a.L);
-  float q[kMaxHeadDim], acc[kMaxHeadDim];
+  constexpr int W = V::kLanes;
+  using Reg = typename V::Reg;
+  const int64_t vectors = (a.D + W - 1) / W;
+  const int last = static_cast<int>(a.D - (vectors - 1) * W);  // lanes of a row's last vector
+  std::vector<float> p((a.L + W - 1) / W * W);
+  alignas(64) float acc[kMaxHeadDim + 64];
+  Reg q[kMaxHeadDim / W];
   for (int64_t i = begin; i < end; ++i) {
     const int64_t b = i / a.H, h = i % a.H, g = h / a.group;
     const T* qi = static_cast<const T*>(a.q) + b * a.q_b + h * a.q_h;
     const T* k = static_cast<const T*>(a.k) + b * a.k_b + g * a.k_h;
     const T* v = static_cast<const T*>(a.v) + b * a.v_b + g * a.v_h;
-    for (int64_t d = 0; d < a.D; ++d) q[d] = static_cast<float>(qi[d]) * a.scale;
-    float top = -std::numeric_limits<float>::infinity();
-    for (int64_t j = 0; j < a.L; ++j) {
-      const T* kj = k + j * a.D;
-      float s = 0.f;
-#pragma omp simd reduction(+ : s)
-      for (int64_t d = 0; d < a.D; ++d) s += q[d] * static_cast<float>(kj[d]);
-      p[j] = s;
-      top = std::max(top, s);
+    for (int64_t u = 0; u < vectors; ++u)
+      q[u] = V::mul(V::load(qi + u * W, u + 1 < vectors ? W : last), V::set1(a.scale));
+    Reg top = V::set1(-std::numeric_limits<float>::infinity());
+    for (int64_t j0 = 0; j0 < a.L; j0 += W) {
+      const int live = static_cast<int>(std::min<int64_t>(W, a.L - j0));
+      Reg part[W];
+      for (int t = 0; t < W; ++t) {
+        part[t] = V::zero();
+        if (t < live) {
+          const T* kj = k + (j0 + t) * a.D;
+          for (int64_t u = 0; u < vectors; ++u)
+            part[t] = V::fmadd(q[u], V::load(kj + u * W, u + 1 < vectors ? W : last), part[t]);
+        }
+      }
+      const Reg s = V::sums(part);
+      V::store(p.data() + j0, s);
+      top = V::max(top, V::keep(s, live, -std::numeric_limits<float>::infinity()));
     }
-    const float total = exp_sum(p.data(), a.L, top);
-    std::fill(acc, acc + a.D, 0.f);
-    for (int64_t j = 0; j < a.L; ++j) {
-      const T* vj = v + j * a.D;
-      const float pj = p[j];
-#pragma omp simd
-      for (int64_t d = 0; d < a.D; ++d) acc[d] += pj * static_cast<float>(vj[d]);
+    const Reg shift = V::set1(V::top(top));
+    Reg total = V::zero();
+    for (int64_t j0 = 0; j0 < a.L; j0 += W) {
+      const Reg e = V::keep(V::exp(V::sub(V::load(p.data() + j0, W), shift)),
+                            static_cast<int>(std::min<int64_t>(W, a.L - j0)), 0.f);
+      V::store(p.data() + j0, e);
+      total = V::add(total, e);
     }
+    for (int64_t u = 0; u < vectors; u += 4) {
+      switch (std::min<int64_t>(4, vectors - u)) {
+        case 4: weigh_values<V, T, 4>(a, v, p.data(), u, acc); break;
+        case 3: weigh_values<V, T, 3>(a, v, p.data(), u, acc); break;
+        case 2: weigh_values<V, T, 2>(a, v, p.data(), u, acc); break;
+        default: weigh_values<V, T, 1>(a, v, p.data(), u, acc); break;
+      }
+    }
+    const float inverse_total = 1.f / V::sum(total);
     T* out = static_cast<T*>(a.out) + i * a.D;
-    for (int64_t d = 0; d < a.D; ++d) out[d] = static_cast<T>(acc[d] / total);
+    for (int64_t d = 0; d < a.D; ++d) out[d] = static_cast<T>(acc[d] * inverse_total);
   }
 }
 
 #if defined(__x86_64__)
 template <typename T>
-AVX512 void attend_avx512(const Heads& a, int64_t begin, int64_t end) { attend_heads<T, exp_sum512>(a, begin, end); }
+AVX512 void attend_avx512(const Heads& a, int64_t begin, int64_t end) { attend_heads<Lanes16, T>(a, begin, end); }
 template <typename T>
-AVX2 void attend_avx2(const Heads& a, int64_t begin, int64_t end) { attend_heads<T, exp_sum256>(a, begin, end); }
+AVX2 void attend_avx2(const Heads& a, int64_t begin, int64_t end) { attend_heads<Lanes8, T>(a, begin, end); }
 #endif
 
 }  // namespace
