@@ -3,8 +3,9 @@ source is built under its own op namespace (`llmcli_base`), both run the same ra
 smollm2-135m's layers (each shape copied until the copies fill 96 MB, three times the L3 of the machines we see, so
 that they stream from memory as in a decode step) and a hot case (one gate/up pair read again and again, in cache),
 interleaved repetition by repetition; the two outputs are checked to agree. Each side makes the call a model makes
-at its commit: ours reads int8 and int4 in the tile bodies' layout (models.quantized.tile_rows); the base's reads
-tiles where its source has the op for them (`linear_int_tiles`, or int4's `linear_int4_tiles`), else row-major
+at its commit: ours reads int8 and int4 in the tile bodies' layout with fp16 scales (models.quantized's
+tile_for_kernels; the random scales are fp16 values, as symmetric_scales gives); the base's reads tiles with fp32
+scales where its source has the op for them (`linear_int_tiles`, or int4's `linear_int4_tiles`), else row-major
 bytes (`linear_int`). Usage:
     python benchmarks/gemv_versions.py [--base HEAD~1] [--bits 4,8] [--threads 2] [--reps 15] [--isa 1|2] [--no-record]
 """
@@ -46,18 +47,22 @@ def build_base(revision: str, directory: Path):
 def operands(bits: int, K: int, sizes: list[int], generator):
     import torch
 
+    def scales(n, groups):  # fp16 values, as symmetric_scales gives
+        return torch.rand(n, groups, generator=generator).half().float()
+
     if bits == 4:
         return ([torch.randint(0, 256, (n, K // 2), dtype=torch.uint8, generator=generator) for n in sizes],
-                [torch.rand(n, K // 32, generator=generator) for n in sizes], 32)
+                [scales(n, K // 32) for n in sizes], 32)
     return ([torch.randint(-127, 128, (n, K), dtype=torch.int8, generator=generator) for n in sizes],
-            [torch.rand(n, 1, generator=generator) for n in sizes], K)
+            [scales(n, 1) for n in sizes], K)
 
 
-def tile_operands(call, bits: int):
-    """A call's operands in the tile bodies' layout."""
-    from llmcli.models.quantized import tile_rows
+def tile_operands(call, bits: int, fp16_scales: bool):
+    """A call's operands in the tile bodies' layout, the scales fp32 or as this checkout's model holds them."""
+    from llmcli.models.quantized import tile_for_kernels, tile_rows
 
-    tiles = [tile_rows(q, s, bits) for q, s in zip(call[0], call[1])]
+    tile = tile_for_kernels if fp16_scales else tile_rows
+    tiles = [tile(q, s, bits) for q, s in zip(call[0], call[1])]
     return [q for q, _ in tiles], [s for _, s in tiles], call[2]
 
 
@@ -103,8 +108,8 @@ def main() -> None:
             nbytes = sum(t.numel() * t.element_size() for t in [*first[0], *first[1]])
             copies = -(-STREAMED // nbytes) if streams else 1
             calls = [first, *(operands(bits, K, sizes, generator) for _ in range(copies - 1))]
-            mine = [tile_operands(each, bits) for each in calls]
-            their_calls = mine if base_tiled else calls
+            mine = [tile_operands(each, bits, True) for each in calls]
+            their_calls = [tile_operands(each, bits, False) for each in calls] if base_tiled else calls
             x = torch.randn(1, K, generator=generator)
             torch.testing.assert_close(ours(x, *mine[0], bits=bits), theirs(x, *their_calls[0], bits=bits),
                                        rtol=1e-4, atol=1e-2)

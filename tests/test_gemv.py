@@ -153,10 +153,12 @@ def test_integer_kernels_match_dequantize_then_matmul(ext, m, k, n, bits, group)
     exact = F.linear(blockwise_int8(x).double(), weight).float()
     plain = F.linear(x.double(), weight).float()
     tiled, tiled_scales = tiled_operands(q, scales, bits)
+    assert torch.equal(tiled_scales.half().float(), tiled_scales)  # symmetric_scales gives fp16 values
     for level in levels("int"):  # whole tiles of 16 rows, then the rest row by row
-        got = ext.linear_int_tiles(x, [tiled], [tiled_scales], group, bits, level)
-        assert relative(got, exact) < 1e-5
-        assert relative(got, plain) < 0.02
+        for held in (tiled_scales, tiled_scales.half()):  # an older directory's fp32 scales, or fp16
+            got = ext.linear_int_tiles(x, [tiled], [held], group, bits, level)
+            assert relative(got, exact) < 1e-5
+            assert relative(got, plain) < 0.02
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -195,18 +197,23 @@ def test_tiles_are_the_row_major_bytes_rearranged(n, k, group, bits):
 
 
 @pytest.mark.parametrize("scheme", ["int4", "int8"])
-def test_a_tiled_layer_saves_and_computes_as_before(ext, scheme):
+@pytest.mark.parametrize("fp16_scales", [True, False])
+def test_a_tiled_layer_saves_and_computes_as_before(ext, scheme, fp16_scales):
     """tile_for_gemv changes no saved byte, no dequantized weight and no result of the prompt path (torch's, more
-    rows than the kernels take); a state dict loaded into it is row-major again."""
+    rows than the kernels take); a state dict loaded into it is row-major again. Scales that are fp16 values
+    (symmetric_scales's) are held in fp16; others (an older directory's) stay fp32."""
     x, w = operands(12, 128, 40, seed=5)
     bits, group = (4, 32) if scheme == "int4" else (8, 128)
     q, scales = quantize_weight(w, bits, group)
+    if not fp16_scales:
+        scales = scales * (1 + 2 ** -20)  # no longer an fp16 value
     layer = QuantizedLinear.from_linear(nn.Linear(128, 40, bias=True), scheme, group, q, scales)
     saved = {name: t.clone() for name, t in layer.state_dict().items()}
     with torch.no_grad():
         prompt, weight = layer(x), layer.dequantized_weight()
         layer.tile_for_gemv()
         assert layer.tiled and not torch.equal(layer.qweight, saved["qweight"])
+        assert layer.scales.dtype == (torch.float16 if fp16_scales else torch.float32)
         assert all(torch.equal(t, saved[name]) for name, t in layer.state_dict().items())
         assert torch.equal(layer.dequantized_weight(), weight)
         assert torch.equal(layer(x), prompt)
@@ -214,6 +221,7 @@ def test_a_tiled_layer_saves_and_computes_as_before(ext, scheme):
         assert torch.allclose(layer(x[:1]), want, atol=1e-5)  # one row: the tile body
     layer.load_state_dict(saved)
     assert not layer.tiled and torch.equal(layer.qweight, saved["qweight"])
+    assert layer.scales.dtype == torch.float32 and torch.equal(layer.scales, saved["scales"])
 
 
 def test_kernels_refuse_what_they_cannot_take(ext):

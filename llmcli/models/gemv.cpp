@@ -24,6 +24,7 @@
 #include <cstring>
 #include <limits>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -32,7 +33,7 @@ constexpr int64_t kBlock = 32;  // inputs per quantized activation block
 
 struct Rows {  // the operands of one call, shared by every task
   const void* w;
-  const float* scales;  // (N, K / group), integer weights only
+  const void* scales;  // (N, K / group), integer weights only: fp32, or fp16 in the tile bodies
   int64_t group;
   const void* x;        // f32 (M, K), or bf16 / int8 after the caller's preparation
   const float* block_scales;  // int8 activations: per row and block of 32, its scale (see prepare_int8_rows)
@@ -47,7 +48,7 @@ struct Rows {  // the operands of one call, shared by every task
 #define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
 #define AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
 #define AVX512_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma,avx2")))
-#define AVX2 __attribute__((target("avx2,fma")))
+#define AVX2 __attribute__((target("avx2,fma,f16c")))
 
 AVX512 inline float sum512(const __m512 (&acc)[4]) {
   return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
@@ -167,11 +168,24 @@ inline int32_t four_bytes(const int8_t* p) {  // 4 activation bytes, to broadcas
 }
 
 // Tile t (rows 16t .. 16t + 15) against every activation row.
-template <int Bits>
+// A tile's 16 scales of one group (8 from `first` on, AVX2), fp32 or fp16.
+template <typename S>
+AVX512_VNNI inline __m512 tile_scales(const S* p) {
+  if constexpr (std::is_same_v<S, float>) return _mm512_loadu_ps(p);
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+template <typename S>
+AVX2 inline __m256 tile_scales_avx2(const S* p) {
+  if constexpr (std::is_same_v<S, float>) return _mm256_loadu_ps(p);
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+template <int Bits, typename S>
 AVX512_VNNI void int_tile(const Rows& a, const TileShape& s, int64_t t) {
   constexpr int64_t block_bytes = kTileRows * kBlock * Bits / 8;
   const uint8_t* w = static_cast<const uint8_t*>(a.w) + t * kTileRows * s.row_bytes;
-  const float* ws = a.scales + t * kTileRows * s.groups;
+  const S* ws = static_cast<const S*>(a.scales) + t * kTileRows * s.groups;
   const __m512i nibble = _mm512_set1_epi8(0x0F), sign = _mm512_set1_epi8(static_cast<char>(0x80));
   for (int64_t m = 0; m < a.M; ++m) {
     const int8_t* x = static_cast<const int8_t*>(a.x) + m * a.K;
@@ -195,7 +209,7 @@ AVX512_VNNI void int_tile(const Rows& a, const TileShape& s, int64_t t) {
                                     _mm512_set1_epi32(four_bytes(xb + 8 * i + 4)));
         }
       }
-      const __m512 scale = _mm512_mul_ps(_mm512_loadu_ps(ws + (b / s.per_group) * kTileRows), _mm512_set1_ps(xs[b]));
+      const __m512 scale = _mm512_mul_ps(tile_scales(ws + (b / s.per_group) * kTileRows), _mm512_set1_ps(xs[b]));
       acc[b & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(even, odd)), scale, acc[b & 1]);
     }
     _mm512_storeu_ps(a.y + m * a.ldy + t * kTileRows, _mm512_add_ps(acc[0], acc[1]));
@@ -205,11 +219,11 @@ AVX512_VNNI void int_tile(const Rows& a, const TileShape& s, int64_t t) {
 // The AVX2 body over the same tiles: a 64-byte vector as two halves of 8 rows. AVX2 multiplies unsigned by signed
 // bytes into saturating int16 pairs. int4: 15 · 127 · 2 at most, so a block's 8 pair sums add up in int16 (30,480 at
 // most) before one widening. int8: |q| against x with q's sign (128 · 127 · 2 fits), widened at every vector.
-template <int Bits>
+template <int Bits, typename S>
 AVX2 void int_tile_avx2(const Rows& a, const TileShape& s, int64_t t) {
   constexpr int64_t block_bytes = kTileRows * kBlock * Bits / 8;
   const uint8_t* w = static_cast<const uint8_t*>(a.w) + t * kTileRows * s.row_bytes;
-  const float* ws = a.scales + t * kTileRows * s.groups;
+  const S* ws = static_cast<const S*>(a.scales) + t * kTileRows * s.groups;
   const __m256i nibble = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
   for (int64_t m = 0; m < a.M; ++m) {
     const int8_t* x = static_cast<const int8_t*>(a.x) + m * a.K;
@@ -241,7 +255,7 @@ AVX2 void int_tile_avx2(const Rows& a, const TileShape& s, int64_t t) {
             dot = _mm256_add_epi32(dot, _mm256_madd_epi16(pairs, ones));
           }
         }
-        const __m256 scale = _mm256_mul_ps(_mm256_loadu_ps(ws + (b / s.per_group) * kTileRows + 8 * h), xscale);
+        const __m256 scale = _mm256_mul_ps(tile_scales_avx2(ws + (b / s.per_group) * kTileRows + 8 * h), xscale);
         acc[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc[h]);
       }
     }
@@ -251,10 +265,10 @@ AVX2 void int_tile_avx2(const Rows& a, const TileShape& s, int64_t t) {
 }
 
 // Row n past the tiles (row-major: int8 one byte per column; int4 byte j holds columns 2j and 2j + 1), one at a time.
-template <int Bits>
+template <int Bits, typename S>
 void int_row(const Rows& a, const TileShape& s, int64_t n) {
   const uint8_t* w = static_cast<const uint8_t*>(a.w) + n * s.row_bytes;
-  const float* ws = a.scales + n * s.groups;
+  const S* ws = static_cast<const S*>(a.scales) + n * s.groups;
   auto weight = [&](int64_t k) -> int32_t {
     if constexpr (Bits == 4) return ((w[k / 2] >> (4 * (k % 2))) & 0x0F) - 8;
     return static_cast<int8_t>(w[k]);
@@ -265,7 +279,7 @@ void int_row(const Rows& a, const TileShape& s, int64_t n) {
     for (int64_t b = 0; b < s.blocks; ++b) {
       int32_t dot = 0;
       for (int64_t k = b * kBlock; k < (b + 1) * kBlock; ++k) dot += weight(k) * x[k];
-      total += static_cast<float>(dot) * a.block_scales[m * s.blocks + b] * ws[b / s.per_group];
+      total += static_cast<float>(dot) * a.block_scales[m * s.blocks + b] * static_cast<float>(ws[b / s.per_group]);
     }
     a.y[m * a.ldy + n] = total;
   }
@@ -445,15 +459,25 @@ torch::Tensor linear(torch::Tensor x, std::vector<torch::Tensor> w, c10::optiona
   return finish(float_products(as_rows(x, w[0].size(1), wanted), w, isa), x, bias);
 }
 
-// Integer weights in tiles (see int_tile): each qweight int8 (N_i, K) or int4 uint8 (N_i, K / 2) and fp32 scales
-// (N_i, K / group) hold tile_rows's bytes (int8: group = K); x (..., K) fp32 or bf16, quantized here once for all of
-// them; the outputs side by side in x's dtype. isa 2: the AVX-512 VNNI bodies, 1: the AVX2 ones (a CPU without the
-// body's features is an error, not an illegal instruction).
+using Tile = void (*)(const Rows&, const TileShape&, int64_t);
+
+// The bodies for a whole tile and for a row past the tiles.
+template <typename S>
+std::pair<Tile, Tile> tile_bodies(int64_t bits, int64_t isa) {
+  if (bits == 4) return {isa == 2 ? int_tile<4, S> : int_tile_avx2<4, S>, int_row<4, S>};
+  return {isa == 2 ? int_tile<8, S> : int_tile_avx2<8, S>, int_row<8, S>};
+}
+
+// Integer weights in tiles (see int_tile): each qweight int8 (N_i, K) or int4 uint8 (N_i, K / 2) and scales
+// (N_i, K / group), all fp32 or all fp16, hold tile_rows's bytes (int8: group = K); x (..., K) fp32 or bf16,
+// quantized here once for all of them; the outputs side by side in x's dtype. isa 2: the AVX-512 VNNI bodies, 1:
+// the AVX2 ones (a CPU without the body's features is an error, not an illegal instruction).
 torch::Tensor linear_int_tiles(torch::Tensor x, std::vector<torch::Tensor> qweight, std::vector<torch::Tensor> scales,
                                int64_t group, int64_t bits, int64_t isa) {
 #if defined(__x86_64__)
   static const bool vnni = __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw");
-  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                           __builtin_cpu_supports("f16c");
   TORCH_CHECK(isa == 1 || isa == 2, "isa is 1 (AVX2) or 2 (AVX-512 VNNI)");
   TORCH_CHECK(isa == 2 ? vnni : avx2, isa == 2 ? "this CPU has no AVX-512 VNNI" : "this CPU has no AVX2");
   TORCH_CHECK(bits == 4 || bits == 8, "bits is 4 or 8");
@@ -469,8 +493,10 @@ torch::Tensor linear_int_tiles(torch::Tensor x, std::vector<torch::Tensor> qweig
     check(rows, q, q.size(1) * 8 / bits, 2);
     TORCH_CHECK(q.scalar_type() == (bits == 4 ? torch::kUInt8 : torch::kInt8) && q.size(1) == shape.row_bytes,
                 "int8 bytes or uint8 nibbles, one K for every qweight");
-    TORCH_CHECK(s.scalar_type() == torch::kFloat32 && s.is_contiguous() && s.dim() == 2 && s.size(0) == q.size(0) &&
-                    s.size(1) == K / group, "fp32 scales (N, K / group)");
+    TORCH_CHECK(s.scalar_type() == scales[0].scalar_type() &&
+                    (s.scalar_type() == torch::kFloat32 || s.scalar_type() == torch::kHalf) && s.is_contiguous() &&
+                    s.dim() == 2 && s.size(0) == q.size(0) && s.size(1) == K / group,
+                "scales (N, K / group), all fp32 or all fp16");
     total += q.size(0);
     units += q.size(0) / kTileRows + q.size(0) % kTileRows;  // a whole tile, or a row past the tiles
   }
@@ -482,15 +508,14 @@ torch::Tensor linear_int_tiles(torch::Tensor x, std::vector<torch::Tensor> qweig
   std::vector<Rows> parts;
   int64_t offset = 0;
   for (size_t i = 0; i < qweight.size(); ++i) {
-    parts.push_back({qweight[i].data_ptr(), scales[i].data_ptr<float>(), group, activations.x,
+    parts.push_back({qweight[i].data_ptr(), scales[i].data_ptr(), group, activations.x,
                      activations.block_scales, activations.block_fix, y.data_ptr<float>() + offset, M, K,
                      qweight[i].size(0), total});
     offset += qweight[i].size(0);
   }
-  using Tile = void (*)(const Rows&, const TileShape&, int64_t);
-  const Tile tile = bits == 4 ? (isa == 2 ? int_tile<4> : int_tile_avx2<4>)
-                               : (isa == 2 ? int_tile<8> : int_tile_avx2<8>);
-  const Tile row = bits == 4 ? int_row<4> : int_row<8>;
+  const auto bodies = scales[0].scalar_type() == torch::kHalf ? tile_bodies<at::Half>(bits, isa)
+                                                              : tile_bodies<float>(bits, isa);
+  const Tile tile = bodies.first, row = bodies.second;
   at::parallel_for(0, units, 4, [&](int64_t begin, int64_t end) {
     int64_t start = 0;  // the first unit of the part
     for (const auto& part : parts) {

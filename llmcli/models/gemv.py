@@ -42,7 +42,7 @@ MAX_ROWS = 8  # more rows (a prompt) are a matrix product: torch's GEMM does tho
 BLOCK = 32  # inputs per activation block; every kernel takes K in whole blocks
 MAX_HEAD_DIM = 256  # the attention kernel's largest head
 AVX512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"}
-AVX2 = {"avx2", "fma"}
+AVX2 = {"avx2", "fma", "f16c"}
 # weight kind -> (the AVX-512 feature its fast body needs besides AVX512, the name it goes by)
 BODIES = {"fp32": (None, "AVX-512"), "bf16": ("avx512_bf16", "AVX-512-BF16"), "int": ("avx512_vnni", "AVX-512-VNNI")}
 # weight kind -> the body its calls run, filled once the kernels load: the calls read this dict, not the CPU's

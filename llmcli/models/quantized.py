@@ -55,11 +55,17 @@ def qrange(bits: int) -> tuple[int, int]:
     return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
 
 
+SCALE_RANGE = (2.0 ** -24, 65504.0)  # fp16's smallest and largest positive values
+
+
 def symmetric_scales(weight: torch.Tensor, group_size: int, bits: int) -> torch.Tensor:
-    """(N, K) -> (N, K / group_size): absmax / qmax per group; 1 for all-zero groups (they quantize to 0)."""
+    """(N, K) -> (N, K / group_size): absmax / qmax per group, rounded to an fp16 value (as GGUF's Q8_0 and Q4_0
+    blocks carry their scales: an exported file computes with the same ones, and the decode kernels read them in
+    half the bytes); 1 for all-zero groups (they quantize to 0). Held in fp32."""
     rows, cols = weight.shape
     absmax = weight.detach().float().abs().reshape(rows, cols // group_size, group_size).amax(-1)
-    return torch.where(absmax > 0, absmax / qrange(bits)[1], torch.ones_like(absmax))
+    scales = torch.where(absmax > 0, absmax / qrange(bits)[1], torch.ones_like(absmax))
+    return scales.clamp(*SCALE_RANGE).half().float()
 
 
 def dequantize(q: torch.Tensor, scales: torch.Tensor, group_size: int, dtype=torch.float32) -> torch.Tensor:
@@ -100,6 +106,14 @@ def tile_rows(qweight: torch.Tensor, scales: torch.Tensor, bits: int) -> tuple[t
     tiled_scales = scales[:whole].reshape(tiles, TILE_ROWS, scales.shape[1]).transpose(1, 2)
     return (torch.cat((runs.reshape(whole, qweight.shape[1]), qweight[whole:])),
             torch.cat((tiled_scales.reshape(whole, scales.shape[1]), scales[whole:])).contiguous())
+
+
+def tile_for_kernels(qweight: torch.Tensor, scales: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`tile_rows`, the scales in fp16 where that loses nothing (symmetric_scales makes them so; an older
+    directory's stay fp32): what the decode kernels read."""
+    tiled, tiled_scales = tile_rows(qweight, scales.float(), bits)
+    half = tiled_scales.half()
+    return tiled, half if torch.equal(half.float(), tiled_scales) else tiled_scales
 
 
 def untile_rows(tiled: torch.Tensor, tiled_scales: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,15 +167,18 @@ class QuantizedLinear(nn.Module):
         return layer
 
     def row_major(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(qweight, scales) in the stored layout, whether or not the layer holds them in tiles."""
-        return untile_rows(self.qweight, self.scales, self.bits) if self.tiled else (self.qweight, self.scales)
+        """(qweight, fp32 scales) in the stored layout, whether or not the layer holds them in tiles."""
+        if not self.tiled:
+            return self.qweight, self.scales
+        qweight, scales = untile_rows(self.qweight, self.scales, self.bits)
+        return qweight, scales.float()
 
     def tile_for_gemv(self) -> None:
-        """Hold the weights in gemv.cpp's tiles of 16 rows (its integer bodies read them; `tile_rows`), in place of
-        the row-major bytes (no second copy), where our kernels take the layer. Every other path reads them through
-        `row_major`."""
+        """Hold the weights as the decode kernels read them (`tile_for_kernels`: tiles of 16 rows, fp16 scales where
+        exact), in place of the row-major bytes (no second copy), where our kernels take the layer. Every other path
+        reads them through `row_major`."""
         if not self.tiled and self._gemv_shape():
-            self.qweight, self.scales = tile_rows(self.qweight, self.scales.float(), self.bits)
+            self.qweight, self.scales = tile_for_kernels(self.qweight, self.scales, self.bits)
             self.tiled, self._kernel = True, None
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -170,8 +187,10 @@ class QuantizedLinear(nn.Module):
             destination[prefix + "qweight"], destination[prefix + "scales"] = self.row_major()
 
     def _load_from_state_dict(self, *args, **kwargs):
+        if self.tiled:  # a state dict is row-major, its scales fp32: back to that layout first
+            self.qweight, self.scales = self.row_major()
         super()._load_from_state_dict(*args, **kwargs)
-        self.tiled, self._kernel = False, None  # a state dict is row-major
+        self.tiled, self._kernel = False, None
 
     def int_weight(self) -> torch.Tensor:
         """The integer weight, (N, K) int8."""
@@ -288,8 +307,8 @@ class QuantizedLinear(nn.Module):
         return packed
 
     def gemv_operands(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(qweight, fp32 scales) as our kernels read them, or None where they do not take this layer."""
-        return (self.qweight, self.scales.float().contiguous()) if self._takes_gemv() else None
+        """(qweight, scales: fp16 or fp32) as our kernels read them, or None where they do not take this layer."""
+        return (self.qweight, self.scales) if self._takes_gemv() else None
 
     def _takes_gemv(self) -> bool:
         """Whether our kernels take this layer's few-row calls (see gemv.fits): held in their tiles
