@@ -1,8 +1,9 @@
 """The quantized linear layer and its layout on disk: what `load_model` needs to load a quantized directory.
 
-All schemes are symmetric: w ≈ q · scale with q in [-2^(b-1), 2^(b-1) - 1]. int8 keeps one fp32 scale per output
-channel; int4 one fp32 scale per group of `group_size` input features, two 4-bit values packed per byte (low
-nibble = even column). A quantized model directory stores `qweight`, `scales` (and `bias`) per linear layer in
+All schemes are symmetric: w ≈ q · scale with q in [-2^(b-1), 2^(b-1) - 1]. int8 keeps one scale per output
+channel; int4 one scale per group of `group_size` input features, two 4-bit values packed per byte (low
+nibble = even column). Scales are stored in fp32 and, as quantize makes them (`symmetric_scales`), hold fp16 values.
+A quantized model directory stores `qweight`, `scales` (and `bias`) per linear layer in
 model.safetensors and the layout in quantization.json; `apply_quantized_layout` rebuilds that layout on a
 meta-device model so that loading assigns the stored integers straight into place, never expanding to fp32.
 How the integers are chosen (round to nearest, GPTQ) is llmcli.compression.quantize.
