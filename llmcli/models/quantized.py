@@ -61,8 +61,8 @@ SCALE_RANGE = (2.0 ** -24, 65504.0)  # fp16's smallest and largest positive valu
 
 def symmetric_scales(weight: torch.Tensor, group_size: int, bits: int) -> torch.Tensor:
     """(N, K) -> (N, K / group_size): absmax / qmax per group, rounded to an fp16 value (as GGUF's Q8_0 and Q4_0
-    blocks carry their scales: an exported file computes with the same ones, and the decode kernels read them in
-    half the bytes); 1 for all-zero groups (they quantize to 0). Held in fp32."""
+    blocks carry theirs: the decode kernels read them in half the bytes); 1 for all-zero groups (they quantize to
+    0). Held in fp32."""
     rows, cols = weight.shape
     absmax = weight.detach().float().abs().reshape(rows, cols // group_size, group_size).amax(-1)
     scales = torch.where(absmax > 0, absmax / qrange(bits)[1], torch.ones_like(absmax))
