@@ -589,16 +589,9 @@ struct Lanes16 {  // AVX-512
     return _mm512_add_ps(_mm512_shuffle_f32x4(w0, w1, _MM_SHUFFLE(2, 0, 2, 0)),
                          _mm512_shuffle_f32x4(w0, w1, _MM_SHUFFLE(3, 1, 3, 1)));
   }
-  static AVX512 inline Reg exp(Reg x) {
-    x = _mm512_max_ps(_mm512_set1_ps(-87.f), x);  // a NaN stays NaN (max returns its second operand)
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2High), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Low), r);
-    __m512 y = _mm512_set1_ps(kExpPoly[0]);
-    for (int i = 1; i < 6; ++i) y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(kExpPoly[i]));
-    y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-    return _mm512_scalef_ps(y, n);
-  }
+  static AVX512 inline Reg fnmadd(Reg a, Reg b, Reg c) { return _mm512_fnmadd_ps(a, b, c); }
+  static AVX512 inline Reg round(Reg v) { return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT); }
+  static AVX512 inline Reg times_pow2(Reg y, Reg n) { return _mm512_scalef_ps(y, n); }  // y · 2^n
 };
 
 struct Lanes8 {  // AVX2
@@ -647,19 +640,24 @@ struct Lanes8 {  // AVX2
                            _mm256_shuffle_ps(t[2 * k], t[2 * k + 1], _MM_SHUFFLE(3, 2, 3, 2)));
     return _mm256_add_ps(_mm256_permute2f128_ps(u[0], u[1], 0x20), _mm256_permute2f128_ps(u[0], u[1], 0x31));
   }
-  static AVX2 inline Reg exp(Reg x) {
-    x = _mm256_max_ps(_mm256_set1_ps(-87.f), x);
-    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(kLog2e)),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2High), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Low), r);
-    __m256 y = _mm256_set1_ps(kExpPoly[0]);
-    for (int i = 1; i < 6; ++i) y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(kExpPoly[i]));
-    y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  static AVX2 inline Reg fnmadd(Reg a, Reg b, Reg c) { return _mm256_fnmadd_ps(a, b, c); }
+  static AVX2 inline Reg round(Reg v) { return _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static AVX2 inline Reg times_pow2(Reg y, Reg n) {  // y · 2^n for n >= -126 (a normal 2^n, built in its bits)
     const __m256i power = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(y, _mm256_castsi256_ps(power));  // n >= -126: a normal 2^n
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(power));
   }
 };
+
+// e^x on every lane, for x <= 0 (see kExpPoly). max(-87, x) keeps a NaN (max returns its second operand).
+template <class V>
+[[gnu::always_inline]] inline typename V::Reg exp_lanes(typename V::Reg x) {
+  x = V::max(V::set1(-87.f), x);
+  const auto n = V::round(V::mul(x, V::set1(kLog2e)));
+  const auto r = V::fnmadd(n, V::set1(kLn2Low), V::fnmadd(n, V::set1(kLn2High), x));
+  auto y = V::set1(kExpPoly[0]);
+  for (int i = 1; i < 6; ++i) y = V::fmadd(y, r, V::set1(kExpPoly[i]));
+  return V::times_pow2(V::fmadd(y, V::mul(r, r), V::add(r, V::set1(1.f))), n);
+}
 #endif
 
 struct Heads {
@@ -726,7 +724,7 @@ template <class V, typename T>
     const Reg shift = V::set1(V::top(top));
     Reg total = V::zero();
     for (int64_t j0 = 0; j0 < a.L; j0 += W) {
-      const Reg e = V::keep(V::exp(V::sub(V::load(p.data() + j0, W), shift)),
+      const Reg e = V::keep(exp_lanes<V>(V::sub(V::load(p.data() + j0, W), shift)),
                             static_cast<int>(std::min<int64_t>(W, a.L - j0)), 0.f);
       V::store(p.data() + j0, e);
       total = V::add(total, e);
