@@ -147,7 +147,8 @@ AVX2 void bf16_avx2(const Rows& a, int64_t n0, int64_t n1) {
 // 4 vectors, vector i inputs 4i .. 4i + 3 in its low nibbles and 16 + 4i .. 16 + 4i + 3 in its high ones (q + 8).
 // A lane is a row: each dpbusd multiplies 16 rows by the same 4 activations (broadcast), a block's products are
 // scaled once for all 16 rows and a tile's outputs are one store; no horizontal sums, a third of a row-major body's
-// instructions per weight byte. Scales: per tile and group, its 16 rows' side by side (int8: one group, K wide).
+// instructions per weight byte. Scales: per tile and group, its 16 rows' side by side (int8: one group, K wide),
+// fp32 or fp16 (an fp16 value each, as quantize makes them: half the bytes).
 // Rows past the last whole tile stay row-major after the tiles. Activations: int8 blocks of 32 in natural order, a
 // scale and a correction (-offset · the block's sum, see `tile_offset`) per block.
 
@@ -167,8 +168,7 @@ inline int32_t four_bytes(const int8_t* p) {  // 4 activation bytes, to broadcas
   return four;
 }
 
-// Tile t (rows 16t .. 16t + 15) against every activation row.
-// A tile's 16 scales of one group (8 from `first` on, AVX2), fp32 or fp16.
+// A tile's 16 scales of one group (8 of them, AVX2), fp32 or fp16.
 template <typename S>
 AVX512_VNNI inline __m512 tile_scales(const S* p) {
   if constexpr (std::is_same_v<S, float>) return _mm512_loadu_ps(p);
@@ -181,6 +181,7 @@ AVX2 inline __m256 tile_scales_avx2(const S* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 
+// Tile t (rows 16t .. 16t + 15) against every activation row.
 template <int Bits, typename S>
 AVX512_VNNI void int_tile(const Rows& a, const TileShape& s, int64_t t) {
   constexpr int64_t block_bytes = kTileRows * kBlock * Bits / 8;
