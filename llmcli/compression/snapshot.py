@@ -12,6 +12,7 @@ import time
 import torch
 
 from llmcli.generation import generate_ids
+from llmcli.models import gemv
 from llmcli.models.layout import block_linears
 from llmcli.runtime import evaluate
 
@@ -39,8 +40,14 @@ def logical_parameters(model: torch.nn.Module) -> int:
 
 @torch.no_grad()
 def tokens_per_s(model: torch.nn.Module, device: torch.device, reps: int = 3) -> dict:
-    """Decode speed with the KV cache (GPT, T5: batch 1, 32 new tokens) or forward speed (BERT: batch 1, 128 tokens)."""
+    """Decode speed with the KV cache (GPT, T5: batch 1, 32 new tokens) or forward speed (BERT: batch 1, 128 tokens).
+    On CPU, quantized layers are first held as generation holds them (the decode kernels' tiles, in place: their
+    state dict stays row-major), so that the figure is the one `generate` gets."""
     config = model.config
+    if device.type == "cpu" and gemv.extension() is not None:
+        for module in model.modules():
+            if hasattr(module, "tile_for_gemv"):  # models.quantized.QuantizedLinear
+                module.tile_for_gemv()
     prompt = torch.randint(config.vocab_size, (1, min(8, config.max_seq_len // 2)), generator=torch.Generator().manual_seed(0))
     prompt = prompt.to(device)
     if config.family == "bert":
