@@ -19,7 +19,6 @@ from llmcli.finetune.saving import load_finetuned
 from llmcli.model_dir import load_tokenizer
 from llmcli.models.base import LanguageModel
 from llmcli.models import gemv
-from llmcli.models.gemv import prepare_for_decode
 from llmcli.models.quantized import QuantizedLinear
 from llmcli.runtime import resolve_device, torch_dtype
 from llmcli.tokenizer import encode_texts, special_ids
@@ -138,7 +137,7 @@ def load_for_inference(ref: str | os.PathLike, device: str = "auto", precision: 
     if precision != "fp32" and not any(isinstance(m, QuantizedLinear) for m in model.modules()):
         model.to(torch_dtype(precision))
     if next(model.parameters()).device.type == "cpu":
-        prepare_for_decode(model)  # our single-row kernels, or the order torch's read fastest
+        gemv.prepare_for_decode(model)  # our single-row kernels, or the order torch's read fastest
     if not isinstance(model, LanguageModel):
         raise UserError(f"{ref}: a prompt-tuned or classification run has no plain language-model output to "
                         f"generate from; use `llmcli finetune` with --method lora, adapter or full and --task "

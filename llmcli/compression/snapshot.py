@@ -44,10 +44,8 @@ def tokens_per_s(model: torch.nn.Module, device: torch.device, reps: int = 3) ->
     On CPU, quantized layers are first held as generation holds them (the decode kernels' tiles, in place: their
     state dict stays row-major), so that the figure is the one `generate` gets."""
     config = model.config
-    if device.type == "cpu" and gemv.extension() is not None:
-        for module in model.modules():
-            if hasattr(module, "tile_for_gemv"):  # models.quantized.QuantizedLinear
-                module.tile_for_gemv()
+    if device.type == "cpu":
+        gemv.tile_integer_layers(model)
     prompt = torch.randint(config.vocab_size, (1, min(8, config.max_seq_len // 2)), generator=torch.Generator().manual_seed(0))
     prompt = prompt.to(device)
     if config.family == "bert":

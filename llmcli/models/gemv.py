@@ -237,8 +237,7 @@ def prepare_for_decode(model: nn.Module) -> nn.Module:
             set_submodule(model, name, DecodeLinear.wrapping(module))
         elif isinstance(module, Attention):
             module.sdpa = attention
-        elif hasattr(module, "tile_for_gemv") and "int" in LEVELS:
-            module.tile_for_gemv()  # models.quantized.QuantizedLinear: in the integer bodies' tiles
+    tile_integer_layers(model)
     for module in model.modules():
         if isinstance(module, Attention) and not module.cross:
             _fuse(module, "fused_qkv", [module.q_proj, module.k_proj, module.v_proj])
@@ -247,6 +246,16 @@ def prepare_for_decode(model: nn.Module) -> nn.Module:
     model.tied_head = linear
     gather_weights(model)
     return model
+
+
+def tile_integer_layers(model: nn.Module) -> None:
+    """Hold every quantized layer (models.quantized.QuantizedLinear) in the integer kernels' tiles, in place, where
+    the kernels load and take it; state dicts stay row-major."""
+    if extension() is None:
+        return
+    for module in model.modules():
+        if hasattr(module, "tile_for_gemv"):
+            module.tile_for_gemv()
 
 
 def _fuse(module: nn.Module, hook: str, layers: list[nn.Module]) -> None:

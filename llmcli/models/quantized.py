@@ -330,7 +330,8 @@ class QuantizedLinear(nn.Module):
                 return lambda x: torch.ops.aten._weight_int8pack_mm(aligned(x), self.row_major()[0], scales)
             qweight = self.qweight
             return lambda x: torch.ops.aten._weight_int8pack_mm(aligned(x), qweight, scales)
-        return _int4_cpu_kernel(self.int_weight(), self.row_major()[1], self.group_size, torch.bfloat16)
+        qweight, scales = self.row_major()  # once: a tiled layer's untiling is a pass over its bytes
+        return _int4_cpu_kernel(unpack_int4(qweight), scales, self.group_size, torch.bfloat16)
 
 
 def _through_bf16(kernel: Callable, dtype: torch.dtype) -> Callable:
