@@ -8,7 +8,8 @@
 // llmcli.models.gemv picks one from the CPU's features at run time (`isa`: 2 = AVX-512, 1 = AVX2). Output rows are
 // split between threads in contiguous ranges; a thread reads its rows of W one after the other, the order memory
 // streams fastest (4 interleaved rows read a third slower, benchmarks/gemv.py), runs every x row over each row
-// while it is in cache, and keeps 4 accumulators per dot product so that the adds do not wait on each other.
+// while it is in cache, and keeps a few accumulators per dot product so that the adds do not all wait on one
+// another (kWays512, kWays256).
 // Preconditions (checked by the caller): contiguous operands, K a multiple of 32, group a multiple of 32.
 
 #include <torch/extension.h>
@@ -50,8 +51,13 @@ struct Rows {  // the operands of one call, shared by every task
 #define AVX512_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma,avx2")))
 #define AVX2 __attribute__((target("avx2,fma,f16c")))
 
-AVX512 inline float sum512(const __m512 (&acc)[4]) {
-  return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
+// Accumulators per dot product: AVX-512 2, AVX2 4. With 4 the AVX-512 bodies read memory up to a fifth slower on
+// the AMD EPYC we see, though they compute faster in cache (benchmarks/gemv_versions.py); AVX2's, half as wide,
+// need 4 to keep up in cache and read as fast either way.
+constexpr int kWays512 = 2, kWays256 = 4;
+
+AVX512 inline float sum512(const __m512 (&acc)[kWays512]) {
+  return _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]));
 }
 
 AVX2 inline float hsum256(__m256 v) {
@@ -61,18 +67,18 @@ AVX2 inline float hsum256(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-AVX2 inline float sum256(const __m256 (&acc)[4]) {
+AVX2 inline float sum256(const __m256 (&acc)[kWays256]) {
   return hsum256(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
 }
 
-// Every body runs `STEP(acc[u], i)` for i = 0 .. steps - 1 over 4 accumulators, 4 steps at a time.
-#define FOUR_WAY(steps, STEP)                                                 \
-  {                                                                           \
-    int64_t i = 0;                                                            \
-    for (; i + 4 <= (steps); i += 4) {                                        \
-      STEP(acc[0], i) STEP(acc[1], i + 1) STEP(acc[2], i + 2) STEP(acc[3], i + 3) \
-    }                                                                         \
-    for (; i < (steps); ++i) { STEP(acc[0], i) }                              \
+// Every body runs `STEP(acc[u], i)` for i = 0 .. steps - 1 over `ways` accumulators, `ways` steps at a time.
+#define ACCUMULATE(ways, steps, STEP)                        \
+  {                                                          \
+    int64_t i = 0;                                           \
+    for (; i + (ways) <= (steps); i += (ways)) {             \
+      for (int u = 0; u < (ways); ++u) { STEP(acc[u], i + u) } \
+    }                                                        \
+    for (; i < (steps); ++i) { STEP(acc[0], i) }             \
   }
 
 // ---- fp32 weights
@@ -82,9 +88,9 @@ AVX512 void f32_avx512(const Rows& a, int64_t n0, int64_t n1) {
     const float* w = static_cast<const float*>(a.w) + n * a.K;
     for (int64_t m = 0; m < a.M; ++m) {
       const float* x = static_cast<const float*>(a.x) + m * a.K;
-      __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+      __m512 acc[kWays512] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
 #define STEP(s, i) s = _mm512_fmadd_ps(_mm512_loadu_ps(w + 16 * (i)), _mm512_loadu_ps(x + 16 * (i)), s);
-      FOUR_WAY(a.K / 16, STEP)
+      ACCUMULATE(kWays512, a.K / 16, STEP)
 #undef STEP
       a.y[m * a.ldy + n] = sum512(acc);
     }
@@ -96,9 +102,9 @@ AVX2 void f32_avx2(const Rows& a, int64_t n0, int64_t n1) {
     const float* w = static_cast<const float*>(a.w) + n * a.K;
     for (int64_t m = 0; m < a.M; ++m) {
       const float* x = static_cast<const float*>(a.x) + m * a.K;
-      __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+      __m256 acc[kWays256] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
 #define STEP(s, i) s = _mm256_fmadd_ps(_mm256_loadu_ps(w + 8 * (i)), _mm256_loadu_ps(x + 8 * (i)), s);
-      FOUR_WAY(a.K / 8, STEP)
+      ACCUMULATE(kWays256, a.K / 8, STEP)
 #undef STEP
       a.y[m * a.ldy + n] = sum256(acc);
     }
@@ -112,10 +118,10 @@ AVX512_BF16 void bf16_avx512(const Rows& a, int64_t n0, int64_t n1) {
     const uint16_t* w = static_cast<const uint16_t*>(a.w) + n * a.K;
     for (int64_t m = 0; m < a.M; ++m) {
       const uint16_t* x = static_cast<const uint16_t*>(a.x) + m * a.K;
-      __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+      __m512 acc[kWays512] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
 #define STEP(s, i) \
   s = _mm512_dpbf16_ps(s, (__m512bh)_mm512_loadu_si512(w + 32 * (i)), (__m512bh)_mm512_loadu_si512(x + 32 * (i)));
-      FOUR_WAY(a.K / 32, STEP)
+      ACCUMULATE(kWays512, a.K / 32, STEP)
 #undef STEP
       a.y[m * a.ldy + n] = sum512(acc);
     }
@@ -132,9 +138,9 @@ AVX2 void bf16_avx2(const Rows& a, int64_t n0, int64_t n1) {
     const uint16_t* w = static_cast<const uint16_t*>(a.w) + n * a.K;
     for (int64_t m = 0; m < a.M; ++m) {
       const float* x = static_cast<const float*>(a.x) + m * a.K;
-      __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+      __m256 acc[kWays256] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
 #define STEP(s, i) s = _mm256_fmadd_ps(widen_bf16(w + 8 * (i)), _mm256_loadu_ps(x + 8 * (i)), s);
-      FOUR_WAY(a.K / 8, STEP)
+      ACCUMULATE(kWays256, a.K / 8, STEP)
 #undef STEP
       a.y[m * a.ldy + n] = sum256(acc);
     }
@@ -192,7 +198,7 @@ AVX512_VNNI void int_tile(const Rows& a, const TileShape& s, int64_t t) {
     const int8_t* x = static_cast<const int8_t*>(a.x) + m * a.K;
     const float* xs = a.block_scales + m * s.blocks;
     const int32_t* fix = a.block_fix + m * s.blocks;
-    __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+    __m512 acc[kWays512] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
     for (int64_t b = 0; b < s.blocks; ++b) {
       const uint8_t* wb = w + b * block_bytes;
       const int8_t* xb = x + b * kBlock;
@@ -230,7 +236,7 @@ AVX2 void int_tile_avx2(const Rows& a, const TileShape& s, int64_t t) {
     const int8_t* x = static_cast<const int8_t*>(a.x) + m * a.K;
     const float* xs = a.block_scales + m * s.blocks;
     const int32_t* fix = a.block_fix + m * s.blocks;
-    __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};  // rows 0-7, 8-15
+    __m256 acc[kWays256] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};  // rows 0-7, 8-15
     for (int64_t b = 0; b < s.blocks; ++b) {
       const uint8_t* wb = w + b * block_bytes;
       const int8_t* xb = x + b * kBlock;
