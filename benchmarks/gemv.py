@@ -1,8 +1,9 @@
 """What a single-row matrix product (a decode step's linear layer) reaches on this CPU, against the machine's read
 bandwidth: with what torch has (fp32 and bf16 F.linear with the weight (out, in), x @ W with the weight stored
 (in, out), ATen's packed int8 and int4 weight-only kernels) and with llmcli's own kernels (models/gemv.cpp: fp32,
-bf16, int8 and int4 g32 weights). Each candidate cycles through copies of its weight totalling 256 MB, so that, as in a real
-decode step, the weights come from memory and not from the caches. Usage:
+bf16, int8 and int4 g32 weights). Each candidate cycles through copies of its weight totalling 256 MB of its own bytes
+(an int8 copy is a quarter of an fp32 one: four times as many copies), so that, as in a real decode step, the weights
+come from memory and not from the caches. Usage:
     python benchmarks/gemv.py [--shapes 768x3072,3072x768] [--threads 2] [--no-record]
 """
 
@@ -31,38 +32,44 @@ def candidates(k: int, n: int) -> dict:
     from llmcli.models.quantized import QuantizedLinear, qrange, scheme_bits, symmetric_scales
 
     x32, x16 = torch.randn(1, k), torch.randn(1, k).bfloat16()
-    copies = max(1, math.ceil(STREAM_BYTES / (n * k * 4)))
-    weights = [torch.randn(n, k) * 0.02 for _ in range(copies)]
+    generator = torch.Generator().manual_seed(0)
+
+    def weights(bytes_per_weight: float) -> list:
+        """fp32 weights, as many as make STREAM_BYTES at bytes_per_weight: each candidate streams as much."""
+        copies = max(1, math.ceil(STREAM_BYTES / (n * k * bytes_per_weight)))
+        return [torch.randn(n, k, generator=generator) * 0.02 for _ in range(copies)]
+
     found = {
-        "fp32 linear, weight (out, in)": ([lambda w=w: F.linear(x32, w) for w in weights], n * k * 4),
-        "fp32 x @ W, weight stored (in, out)": ([lambda w=w.t().contiguous(): x32 @ w for w in weights], n * k * 4),
-        "bf16 linear, weight (out, in)": ([lambda w=w.bfloat16(): F.linear(x16, w) for w in weights], n * k * 2),
-        "bf16 x @ W, weight stored (in, out)": ([lambda w=w.bfloat16().t().contiguous(): x16 @ w for w in weights],
-                                                n * k * 2),
+        "fp32 linear, weight (out, in)": ([lambda w=w: F.linear(x32, w) for w in weights(4)], n * k * 4),
+        "fp32 x @ W, weight stored (in, out)": ([lambda w=w.t().contiguous(): x32 @ w for w in weights(4)],
+                                                n * k * 4),
+        "bf16 linear, weight (out, in)": ([lambda w=w.bfloat16(): F.linear(x16, w) for w in weights(2)], n * k * 2),
+        "bf16 x @ W, weight stored (in, out)": ([lambda w=w.bfloat16().t().contiguous(): x16 @ w
+                                                 for w in weights(2)], n * k * 2),
     }
     if gemv.extension() is not None:  # llmcli's own kernels (models/gemv.cpp), as DecodeLinear calls them
-        found["fp32 llmcli gemv"] = ([lambda w=w: gemv.linear(x32, w) for w in weights], n * k * 4)
-        found["bf16 llmcli gemv"] = ([lambda w=w.bfloat16(): gemv.linear(x16, w) for w in weights], n * k * 2)
+        found["fp32 llmcli gemv"] = ([lambda w=w: gemv.linear(x32, w) for w in weights(4)], n * k * 4)
+        found["bf16 llmcli gemv"] = ([lambda w=w.bfloat16(): gemv.linear(x16, w) for w in weights(2)], n * k * 2)
     for scheme, group in (("int8", None), ("int4", 32)):  # llmcli's quantized layer and its ATen packed kernel
         bits = scheme_bits(scheme)
-        calls, nbytes = [], 0
-        for weight in weights:
+        aten_calls, our_calls, nbytes = [], [], 0
+        for weight in weights(bits / 8):
             scales = symmetric_scales(weight, group or k, bits)
             q = torch.clamp(torch.round(weight.reshape(n, -1, group or k) / scales[..., None]), *qrange(bits))
             layer = QuantizedLinear.from_linear(torch.nn.Linear(k, n, bias=False), scheme, group, q.reshape(n, k),
                                                 scales)
             if not layer._kernel_fits():
                 break
-            calls.append(layer)
             nbytes = layer.stored_bytes()
+            aten_calls.append(lambda f=layer._aten_kernel(): f(x16))  # packed from the row-major bytes
+            if gemv.extension() is not None:  # ours read the tiles, as a decoding model holds them
+                layer.tile_for_gemv()
+                our_calls.append(lambda q=layer: gemv.int_linear(x32, q.qweight, q.scales, q.group_size, q.bits))
         label = f"{scheme}{f' g{group}' if group else ''}"
-        if calls:
-            found[f"{label} ATen packed kernel, bf16 x"] = ([lambda f=layer._aten_kernel(): f(x16) for layer in calls],
-                                                            nbytes)
-        if calls and gemv.extension() is not None:
-            found[f"{label} llmcli gemv, fp32 x"] = (
-                [lambda q=layer: gemv.int_linear(x32, q.qweight, q.scales, q.group_size, q.bits) for layer in calls],
-                nbytes)
+        if aten_calls:
+            found[f"{label} ATen packed kernel, bf16 x"] = (aten_calls, nbytes)
+        if our_calls:
+            found[f"{label} llmcli gemv, fp32 x"] = (our_calls, nbytes)
     return found
 
 
@@ -104,9 +111,11 @@ def main() -> None:
     record_table(
         "Single-row matrix products, torch's and llmcli's kernels (CPU): weight bytes read per second",
         f"x (1, in) through a weight in -> out, {args.threads} threads, median of {args.reps} interleaved calls "
-        f"(interquartile range), each call on the next of copies of the weight totalling 256 MB per candidate so that "
+        f"(interquartile range), each call on the next of copies of the weight totalling 256 MB of each candidate's "
+        f"own bytes so that "
         f"weights stream from memory as in decode; GB/s = the layer's stored bytes (int8: int8 weight + fp32 scale "
-        f"per row; int4: packed nibbles + fp32 scale per group of 32) / median time; share of the read bandwidth "
+        f"per row; int4: packed nibbles + fp32 scale per group of 32; llmcli's kernels read the scales as fp16 in "
+        f"tiles of 16 rows, a tenth fewer int4 bytes) / median time; share of the read bandwidth "
         f"measured just before ({bandwidth / 1e9:.1f} GB/s, {args.threads} threads summing 512 MB). Shapes: "
         f"gpt2-small's MLP and LM head, smollm2-135m's MLP.",
         ["in x out", "kernel", "us per call (IQR)", "GB/s", "of read bandwidth"], rows, dry_run=args.no_record)
