@@ -14,8 +14,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llmcli.models import build_model, gemv
-from llmcli.models.quantized import (QuantizedLinear, dequantize, pack_int4, qrange, symmetric_scales, tile_rows,
-                                     untile_rows)
+from llmcli.models.quantized import (QuantizedLinear, dequantize, pack_int4, qrange, symmetric_scales,
+                                     tile_for_kernels, tile_rows, untile_rows)
 from conftest import tiny_config
 
 pytestmark = pytest.mark.skipif(gemv.isa("fp32") is None, reason="the kernels need an x86 CPU with AVX2")
@@ -69,6 +69,33 @@ def test_the_model_call_takes_any_leading_shape_dtype_and_bias(ext):
             want = F.linear(x.to(dtype).double(), w.to(dtype).double(), bias.to(dtype).double())
             assert got.shape == (2, 3, 40) and got.dtype == dtype
             assert relative(got.double(), want) < (1e-6 if dtype == torch.float32 else 1e-2)
+
+
+def test_the_model_call_converts_x_where_the_body_reads_another_dtype_or_layout(ext):
+    """x is read in place where it is already as the body reads it, else converted without a dispatch: fp32 x
+    against bf16 weights on AVX-512 is rounded to bf16 (as `to` rounds), bf16 x on AVX2 widened; a non-contiguous
+    x (a transposed view) is read in its logical order. The result keeps x's dtype and leading shape."""
+    g = torch.Generator().manual_seed(11)
+    w = (torch.randn(24, 64, generator=g) * 0.05).bfloat16()
+    x = torch.randn(3, 2, 64, generator=g).transpose(0, 1)  # (2, 3, 64), not contiguous
+    assert not x.is_contiguous()
+    for dtype in (torch.float32, torch.bfloat16):
+        for level in levels("bf16"):
+            got = ext.linear(x.to(dtype), [w], None, level)
+            read = x.to(dtype).bfloat16() if level == 2 else x.to(dtype).float()  # what the body multiplies
+            want = F.linear(read.double(), w.double())
+            assert got.shape == (2, 3, 24) and got.dtype == dtype
+            assert relative(got.double(), want) < (1e-6 if dtype == torch.float32 else 1e-2)
+    q = torch.randint(-127, 128, (32, 64), dtype=torch.int8, generator=g)
+    scales = torch.rand(32, 1, generator=g).half().float()
+    tiled = tile_for_kernels(q, scales, 8)
+    for level in levels("int"):
+        as_fp32 = ext.linear_int_tiles(x.contiguous(), [tiled[0]], [tiled[1]], 64, 8, level)
+        from_bf16 = ext.linear_int_tiles(x.bfloat16(), [tiled[0]], [tiled[1]], 64, 8, level)
+        assert from_bf16.dtype == torch.bfloat16 and from_bf16.shape == (2, 3, 32)
+        widened = ext.linear_int_tiles(x.bfloat16().float(), [tiled[0]], [tiled[1]], 64, 8, level)
+        assert torch.equal(from_bf16, widened.bfloat16())  # bf16 x widened exactly, the result rounded once
+        assert torch.equal(ext.linear_int_tiles(x, [tiled[0]], [tiled[1]], 64, 8, level), as_fp32)
 
 
 def test_one_call_for_several_weights_gives_each_ones_output_side_by_side(ext):

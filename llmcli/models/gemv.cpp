@@ -211,7 +211,7 @@ AVX512_VNNI void int_tile(const Rows& a, const TileShape& s, int64_t t) {
     const int8_t* x = static_cast<const int8_t*>(a.x) + m * a.K;
     const float* xs = a.block_scales + m * s.blocks;
     const int32_t* fix = a.block_fix + m * s.blocks;
-    __m512 acc[kWays512] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+    __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
     for (int64_t b = 0; b < s.blocks; ++b) {
       const uint8_t* wb = w + b * block_bytes;
       const int8_t* xb = x + b * kBlock;
@@ -250,7 +250,7 @@ AVX2 void int_tile_avx2(const Rows& a, const TileShape& s, int64_t t) {
     const int8_t* x = static_cast<const int8_t*>(a.x) + m * a.K;
     const float* xs = a.block_scales + m * s.blocks;
     const int32_t* fix = a.block_fix + m * s.blocks;
-    __m256 acc[kWays256] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};  // rows 0-7, 8-15
+    __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};  // rows 0-7, 8-15
     for (int64_t b = 0; b < s.blocks; ++b) {
       const uint8_t* wb = w + b * block_bytes;
       const int8_t* xb = x + b * kBlock;
@@ -338,13 +338,12 @@ using Body = void (*)(const Rows&, int64_t, int64_t);
 // One call for several matrices of one K against the same activations (q, k and v; gate and up): their outputs
 // side by side in y (M, ΣN), the threads splitting the rows of all of them in order (each still reads contiguous
 // rows, and the matrices lie one after the other in memory).
-torch::Tensor run(Body body, std::vector<Rows> parts) {
+void run(Body body, std::vector<Rows> parts, float* y) {
   int64_t total = 0;
   for (const auto& part : parts) total += part.N;
-  auto y = torch::empty({parts[0].M, total}, torch::kFloat32);
   int64_t offset = 0;
   for (auto& part : parts) {
-    part.y = y.data_ptr<float>() + offset;
+    part.y = y + offset;
     part.ldy = total;
     offset += part.N;
   }
@@ -356,24 +355,92 @@ torch::Tensor run(Body body, std::vector<Rows> parts) {
       start += part.N;
     }
   });
-  return y;
 }
 
-void check(const torch::Tensor& x, const torch::Tensor& w, int64_t k, int64_t isa) {
+void check(const torch::Tensor& w, int64_t k, int64_t isa) {
 #if !defined(__x86_64__)
   TORCH_CHECK(false, "llmcli's kernels are x86 only");
 #endif
   TORCH_CHECK(isa == 1 || isa == 2, "isa is 1 (AVX2) or 2 (AVX-512)");
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.is_contiguous() && w.is_contiguous(), "contiguous 2-d operands");
-  TORCH_CHECK(x.size(1) == k && k % kBlock == 0, "K must match and be a multiple of 32");
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous(), "contiguous 2-d weights");
+  TORCH_CHECK(k % kBlock == 0, "K must be a multiple of 32");
+}
+
+// A model's activations x (..., K), fp32 or bf16, as the bodies read them: M rows of K contiguous values in
+// `dtype`. Read in place where they are so; otherwise converted into `buffer` (kept by the caller between calls).
+// No tensor is made: a decode step makes some 120 of these calls, and each dispatch (a reshape, a `to`) costs
+// about half a microsecond to one.
+struct Input {
+  const void* data;
+  int64_t M;
+};
+
+Input input_rows(const torch::Tensor& x, int64_t K, torch::ScalarType dtype, std::vector<float>& buffer,
+                 torch::Tensor& keep) {
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, "x's last dimension must be the weights' K");
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16, "x: fp32 or bf16");
+  keep = x.is_contiguous() ? x : x.contiguous();
+  const int64_t M = K == 0 ? 0 : keep.numel() / K;
+  if (keep.scalar_type() == dtype) return {keep.data_ptr(), M};
+  buffer.resize(dtype == torch::kFloat32 ? M * K : (M * K + 1) / 2);
+  if (dtype == torch::kFloat32) {  // bf16 -> fp32, exact
+    const auto* from = keep.data_ptr<at::BFloat16>();
+    for (int64_t i = 0; i < M * K; ++i) buffer[i] = static_cast<float>(from[i]);
+  } else {  // fp32 -> bf16, round to nearest even as `to`
+    const float* from = keep.data_ptr<float>();
+    auto* to = reinterpret_cast<at::BFloat16*>(buffer.data());
+    for (int64_t i = 0; i < M * K; ++i) to[i] = at::BFloat16(from[i]);
+  }
+  return {buffer.data(), M};
+}
+
+// The result of a model's call: x's leading shape and dtype, N wide. The bodies write fp32 `y`: the output itself
+// for fp32 x, else `scratch` (kept by the caller), rounded into the output by `finish`.
+struct Output {
+  torch::Tensor out;
+  float* y;
+};
+
+Output output_for(const torch::Tensor& x, int64_t M, int64_t N, std::vector<float>& scratch) {
+  auto shape = x.sizes().vec();
+  shape.back() = N;
+  auto out = torch::empty(shape, x.options());
+  if (x.scalar_type() == torch::kFloat32) return {out, out.data_ptr<float>()};
+  scratch.resize(M * N);
+  return {out, scratch.data()};
+}
+
+// The bias (fp32 or bf16, N) added in fp32 before any rounding, as F.linear does, then y rounded into a bf16 output.
+// Both here, not through add_ and `to`: each costs a dispatch (a bf16 bias's add_ two), some 200 calls a step.
+torch::Tensor finish(const Output& o, int64_t M, int64_t N, const c10::optional<torch::Tensor>& bias) {
+  float* y = o.y;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, "bias (N,)");
+    const auto b = bias->contiguous();
+    if (b.scalar_type() == torch::kBFloat16) {
+      const auto* from = b.data_ptr<at::BFloat16>();
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t n = 0; n < N; ++n) y[m * N + n] += static_cast<float>(from[n]);
+    } else {
+      TORCH_CHECK(b.scalar_type() == torch::kFloat32, "fp32 or bf16 bias");
+      const float* from = b.data_ptr<float>();
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t n = 0; n < N; ++n) y[m * N + n] += from[n];
+    }
+  }
+  if (o.out.scalar_type() == torch::kBFloat16) {
+    auto* to = o.out.data_ptr<at::BFloat16>();
+    for (int64_t i = 0; i < M * N; ++i) to[i] = at::BFloat16(y[i]);  // round to nearest even, as `to`
+  }
+  return o.out;
 }
 
 // Activations (M, K) fp32 -> what the integer bodies read per x row: int8 blocks of 32 in natural order, and per
 // block its scale and its correction (-offset · the block's sum; see tile_offset). Fills `a`'s x, block_scales and
 // block_fix, raw pointers into `buffer` (a decode step makes some 120 of these calls, and a tensor for it, or each
 // view of one, would cost a dispatch).
-void prepare_int8_rows(const torch::Tensor& x, int32_t offset, Rows& a, std::vector<int64_t>& buffer) {
-  const int64_t M = x.size(0), K = x.size(1), blocks = K / kBlock;
+void prepare_int8_rows(const float* xp, int64_t M, int64_t K, int32_t offset, Rows& a, std::vector<int64_t>& buffer) {
+  const int64_t blocks = K / kBlock;
   const int64_t q_bytes = (M * K + 63) / 64 * 64, block_bytes = M * blocks * 4;
   buffer.resize((q_bytes + 2 * block_bytes + 7) / 8);  // 8-byte words: the blocks' floats and ints stay aligned
   int8_t* q = reinterpret_cast<int8_t*>(buffer.data());
@@ -382,7 +449,6 @@ void prepare_int8_rows(const torch::Tensor& x, int32_t offset, Rows& a, std::vec
   a.x = q;
   a.block_scales = scales;
   a.block_fix = fix;
-  const float* xp = x.data_ptr<float>();
   alignas(32) int32_t values[kBlock];
   for (int64_t i = 0; i < M * blocks; ++i) {
     int32_t sum = 0;
@@ -396,88 +462,62 @@ void prepare_int8_rows(const torch::Tensor& x, int32_t offset, Rows& a, std::vec
 
 }  // namespace
 
-// x (M, K) against each W (N_i, K), all fp32 or all bf16 (x: bf16 for the AVX-512 BF16 body, fp32 otherwise).
-torch::Tensor float_products(const torch::Tensor& x, const std::vector<torch::Tensor>& ws, int64_t isa) {
+// What x the float bodies read for weights of `dtype`: bf16 for the AVX-512 BF16 body, fp32 otherwise.
+static torch::ScalarType float_input(torch::ScalarType dtype, int64_t isa) {
+  return dtype == torch::kBFloat16 && isa == 2 ? torch::kBFloat16 : torch::kFloat32;
+}
+
+// x (M rows of K, in float_input's dtype) against each W (N_i, K), all fp32 or all bf16, into y (M, ΣN_i) fp32.
+static void float_products(const void* x, int64_t M, int64_t K, const std::vector<torch::Tensor>& ws, int64_t isa,
+                           float* y) {
   TORCH_CHECK(!ws.empty(), "at least one weight");
   const auto dtype = ws[0].scalar_type();
   TORCH_CHECK(dtype == torch::kFloat32 || dtype == torch::kBFloat16, "fp32 or bf16 W");
-  TORCH_CHECK(x.scalar_type() == (dtype == torch::kBFloat16 && isa == 2 ? torch::kBFloat16 : torch::kFloat32),
-              "x: fp32, or bf16 for bf16 W on isa 2");
   std::vector<Rows> parts;
   for (const auto& w : ws) {
-    check(x, w, w.size(1), isa);
-    TORCH_CHECK(w.scalar_type() == dtype, "one dtype for every W");
-    parts.push_back({w.data_ptr(), nullptr, 0, x.data_ptr(), nullptr, nullptr, nullptr, x.size(0), x.size(1),
-                     w.size(0), w.size(0)});
+    check(w, K, isa);
+    TORCH_CHECK(w.scalar_type() == dtype && w.size(1) == K, "one dtype and one K for every W");
+    parts.push_back({w.data_ptr(), nullptr, 0, x, nullptr, nullptr, nullptr, M, K, w.size(0), w.size(0)});
   }
 #if defined(__x86_64__)
   const Body body = dtype == torch::kFloat32 ? (isa == 2 ? f32_avx512 : f32_avx2)
                                              : (isa == 2 ? bf16_avx512 : bf16_avx2);
-  return run(body, parts);
-#else
-  return {};
+  run(body, parts, y);
 #endif
+}
+
+// y = x Wᵀ for a 2-d x (M, K) already as the body reads it (float_input), fp32 (M, N): the bodies alone, for tests.
+static torch::Tensor body_products(const torch::Tensor& x, const torch::Tensor& w, int64_t isa) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.size(1) == w.size(-1), "contiguous 2-d x (M, K)");
+  TORCH_CHECK(x.scalar_type() == float_input(w.scalar_type(), isa), "x: fp32, or bf16 for bf16 W on isa 2");
+  auto y = torch::empty({x.size(0), w.size(0)}, torch::kFloat32);
+  float_products(x.data_ptr(), x.size(0), x.size(1), {w}, isa, y.data_ptr<float>());
+  return y;
 }
 
 torch::Tensor linear_f32(torch::Tensor x, torch::Tensor w, int64_t isa) {
   TORCH_CHECK(w.scalar_type() == torch::kFloat32, "fp32 W");
-  return float_products(x, {w}, isa);
+  return body_products(x, w, isa);
 }
 
 torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor w, int64_t isa) {
   TORCH_CHECK(w.scalar_type() == torch::kBFloat16, "bf16 W");
-  return float_products(x, {w}, isa);
-}
-
-// x (..., K) -> (M, K) contiguous in `dtype`, without a dispatch for what is already so (a decode step makes some
-// 200 calls, each dispatch about half a microsecond).
-static torch::Tensor as_rows(const torch::Tensor& x, int64_t K, torch::ScalarType dtype) {
-  torch::Tensor rows = x.dim() == 2 ? x : x.reshape({-1, K});
-  if (rows.scalar_type() != dtype) rows = rows.to(dtype);
-  return rows.is_contiguous() ? rows : rows.contiguous();
-}
-
-// fp32 (M, N) -> x's leading shape and dtype, with the bias (fp32 or bf16, N) added in fp32 before any rounding,
-// as F.linear does. Both here, not through add_ and `to`: each costs a dispatch (a bf16 bias's add_ two, 11 us in a
-// gpt2-small step's profile, 48 calls a step), and a decode step makes some 200 of these calls.
-static torch::Tensor finish(torch::Tensor y, const torch::Tensor& x, const c10::optional<torch::Tensor>& bias) {
-  if (bias.has_value()) {
-    const int64_t M = y.size(0), N = y.size(1);
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, "bias (N,)");
-    const auto b = bias->contiguous();
-    float* out = y.data_ptr<float>();
-    if (b.scalar_type() == torch::kBFloat16) {
-      const auto* from = b.data_ptr<at::BFloat16>();
-      for (int64_t m = 0; m < M; ++m)
-        for (int64_t n = 0; n < N; ++n) out[m * N + n] += static_cast<float>(from[n]);
-    } else {
-      TORCH_CHECK(b.scalar_type() == torch::kFloat32, "fp32 or bf16 bias");
-      const float* from = b.data_ptr<float>();
-      for (int64_t m = 0; m < M; ++m)
-        for (int64_t n = 0; n < N; ++n) out[m * N + n] += from[n];
-    }
-  }
-  if (x.scalar_type() == torch::kBFloat16) {
-    auto narrow = torch::empty(y.sizes(), torch::kBFloat16);
-    const float* from = y.data_ptr<float>();
-    auto* to = narrow.data_ptr<at::BFloat16>();
-    for (int64_t i = 0; i < y.numel(); ++i) to[i] = at::BFloat16(from[i]);  // round to nearest even, as `to`
-    y = narrow;
-  } else if (y.scalar_type() != x.scalar_type()) {
-    y = y.to(x.scalar_type());
-  }
-  if (x.dim() == 2) return y;
-  auto shape = x.sizes().vec();
-  shape.back() = y.size(1);
-  return y.view(shape);
+  return body_products(x, w, isa);
 }
 
 // F.linear(x, W, bias) for x (..., K) in fp32 or bf16 and contiguous fp32 or bf16 weights (N_i, K): the call a
 // model makes, in one op; several weights give their outputs side by side (..., ΣN_i), `bias` then covering all.
 torch::Tensor linear(torch::Tensor x, std::vector<torch::Tensor> w, c10::optional<torch::Tensor> bias, int64_t isa) {
   TORCH_CHECK(!w.empty(), "at least one weight");
-  const auto wanted = w[0].scalar_type() == torch::kBFloat16 && isa == 2 ? torch::kBFloat16 : torch::kFloat32;
-  return finish(float_products(as_rows(x, w[0].size(1), wanted), w, isa), x, bias);
+  thread_local std::vector<float> converted, scratch;  // kept between calls: no allocation per call
+  torch::Tensor keep;
+  const int64_t K = w[0].size(-1);
+  const Input in = input_rows(x, K, float_input(w[0].scalar_type(), isa), converted, keep);
+  int64_t N = 0;
+  for (const auto& each : w) N += each.size(0);
+  const Output out = output_for(x, in.M, N, scratch);
+  float_products(in.data, in.M, K, w, isa, out.y);
+  return finish(out, in.M, N, bias);
 }
 
 using Tile = void (*)(const Rows&, const TileShape&, int64_t);
@@ -504,14 +544,16 @@ torch::Tensor linear_int_tiles(torch::Tensor x, std::vector<torch::Tensor> qweig
   TORCH_CHECK(bits == 4 || bits == 8, "bits is 4 or 8");
   TORCH_CHECK(!qweight.empty() && qweight.size() == scales.size(), "one scales tensor per qweight");
   const int64_t K = qweight[0].size(1) * 8 / bits;
-  const auto rows = as_rows(x, K, torch::kFloat32);
+  thread_local std::vector<float> converted, scratch;  // kept between calls: no allocation per call
+  torch::Tensor keep;
+  const Input in = input_rows(x, K, torch::kFloat32, converted, keep);
   TORCH_CHECK(group % kBlock == 0 && K % group == 0, "group a multiple of 32 that divides K");
   const TileShape shape{K / kBlock, group / kBlock, K / group, K * bits / 8};
   int64_t total = 0, units = 0;
   for (size_t i = 0; i < qweight.size(); ++i) {
     const auto& q = qweight[i];
     const auto& s = scales[i];
-    check(rows, q, q.size(1) * 8 / bits, 2);
+    check(q, K, 2);
     TORCH_CHECK(q.scalar_type() == (bits == 4 ? torch::kUInt8 : torch::kInt8) && q.size(1) == shape.row_bytes,
                 "int8 bytes or uint8 nibbles, one K for every qweight");
     TORCH_CHECK(s.scalar_type() == scales[0].scalar_type() &&
@@ -521,16 +563,16 @@ torch::Tensor linear_int_tiles(torch::Tensor x, std::vector<torch::Tensor> qweig
     total += q.size(0);
     units += q.size(0) / kTileRows + q.size(0) % kTileRows;  // a whole tile, or a row past the tiles
   }
-  const int64_t M = rows.size(0);
+  const int64_t M = in.M;
   Rows activations{};
-  thread_local std::vector<int64_t> buffer;  // kept between calls: no allocation per call
-  prepare_int8_rows(rows, tile_offset(bits, isa), activations, buffer);
-  auto y = torch::empty({M, total}, torch::kFloat32);
+  thread_local std::vector<int64_t> buffer;
+  prepare_int8_rows(static_cast<const float*>(in.data), M, K, tile_offset(bits, isa), activations, buffer);
+  const Output out = output_for(x, M, total, scratch);
   std::vector<Rows> parts;
   int64_t offset = 0;
   for (size_t i = 0; i < qweight.size(); ++i) {
     parts.push_back({qweight[i].data_ptr(), scales[i].data_ptr(), group, activations.x,
-                     activations.block_scales, activations.block_fix, y.data_ptr<float>() + offset, M, K,
+                     activations.block_scales, activations.block_fix, out.y + offset, M, K,
                      qweight[i].size(0), total});
     offset += qweight[i].size(0);
   }
@@ -551,7 +593,7 @@ torch::Tensor linear_int_tiles(torch::Tensor x, std::vector<torch::Tensor> qweig
       start += count;
     }
   });
-  return finish(y, x, c10::nullopt);
+  return finish(out, M, total, c10::nullopt);
 #else
   TORCH_CHECK(false, "llmcli's kernels are x86 only");
 #endif
