@@ -174,9 +174,9 @@ inline int32_t four_bytes(const int8_t* p) {  // 4 activation bytes, to broadcas
   return four;
 }
 
-// Asks for the next tile's scales ahead of its weights, all of them at once: read a few bytes at a time beside the
-// weights, they make a second stream per thread, which this machine reads slower (int4 streamed 1.01-1.15x faster
-// with this, benchmarks/gemv_versions.py). A prefetch past the last tile is harmless: it never faults.
+// Asks for the next tile's scales ahead of its weights, all of them at once: int4's (a ninth of its bytes), read a
+// few bytes at a time beside the weights, make a second stream per thread, which this machine reads slower (int4
+// streamed 1.00-1.18x faster with this, benchmarks/gemv_versions.py). A prefetch past the last tile never faults.
 template <typename S>
 inline void prefetch_next_scales(const S* tile_scales, const TileShape& s) {
 #if defined(__x86_64__)
@@ -205,7 +205,7 @@ AVX512_VNNI void int_tile(const Rows& a, const TileShape& s, int64_t t) {
   constexpr int64_t block_bytes = kTileRows * kBlock * Bits / 8;
   const uint8_t* w = static_cast<const uint8_t*>(a.w) + t * kTileRows * s.row_bytes;
   const S* ws = static_cast<const S*>(a.scales) + t * kTileRows * s.groups;
-  prefetch_next_scales(ws, s);
+  if constexpr (Bits == 4) prefetch_next_scales(ws, s);  // int8's: 2 bytes a row, no second stream to speak of
   const __m512i nibble = _mm512_set1_epi8(0x0F), sign = _mm512_set1_epi8(static_cast<char>(0x80));
   for (int64_t m = 0; m < a.M; ++m) {
     const int8_t* x = static_cast<const int8_t*>(a.x) + m * a.K;
@@ -244,7 +244,7 @@ AVX2 void int_tile_avx2(const Rows& a, const TileShape& s, int64_t t) {
   constexpr int64_t block_bytes = kTileRows * kBlock * Bits / 8;
   const uint8_t* w = static_cast<const uint8_t*>(a.w) + t * kTileRows * s.row_bytes;
   const S* ws = static_cast<const S*>(a.scales) + t * kTileRows * s.groups;
-  prefetch_next_scales(ws, s);
+  if constexpr (Bits == 4) prefetch_next_scales(ws, s);  // int8's: 2 bytes a row, no second stream to speak of
   const __m256i nibble = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
   for (int64_t m = 0; m < a.M; ++m) {
     const int8_t* x = static_cast<const int8_t*>(a.x) + m * a.K;
