@@ -1,7 +1,8 @@
 """llmcli against llama.cpp on the same weights, batch 1, in one run: decode at F32, BF16, Q8_0 and Q4_0 (llmcli's
 int8 and int4 group 32 with the LM head quantized too) and a 256-token prefill in bf16, interleaved repetition by
 repetition through `llmcli bench --compare llama.cpp`. Also the machine's read bandwidth (the threads summing a
-512 MB tensor), against which decode's weight streaming is put. Needs llama-bench on PATH (README: Side by side
+512 MB tensor), measured again before each case (a shared machine's moves by half within minutes), against which
+each side's decode weight streaming is put. Needs llama-bench on PATH (README: Side by side
 with llama.cpp). Usage:
     python benchmarks/llama_cpp.py [--models gpt2-small,smollm2-135m] [--reps 5] [--compile] [--no-record]
 """
@@ -61,9 +62,7 @@ def main() -> None:
 
     from llmcli.profiling.bench import run_bench
 
-    bandwidth = read_bandwidth(args.threads)
-    print(f"read bandwidth: {bandwidth / 1e9:.1f} GB/s ({args.threads} threads)", file=sys.stderr)
-    rows = []
+    rows, bandwidths = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
             for weights, mode, length in CASES:
@@ -72,18 +71,25 @@ def main() -> None:
                     source = str(quantized_dir(name, weights.split()[0].removesuffix("+head"), Path(tmp)))
                 if args.compile:  # each case starts as its own `llmcli bench --compile` process would: no graphs
                     torch._dynamo.reset()  # of earlier cases left to look through, nor their frozen weights
+                bandwidth = read_bandwidth(args.threads)
+                bandwidths.append(bandwidth)
+                print(f"read bandwidth: {bandwidth / 1e9:.1f} GB/s ({args.threads} threads)", file=sys.stderr)
                 results, _ = run_bench(source, [mode], [1], [length], dtype, "cpu", args.reps, 2, "llama.cpp",
                                        threads=[args.threads], compile=args.compile,
                                        log=lambda m: print(m, file=sys.stderr))
                 r = results[0]
                 peer = r.peer
                 ratios = [theirs / ours for ours, theirs in zip(r.samples_s, peer["samples_s"])]  # per repetition
-                streamed = f"{r.bandwidth_bytes_per_s / 1e9:.1f} ({r.bandwidth_bytes_per_s / bandwidth:.0%})" \
-                    if mode == "decode" and r.bandwidth_bytes_per_s else "-"
+                streamed = peer_streamed = "-"
+                if mode == "decode" and r.bandwidth_bytes_per_s:  # the same weights on both sides: bytes a token alike
+                    theirs = r.bandwidth_bytes_per_s / r.tokens_per_s * peer["tokens_per_s"]
+                    streamed, peer_streamed = (f"{rate / 1e9:.1f} ({rate / bandwidth:.0%})"
+                                               for rate in (r.bandwidth_bytes_per_s, theirs))
                 rows.append(f"| {name} | {weights} / {peer['configuration']['type'].upper()} | {mode} {length} | "
                             f"{r.tokens_per_s:,.1f} ± {r.tokens_per_s_std:,.1f} | "
                             f"{peer['tokens_per_s']:,.1f} ± {peer['tokens_per_s_std']:,.1f} | "
-                            f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f}) | {streamed} |")
+                            f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f}) | {streamed} | "
+                            f"{peer_streamed} | {bandwidth / 1e9:.1f} |")
                 print(rows[-1], file=sys.stderr, flush=True)
                 build, kernels = peer["configuration"], r.provenance["decode_kernels"]
     torch.set_num_threads(args.threads)
@@ -101,9 +107,11 @@ def main() -> None:
         f"llama.cpp build {build['build_commit']} ({build['backends']}, flash attention {build['flash_attn']}), "
         f"`-n 128` decode from an empty context, `-p 256` prefill. Ratio: llmcli / "
         f"llama.cpp, median of per-repetition ratios (min-max). Streamed: the weights a decode step reads times "
-        f"steps/s, and its share of the read bandwidth measured just before ({bandwidth / 1e9:.1f} GB/s, "
-        f"{args.threads} threads summing 512 MB).",
-        ["model", "weights", "case", "llmcli tok/s", "llama.cpp tok/s", "llmcli / llama.cpp", "llmcli GB/s streamed"],
+        f"steps/s (llama.cpp: the same bytes a token, as its GGUF holds the same weights, times its tokens/s), and "
+        f"the share of the read bandwidth measured just before the case ({args.threads} threads summing 512 MB, best "
+        f"of 5; {min(bandwidths) / 1e9:.1f}-{max(bandwidths) / 1e9:.1f} GB/s in this run).",
+        ["model", "weights", "case", "llmcli tok/s", "llama.cpp tok/s", "llmcli / llama.cpp", "llmcli GB/s streamed",
+         "llama.cpp GB/s streamed", "read bandwidth GB/s"],
         rows, dry_run=args.no_record)
 
 
