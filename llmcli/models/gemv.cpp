@@ -10,7 +10,8 @@
 // streams fastest (4 interleaved rows read a third slower, benchmarks/gemv.py), runs every x row over each row
 // while it is in cache, and keeps a few accumulators per dot product so that the adds do not all wait on one
 // another (kWays512, kWays256).
-// Preconditions (checked by the caller): contiguous operands, K a multiple of 32, group a multiple of 32.
+// Preconditions (checked here too): contiguous weights, K a multiple of 32, group a multiple of 32. x may be any
+// layout and fp32 or bf16: read in place where it is as the body reads it, else converted (input_rows).
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
