@@ -1,8 +1,9 @@
 """What the compiled decode step's settings buy, in one process: the step as `llmcli generate --compile` runs it
-(exported and compiled once, called without torch.compile's guards; weights frozen into the graph; q/k/v and
-gate/up one kernel call each) against the same graph called through torch.compile (its guards and inputs gathered
-at every step, as before this change) and against the step with one call per linear layer. Each variant is its
-own model and its own compiled graph, timed in turn repetition by repetition (greedy, the same tokens checked).
+(exported and compiled once, called without torch.compile's guards, through inductor's C++ wrapper; weights frozen
+into the graph; q/k/v and gate/up one kernel call each) against the same graph with inductor's Python wrapper,
+called through torch.compile (its guards and inputs gathered at every step), and with one call per linear layer.
+Each variant is its own model and its own compiled graph, timed in turn repetition by repetition (greedy, the same
+tokens checked).
 Usage:
     python benchmarks/decode_step.py [--models smollm2-135m] [--weights int4,bf16] [--reps 12] [--no-record]
 """
@@ -15,12 +16,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import record_table  # noqa: E402
 from llama_cpp import quantized_dir  # noqa: E402
 
-VARIANTS = ("as shipped", "through torch.compile's guards", "one call per layer")
+VARIANTS = ("as shipped", "Python wrapper", "through torch.compile's guards", "one call per layer")
 
 
 def model_dir(name: str, weights: str, root: Path) -> Path:
@@ -41,6 +43,7 @@ def variant(directory: Path, weights: str, label: str):
     """A model readied for decoding whose decode step is compiled as `label` says."""
     import torch
 
+    from llmcli import runtime
     from llmcli.model_dir import load_model
     from llmcli.models.gemv import prepare_for_decode
     from llmcli.runtime import compile_decode
@@ -54,6 +57,15 @@ def variant(directory: Path, weights: str, label: str):
             vars(module).pop("fused_qkv", None)
             vars(module).pop("fused_gate_up", None)
     compile_decode(model, torch.device("cpu"), print)
+    if label == "Python wrapper":  # compiled at the first step: without the C++ wrapper's settings then
+        step = model.decode_forward
+        compile_step = step._compile
+
+        def compile_with_python_wrapper(*args):
+            with mock.patch.object(runtime, "CPP_WRAPPER", {}):
+                return compile_step(*args)
+
+        step._compile = compile_with_python_wrapper
     if label == "through torch.compile's guards":
         model.decode_forward = model.decode_forward.guarded
     return model
@@ -100,7 +112,7 @@ def main() -> None:
                             f"({min(ratios):.2f}-{max(ratios):.2f}) |")
                 print(rows[-1], file=sys.stderr, flush=True)
     record_table(
-        "The compiled decode step: exported and called without guards, against torch.compile's call",
+        "The compiled decode step: exported, C++ wrapper, called without guards, against other ways to call it",
         f"Batch-1 greedy decode from an 8-token prompt, {args.new_tokens} new tokens, KV cache, {args.threads} "
         f"threads, products by {kernel_name()} (int4: group 32, the LM head quantized too); every variant "
         f"compiled before timing, {args.reps} repetitions interleaved. ms a token: "

@@ -108,6 +108,10 @@ def compile_blocks(model: torch.nn.Module, device: torch.device, warn) -> bool:
 
 
 DECODE_COMPILE_OPTIONS = {"freezing": True, "size_asserts": False}
+# The exported decode step's wrapper as C++ rather than Python: the some 150 op calls of smollm2-135m's step made
+# without the interpreter (its int4 step 1.09x faster, benchmarks/decode_step.py). The wrapper is glue, built apart
+# from the kernels at -O1: smollm2-135m's first build 72 s against 82 s at -O3.
+CPP_WRAPPER = {"cpp_wrapper": True, "cpp_wrapper_build_separate": True}
 
 
 def compile_decode(model: torch.nn.Module, device: torch.device, warn) -> bool:
@@ -116,9 +120,10 @@ def compile_decode(model: torch.nn.Module, device: torch.device, warn) -> bool:
     as it is. One graph instead of some 40 small ops a block, each with eager PyTorch's per-op cost (figures:
     benchmarks/llama_cpp.py --compile in RESULTS.md); see DecodeStep for how it is compiled and called. The weights
     are frozen into the graph (inductor's `freezing`: constants, not some 300 inputs) and the graph does not re-check
-    its buffers' shapes. Compiled on the first step (under a minute on 2 cores for a 135M model). The step must run
-    under no_grad or inference mode, as generation's do. T5 gets its blocks compiled. Not available: one warning
-    line, and decoding runs eagerly."""
+    its buffers' shapes; on the CPU its wrapper is C++ (CPP_WRAPPER). Compiled on the first step (about 70 s on 2
+    cores for a 135M model the first time, 20 s from inductor's cache after). The step must run under no_grad or
+    inference mode, as generation's do. T5 gets its blocks compiled. Not available: one warning line, and decoding
+    runs eagerly."""
     if model.config.family != "gpt":  # T5's steps carry the encoder's output: its blocks are compiled instead
         return compile_blocks(model, device, warn)
     if not _can_compile(device, warn):
@@ -139,6 +144,7 @@ class DecodeStep:
         self.model, self.warn = model, warn
         self.guarded = torch.compile(model.forward, dynamic=True, options=DECODE_COMPILE_OPTIONS)
         self.graphs: dict[tuple, object] = {}  # (batch, dtype, device) -> compiled step, or None: did not export
+        self._markers = torch.empty(0, dtype=torch.uint8)
         # a sliding window rewrites its cache, and a mixture of experts sizes its work by the routing (data-dependent
         # shapes, which export refuses)
         config = model.config
@@ -158,7 +164,7 @@ class DecodeStep:
         step = self.graphs[key]
         if step is None:
             return self.guarded(input_ids, cache=cache, last_only=last_only)
-        logits, hidden = step(input_ids, cache.length, _cache_tensors(cache))
+        logits, hidden = step(input_ids, self._length_marker(cache.length, input_ids.device), *_cache_tensors(cache))
         for layer in cache.layers:
             layer.length += 1
         return ModelOutput(logits=logits, hidden_states=hidden)
@@ -167,19 +173,27 @@ class DecodeStep:
         return (self.exportable and cache is not None and input_ids.shape[1] == 1 and attention_mask is None
                 and position_ids is None and not torch.is_grad_enabled())
 
+    def _length_marker(self, length: int, device: torch.device) -> torch.Tensor:
+        """A tensor `length` long (a view of one kept buffer): how the step takes the cache's length."""
+        if self._markers.numel() < length or self._markers.device != device:
+            self._markers = torch.empty(max(length, 2 * self._markers.numel()), dtype=torch.uint8, device=device)
+        return self._markers[:length]
+
     def _compile(self, input_ids: torch.Tensor, cache):
         """The exported and compiled step, or None (said once) where the model does not export."""
         tensors = _cache_tensors(cache)
-        size = Dim("cache_size")
-        example = (input_ids, cache.length, tensors)
+        # export specializes a dimension of 1; the example's length only has to fit the cache
+        example = (input_ids, self._length_marker(max(cache.length, 2), input_ids.device), *tensors)
+        cpu = input_ids.device.type == "cpu"  # inductor's C++ wrapper: tested on the CPU only
         try:
             with contextlib.redirect_stderr(io.StringIO()):  # a failed export prints its partial graph there
-                program = torch.export.export(_StepOverTensors(self.model), example, strict=False, dynamic_shapes={
-                    "input_ids": None, "length": Dim.DYNAMIC, "tensors": [{2: size}] * len(tensors)})
+                shapes = (None, {0: Dim.DYNAMIC}, tuple({2: Dim.DYNAMIC} for _ in tensors))
+                program = torch.export.export(_StepOverTensors(self.model), example, strict=False,
+                                              dynamic_shapes=shapes)
             with _quiet("torch._inductor.standalone_compile"):  # it warns when it cannot save what it never saves
                 return torch._inductor.standalone_compile(
-                    program.module(), list(example), dynamic_shapes="from_graph",
-                    options={"config_patches": DECODE_COMPILE_OPTIONS}, donate_graph_module=True)
+                    program.module(), list(example), dynamic_shapes="from_graph", donate_graph_module=True,
+                    options={"config_patches": {**DECODE_COMPILE_OPTIONS, **(CPP_WRAPPER if cpu else {})}})
         except Exception as error:  # noqa: BLE001 - any export failure: the guarded path still runs the step
             reason = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
             self.warn(f"note: the decode step did not export ({reason}); it runs through torch.compile's guards")
@@ -204,13 +218,15 @@ def _quiet(logger: str):
 
 
 class _StepOverTensors(torch.nn.Module):
-    """model(input_ids, cache) with the cache given as its tensors and length: what DecodeStep exports."""
+    """model(input_ids, cache) with the cache given as tensors: what DecodeStep exports. Its length is the length of
+    `length_marker` (inductor's C++ wrapper takes tensors only), then come every layer's keys and values."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids: torch.Tensor, length: int, tensors: list[torch.Tensor]):
+    def forward(self, input_ids: torch.Tensor, length_marker: torch.Tensor, *tensors: torch.Tensor):
+        length = length_marker.shape[0]
         layers = [LayerKVCache.holding(k, v, length) for k, v in zip(tensors[::2], tensors[1::2])]
         out = self.model(input_ids, cache=KVCache.holding(layers))
         return out.logits, out.hidden_states

@@ -373,9 +373,9 @@ def test_a_failed_build_is_one_line_and_torchs_path(tmp_path, monkeypatch, capsy
 
 def test_the_compiled_decode_step_generates_what_eager_does(ext):
     """compile_decode: the decode step exported and compiled as one graph with our ops in it gives the eager model's
-    logits and greedy tokens, for a second prompt of another length and cache size too, without compiling again (the
-    length and the cache's size are symbols) and without torch.compile's guarded path; a padded batch takes that
-    path and decodes as eager does too; a full cache is the eager model's error."""
+    logits and greedy tokens, for prompts of other lengths (one token too) and cache sizes, without compiling again
+    (the length and the cache's size are symbols) and without torch.compile's guarded path; a padded batch takes
+    that path and decodes as eager does too; a full cache is the eager model's error."""
     from torch._dynamo.utils import counters
 
     from llmcli.errors import UserError
@@ -390,7 +390,7 @@ def test_the_compiled_decode_step_generates_what_eager_does(ext):
             p.normal_(1.0, 0.2) if "norm" in name else p.normal_(0.0, 0.1)
     model = gemv.prepare_for_decode(model)
     g = torch.Generator().manual_seed(2)
-    prompts = [torch.randint(0, config.vocab_size, (1, n), generator=g) for n in (5, 9)]
+    prompts = [torch.randint(0, config.vocab_size, (1, n), generator=g) for n in (5, 9, 1)]
     padded = (torch.randint(0, config.vocab_size, (2, 6), generator=g), torch.tensor([[0, 0, 1, 1, 1, 1], [1] * 6]))
     eager = [generate_ids(model, p, 12, temperature=0) for p in prompts]
     eager_padded = generate_ids(model, padded[0], 6, attention_mask=padded[1], temperature=0)
