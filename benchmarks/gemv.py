@@ -34,10 +34,11 @@ def candidates(k: int, n: int) -> dict:
     x32, x16 = torch.randn(1, k), torch.randn(1, k).bfloat16()
     generator = torch.Generator().manual_seed(0)
 
-    def weights(bytes_per_weight: float) -> list:
-        """fp32 weights, as many as make STREAM_BYTES at bytes_per_weight: each candidate streams as much."""
+    def weights(bytes_per_weight: float):
+        """fp32 weights, one at a time, as many as make STREAM_BYTES at bytes_per_weight: each candidate streams as
+        much (int4's copies would fill 2 GB as fp32 held at once)."""
         copies = max(1, math.ceil(STREAM_BYTES / (n * k * bytes_per_weight)))
-        return [torch.randn(n, k, generator=generator) * 0.02 for _ in range(copies)]
+        return (torch.randn(n, k, generator=generator) * 0.02 for _ in range(copies))
 
     found = {
         "fp32 linear, weight (out, in)": ([lambda w=w: F.linear(x32, w) for w in weights(4)], n * k * 4),
