@@ -1,6 +1,7 @@
 """What the compiled decode step's settings buy, in one process: the step as `llmcli generate --compile` runs it
-(exported and compiled once, called without torch.compile's guards, through inductor's C++ wrapper; weights frozen
-into the graph; q/k/v and gate/up one kernel call each) against the same graph with inductor's Python wrapper,
+(exported and compiled once, on the CPU ahead of time by AOTInductor with the model's weights as its constants, called
+without torch.compile's guards; q/k/v and gate/up one kernel call each) against the same graph compiled in the
+process by inductor with its C++ wrapper (weights frozen, handed in as inputs at each step: the shipped step before),
 called through torch.compile (its guards and inputs gathered at every step), and with one call per linear layer.
 Each variant is its own model and its own compiled graph, timed in turn repetition by repetition (greedy, the same
 tokens checked).
@@ -22,7 +23,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import record_table  # noqa: E402
 from llama_cpp import quantized_dir  # noqa: E402
 
-VARIANTS = ("as shipped", "Python wrapper", "through torch.compile's guards", "one call per layer")
+VARIANTS = ("as shipped", "compiled in-process", "through torch.compile's guards", "one call per layer")
+# inductor's settings for the step compiled in the process (standalone_compile; the shipped step before AOTInductor)
+IN_PROCESS = {"compiled in-process": {"cpp_wrapper": True, "cpp_wrapper_build_separate": True}}
 
 
 def model_dir(name: str, weights: str, root: Path) -> Path:
@@ -57,15 +60,21 @@ def variant(directory: Path, weights: str, label: str):
             vars(module).pop("fused_qkv", None)
             vars(module).pop("fused_gate_up", None)
     compile_decode(model, torch.device("cpu"), print)
-    if label == "Python wrapper":  # compiled at the first step: without the C++ wrapper's settings then
+    if label in IN_PROCESS:  # compiled at the first step: in this process, with these wrapper settings
+        def in_process(program, warn):
+            inputs = list(program.example_inputs[0])
+            options = {**runtime.DECODE_COMPILE_OPTIONS, **IN_PROCESS[label]}
+            return torch._inductor.standalone_compile(program.module(), inputs, dynamic_shapes="from_graph",
+                                                      options={"config_patches": options})
+
         step = model.decode_forward
         compile_step = step._compile
 
-        def compile_with_python_wrapper(*args):
-            with mock.patch.object(runtime, "CPP_WRAPPER", {}):
+        def compile_in_process(*args):
+            with mock.patch.object(runtime, "compiled_ahead_of_time", in_process):
                 return compile_step(*args)
 
-        step._compile = compile_with_python_wrapper
+        step._compile = compile_in_process
     if label == "through torch.compile's guards":
         model.decode_forward = model.decode_forward.guarded
     return model
@@ -112,7 +121,7 @@ def main() -> None:
                             f"({min(ratios):.2f}-{max(ratios):.2f}) |")
                 print(rows[-1], file=sys.stderr, flush=True)
     record_table(
-        "The compiled decode step: exported, C++ wrapper, called without guards, against other ways to call it",
+        "The compiled decode step: exported, compiled ahead of time, called without guards, against other ways",
         f"Batch-1 greedy decode from an 8-token prompt, {args.new_tokens} new tokens, KV cache, {args.threads} "
         f"threads, products by {kernel_name()} (int4: group 32, the LM head quantized too); every variant "
         f"compiled before timing, {args.reps} repetitions interleaved. ms a token: "

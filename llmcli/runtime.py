@@ -8,15 +8,18 @@ foundation (errors), never a command.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import logging
 import math
 import os
 import shutil
+import warnings
 
 import torch
 from torch.export import Dim
 
+from llmcli.config import user_cache_dir
 from llmcli.cpu import cpu_flags
 from llmcli.errors import UserError
 from llmcli.models.base import ModelOutput
@@ -108,10 +111,11 @@ def compile_blocks(model: torch.nn.Module, device: torch.device, warn) -> bool:
 
 
 DECODE_COMPILE_OPTIONS = {"freezing": True, "size_asserts": False}
-# The exported decode step's wrapper as C++ rather than Python: the some 150 op calls of smollm2-135m's step made
-# without the interpreter (its int4 step 1.09x faster, benchmarks/decode_step.py). The wrapper is glue, built apart
-# from the kernels at -O1: smollm2-135m's first build 72 s against 82 s at -O3.
-CPP_WRAPPER = {"cpp_wrapper": True, "cpp_wrapper_build_separate": True}
+# On the CPU the exported decode step is compiled ahead of time (AOTInductor): a C++ wrapper that holds the weights
+# itself, where inductor's in-process C++ wrapper takes them as some 500 inputs at every step, each through Python
+# (smollm2-135m's int4 step 1.03-1.08x faster, benchmarks/decode_step.py). The weights stay the model's tensors: the
+# package holds the code, and the step reads the model's weights in place.
+AHEAD_OF_TIME_OPTIONS = {"size_asserts": False, "aot_inductor.package_constants_in_so": False}
 
 
 def compile_decode(model: torch.nn.Module, device: torch.device, warn) -> bool:
@@ -119,10 +123,10 @@ def compile_decode(model: torch.nn.Module, device: torch.device, warn) -> bool:
     kernels' ops in it: generation calls `model.decode_forward` for each step after the prompt, and the prompt runs
     as it is. One graph instead of some 40 small ops a block, each with eager PyTorch's per-op cost (figures:
     benchmarks/llama_cpp.py --compile in RESULTS.md); see DecodeStep for how it is compiled and called. The weights
-    are frozen into the graph (inductor's `freezing`: constants, not some 300 inputs) and the graph does not re-check
-    its buffers' shapes; on the CPU its wrapper is C++ (CPP_WRAPPER). Compiled on the first step (about 70 s on 2
-    cores for a 135M model the first time, 20 s from inductor's cache after). The step must run under no_grad or
-    inference mode, as generation's do. T5 gets its blocks compiled. Not available: one warning line, and decoding
+    are constants of the compiled step, not inputs, and the graph does not re-check its buffers' shapes; on the CPU
+    it is compiled ahead of time and kept in the user's cache (`compiled_ahead_of_time`). Compiled on the first step
+    (about 60 s on 2 cores for a 135M model the first time; loaded from the cache in a few seconds after). The step
+    must run under no_grad or inference mode, as generation's do. T5 gets its blocks compiled. Not available: one warning line, and decoding
     runs eagerly."""
     if model.config.family != "gpt":  # T5's steps carry the encoder's output: its blocks are compiled instead
         return compile_blocks(model, device, warn)
@@ -184,20 +188,52 @@ class DecodeStep:
         tensors = _cache_tensors(cache)
         # export specializes a dimension of 1; the example's length only has to fit the cache
         example = (input_ids, self._length_marker(max(cache.length, 2), input_ids.device), *tensors)
-        cpu = input_ids.device.type == "cpu"  # inductor's C++ wrapper: tested on the CPU only
         try:
             with contextlib.redirect_stderr(io.StringIO()):  # a failed export prints its partial graph there
                 shapes = (None, {0: Dim.DYNAMIC}, tuple({2: Dim.DYNAMIC} for _ in tensors))
                 program = torch.export.export(_StepOverTensors(self.model), example, strict=False,
                                               dynamic_shapes=shapes)
+            if input_ids.device.type == "cpu":
+                return compiled_ahead_of_time(program, self.warn)
             with _quiet("torch._inductor.standalone_compile"):  # it warns when it cannot save what it never saves
                 return torch._inductor.standalone_compile(
                     program.module(), list(example), dynamic_shapes="from_graph", donate_graph_module=True,
-                    options={"config_patches": {**DECODE_COMPILE_OPTIONS, **(CPP_WRAPPER if cpu else {})}})
+                    options={"config_patches": DECODE_COMPILE_OPTIONS})
         except Exception as error:  # noqa: BLE001 - any export failure: the guarded path still runs the step
             reason = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
             self.warn(f"note: the decode step did not export ({reason}); it runs through torch.compile's guards")
             return None
+
+
+def compiled_ahead_of_time(program: torch.export.ExportedProgram, warn):
+    """The exported step compiled by AOTInductor, a callable of the program's inputs returning its outputs. The
+    package (the code, not the weights) is kept in the user's cache under a digest of the program as printed (its
+    ops, shapes and dtypes), its weights' layouts, the CPU's features and torch's version: a later process with the
+    same model loads it instead of compiling (said on `warn` when it compiles). The weights are the program's own
+    tensors, read in place."""
+    state = {**program.state_dict, **program.constants}
+    layouts = [(name, tuple(t.shape), t.stride(), str(t.dtype)) for name, t in sorted(state.items())]
+    digest = hashlib.sha256("\n".join([torch.__version__, ",".join(sorted(cpu_flags())), repr(sorted(
+        AHEAD_OF_TIME_OPTIONS.items())), repr(layouts), str(program)]).encode()).hexdigest()[:20]
+    path = user_cache_dir() / "decode_steps" / f"{digest}.pt2"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f"{digest}.{os.getpid()}.partial.pt2")
+        warn("llmcli: compiling the decode step (once per model, dtype and batch size; about a minute for 135M "
+             "parameters on 2 cores)")
+        try:
+            with warnings.catch_warnings():  # torch's own deprecation notices while it packages
+                warnings.simplefilter("ignore", FutureWarning)
+                torch._inductor.aoti_compile_and_package(program, package_path=str(partial),
+                                                         inductor_configs=AHEAD_OF_TIME_OPTIONS)
+            os.replace(partial, path)
+        finally:
+            partial.unlink(missing_ok=True)
+    compiled = torch._inductor.aoti_load_package(str(path), run_single_threaded=True)
+    compiled.load_constants({name: state[name] for name in compiled.get_constant_fqns()}, check_full_update=True,
+                            user_managed=True)
+    run = compiled.loader.boxed_run
+    return lambda *inputs: run(list(inputs))
 
 
 def _cache_tensors(cache) -> list[torch.Tensor]:

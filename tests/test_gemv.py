@@ -416,6 +416,51 @@ def test_the_compiled_decode_step_generates_what_eager_does(ext):
     assert counters["stats"]["unique_graphs"] == 1
 
 
+def test_the_compiled_decode_step_reads_the_models_weights_and_is_cached(ext, monkeypatch):
+    """On the CPU the step is compiled ahead of time: it reads the model's own weights in place (a weight changed
+    after compiling changes its logits as it does the eager model's), and the package is kept in the user's cache, so
+    that a second model of the same shapes loads it instead of compiling."""
+    from llmcli.config import user_cache_dir
+    from llmcli.generation import generate_ids
+    from llmcli.runtime import compile_decode
+
+    config = tiny_config("gpt", position="rope", norm="rmsnorm", activation="swiglu", bias=False, d_model=64,
+                         n_heads=4, n_kv_heads=2, d_ff=128, n_layers=1)
+    prompt = torch.randint(0, config.vocab_size, (1, 5), generator=torch.Generator().manual_seed(3))
+
+    def ready(seed):
+        model = gemv.prepare_for_decode(build_model(config, seed=seed).eval())
+        eager = generate_ids(model, prompt, 8, temperature=0)
+        assert compile_decode(model, torch.device("cpu"), print)
+        return model, eager
+
+    def next_logits(model, step):
+        with torch.no_grad():
+            cache = model.new_cache(1, 8)
+            model(prompt[:, :-1], cache=cache)
+            return step(prompt[:, -1:], cache=cache).logits
+
+    packages = user_cache_dir() / "decode_steps"
+    before = set(packages.glob("*.pt2")) if packages.exists() else set()
+    model, eager = ready(seed=0)
+    assert torch.equal(generate_ids(model, prompt, 8, temperature=0), eager)
+    assert len(set(packages.glob("*.pt2")) - before) == 1
+    compiled_before = next_logits(model, model.decode_forward)
+    with torch.no_grad():
+        model.decoder.blocks[0].ff.up.weight.mul_(-3.0)  # in place, after compiling
+    compiled, eager_logits = next_logits(model, model.decode_forward), next_logits(model, model)
+    assert not torch.allclose(compiled, compiled_before, atol=1e-3)
+    torch.testing.assert_close(compiled, eager_logits, rtol=1e-4, atol=1e-5)
+
+    def no_compiling(*args, **kwargs):
+        raise AssertionError("compiled again")
+
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", no_compiling)
+    second, eager = ready(seed=1)  # other weights, the same shapes: the cached package
+    assert torch.equal(generate_ids(second, prompt, 8, temperature=0), eager)
+    assert list(second.decode_forward.graphs.values()) != [None]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_greedy_argmax_picks_what_torch_picks(ext, dtype):
     """gemv.argmax is torch.argmax over the last dim: random rows of many widths (a tail past 16, a row of a larger
