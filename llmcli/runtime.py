@@ -113,8 +113,8 @@ def compile_blocks(model: torch.nn.Module, device: torch.device, warn) -> bool:
 DECODE_COMPILE_OPTIONS = {"freezing": True, "size_asserts": False}
 # On the CPU the exported decode step is compiled ahead of time (AOTInductor): a C++ wrapper that holds the weights
 # itself, where inductor's in-process C++ wrapper takes them as some 500 inputs at every step, each through Python
-# (smollm2-135m's int4 step 1.03-1.08x faster, benchmarks/decode_step.py). The weights stay the model's tensors: the
-# package holds the code, and the step reads the model's weights in place.
+# (smollm2-135m's int4 step 1.09x faster, its bf16 one 1.23x: benchmarks/decode_step.py). The weights stay the
+# model's tensors: the package holds the code, and the step reads the weights in place.
 AHEAD_OF_TIME_OPTIONS = {"size_asserts": False, "aot_inductor.package_constants_in_so": False}
 
 
@@ -125,7 +125,7 @@ def compile_decode(model: torch.nn.Module, device: torch.device, warn) -> bool:
     benchmarks/llama_cpp.py --compile in RESULTS.md); see DecodeStep for how it is compiled and called. The weights
     are constants of the compiled step, not inputs, and the graph does not re-check its buffers' shapes; on the CPU
     it is compiled ahead of time and kept in the user's cache (`compiled_ahead_of_time`). Compiled on the first step
-    (about 60 s on 2 cores for a 135M model the first time; loaded from the cache in a few seconds after). The step
+    (about 60 s on 2 cores for a 135M model the first time; exported and loaded from the cache in 10 s after). The step
     must run under no_grad or inference mode, as generation's do. T5 gets its blocks compiled. Not available: one warning line, and decoding
     runs eagerly."""
     if model.config.family != "gpt":  # T5's steps carry the encoder's output: its blocks are compiled instead
