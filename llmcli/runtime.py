@@ -184,7 +184,7 @@ class DecodeStep:
         return self._markers[:length]
 
     def _compile(self, input_ids: torch.Tensor, cache):
-        """The exported and compiled step, or None (said once) where the model does not export."""
+        """The exported and compiled step, or None (said once) where the model does not export or compile."""
         tensors = _cache_tensors(cache)
         # export specializes a dimension of 1; the example's length only has to fit the cache
         example = (input_ids, self._length_marker(max(cache.length, 2), input_ids.device), *tensors)
@@ -199,9 +199,10 @@ class DecodeStep:
                 return torch._inductor.standalone_compile(
                     program.module(), list(example), dynamic_shapes="from_graph", donate_graph_module=True,
                     options={"config_patches": DECODE_COMPILE_OPTIONS})
-        except Exception as error:  # noqa: BLE001 - any export failure: the guarded path still runs the step
+        except Exception as error:  # noqa: BLE001 - any export or compile failure: the guarded path runs the step
             reason = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
-            self.warn(f"note: the decode step did not export ({reason}); it runs through torch.compile's guards")
+            self.warn(f"note: the decode step did not export or compile ({reason}); it runs through torch.compile's "
+                      "guards")
             return None
 
 
