@@ -125,9 +125,9 @@ def compile_decode(model: torch.nn.Module, device: torch.device, warn) -> bool:
     benchmarks/llama_cpp.py --compile in RESULTS.md); see DecodeStep for how it is compiled and called. The weights
     are constants of the compiled step, not inputs, and the graph does not re-check its buffers' shapes; on the CPU
     it is compiled ahead of time and kept in the user's cache (`compiled_ahead_of_time`). Compiled on the first step
-    (about 60 s on 2 cores for a 135M model the first time; exported and loaded from the cache in 10 s after). The step
-    must run under no_grad or inference mode, as generation's do. T5 gets its blocks compiled. Not available: one warning line, and decoding
-    runs eagerly."""
+    (about 60 s on 2 cores for a 135M model the first time; exported and loaded from the cache in 10 s after). The
+    step must run under no_grad or inference mode, as generation's do. T5 gets its blocks compiled. Not available:
+    one warning line, and decoding runs eagerly."""
     if model.config.family != "gpt":  # T5's steps carry the encoder's output: its blocks are compiled instead
         return compile_blocks(model, device, warn)
     if not _can_compile(device, warn):
@@ -234,7 +234,11 @@ def compiled_ahead_of_time(program: torch.export.ExportedProgram, warn):
     compiled.load_constants({name: state[name] for name in compiled.get_constant_fqns()}, check_full_update=True,
                             user_managed=True)
     run = compiled.loader.boxed_run
-    return lambda *inputs: run(list(inputs))
+
+    def step(*inputs: torch.Tensor, _weights=state):  # the loader keeps pointers: the tensors must outlive it
+        return run(list(inputs))
+
+    return step
 
 
 def _cache_tensors(cache) -> list[torch.Tensor]:
