@@ -147,7 +147,7 @@ class DecodeStep:
     def __init__(self, model: torch.nn.Module, warn) -> None:
         self.model, self.warn = model, warn
         self.guarded = torch.compile(model.forward, dynamic=True, options=DECODE_COMPILE_OPTIONS)
-        self.graphs: dict[tuple, object] = {}  # (batch, dtype, device) -> compiled step, or None: did not export
+        self.graphs: dict[tuple, object] = {}  # (batch, dtype, device) -> compiled step, or None: did not export or compile
         self._markers = torch.empty(0, dtype=torch.uint8)
         # a sliding window rewrites its cache, and a mixture of experts sizes its work by the routing (data-dependent
         # shapes, which export refuses)
@@ -260,7 +260,7 @@ def _quiet(logger: str):
 
 class _StepOverTensors(torch.nn.Module):
     """model(input_ids, cache) with the cache given as tensors: what DecodeStep exports. Its length is the length of
-    `length_marker` (inductor's C++ wrapper takes tensors only), then come every layer's keys and values."""
+    `length_marker` (the compiled step's C++ wrapper takes tensors only), then come every layer's keys and values."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         super().__init__()
