@@ -147,7 +147,7 @@ class DecodeStep:
     def __init__(self, model: torch.nn.Module, warn) -> None:
         self.model, self.warn = model, warn
         self.guarded = torch.compile(model.forward, dynamic=True, options=DECODE_COMPILE_OPTIONS)
-        self.graphs: dict[tuple, object] = {}  # (batch, dtype, device) -> compiled step, or None: did not export or compile
+        self.graphs: dict[tuple, object] = {}  # (batch, dtype, device) -> compiled step, or None: it failed
         self._markers = torch.empty(0, dtype=torch.uint8)
         # a sliding window rewrites its cache, and a mixture of experts sizes its work by the routing (data-dependent
         # shapes, which export refuses)
